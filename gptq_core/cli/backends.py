@@ -1,0 +1,108 @@
+"""``gptq backends list``: every installed backend, its status and why it is usable here or not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..device import DeviceInfo
+from ..registry import get_registry
+
+
+def _fmt_group_sizes(group_sizes) -> str:
+    return "any" if group_sizes is None else ",".join(map(str, group_sizes))
+
+
+def backend_rows(device: DeviceInfo) -> list[dict]:
+    """One dict per backend (loaded or broken) describing it on ``device``."""
+    reg = get_registry()
+    rows = []
+    for name in sorted(reg.backends):
+        b = reg.backends[name]
+        caps = b.info.capabilities
+        reasons = b.reasons(device)
+        rows.append(
+            {
+                "name": name,
+                "distribution": b.info.distribution,
+                "version": b.info.version,
+                "status": "unavailable" if reasons else "available",
+                "device": device.describe(),
+                "device_kinds": sorted(caps.device_kinds),
+                "bits": list(caps.bits),
+                "group_sizes": None if caps.group_sizes is None else list(caps.group_sizes),
+                "sym": caps.sym,
+                "asym": caps.asym,
+                "desc_act": caps.desc_act,
+                "act_dtypes": [str(d).replace("torch.", "") for d in caps.act_dtypes],
+                "priority": b.info.priority_for(device),
+                "training": caps.training,
+                "compile": caps.compile,
+                "description": b.info.description,
+                "reasons": reasons,
+            }
+        )
+    for name, broken in sorted(reg.broken.items()):
+        rows.append(
+            {
+                "name": name,
+                "distribution": broken.distribution,
+                "version": broken.version,
+                "status": "broken",
+                "device": device.describe(),
+                "device_kinds": [],
+                "bits": [],
+                "group_sizes": [],
+                "priority": None,
+                "entry_point": broken.entry_point,
+                "reasons": [broken.error],
+            }
+        )
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    headers = ("name", "distribution", "status", "kinds", "bits", "groups", "prio", "here")
+    body = []
+    for r in rows:
+        body.append(
+            (
+                r["name"],
+                f"{r['distribution']} {r['version']}",
+                r["status"],
+                ",".join(r["device_kinds"]) or "-",
+                ",".join(map(str, r["bits"])) or "-",
+                _fmt_group_sizes(r["group_sizes"]) if r["status"] != "broken" else "-",
+                "-" if r["priority"] is None else str(r["priority"]),
+                "usable" if not r["reasons"] else "; ".join(r["reasons"]),
+            )
+        )
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+              for i, h in enumerate(headers)]
+    fixed = widths[:-1]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:-1], fixed)) + "  " + row[-1])
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> int:
+    device = DeviceInfo.of(args.device)
+    rows = backend_rows(device)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"backends for {device.describe()}:")
+        print(_table(rows))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("backends", help="list installed backends and explain choices")
+    bsub = parser.add_subparsers(dest="backends_command", metavar="SUBCOMMAND")
+    lst = bsub.add_parser("list", help="every backend, its status and why it is usable or not")
+    lst.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    lst.add_argument("--device", default=None, help="device to judge against (default: cuda if present, else cpu)")
+    lst.set_defaults(func=_list)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])

@@ -1,0 +1,206 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` holding one GPTQ-packed weight.
+
+Its buffers carry the checkpoint's tensor names (``qweight``, ``qzeros``, ``scales``,
+``g_idx``, ``bias``), so a GPTQ state dict loads into it directly. :meth:`QuantLinear.bind`
+asks the selector once for a backend and keeps the prepared weight and the backend's
+``qmatmul`` function; ``forward`` then calls that function directly, with no plugin lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import selector
+from .device import DeviceInfo
+from .errors import FormatError, GPTQError, NotSupportedError
+from .format import PackedWeight, ZeroFormat, default_g_idx, num_groups
+from .packing import check_bits, packed_length
+from .spec import LayerSpec, Mode
+
+_FORMAT_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+class QuantLinear(nn.Module):
+    """A quantized linear layer: ``y = x @ W.T + bias`` with W stored in the GPTQ format."""
+
+    def __init__(
+        self,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        sym: bool = True,
+        desc_act: bool = False,
+        zero_format: ZeroFormat = "v1",
+        backend: str | Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        self.bits, self.group_size = bits, group_size
+        self.in_features, self.out_features = in_features, out_features
+        self.sym, self.desc_act, self.zero_format = sym, desc_act, zero_format
+        self.backend = backend
+        self.mode: Mode = "inference"
+        K, N, G = in_features, out_features, num_groups(in_features, group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(packed_length(K, bits), N, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(G, packed_length(N, bits), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(G, N, dtype=torch.float16, **kw))
+        self.register_buffer("g_idx", default_g_idx(K, group_size, device=device))
+        self.register_buffer("bias", torch.zeros(N, dtype=torch.float16, **kw) if bias else None)
+        self._bindings: dict[torch.dtype, selector.Binding] = {}
+        self._binding: selector.Binding | None = None
+        self._binding_dtype: torch.dtype | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_packed(
+        cls,
+        weight: PackedWeight,
+        backend: str | Sequence[str] | None = None,
+        act_dtype: torch.dtype | None = torch.float16,
+        mode: Mode = "inference",
+    ) -> QuantLinear:
+        """Wrap a :class:`PackedWeight` (tensors are shared, not copied) and bind it.
+
+        ``act_dtype=None`` defers binding to the first forward call.
+        """
+        layer = cls(
+            weight.bits, weight.group_size, weight.in_features, weight.out_features,
+            bias=weight.bias is not None, sym=weight.sym, desc_act=weight.desc_act,
+            zero_format=weight.zero_format, backend=backend, device="meta",
+        )
+        for name in _FORMAT_TENSORS:
+            value = getattr(weight, name)
+            if value is not None:
+                setattr(layer, name, value)
+        layer.mode = mode
+        if act_dtype is not None:
+            layer.bind(act_dtype=act_dtype)
+        return layer
+
+    def packed(self) -> PackedWeight:
+        """This layer's tensors as a validated :class:`PackedWeight` (no copy)."""
+        return PackedWeight(
+            qweight=self.qweight, qzeros=self.qzeros, scales=self.scales, g_idx=self.g_idx,
+            bits=self.bits, group_size=self.group_size, in_features=self.in_features,
+            out_features=self.out_features, sym=self.sym, desc_act=self.desc_act,
+            zero_format=self.zero_format, bias=self.bias,
+        )
+
+    # ------------------------------------------------------------------ binding
+    def spec(self, act_dtype: torch.dtype = torch.float16) -> LayerSpec:
+        return LayerSpec(
+            bits=self.bits, group_size=self.group_size, in_features=self.in_features,
+            out_features=self.out_features, sym=self.sym, desc_act=self.desc_act,
+            act_dtype=act_dtype, mode=self.mode,
+        )
+
+    def bind(
+        self,
+        act_dtype: torch.dtype = torch.float16,
+        backend: str | Sequence[str] | None = None,
+        mode: Mode | None = None,
+    ) -> selector.Binding:
+        """Select a backend for this layer on its current device and prepare the weight."""
+        if backend is not None:
+            self.backend = backend
+        if mode is not None and mode != self.mode:
+            self.mode = mode
+            self.unbind()
+        if self.qweight.device.type == "meta":
+            raise GPTQError("QuantLinear has no weights yet (meta device); load a state dict first")
+        weight = self.packed()
+        binding = selector.bind(
+            weight, DeviceInfo.of(self.qweight.device), self.spec(act_dtype), self.backend
+        )
+        self._bindings[act_dtype] = binding
+        self._binding, self._binding_dtype = binding, act_dtype
+        return binding
+
+    def unbind(self) -> None:
+        """Forget prepared weights (after the buffers changed device or content)."""
+        self._bindings.clear()
+        self._binding, self._binding_dtype = None, None
+
+    @property
+    def binding(self) -> selector.Binding | None:
+        """The binding used most recently (None before the first bind)."""
+        return self._binding
+
+    def _binding_for(self, x: torch.Tensor) -> selector.Binding:
+        binding = self._bindings.get(x.dtype)
+        if binding is None:
+            if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise NotSupportedError(
+                    f"QuantLinear input has dtype {x.dtype}; use float16, bfloat16 or float32"
+                )
+            binding = self.bind(act_dtype=x.dtype)
+        self._binding, self._binding_dtype = binding, x.dtype
+        return binding
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        binding = self._binding
+        if binding is None or x.dtype != self._binding_dtype:
+            binding = self._binding_for(x)
+        if x.shape[-1] != self.in_features:
+            raise NotSupportedError(
+                f"input has {x.shape[-1]} features in its last dimension, this layer takes "
+                f"K={self.in_features} (shape {tuple(x.shape)})"
+            )
+        if x.device != self.qweight.device:
+            raise NotSupportedError(
+                f"input is on {x.device} but this layer's weights are on {self.qweight.device}; "
+                "move the input or the model"
+            )
+        if x.requires_grad and not binding.backend.info.capabilities.training:
+            raise NotSupportedError(
+                f"backend '{binding.backend.name}' has no backward pass; bind the model with "
+                "mode='training' to pick a backend that has one"
+            )
+        lead = x.shape[:-1]
+        y = binding.qmatmul(x.reshape(-1, self.in_features).contiguous(), binding.prepared, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    # ------------------------------------------------------------------ nn.Module plumbing
+    def _apply(self, fn, recurse=True):
+        """Move buffers between devices but never change their dtypes (the format fixes them)."""
+        for name in _FORMAT_TENSORS:
+            buf = self._buffers.get(name)
+            if buf is None:
+                continue
+            moved = fn(buf)
+            if moved.dtype != buf.dtype:
+                moved = buf.to(moved.device)
+            self._buffers[name] = moved
+        self.unbind()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in _FORMAT_TENSORS:
+            t = state_dict.get(prefix + name)
+            own = self._buffers.get(name)
+            if t is not None and own is not None and tuple(t.shape) != tuple(own.shape):
+                raise FormatError(
+                    f"tensor '{prefix}{name}' has shape {tuple(t.shape)}, but bits={self.bits}, "
+                    f"group_size={self.group_size}, K={self.in_features}, N={self.out_features} "
+                    f"require {tuple(own.shape)}; the checkpoint contradicts its config"
+                )
+            if t is not None and own is not None and own.device.type == "meta":
+                self._buffers[name] = torch.empty_like(t, device="cpu")
+        self.unbind()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        served = self._binding.backend.name if self._binding is not None else "unbound"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sym={self.sym}, desc_act={self.desc_act}, "
+            f"bias={self.bias is not None}, backend={served}"
+        )

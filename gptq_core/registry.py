@@ -1,0 +1,189 @@
+"""Discovery of backends through the ``gptq.backends`` entry point group.
+
+Loading is isolated: a plugin whose import or registration fails is recorded as broken with its
+error, and every other backend keeps working. Two plugins claiming one backend name are both
+marked broken with an error naming both distributions. ``GPTQ_DISABLED_BACKENDS=a,b`` hides
+backends before they are imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import traceback
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+
+import pluggy
+
+from . import hookspecs
+from .backend import Backend, BackendInfo
+from .errors import BackendConflictError, GPTQError
+
+REQUIRED_HOOKS = ("gptq_backend_info", "gptq_pack", "gptq_qmatmul")
+QMATMUL_PARAMS = ("x", "prepared", "bias")
+
+
+@dataclass(frozen=True)
+class BrokenBackend:
+    """A plugin that could not be loaded, kept so that ``gptq backends list`` can show why."""
+
+    name: str
+    distribution: str
+    version: str
+    entry_point: str
+    error: str
+    conflict: bool = False
+
+
+def disabled_backends() -> set[str]:
+    """Names listed in ``GPTQ_DISABLED_BACKENDS`` (comma separated)."""
+    raw = os.environ.get("GPTQ_DISABLED_BACKENDS", "")
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _own_impls(pm: pluggy.PluginManager, plugin: object) -> dict[str, object]:
+    """The hook functions that ``plugin`` itself implements, by hook name."""
+    found = {}
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin:
+                found[caller.name] = impl.function
+    return found
+
+
+class Registry:
+    """Every backend found, by name, plus the broken ones. Build with :meth:`discover`."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.backends: dict[str, Backend] = {}
+        self.broken: dict[str, BrokenBackend] = {}
+        self.generation = 0
+        self._sources: dict[str, str] = {}  # backend name -> distribution
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def discover(cls, group: str = hookspecs.ENTRY_POINT_GROUP) -> Registry:
+        """Load every entry point of ``group``, isolating failures."""
+        reg = cls()
+        hidden = disabled_backends()
+        for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+            if ep.name in hidden:
+                continue
+            reg._load_entry_point(ep)
+        return reg
+
+    def _load_entry_point(self, ep: EntryPoint) -> None:
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        try:
+            plugin = ep.load()
+        except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything on import
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self._mark_broken(ep.name, dist, version, ep.value, f"import failed: {detail}")
+            return
+        try:
+            self.register(plugin, name=ep.name, distribution=dist, entry_point=ep.value)
+        except BackendConflictError:
+            pass  # already recorded as broken on both sides
+        except Exception as exc:  # noqa: BLE001
+            self._mark_broken(ep.name, dist, version, ep.value, f"registration failed: {exc}")
+
+    def _mark_broken(self, name, dist, version, entry_point, error, conflict=False) -> None:
+        self.broken[name] = BrokenBackend(name, dist, version, entry_point, error, conflict)
+        self.generation += 1
+
+    def register(
+        self,
+        plugin: object,
+        name: str | None = None,
+        distribution: str | None = None,
+        entry_point: str = "",
+    ) -> Backend:
+        """Register one plugin object (module or instance) as a backend and return it."""
+        pm_name = f"gptq-backend-{name or id(plugin)}"
+        try:
+            self.pm.register(plugin, name=pm_name)
+        except ValueError as exc:
+            raise GPTQError(f"plugin {name!r} could not be registered: {exc}") from exc
+        try:
+            impls = _own_impls(self.pm, plugin)
+            missing = [h for h in REQUIRED_HOOKS if h not in impls]
+            if missing:
+                raise GPTQError(f"does not implement the required hooks {missing}")
+            info = impls["gptq_backend_info"]()
+            if not isinstance(info, BackendInfo):
+                raise GPTQError(
+                    f"gptq_backend_info returned {type(info).__name__}, expected BackendInfo"
+                )
+            params = tuple(inspect.signature(impls["gptq_qmatmul"]).parameters)
+            if params != QMATMUL_PARAMS:
+                raise GPTQError(
+                    f"gptq_qmatmul must take parameters {QMATMUL_PARAMS} in that order, has {params}"
+                )
+            distribution = distribution or info.distribution
+            if info.name in self.backends or info.name in self._sources:
+                other = self._sources.get(info.name, "?")
+                message = (
+                    f"backend name '{info.name}' is registered by two distributions: "
+                    f"'{other}' and '{distribution}'; uninstall one of them or disable one "
+                    f"with GPTQ_DISABLED_BACKENDS"
+                )
+                self.backends.pop(info.name, None)
+                self._mark_broken(info.name, f"{other} + {distribution}", info.version,
+                                  entry_point, message, conflict=True)
+                raise BackendConflictError(message)
+            backend = Backend(
+                info=info,
+                plugin=plugin,
+                probe_fn=impls.get("gptq_probe"),
+                pack_fn=impls["gptq_pack"],
+                qmatmul=impls["gptq_qmatmul"],
+            )
+        except Exception:
+            self.pm.unregister(plugin)
+            raise
+        self._sources[info.name] = distribution
+        self.backends[info.name] = backend
+        self.generation += 1
+        return backend
+
+    def unregister(self, name: str) -> None:
+        """Remove a backend registered with :meth:`register` (tests, notebooks)."""
+        backend = self.backends.pop(name)
+        self._sources.pop(name, None)
+        self.pm.unregister(backend.plugin)
+        self.generation += 1
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, name: str) -> Backend:
+        """The backend called ``name``, or a clear error saying what is installed."""
+        if name in self.backends:
+            return self.backends[name]
+        if name in self.broken:
+            broken = self.broken[name]
+            cls = BackendConflictError if broken.conflict else GPTQError
+            raise cls(f"backend '{name}' is broken: {broken.error}")
+        known = ", ".join(sorted(self.backends)) or "none"
+        raise GPTQError(
+            f"no backend named '{name}' is installed (installed: {known}); "
+            f"install one with e.g. `pip install gptq-core[{name}]`"
+        )
+
+
+_lock = threading.Lock()
+_registry: Registry | None = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The process-wide registry, discovered on first use (``refresh=True`` discovers again)."""
+    global _registry
+    with _lock:
+        if _registry is None or refresh:
+            _registry = Registry.discover()
+        return _registry

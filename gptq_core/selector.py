@@ -1,0 +1,178 @@
+"""Choosing a backend for each layer, and explaining every choice and every rejection.
+
+1. An explicit choice (``backend="marlin"``, or ``GPTQ_BACKEND=marlin,triton`` as an ordered
+   preference list) is honoured or fails loudly with those backends' reasons.
+2. Otherwise every backend is asked; the accepted ones are ranked by their declared priority
+   for the device kind (data in each backend's :class:`BackendInfo`), the rest keep reasons.
+3. The ranked list is the fallback chain: a backend that fails while packing or building is
+   recorded with its error and the next one serves.
+4. If nothing accepts, one error lists the layer, the device and every backend's reasons.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Backend
+from .device import DeviceInfo
+from .errors import GPTQError, NoBackendError, NotSupportedError
+from .registry import Registry, get_registry
+from .spec import LayerSpec
+
+INSTALL_HINT = (
+    "install more backends with `pip install gptq-core[all]` (or [cuda], [marlin], [exllama], "
+    "[rocm], [hpu]); `gptq backends list` shows what is installed and why each is usable or not"
+)
+
+
+def parse_preference(backend: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"auto"``/None -> GPTQ_BACKEND or None (automatic); ``"a,b"`` or [a, b] -> ("a", "b")."""
+    if backend is None or backend == "auto":
+        backend = os.environ.get("GPTQ_BACKEND", "") or None
+        if backend is None or backend == "auto":
+            return None
+    names = backend.split(",") if isinstance(backend, str) else list(backend)
+    names = tuple(n.strip() for n in names if n.strip())
+    return names or None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of asking every backend about one (device, layer spec)."""
+
+    device: DeviceInfo
+    spec: LayerSpec
+    preference: tuple[str, ...] | None
+    ranked: tuple[Backend, ...]
+    rejected: dict[str, list[str]]
+
+    def explain(self) -> str:
+        """Multi-line explanation: the chain in order, then every rejection with reasons."""
+        lines = [f"{self.spec.describe()} on {self.device.describe()}"]
+        if self.preference:
+            lines.append(f"  preference: {', '.join(self.preference)}")
+        for i, b in enumerate(self.ranked):
+            tag = "selected" if i == 0 else "fallback"
+            lines.append(f"  {tag}: {b.name} (priority {b.info.priority_for(self.device)})")
+        for name, reasons in self.rejected.items():
+            lines.append(f"  rejected: {name}: {'; '.join(reasons)}")
+        return "\n".join(lines)
+
+    def no_backend_error(self, failures: dict[str, str] | None = None) -> NoBackendError:
+        lines = [f"no backend can serve a {self.spec.describe()} layer on {self.device.describe()}:"]
+        for name, reasons in self.rejected.items():
+            lines.append(f"  - {name}: {'; '.join(reasons)}")
+        for name, error in (failures or {}).items():
+            lines.append(f"  - {name}: failed while preparing: {error}")
+        if self.preference:
+            lines.append(
+                f"the preference {','.join(self.preference)} (backend= or GPTQ_BACKEND) limits the "
+                "choice to those backends; use backend='auto' to let every backend compete"
+            )
+        lines.append(INSTALL_HINT)
+        return NoBackendError("\n".join(lines))
+
+
+@dataclass
+class Binding:
+    """A layer bound to one backend: the prepared weight and the function that computes it."""
+
+    backend: Backend
+    prepared: Any
+    plan: Plan
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def qmatmul(self):
+        return self.backend.qmatmul
+
+    def explain(self) -> str:
+        text = self.plan.explain()
+        for name, error in self.failures.items():
+            text += f"\n  failed: {name}: {error}"
+        return text + f"\n  => {self.backend.name}"
+
+
+_plan_cache: dict[tuple, Plan] = {}
+# (plan id, backend name) -> error: a backend that failed to build for a plan is not retried.
+_failed: dict[tuple[int, str], str] = {}
+
+
+def plan(
+    spec: LayerSpec,
+    device: DeviceInfo,
+    backend: str | Sequence[str] | None = None,
+    registry: Registry | None = None,
+) -> Plan:
+    """Rank the backends able to serve ``spec`` on ``device`` (cached per device and spec)."""
+    registry = registry or get_registry()
+    preference = parse_preference(backend)
+    key = (id(registry), registry.generation, device, spec, preference)
+    cached = _plan_cache.get(key)
+    if cached is not None:
+        return cached
+    rejected: dict[str, list[str]] = {}
+    accepted: list[Backend] = []
+    if preference is not None:
+        for name in preference:
+            try:
+                b = registry.get(name)
+            except GPTQError as exc:
+                rejected[name] = [str(exc)]
+                continue
+            reasons = b.reasons(device, spec)
+            if reasons:
+                rejected[name] = reasons
+            else:
+                accepted.append(b)
+    else:
+        for name in sorted(registry.backends):
+            b = registry.backends[name]
+            reasons = b.reasons(device, spec)
+            if reasons:
+                rejected[name] = reasons
+            else:
+                accepted.append(b)
+        for name, broken in sorted(registry.broken.items()):
+            rejected[name] = [f"broken: {broken.error}"]
+        accepted.sort(key=lambda b: (-b.info.priority_for(device), b.name))
+    result = Plan(device, spec, preference, tuple(accepted), rejected)
+    _plan_cache[key] = result
+    return result
+
+
+def bind(
+    weight,
+    device: DeviceInfo,
+    spec: LayerSpec,
+    backend: str | Sequence[str] | None = None,
+    registry: Registry | None = None,
+) -> Binding:
+    """Prepare ``weight`` with the first backend of the chain that succeeds."""
+    chosen = plan(spec, device, backend, registry)
+    failures: dict[str, str] = {}
+    for b in chosen.ranked:
+        if (id(chosen), b.name) in _failed:
+            failures[b.name] = _failed[(id(chosen), b.name)]
+            continue
+        try:
+            prepared = b.prepare(weight, device, spec)
+        except NotSupportedError as exc:
+            failures[b.name] = "; ".join(exc.reasons) or str(exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a JIT build or pack failure falls back
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            failures[b.name] = _failed[(id(chosen), b.name)] = detail
+            continue
+        return Binding(b, prepared, chosen, failures)
+    raise chosen.no_backend_error(failures)
+
+
+def clear_cache() -> None:
+    """Forget cached plans (after installing or registering backends at run time)."""
+    _plan_cache.clear()
+    _failed.clear()
