@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .backend import Backend, BackendInfo, Capabilities
+from .config import QuantizeConfig
 from .device import DeviceInfo
 from .errors import (
     BackendConflictError,
@@ -43,6 +44,7 @@ __all__ = [
     "NoBackendError",
     "NotSupportedError",
     "PackedWeight",
+    "QuantizeConfig",
     "Plan",
     "QuantLinear",
     "Registry",

@@ -1,0 +1,141 @@
+"""``QuantizeConfig``: the quantization settings, as written to and read from checkpoints.
+
+Written as ``quantize_config.json`` and as ``config.json["quantization_config"]`` in the
+shape AutoGPTQ, GPTQModel and transformers/optimum write. Read leniently (the synonyms peers
+wrote: ``wbits``, ``w_bit``, ``groupsize``, ``q_group_size``, ``format``, ``version``,
+``zero_point``) and strictly (anything that cannot be honoured raises a clear error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._version import __version__
+from .errors import FormatError
+from .format import ZeroFormat, check_group_size
+from .packing import check_bits
+
+#: checkpoint_format value -> how qzeros are stored.
+CHECKPOINT_FORMATS: dict[str, ZeroFormat] = {"gptq": "v1", "gptq_v2": "v2"}
+
+_SYNONYMS = {
+    "wbits": "bits",
+    "w_bit": "bits",
+    "groupsize": "group_size",
+    "q_group_size": "group_size",
+    "act_order": "desc_act",
+    "damp": "damp_percent",
+}
+
+
+@dataclass
+class QuantizeConfig:
+    """GPTQ settings. Defaults follow the ecosystem (4-bit, group 128, sym, no act-order)."""
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = 0.01
+    damp_auto_increment: float = 0.0025
+    true_sequential: bool = True
+    static_groups: bool = False
+    mse: float = 0.0
+    checkpoint_format: str = "gptq"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise FormatError(
+                f"checkpoint_format={self.checkpoint_format!r} cannot be read or written by "
+                f"gptq-core; supported: {sorted(CHECKPOINT_FORMATS)} (repack other formats such "
+                "as marlin or bitblas from their GPTQ source)"
+            )
+        if not 0 < self.damp_percent < 1:
+            raise FormatError(f"damp_percent={self.damp_percent} must lie in (0, 1), e.g. 0.01")
+        if self.damp_auto_increment < 0:
+            raise FormatError("damp_auto_increment must be >= 0")
+        if self.mse < 0:
+            raise FormatError("mse (the MSE scale-search norm) must be 0 (off) or positive, e.g. 2.4")
+
+    @property
+    def zero_format(self) -> ZeroFormat:
+        return CHECKPOINT_FORMATS[self.checkpoint_format]
+
+    def replace(self, **changes) -> QuantizeConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` dict as the ecosystem writes it."""
+        meta = {"quantizer": [f"gptq-core:{__version__}"], **self.meta}
+        meta.setdefault("damp_auto_increment", self.damp_auto_increment)
+        meta.setdefault("mse", self.mse)
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "damp_percent": self.damp_percent,
+            "true_sequential": self.true_sequential,
+            "static_groups": self.static_groups,
+            "checkpoint_format": self.checkpoint_format,
+            "format": self.checkpoint_format,
+            "meta": meta,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "quantization config") -> QuantizeConfig:
+        """Read a config a peer wrote; reject what cannot be honoured with a clear error."""
+        if not isinstance(raw, dict):
+            raise FormatError(f"{source} must be a JSON object, got {type(raw).__name__}")
+        data = dict(raw)
+        method = str(data.pop("quant_method", "gptq")).lower()
+        if method != "gptq":
+            raise FormatError(
+                f"{source} has quant_method={method!r}; gptq-core loads GPTQ checkpoints only"
+            )
+        for old, new in _SYNONYMS.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
+            else:
+                data.pop(old, None)
+        fmt = data.pop("checkpoint_format", None) or data.pop("format", None)
+        data.pop("format", None)
+        version = data.pop("version", None)
+        if fmt is None and version is not None:
+            fmt = str(version).lower()
+        fmt = str(fmt or "gptq").lower()
+        if fmt in ("v1", "gptq_v1"):
+            fmt = "gptq"
+        elif fmt == "v2":
+            fmt = "gptq_v2"
+        if "zero_point" in data and "sym" not in data:
+            data["sym"] = not bool(data.pop("zero_point"))
+        meta = data.pop("meta", None) or {}
+        if not isinstance(meta, dict):
+            meta = {}
+        known = {f.name for f in dataclasses.fields(cls)} - {"meta", "checkpoint_format"}
+        kwargs = {k: data[k] for k in known if k in data}
+        for k in ("damp_auto_increment", "mse"):
+            if k not in kwargs and k in meta:
+                kwargs[k] = meta[k]
+        if kwargs.get("group_size") is None:
+            kwargs["group_size"] = -1
+        if kwargs.get("damp_percent") is None:
+            kwargs.pop("damp_percent", None)
+        try:
+            for k in ("bits", "group_size"):
+                if k in kwargs:
+                    kwargs[k] = int(kwargs[k])
+            return cls(checkpoint_format=fmt, meta=meta, **kwargs)
+        except FormatError as exc:
+            raise FormatError(f"{source}: {exc}") from None
