@@ -1,0 +1,139 @@
+"""File names of a checkpoint folder, shard planning, and the atomic write of a whole folder.
+
+A checkpoint is written into a temporary folder beside its target and renamed into place only
+once every file is complete, so a crash leaves either the old folder or the new one, never a
+half-written mix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-{index:05d}-of-{total:05d}.safetensors"
+#: Files a tokenizer may consist of; copied from the source model folder when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+#: Pickle-based weight files: never opened unless the caller trusts the checkpoint.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"``, ``"500MiB"`` or a byte count -> bytes (transformers' spelling of shard sizes)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if match is None:
+            raise CheckpointError(
+                f"max_shard_size={size!r} is not a size; use bytes or e.g. '2GB', '500MB', '1GiB'"
+            )
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Split tensors (name, bytes), in order, into shards of at most ``max_bytes``.
+
+    A tensor larger than the limit gets a shard of its own (as transformers does).
+    """
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes:
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """File names for ``count`` shards: ``model.safetensors`` alone, else numbered shards."""
+    if count == 1:
+        return [WEIGHTS_FILE]
+    return [SHARD_PATTERN.format(index=i + 1, total=count) for i in range(count)]
+
+
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty folder (or a file) unless ``overwrite`` is set."""
+    if not out_dir.exists():
+        return
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        what = "folder" if out_dir.is_dir() else "file"
+        raise CheckpointError(
+            f"{out_dir} already exists and is a non-empty {what}; choose another output folder "
+            "or pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir``; on success move it into place atomically.
+
+    On any error (or Ctrl-C) the temporary folder is removed and ``out_dir`` is untouched.
+    """
+    out = Path(out_dir).absolute()
+    check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        check_target(out, overwrite)  # it may have appeared while we were writing
+        trash = None
+        if out.exists() and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(trash)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if trash is not None:
+                trash.rename(out)
+            raise
+        if trash is not None:
+            if trash.is_dir():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
