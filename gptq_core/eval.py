@@ -1,0 +1,85 @@
+"""Perplexity of a causal LM on a token stream, the way GPTQ papers report it.
+
+The stream is cut into consecutive, non-overlapping windows of ``window`` tokens (a trailing
+partial window is dropped, unless the stream is shorter than one window, in which case it is
+the only window); every window is scored independently (no carried context) and the
+perplexity is ``exp(mean negative log-likelihood)`` over all predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import GPTQError
+
+
+def _as_stream(token_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise GPTQError(
+            f"token_ids must be a 1-D sequence of token ids (or [1, T]), got {ids.dtype} "
+            f"{tuple(ids.shape)}"
+        )
+    if ids.numel() < 2:
+        raise GPTQError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
+    return ids.long()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor | Sequence[int],
+    window: int = 512,
+    batch_size: int = 8,
+) -> float:
+    """Perplexity of ``model`` on ``token_ids`` in non-overlapping ``window``-token windows.
+
+    ``model(input_ids)`` must return logits (a transformers ``...ForCausalLM`` or any module
+    returning ``.logits`` or a tensor). Runs on the model's device; ``batch_size`` windows per
+    forward pass.
+    """
+    if window < 2:
+        raise GPTQError(f"window must be at least 2 tokens, got {window}")
+    ids = _as_stream(token_ids)
+    count = ids.numel() // window
+    windows = ids[: count * window].view(count, window) if count else ids.view(1, -1)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    nll, predicted = 0.0, 0
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            out = model(input_ids=batch, use_cache=False) if _takes_use_cache(model) else model(batch)
+            logits = out.logits if hasattr(out, "logits") else out
+            logits = logits[:, :-1].float()
+            target = batch[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+            nll += float(loss)
+            predicted += target.numel()
+    finally:
+        model.train(was_training)
+    value = math.exp(nll / predicted)
+    if not math.isfinite(value):
+        raise GPTQError("perplexity is not finite: the model produced NaN/Inf logits")
+    return value
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """transformers models accept ``use_cache``; plain modules may not."""
+    return hasattr(model, "config") and hasattr(model.config, "use_cache")

@@ -1,0 +1,317 @@
+"""The sequential GPTQ driver: quantize a model's decoder layers one after another.
+
+1. Capture the inputs of the first decoder layer (and every layer's call arguments) on the
+   calibration batches, without running any decoder layer (:mod:`.capture`).
+2. For each decoder layer: move only that layer to ``device`` (the rest of the model stays
+   where it is, normally the CPU, so a model larger than the GPU quantizes on one GPU); for
+   each true-sequential group of linears (e.g. q/k/v, then o, then gate/up, then down; all
+   linears at once when ``config.true_sequential`` is False) run the layer on every batch
+   while hooks accumulate each linear's Hessian, quantize the group with GPTQ and put the
+   dequantized weights into the layer, so later groups see quantized inputs; then run the
+   quantized layer once more to produce the next layer's inputs.
+3. With a ``work_dir``, every finished layer is committed atomically (:mod:`.workdir`) and a
+   rerun with the same folder and settings resumes after the last finished layer.
+
+The driver knows no model types: it gets the decoder-layer ``ModuleList`` and the groups of
+linear names (relative to a layer) from the architecture table. A linear that no calibration
+token reaches (an MoE expert nobody was routed to) is round-to-nearest quantized and the log
+says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuantizeConfig
+from ..errors import GPTQError
+from ..format import PackedWeight
+from .capture import LayerCall, capture_inputs, make_batches, nested_to
+from .gptq import GPTQ, quantize_linear
+from .workdir import WorkDir, samples_digest, tensor_digest
+
+logger = logging.getLogger("gptq_core.quantize")
+
+Groups = Callable[[int, nn.Module], Sequence[Sequence[str]]] | Sequence[Sequence[str]]
+
+
+class QuantizeResult(dict):
+    """``{full module name: PackedWeight}`` plus ``records``: one log dict per quantized linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[dict[str, Any]] = []
+
+
+class _StopLayer(Exception):
+    """Raised by a hook once every linear of the current group has seen the batch."""
+
+
+# ---------------------------------------------------------------------------- linears
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D: a linear whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of an ``nn.Linear`` or Conv1D as [out_features, in_features]."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
+
+
+def set_quantized(module: nn.Module, packed: PackedWeight) -> None:
+    """Replace the module's weight (and bias) by what the packed layer dequantizes to."""
+    w = module.weight
+    deq = packed.dequantize(torch.float32)  # [K, N]
+    deq = deq if _is_conv1d(module) else deq.t()
+    with torch.no_grad():
+        w.copy_(deq.to(device=w.device, dtype=w.dtype))
+        if packed.bias is not None and module.bias is not None:
+            module.bias.copy_(packed.bias.to(device=w.device, dtype=module.bias.dtype))
+
+
+def _resolve(layer: nn.Module, index: int, names: Sequence[str]) -> dict[str, nn.Module]:
+    out = {}
+    for name in names:
+        try:
+            module = layer.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            found = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+            what = "does not exist" if module is None else f"is a {type(module).__name__}, not a linear"
+            raise GPTQError(
+                f"decoder layer {index}: '{name}' {what}; the layer's linears are {found}. "
+                "Fix the architecture's sequential groups"
+            )
+        out[name] = module
+    return out
+
+
+def _layer_groups(index: int, layer: nn.Module, groups: Groups, config: QuantizeConfig) -> list[list[str]]:
+    raw = groups(index, layer) if callable(groups) else groups
+    result = [list(g) for g in raw if len(g)]
+    if not result:
+        raise GPTQError(f"decoder layer {index} has no linears to quantize (empty groups)")
+    flat = [n for g in result for n in g]
+    if len(set(flat)) != len(flat):
+        raise GPTQError(f"decoder layer {index}: a linear is listed twice in the groups {result}")
+    return result if config.true_sequential else [flat]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise GPTQError(
+        "the given layers are not part of the model; pass the model's decoder-layer ModuleList "
+        "(e.g. model.model.layers)"
+    )
+
+
+@contextmanager
+def _quantization_mode(model: nn.Module) -> Iterator[None]:
+    """eval() (no dropout: results must be deterministic) and no KV cache, restored after."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    training = model.training
+    model.eval()
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(training)
+        if use_cache is not None:
+            config.use_cache = use_cache
+
+
+def _fingerprint(
+    config: QuantizeConfig, batches: list, layers: nn.ModuleList, groups: list[list[list[str]]]
+) -> dict[str, Any]:
+    cfg = config.to_dict()
+    cfg["meta"] = {k: v for k, v in cfg["meta"].items() if k != "quantizer"}
+    return {
+        "config": cfg,
+        "samples": samples_digest(batches),
+        "batches": [list(b["input_ids"].shape) for b in batches],
+        "layers": len(layers),
+        "layer_class": type(layers[0]).__name__,
+        "groups": groups,
+        "first_layer": tensor_digest(layers[0]),
+    }
+
+
+def _pick_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------- the driver
+def quantize_model(
+    model: nn.Module,
+    samples: Any,
+    config: QuantizeConfig,
+    layers: nn.ModuleList,
+    groups: Groups,
+    device: torch.device | str | None = None,
+    work_dir: str | None = None,
+    progress: bool = True,
+    *,
+    batch_size: int = 1,
+    resume: bool = True,
+) -> QuantizeResult:
+    """Quantize every listed linear of every decoder layer of ``model`` with GPTQ.
+
+    ``samples``: calibration token ids ([n, seqlen] tensor from :func:`prepare_calibration`, or
+    a list of tensors / dicts with ``input_ids`` and ``attention_mask``). ``groups``: the
+    true-sequential groups of linear names relative to a layer, or a function
+    ``(layer_index, layer) -> groups``. ``device``: where each layer is quantized (default
+    CUDA when available). ``work_dir``: folder for the resumable state and the per-module log
+    ``quantize_log.jsonl``. The model is modified in place (its quantized linears hold the
+    dequantized weights). Returns ``{full module name: PackedWeight}`` (CPU tensors) with the
+    log records in ``.records``.
+    """
+    if not isinstance(config, QuantizeConfig):
+        raise GPTQError(f"config must be a QuantizeConfig, got {type(config).__name__}")
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise GPTQError("layers must be the model's non-empty decoder-layer nn.ModuleList")
+    device = _pick_device(device)
+    prefix = _prefix_of(model, layers)
+    batches = make_batches(samples, batch_size)
+    all_groups = [_layer_groups(i, layer, groups, config) for i, layer in enumerate(layers)]
+    for i, layer in enumerate(layers):
+        _resolve(layer, i, [n for g in all_groups[i] for n in g])
+    state = None
+    if work_dir is not None:
+        state = WorkDir(work_dir, _fingerprint(config, batches, layers, all_groups), resume=resume)
+    done = state.done if state else 0
+    if done > len(layers):
+        raise GPTQError(f"work_dir '{work_dir}' reports {done} finished layers, the model has {len(layers)}")
+
+    result = QuantizeResult()
+    if state:
+        result.records = state.trim_log(done)
+    with _quantization_mode(model), torch.no_grad():
+        captured = capture_inputs(model, layers, batches)
+        hidden = captured.hidden if done == 0 else state.load_hidden(done - 1, len(batches))
+        memo: dict[int, Any] = {}
+        hidden = [h.to(device) for h in hidden]
+        calls = [[nested_to(c, device, memo) for c in per_layer] for per_layer in captured.calls]
+        masks = [None if m is None else m.to(device) for m in captured.masks]
+        bar = tqdm(total=len(layers), desc="GPTQ", unit="layer", disable=not progress, initial=done)
+        try:
+            for i, layer in enumerate(layers):
+                full = f"{prefix}.{i}" if prefix else str(i)
+                if i < done:
+                    for name, packed in state.load_layer(i).items():
+                        set_quantized(layer.get_submodule(name), packed)
+                        result[f"{full}.{name}"] = packed
+                    continue
+                packed_layer, hidden = _quantize_layer(
+                    i, full, layer, all_groups[i], hidden, calls[i], masks, config, device,
+                    state, result, bar,
+                )
+                result.update({f"{full}.{n}": p for n, p in packed_layer.items()})
+                if state:
+                    state.commit(i, packed_layer, hidden)
+                bar.update(1)
+        finally:
+            bar.close()
+    return result
+
+
+def _quantize_layer(
+    index: int,
+    full: str,
+    layer: nn.Module,
+    groups: list[list[str]],
+    hidden: list[torch.Tensor],
+    calls: list[LayerCall],
+    masks: list[torch.Tensor | None],
+    config: QuantizeConfig,
+    device: torch.device,
+    state: WorkDir | None,
+    result: QuantizeResult,
+    bar: tqdm,
+) -> tuple[dict[str, PackedWeight], list[torch.Tensor]]:
+    """GPTQ of one decoder layer, group by group; returns its packed linears and its outputs."""
+    home = _module_device(layer)
+    layer.to(device)
+    packed: dict[str, PackedWeight] = {}
+    try:
+        for group in groups:
+            modules = _resolve(layer, index, group)
+            accs = _collect_hessians(layer, modules, hidden, calls, masks, device)
+            for name, module in modules.items():
+                bias = module.bias if module.bias is not None else None
+                pw, stats = quantize_linear(linear_weight(module), accs[name], config, bias, device=device)
+                set_quantized(module, pw)
+                packed[name] = pw
+                record = {"layer": index, "module": name, "name": f"{full}.{name}", **stats.to_dict()}
+                result.records.append(record)
+                if state:
+                    state.append_log(record)
+                if stats.warning:
+                    logger.warning("%s.%s: %s", full, name, stats.warning)
+                bar.set_postfix_str(f"layer {index} {name} err={stats.error:.4g} {stats.seconds:.2f}s")
+        outputs = [call(layer, h) for call, h in zip(calls, hidden)]
+    finally:
+        layer.to(home)
+    return packed, outputs
+
+
+def _collect_hessians(
+    layer: nn.Module,
+    modules: dict[str, nn.Module],
+    hidden: list[torch.Tensor],
+    calls: list[LayerCall],
+    masks: list[torch.Tensor | None],
+    device: torch.device,
+) -> dict[str, GPTQ]:
+    """Run the layer on every batch; hooks fold each module's inputs into its Hessian."""
+    accs = {name: GPTQ(linear_weight(m).shape[1], device=device) for name, m in modules.items()}
+    fired: set[str] = set()
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            m = mask[0]
+            if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                x = x[m]  # padding tokens do not count
+            accs[name].add_batch(x)
+            fired.add(name)
+            if len(fired) == len(modules):
+                raise _StopLayer  # the rest of the layer is not needed for this group
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        for call, h, m in zip(calls, hidden, masks):
+            fired.clear()
+            mask[0] = m
+            try:
+                call(layer, h)
+            except _StopLayer:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accs

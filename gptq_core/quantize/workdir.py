@@ -1,0 +1,198 @@
+"""The quantizer's work folder: per-layer results, the hidden states to go on from, the log.
+
+Layout (every file written to a temporary name and renamed into place, so a crash never
+leaves a half-written file; ``progress.json`` is written last and is the commit point)::
+
+    fingerprint.json          what this run is (config, calibration data, model digest)
+    layer_00003.safetensors   packed tensors of every quantized linear of layer 3
+    hidden_00003.safetensors  outputs of (quantized) layer 3 for every calibration batch
+    progress.json             {"done": 4}: layers 0..3 are finished
+    quantize_log.jsonl        one JSON line per quantized linear
+
+On a restart with the same folder and a matching fingerprint the driver skips finished
+layers and continues from the saved hidden states, which gives byte-identical results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError, GPTQError
+from ..format import PackedWeight
+
+FINGERPRINT = "fingerprint.json"
+PROGRESS = "progress.json"
+LOG = "quantize_log.jsonl"
+_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+_FIELDS = ("bits", "group_size", "in_features", "out_features", "sym", "desc_act", "zero_format")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    os.replace(tmp, path)
+
+
+def tensor_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def samples_digest(batches: list[dict[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            t = batch[key].contiguous().cpu()
+            h.update(f"{key}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class WorkDir:
+    """One run's state in a folder; ``done`` layers are finished and can be skipped."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool = True) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        fp_file = self.path / FINGERPRINT
+        if fp_file.exists() and resume:
+            try:
+                old = json.loads(fp_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                old = None
+            if old != fingerprint:
+                diff = sorted(
+                    k for k in set(fingerprint) | set(old or {})
+                    if (old or {}).get(k) != fingerprint.get(k)
+                )
+                raise GPTQError(
+                    f"work_dir '{self.path}' holds a quantization run that differs from this one "
+                    f"in {', '.join(diff)}; use another work_dir, or resume=False to start over "
+                    "(its contents are then replaced)"
+                )
+        else:
+            self.clear()
+            _atomic_write_text(fp_file, json.dumps(fingerprint, indent=1, sort_keys=True))
+        self.done = self._read_done()
+
+    # ------------------------------------------------------------------ state
+    def clear(self) -> None:
+        """Remove every file a run writes here (and nothing else)."""
+        for f in self.path.iterdir():
+            name = f.name
+            if name in (FINGERPRINT, PROGRESS, LOG) or (
+                name.startswith(("layer_", "hidden_")) and ".safetensors" in name
+            ) or name.endswith(".tmp"):
+                f.unlink()
+
+    def _read_done(self) -> int:
+        p = self.path / PROGRESS
+        if not p.exists():
+            return 0
+        try:
+            return int(json.loads(p.read_text(encoding="utf-8"))["done"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{p} is corrupt; delete the work_dir or pass resume=False to start over"
+            ) from None
+
+    def _layer_file(self, index: int) -> Path:
+        return self.path / f"layer_{index:05d}.safetensors"
+
+    def _hidden_file(self, index: int) -> Path:
+        return self.path / f"hidden_{index:05d}.safetensors"
+
+    # ------------------------------------------------------------------ commit one layer
+    def commit(self, index: int, packed: dict[str, PackedWeight], hidden: list[torch.Tensor]) -> None:
+        """Record layer ``index`` as finished: its packed weights and its outputs."""
+        tensors, meta = {}, {}
+        for name, pw in packed.items():
+            meta[name] = {f: getattr(pw, f) for f in _FIELDS}
+            for t in _TENSORS:
+                value = getattr(pw, t)
+                if value is not None:
+                    tensors[f"{name}.{t}"] = value
+        _atomic_save(tensors, self._layer_file(index), {"modules": json.dumps(meta)})
+        _atomic_save({f"batch_{b:05d}": h for b, h in enumerate(hidden)}, self._hidden_file(index), {})
+        _atomic_write_text(self.path / PROGRESS, json.dumps({"done": index + 1}))
+        self.done = index + 1
+        old = self._hidden_file(index - 1)
+        if old.exists():
+            old.unlink()
+
+    # ------------------------------------------------------------------ read back
+    def load_layer(self, index: int) -> dict[str, PackedWeight]:
+        path = self._layer_file(index)
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), "pt") as fh:
+                meta = json.loads(fh.metadata()["modules"])
+        except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as exc:
+            raise CheckpointError(
+                f"{path} is missing or corrupt ({exc}); delete the work_dir or pass resume=False"
+            ) from None
+        out = {}
+        for name, fields in meta.items():
+            parts = {t: tensors.get(f"{name}.{t}") for t in _TENSORS}
+            out[name] = PackedWeight(**parts, **fields)
+        return out
+
+    def load_hidden(self, index: int, count: int) -> list[torch.Tensor]:
+        path = self._hidden_file(index)
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(
+                f"{path} is missing or corrupt ({exc}); delete the work_dir or pass resume=False"
+            ) from None
+        if len(tensors) != count:
+            raise CheckpointError(f"{path} holds {len(tensors)} batches, this run has {count}")
+        return [tensors[f"batch_{b:05d}"] for b in range(count)]
+
+    # ------------------------------------------------------------------ log
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    def trim_log(self, layers_kept: int) -> list[dict[str, Any]]:
+        """Keep the log lines of finished layers only (a crash may leave a partial layer)."""
+        path = self.log_path()
+        if not path.exists():
+            return []
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("layer", layers_kept) < layers_kept:
+                kept.append(rec)
+        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        with open(self.log_path(), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
