@@ -1,0 +1,194 @@
+"""Time the marlin backend against fp16 cuBLAS and PyTorch's tinygemm on one GPU (not a test).
+
+Each weight is rotated over enough copies to stay out of the 50 MB L2; every candidate is
+replayed from a CUDA graph and timed with CUDA events (median). Ratios are fp16 time over
+candidate time (> 1: faster than fp16), measured side by side in this one run.
+
+    python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
+
+Writes DIR/bench_marlin.csv and prints the table against the targets of issue 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+from gptq_backend_marlin import build, ops
+from gptq_backend_marlin.prepare import prepare
+
+from common import copies_for, gpu_packed, time_calls
+
+SHAPES = [(8192, 28672), (4096, 14336), (4096, 4096), (4096, 11008), (11008, 4096),
+          (14336, 4096), (28672, 8192)]
+MAIN = SHAPES[:3]
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+TARGETS = {  # issue 5: ratio over fp16 to reach
+    (8192, 28672): {1: 3.5, 16: 3.3, 64: 2.2, 128: 1.3, 256: 0.8, 4096: 0.9},
+    (4096, 14336): {1: 3.0, 16: 2.8, 64: 1.8, 128: 1.2, 256: 0.8, 4096: 0.9},
+    (4096, 4096): {1: 2.5, 16: 2.3, 64: 1.5, 128: 1.1, 256: 0.8, 4096: 0.9},
+}
+SLOW_US = 20000  # stop timing a candidate at larger M once one call takes this long
+
+
+class Layer:
+    """Rotated copies of one K x N layer in every candidate's format."""
+
+    def __init__(self, K: int, N: int, bits: int = 4, act: bool = False, dtype=torch.float16,
+                 with_baselines: bool = True) -> None:
+        self.K, self.N, self.bits, self.dtype = K, N, bits, dtype
+        packed = gpu_packed(bits, 128, True, act, K, N, seed=K * 7 + N)
+        p = prepare(packed, torch.device("cuda"), dtype)
+        n = copies_for(p.tiles.numel() * 4 + p.scales.numel() * 2)
+        self.marlin = [p] + [dataclasses.replace(p, tiles=p.tiles.clone(), scales=p.scales.clone())
+                             for _ in range(n - 1)]
+        self.fp16 = self.tiny = None
+        if with_baselines:
+            w = ops.dequantize(p.tiles, p.scales, p.zeros, bits, 128, K, N).t().contiguous()
+            self.fp16 = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+            self.tiny = self._tinygemm(K, N)
+        del packed
+
+    @staticmethod
+    def _tinygemm(K: int, N: int):
+        try:
+            q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+            w = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+            sz = torch.rand(K // 128, N, 2, device="cuda").to(torch.bfloat16)
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            torch.ops.aten._weight_int4pack_mm(x, w, 128, sz)
+            n = copies_for(w.numel() * 4)
+            return [(w.clone(), sz.clone()) for _ in range(n)]
+        except Exception as exc:  # noqa: BLE001
+            print(f"tinygemm unavailable: {exc}", flush=True)
+            return None
+
+    def calls(self, kind: str, x: torch.Tensor, threshold: int = -1, bps: int = 0):
+        if kind == "fp16":
+            return [lambda w=w: torch.matmul(x, w) for w in self.fp16]
+        if kind == "tinygemm":
+            xb = x.to(torch.bfloat16)
+            return [lambda w=w, sz=sz: torch.ops.aten._weight_int4pack_mm(xb, w, 128, sz)
+                    for w, sz in self.tiny]
+        return [lambda p=p: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, p.bits,
+                                     p.group_size, p.size_n, threshold, bps)
+                for p in self.marlin]
+
+
+def run(shapes, ms, rows, extra: bool) -> None:
+    from gptq_backend_marlin.prepare import DEQUANT_THRESHOLD
+
+    for K, N in shapes:
+        t0 = time.perf_counter()
+        layer = Layer(K, N)
+        slow: set[str] = set()
+        for m in ms:
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m}
+            kinds = [("fp16", {}), ("tinygemm", {}), ("marlin", {"threshold": DEQUANT_THRESHOLD}),
+                     ("kernel", {"threshold": -1})]
+            if m >= 64:
+                kinds.append(("dequant", {"threshold": 0}))
+            if extra and m in (1, 16):
+                kinds.append(("kernel_bps1", {"threshold": -1, "bps": 1}))
+            for name, kw in kinds:
+                if name in slow or (name == "tinygemm" and layer.tiny is None):
+                    continue
+                kind = name if name in ("fp16", "tinygemm") else "marlin"
+                us = time_calls(layer.calls(kind, x, **kw))
+                row[name] = us
+                if us > SLOW_US:
+                    slow.add(name)
+            rows.append(row)
+            print(_fmt(row), flush=True)
+        del layer
+        torch.cuda.empty_cache()
+        print(f"# {K}x{N} done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def variants(rows) -> None:
+    """Act-order, bf16 and 8-bit on the main shapes, each next to its plain fp16 4-bit twin."""
+    for K, N in MAIN:
+        base = Layer(K, N, with_baselines=False)
+        act = Layer(K, N, act=True, with_baselines=False)
+        b16 = Layer(K, N, dtype=torch.bfloat16, with_baselines=False)
+        i8 = Layer(K, N, bits=8, with_baselines=False)
+        for m in (1, 16, 64):
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m, "variant": 1}
+            row["kernel"] = time_calls(base.calls("marlin", x))
+            row["act_order"] = time_calls(act.calls("marlin", x))
+            row["bf16"] = time_calls(b16.calls("marlin", x.to(torch.bfloat16)))
+            row["int8"] = time_calls(i8.calls("marlin", x))
+            rows.append(row)
+            print(_fmt(row), flush=True)
+        del base, act, b16, i8
+        torch.cuda.empty_cache()
+
+
+def _fmt(row: dict) -> str:
+    head = f"{row['K']:>5}x{row['N']:<5} M={row['M']:<4}"
+    parts = [f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float)]
+    if "fp16" in row:
+        parts += [f"x{k}={row['fp16'] / row[k]:.2f}" for k in ("tinygemm", "marlin", "kernel", "dequant")
+                  if k in row]
+    return head + " " + " ".join(parts)
+
+
+def report(rows) -> str:
+    lines = ["", "marlin vs fp16 cuBLAS (ratio = fp16 time / marlin time; target in brackets)",
+             f"{'shape':>12} " + " ".join(f"{'M=' + str(m):>14}" for m in (1, 16, 64, 128, 256, 4096))]
+    for K, N in MAIN:
+        cells = []
+        for m in (1, 16, 64, 128, 256, 4096):
+            row = next((r for r in rows if r["K"] == K and r["N"] == N and r["M"] == m and "fp16" in r), None)
+            if row is None or "marlin" not in row:
+                cells.append(f"{'-':>14}")
+                continue
+            ratio = row["fp16"] / row["marlin"]
+            target = TARGETS[(K, N)][m]
+            mark = "ok" if ratio >= target else "MISS"
+            cells.append(f"{ratio:5.2f} [{target:.1f}] {mark:>4}")
+        lines.append(f"{K:>5}x{N:<6} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--quick", action="store_true", help="main shapes only, fewer M")
+    parser.add_argument("--no-variants", action="store_true")
+    args = parser.parse_args()
+    build.load()
+    props = torch.cuda.get_device_properties(0)
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_calls([lambda: dst.copy_(src)])
+    print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
+    del src, dst
+    rows: list[dict] = []
+    shapes = MAIN if args.quick else SHAPES
+    ms = (1, 16, 64, 128, 256, 512, 1024, 4096) if args.quick else MS
+    run(shapes, ms, rows, extra=True)
+    if not args.no_variants:
+        variants(rows)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("K", "N", "M"), k))
+    path = os.path.join(args.out, "bench_marlin.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(report(rows))
+    print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

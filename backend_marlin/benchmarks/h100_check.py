@@ -1,0 +1,187 @@
+"""GPU correctness sweep of the marlin backend against the float64 reference (not a unit test).
+
+Every accepted combination (bits x dtype x group size x sym x act-order) on small awkward
+shapes over many M, the kernel path and the dequantize + cuBLAS path, large layers, bias,
+determinism, the QuantLinear route, opcheck and torch.compile. Fresh random data per case;
+freed memory is poisoned with NaN before each call so an unwritten output element shows.
+
+    python backend_marlin/benchmarks/h100_check.py [--quick]
+
+Prints one line per failure and a summary; exit code 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+import traceback
+
+import torch
+
+from gptq_core.testing import TOLERANCES, check_close, random_packed
+from gptq_backend_marlin import build, ops
+from gptq_backend_marlin.prepare import prepare
+
+from common import gpu_packed
+
+DEV = torch.device("cuda")
+failures: list[str] = []
+counts = {"cases": 0, "calls": 0}
+
+
+def poison(numel: int, dtype: torch.dtype) -> None:
+    """Leave a freed block of NaNs of this size in the caching allocator."""
+    t = torch.empty(numel, dtype=dtype, device=DEV)
+    t.fill_(float("nan"))
+    del t
+
+
+def reference(x: torch.Tensor, w64: torch.Tensor, bias: torch.Tensor | None):
+    """float64 reference and tolerance bound, computed on the GPU, returned on the CPU."""
+    x64 = x.double()
+    ref = x64 @ w64
+    if bias is not None:
+        ref = ref + bias.double()
+    bound = x64.abs() @ w64.abs() + ref.abs()
+    return ref.cpu(), bound.cpu()
+
+
+def run_case(packed, dtype, ms, thresholds, label, bias=None, seed=0, blocks_per_sm=(0,)):
+    counts["cases"] += 1
+    p = prepare(packed, DEV, dtype)
+    w64 = packed.dequantize(torch.float64).to(DEV)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for m in ms:
+        x = torch.randn(m, packed.in_features, generator=g).to(dtype=dtype, device=DEV)
+        ref, bound = reference(x, w64, bias)
+        for thr in thresholds:
+            for bps in blocks_per_sm:
+                poison(m * packed.out_features, dtype)
+                y = ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.bits, p.group_size,
+                             p.size_n, thr, bps)
+                torch.cuda.synchronize()
+                counts["calls"] += 1
+                res = check_close(y, ref, bound, dtype)
+                if not res.ok:
+                    failures.append(f"{label} M={m} threshold={thr} bps={bps}: {res.message}")
+
+
+def grid(quick: bool) -> None:
+    shapes = [(192, 96), (1024, 800)] if not quick else [(192, 96)]
+    ms = (1, 2, 7, 16, 33, 64, 65, 200) if not quick else (1, 16, 65)
+    combos = itertools.product((4, 8), (torch.float16, torch.bfloat16), (-1, 32, 64, 128, 256),
+                               (True, False), (False, True), shapes)
+    for i, (bits, dtype, gs, sym, act, (K, N)) in enumerate(combos):
+        label = f"b{bits} {str(dtype)[6:]} g{gs} {'sym' if sym else 'asym'}{' act' if act else ''} {K}x{N}"
+        try:
+            packed = random_packed(bits, gs, sym, act, K, N, seed=1000 + i)
+            bias = (torch.randn(N) * 0.5).half().to(DEV) if i % 3 == 0 else None
+            run_case(packed, dtype, ms, (-1,), label, bias=bias, seed=i)
+            # Many rows: the dequantize + cuBLAS path and the multi-slice kernel.
+            run_case(packed, dtype, (300,), (256, -1), label, bias=bias, seed=i + 7)
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+
+
+def large() -> None:
+    for K, N, act in ((4096, 14336, False), (8192, 28672, False), (4096, 4096, True), (11008, 4096, True)):
+        label = f"large b4 fp16 g128 {K}x{N}{' act' if act else ''}"
+        try:
+            packed = gpu_packed(4, 128, True, act, K, N, seed=K + N)
+            run_case(packed, torch.float16, (1, 16, 64, 256), (-1,), label, seed=K, blocks_per_sm=(0, 1))
+            run_case(packed, torch.float16, (4096,), (256,), label, seed=N)
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+    for bits, dtype in ((8, torch.float16), (4, torch.bfloat16), (8, torch.bfloat16)):
+        label = f"large b{bits} {str(dtype)[6:]} g128 8192x28672"
+        try:
+            packed = gpu_packed(bits, 128, bits == 4, False, 8192, 28672, seed=bits)
+            run_case(packed, dtype, (1, 64), (-1,), label, seed=3)
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+
+
+def determinism() -> None:
+    packed = gpu_packed(4, 128, True, False, 4096, 4096, seed=7)
+    p = prepare(packed, DEV, torch.float16)
+    for m in (1, 64, 200):
+        x = torch.randn(m, 4096, device=DEV).half()
+        ys = [ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, 4, 128, 4096, -1, 0) for _ in range(3)]
+        if not all(torch.equal(ys[0], y) for y in ys[1:]):
+            failures.append(f"determinism: M={m} results differ between identical calls")
+
+
+def special_values() -> None:
+    packed = random_packed(4, 64, True, False, 256, 256, seed=3, device=DEV)
+    p = prepare(packed, DEV, torch.float16)
+    x = torch.randn(4, 256, device=DEV).half()
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    y = ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, 4, 64, 256, -1, 0)
+    if not (torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()):
+        failures.append("NaN/Inf: a NaN row must stay NaN and other rows finite")
+    e = ops.gemm(x[:0], p.tiles, p.scales, p.zeros, p.perm, None, 4, 64, 256, -1, 0)
+    if e.shape != (0, 256):
+        failures.append(f"empty M: got shape {tuple(e.shape)}")
+
+
+def through_quantlinear() -> None:
+    from gptq_core import QuantLinear
+    from gptq_core.testing import random_activations, reference_error
+
+    packed = random_packed(4, 128, False, True, 512, 256, seed=9, bias=True, device=DEV)
+    for dtype in (torch.float16, torch.bfloat16):
+        layer = QuantLinear.from_packed(packed, backend="marlin", act_dtype=dtype)
+        if layer.binding.backend.name != "marlin":
+            failures.append(f"QuantLinear chose {layer.binding.backend.name}")
+        x = random_activations(2, 3, 512, dtype=dtype, seed=4, device=DEV)
+        res = reference_error(layer(x), x, packed)
+        if not res.ok:
+            failures.append(f"QuantLinear {dtype}: {res.message}")
+    try:
+        layer = QuantLinear.from_packed(packed, backend="marlin", act_dtype=torch.float16, mode="compile")
+        f = torch.compile(layer, fullgraph=True)
+        x = random_activations(5, 512, dtype=torch.float16, seed=5, device=DEV)
+        res = reference_error(f(x), x, packed)
+        if not res.ok:
+            failures.append(f"torch.compile: {res.message}")
+    except Exception:
+        failures.append(f"torch.compile: {traceback.format_exc(limit=4)}")
+
+
+def opcheck() -> None:
+    packed = random_packed(4, 64, False, True, 256, 96, seed=2, device=DEV)
+    p = prepare(packed, DEV, torch.float16)
+    x = torch.randn(3, 256, device=DEV).half()
+    bias = torch.randn(96, device=DEV).half()
+    try:
+        torch.library.opcheck(ops.gemm, (x, p.tiles, p.scales, p.zeros, p.perm, bias, 4, 64, 96, -1, 0))
+        torch.library.opcheck(ops.dequantize, (p.tiles, p.scales, p.zeros, 4, 64, 256, 96))
+    except Exception:
+        failures.append(f"opcheck: {traceback.format_exc(limit=4)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    build.load()
+    print(f"extension loaded after {time.perf_counter() - started:.1f} s", flush=True)
+    for part in (grid, large, determinism, special_values, through_quantlinear, opcheck):
+        t0 = time.perf_counter()
+        if part is grid:
+            part(args.quick)
+        else:
+            part()
+        print(f"{part.__name__}: {time.perf_counter() - t0:.1f} s, failures so far {len(failures)}", flush=True)
+    for f in failures[:60]:
+        print("FAIL", f)
+    print(f"checked {counts['cases']} weights, {counts['calls']} calls: {len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

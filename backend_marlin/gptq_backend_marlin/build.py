@@ -1,0 +1,208 @@
+"""Just-in-time build of the CUDA extension, cached per (torch, CUDA, architectures, sources).
+
+``load()`` compiles ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja) for the compute
+capabilities of the GPUs present (sm_80 and newer), once per cache key, then loads it so that
+``torch.ops.gptq_marlin.*`` run on CUDA. Any failure (no CUDA build of torch, no nvcc, no
+ninja, a compiler error) is raised as :class:`BuildError` with the reason, and remembered, so
+the probe reports it and the selector falls back to the next backend.
+
+Build ahead of time (e.g. in a container image) with::
+
+    python -m gptq_backend_marlin.build            # for the GPUs present
+    python -m gptq_backend_marlin.build --arch 9.0 # without a GPU
+
+``GPTQ_MARLIN_BUILD_DIR`` overrides the cache folder (default
+``$XDG_CACHE_HOME/gptq-backend-marlin/<key>``, i.e. ``~/.cache/...``); ``GPTQ_MARLIN_ARCHS``
+("8.0;9.0") overrides the architectures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gptq_core.errors import GPTQError
+
+from . import ops  # noqa: F401  (the schemas must exist before the library registers kernels)
+
+CSRC = Path(__file__).with_name("csrc")
+EXTENSION_NAME = "gptq_marlin_ext"
+MIN_ARCH = (8, 0)
+
+
+class BuildError(GPTQError, RuntimeError):
+    """The extension could not be built or loaded; the message says why and what to do."""
+
+
+def sources() -> list[Path]:
+    """The files compiled into the extension (the .cuh/.h headers are included by them)."""
+    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))
+
+
+def source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def parse_archs(text: str) -> list[tuple[int, int]]:
+    """"8.0;9.0" (or "80,90") -> [(8, 0), (9, 0)]; raises BuildError on anything else."""
+    archs = []
+    for item in text.replace(",", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            if "." in item:
+                major, minor = (int(p) for p in item.split("."))
+            else:
+                major, minor = int(item[:-1]), int(item[-1])
+        except ValueError:
+            raise BuildError(f"cannot read compute capability {item!r}; write it like 8.0 or 9.0")
+        archs.append((major, minor))
+    return sorted(set(archs))
+
+
+def present_archs() -> list[tuple[int, int]]:
+    """Compute capabilities (>= 8.0) of the visible GPUs, or of GPTQ_MARLIN_ARCHS when set."""
+    env = os.environ.get("GPTQ_MARLIN_ARCHS")
+    if env:
+        return [a for a in parse_archs(env) if a >= MIN_ARCH]
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return []
+    found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return sorted(a for a in found if a >= MIN_ARCH)
+
+
+def arch_flags(archs: list[tuple[int, int]]) -> list[str]:
+    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in archs]
+
+
+def build_dir(archs: list[tuple[int, int]]) -> Path:
+    env = os.environ.get("GPTQ_MARLIN_BUILD_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    arch_tag = "_".join(f"sm{a}{b}" for a, b in archs) or "none"
+    key = f"torch{torch.__version__}-cuda{torch.version.cuda}-{arch_tag}-{source_hash()}"
+    return cache / "gptq-backend-marlin" / key.replace("+", "_")
+
+
+def toolchain_problems() -> list[str]:
+    """What is missing to compile at all (empty when a build can be attempted)."""
+    from torch.utils import cpp_extension
+
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(
+            f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch"
+        )
+    elif cpp_extension.CUDA_HOME is None or shutil.which(
+        "nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin") + os.pathsep + os.environ.get("PATH", "")
+    ) is None:
+        problems.append("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
+    if shutil.which("ninja") is None:
+        problems.append("ninja not found: pip install ninja")
+    return problems
+
+
+def _summarize(exc: BaseException, limit: int = 1500) -> str:
+    """The compiler's own error lines when there are any, else the exception text, shortened."""
+    text = str(exc)
+    lines = [ln for ln in text.splitlines() if "error" in ln.lower()]
+    summary = "\n".join(lines[:12]) if lines else text
+    return summary if len(summary) <= limit else summary[:limit] + " ..."
+
+
+_lock = threading.Lock()
+_loaded: Path | None = None
+_error: str | None = None
+
+
+def load(archs: list[tuple[int, int]] | None = None, verbose: bool = False) -> Path:
+    """Build (if needed) and load the extension; return its build folder. Raises BuildError.
+
+    A failure is remembered for the process: later calls raise the same error at once.
+    """
+    global _loaded, _error
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if _error is not None:
+            raise BuildError(_error)
+        try:
+            problems = toolchain_problems()
+            if problems:
+                raise BuildError("; ".join(problems))
+            archs = present_archs() if archs is None else archs
+            if not archs:
+                raise BuildError(
+                    "no CUDA GPU of compute capability >= 8.0 to build for; pass --arch 8.0 "
+                    "(or set GPTQ_MARLIN_ARCHS) to build ahead of time"
+                )
+            folder = build_dir(archs)
+            folder.mkdir(parents=True, exist_ok=True)
+            from torch.utils import cpp_extension
+
+            try:
+                cpp_extension.load(
+                    name=EXTENSION_NAME,
+                    sources=[str(p) for p in sources()],
+                    extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "-std=c++17", *arch_flags(archs)],
+                    extra_include_paths=[str(CSRC)],
+                    build_directory=str(folder),
+                    is_python_module=False,
+                    verbose=verbose,
+                )
+            except Exception as exc:  # noqa: BLE001 - compiler and loader errors alike
+                raise BuildError(f"building the marlin CUDA extension failed: {_summarize(exc)}") from exc
+        except BuildError as exc:
+            _error = str(exc)
+            raise
+        _loaded = folder
+        return folder
+
+
+def status() -> str | None:
+    """None when the extension is loaded (building it if needed), else the reason it is not."""
+    try:
+        load()
+    except BuildError as exc:
+        return str(exc)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptq_backend_marlin.build",
+        description="Compile the marlin CUDA extension ahead of time into its cache folder.",
+    )
+    parser.add_argument("--arch", default=None,
+                        help='compute capabilities, e.g. "8.0;9.0" (default: the GPUs present)')
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    args = parser.parse_args(argv)
+    try:
+        archs = parse_archs(args.arch) if args.arch else None
+        started = time.perf_counter()
+        folder = load(archs, verbose=args.verbose)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"built gptq_marlin for {archs or present_archs()} in {time.perf_counter() - started:.1f} s: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

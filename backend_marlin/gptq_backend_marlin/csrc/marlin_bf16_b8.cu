@@ -1,0 +1,6 @@
+// Instantiations for 8-bit weights x __nv_bfloat16 activations (one file per variant: parallel builds).
+#include "marlin_kernel.cuh"
+
+namespace gptq_marlin {
+GPTQ_MARLIN_INSTANTIATE(8, __nv_bfloat16)
+}  // namespace gptq_marlin

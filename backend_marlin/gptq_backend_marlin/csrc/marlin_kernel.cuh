@@ -1,0 +1,645 @@
+// The Marlin-class int4/int8 x fp16/bf16 GEMM: y[m, n] = sum_k a[m, k] * W[k, n] (+ bias[n]).
+//
+// * Weights arrive in the tile layout of layout.py: each lane's 16-byte shared-memory load is
+//   its mma.sync B fragments for one chunk, no shuffles.
+// * One block (8 warps) owns a 256-column tile; warp w owns its 32 columns over all k, so no
+//   reduction inside the block. Each pipeline stage holds 64 k rows of weights, activations
+//   (swizzled for conflict-free ldmatrix), scales and zero points, moved by cp.async, the
+//   weights with an L2 evict-first policy. kStages stages are in flight.
+// * Dequantization in registers by the exponent trick: (0x6400 | nibble) is the fp16 number
+//   1024 + nibble, so one lop3 and one subtraction give an exact integer; one multiply applies
+//   the group's scale. bf16 uses 0x4300 (128 + nibble). 8-bit bf16 goes through fp32.
+// * mma.sync m16n8k16 with fp32 accumulators.
+// * Striped (stream-K) partition: the n_tiles * k_tiles iterations of a slice are cut into
+//   `workers` equal contiguous ranges, one per block, so every multiprocessor streams the
+//   same number of bytes whatever the shape. A block tile that several blocks share is
+//   reduced through fp32 slots: the last block to finish it (a counter) sums the slots in
+//   worker order (deterministic), adds the bias and writes the output, then clears the counter.
+// * Rows beyond 64 run as more slices; block b serves slice b % slices, so the blocks that
+//   read the same weights run together and share them through L2.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "marlin.h"
+
+namespace gptq_marlin {
+
+template <int BITS>
+struct Layout {
+  static constexpr int kWarpTileBytes = kTileK * kWarpN * BITS / 8;  // 1024 | 2048
+  static constexpr int kChunks = kWarpTileBytes / 512;               // 2 | 4
+  static constexpr int kStepsPerChunk = 4 / kChunks;                 // 2 | 1
+  static constexpr int kStages = BITS == 4 ? 5 : 4;
+};
+
+template <int BITS, int M_BLOCKS>
+struct Smem {
+  static constexpr int kB = kWarps * Layout<BITS>::kWarpTileBytes;
+  static constexpr int kA = M_BLOCKS * 16 * kTileK * 2;
+  static constexpr int kS = 2 * kTileN * 2;  // two group rows (group size 32) of one tile
+  static constexpr int kStage = kB + kA + 2 * kS;  // scales, then zero points
+  static constexpr int kTotal = kStage * Layout<BITS>::kStages;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Activation types.
+template <typename T>
+struct Act;
+
+template <>
+struct Act<half> {
+  using T2 = half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
+  static __device__ __forceinline__ float to_float(half x) { return __half2float(x); }
+  static __device__ __forceinline__ half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+  static __device__ __forceinline__ T2 splat(half x) { return __half2half2(x); }
+  static constexpr float kMagicValue = 1024.0f;
+};
+
+template <>
+struct Act<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ T2 pack(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+  static __device__ __forceinline__ T2 splat(__nv_bfloat16 x) { return __bfloat162bfloat162(x); }
+  static constexpr float kMagicValue = 128.0f;
+};
+
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 x) {
+  return *reinterpret_cast<uint32_t*>(&x);
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_t2(uint32_t x) {
+  return *reinterpret_cast<T2*>(&x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  const int size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(size));
+}
+
+__device__ __forceinline__ void cp_async16_policy(void* dst, const void* src, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "l"(policy));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
+  uint64_t policy;
+  if (evict_first) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
+  return policy;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma<half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// (a & b) | c in one instruction.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization. `off` is (magic + zero point), `sc` the scale, both splatted to a pair.
+template <typename T>
+struct Group {
+  typename Act<T>::T2 sc;
+  typename Act<T>::T2 off;
+  typename Act<T>::T2 off16;  // -(magic / 16 + zero): fp16 4-bit high fields
+  float scf;  // the scale and zero as floats (8-bit bf16 path only)
+  float zf;
+};
+
+// One 4-bit word -> b0, b1 of fragment 0 (b[0], b[1]) and of fragment 1 (b[2], b[3]).
+// Word fields (nibbles) i and i+4 become one pair; see layout.py.
+template <typename T>
+__device__ __forceinline__ void dequant4(uint32_t q, const Group<T>& g0, const Group<T>& g1,
+                                         uint32_t (&b)[4]) {
+  using T2 = typename Act<T>::T2;
+  constexpr uint32_t kLo = 0x000f000fu;
+  if constexpr (Act<T>::kMagic == 0x64006400u) {
+    // fp16: (0x6400 | n) = 1024 + n and (0x6400 | n << 4) = 1024 + 16 n; the second is scaled
+    // by 1/16 in an exact fma. Both give n - zero exactly.
+    constexpr uint32_t kHi = 0x00f000f0u;
+    const uint32_t q8 = q >> 8;
+    const T2 v0 = as_t2<T2>(and_or(q, kLo, Act<T>::kMagic));
+    const T2 v1 = as_t2<T2>(and_or(q, kHi, Act<T>::kMagic));
+    const T2 v2 = as_t2<T2>(and_or(q8, kLo, Act<T>::kMagic));
+    const T2 v3 = as_t2<T2>(and_or(q8, kHi, Act<T>::kMagic));
+    const T2 sixteenth = __float2half2_rn(0.0625f);
+    b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
+    b[1] = as_u32(__hmul2(__hfma2(v1, sixteenth, g0.off16), g0.sc));
+    b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
+    b[3] = as_u32(__hmul2(__hfma2(v3, sixteenth, g1.off16), g1.sc));
+  } else {
+    // bf16 has 7 mantissa bits: 128 + n only, so every field is shifted down first.
+    const T2 v0 = as_t2<T2>(and_or(q, kLo, Act<T>::kMagic));
+    const T2 v1 = as_t2<T2>(and_or(q >> 4, kLo, Act<T>::kMagic));
+    const T2 v2 = as_t2<T2>(and_or(q >> 8, kLo, Act<T>::kMagic));
+    const T2 v3 = as_t2<T2>(and_or(q >> 12, kLo, Act<T>::kMagic));
+    b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
+    b[1] = as_u32(__hmul2(__hsub2(v1, g0.off), g0.sc));
+    b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
+    b[3] = as_u32(__hmul2(__hsub2(v3, g1.off), g1.sc));
+  }
+}
+
+// One 8-bit word (bytes a0, a2, a1, a3) -> b0, b1 of one fragment.
+template <typename T>
+__device__ __forceinline__ void dequant8(uint32_t q, const Group<T>& g, uint32_t (&b)[2]) {
+  using T2 = typename Act<T>::T2;
+  if constexpr (sizeof(T) == 2 && Act<T>::kMagic == 0x64006400u) {
+    const T2 v0 = as_t2<T2>(__byte_perm(q, 0x64646464u, 0x4240));
+    const T2 v1 = as_t2<T2>(__byte_perm(q, 0x64646464u, 0x4341));
+    b[0] = as_u32(__hmul2(__hsub2(v0, g.off), g.sc));
+    b[1] = as_u32(__hmul2(__hsub2(v1, g.off), g.sc));
+  } else {
+    // bf16 has 7 mantissa bits, too few for 128 + byte: build exact floats 2^23 + byte.
+    const float base = 8388608.0f + g.zf;
+    const float f0 = __int_as_float(__byte_perm(q, 0x4B000000u, 0x7540)) - base;
+    const float f1 = __int_as_float(__byte_perm(q, 0x4B000000u, 0x7541)) - base;
+    const float f2 = __int_as_float(__byte_perm(q, 0x4B000000u, 0x7542)) - base;
+    const float f3 = __int_as_float(__byte_perm(q, 0x4B000000u, 0x7543)) - base;
+    b[0] = as_u32(Act<T>::pack(f0 * g.scf, f2 * g.scf));
+    b[1] = as_u32(Act<T>::pack(f1 * g.scf, f3 * g.scf));
+  }
+}
+
+// Scales and zero points of one group row for lane group `g`: 4 columns (subtiles 0..3).
+template <typename T, int BITS, bool HAS_ZEROS>
+__device__ __forceinline__ void load_groups(Group<T> (&out)[4], const uint8_t* scales_row,
+                                            const uint8_t* zeros_row, int g) {
+  using A = Act<T>;
+  const uint2 sv = *reinterpret_cast<const uint2*>(scales_row + g * 8);
+  const T* s = reinterpret_cast<const T*>(&sv);
+  uint2 zv = make_uint2(0, 0);
+  if constexpr (HAS_ZEROS) zv = *reinterpret_cast<const uint2*>(zeros_row + g * 8);
+  const T* z = reinterpret_cast<const T*>(&zv);
+  constexpr float kSymZero = float(1 << (BITS - 1));
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const float zf = HAS_ZEROS ? A::to_float(z[j]) : kSymZero;
+    out[j].sc = A::splat(s[j]);
+    // Exact: small integers.
+    out[j].off = A::splat(A::from_float(A::kMagicValue + zf));
+    out[j].off16 = A::splat(A::from_float(-(A::kMagicValue / 16.0f + zf)));
+    out[j].scf = A::to_float(s[j]);
+    out[j].zf = zf;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One pipeline stage of one warp: 64 k rows x 32 columns into acc.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], const uint8_t* stage,
+                                              int warp, int lane, bool two_group_rows) {
+  using L = Layout<BITS>;
+  using S = Smem<BITS, M_BLOCKS>;
+  const uint8_t* sb = stage + warp * L::kWarpTileBytes;
+  const uint8_t* sa = stage + S::kB;
+  const uint8_t* ss = sa + S::kA;
+  const int g = lane >> 2;
+
+  // Group rows: row 0 covers k 0..31 (steps 0, 1), row 1 k 32..63 (steps 2, 3); with one
+  // group row per stage, both read row 0.
+  Group<T> grp[2][4];
+  const int col = warp * 64;  // byte offset of this warp's 32 columns in a row of scales
+  load_groups<T, BITS, HAS_ZEROS>(grp[0], ss + col, ss + S::kS + col, g);
+  const int row1 = two_group_rows ? 512 : 0;
+  load_groups<T, BITS, HAS_ZEROS>(grp[1], ss + row1 + col, ss + S::kS + row1 + col, g);
+
+#pragma unroll
+  for (int c = 0; c < L::kChunks; c++) {
+    const int4 q4 = *reinterpret_cast<const int4*>(sb + c * 512 + lane * 16);
+    uint32_t a[L::kStepsPerChunk][M_BLOCKS][4];
+#pragma unroll
+    for (int h = 0; h < L::kStepsPerChunk; h++) {
+      const int step = c * L::kStepsPerChunk + h;
+#pragma unroll
+      for (int mb = 0; mb < M_BLOCKS; mb++) {
+        const int row = mb * 16 + (lane & 15);
+        const int unit = 2 * step + (lane >> 4);  // 16-byte unit of the 128-byte row
+        ldmatrix_x4(a[h][mb], sa + row * 128 + ((unit ^ (row & 7)) << 4));
+      }
+    }
+    const uint32_t words[4] = {static_cast<uint32_t>(q4.x), static_cast<uint32_t>(q4.y),
+                               static_cast<uint32_t>(q4.z), static_cast<uint32_t>(q4.w)};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      if constexpr (BITS == 4) {
+        uint32_t b[4];
+        // Both steps of a 4-bit chunk lie in the same 32-row half of the stage.
+        dequant4<T>(words[j], grp[c][j], grp[c][j], b);
+#pragma unroll
+        for (int mb = 0; mb < M_BLOCKS; mb++) {
+          mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
+          mma<T>(acc[mb][j], a[1][mb], b[2], b[3]);
+        }
+      } else {
+        uint32_t b[2];
+        dequant8<T>(words[j], grp[c >> 1][j], b);
+#pragma unroll
+        for (int mb = 0; mb < M_BLOCKS; mb++) mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
+      }
+    }
+  }
+}
+
+// acc (+ bias) -> output rows row0.. of columns of this warp, for rows < m.
+template <typename T, int M_BLOCKS>
+__device__ __forceinline__ void store_tile(const float (&acc)[M_BLOCKS][4][4], const GemmArgs& p,
+                                           int row0, int col0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  T* out = static_cast<T*>(p.c);
+  const half* bias = static_cast<const half*>(p.bias);
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const int col = col0 + j * 8 + 2 * t;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias != nullptr) {
+      b0 = __half2float(bias[col]);
+      b1 = __half2float(bias[col + 1]);
+    }
+#pragma unroll
+    for (int mb = 0; mb < M_BLOCKS; mb++) {
+      const int r = row0 + mb * 16 + g;
+      if (r < p.m) {
+        *reinterpret_cast<typename Act<T>::T2*>(out + static_cast<size_t>(r) * p.n + col) =
+            Act<T>::pack(acc[mb][j][0] + b0, acc[mb][j][1] + b1);
+      }
+      if (r + 8 < p.m) {
+        *reinterpret_cast<typename Act<T>::T2*>(out + static_cast<size_t>(r + 8) * p.n + col) =
+            Act<T>::pack(acc[mb][j][2] + b0, acc[mb][j][3] + b1);
+      }
+    }
+  }
+}
+
+template <int M_BLOCKS>
+__device__ __forceinline__ void zero_acc(float (&acc)[M_BLOCKS][4][4]) {
+#pragma unroll
+  for (int mb = 0; mb < M_BLOCKS; mb++)
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[mb][j][e] = 0.f;
+}
+
+__device__ __forceinline__ int slot_offset(int mb, int warp, int j, int lane) {
+  return (((mb * kWarps + warp) * 4 + j) * 32 + lane) * 4;
+}
+
+// ---------------------------------------------------------------------------------------------
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
+  using L = Layout<BITS>;
+  using S = Smem<BITS, M_BLOCKS>;
+  constexpr int kStages = L::kStages;
+  constexpr int kBRounds = S::kB / 16 / kThreads;                   // 16-byte weight copies
+  constexpr int kAUnits = M_BLOCKS * 16 * 8;                        // 16-byte activation units
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int slice = blockIdx.x % p.slices;
+  const int worker = blockIdx.x / p.slices;
+  const int k_tiles = p.k / kTileK;
+  const int nb32 = p.n / kWarpN;
+  const int n_tiles = (nb32 + kWarps - 1) / kWarps;
+  const long long total = static_cast<long long>(n_tiles) * k_tiles;
+  const long long it0 = worker * total / p.workers;
+  const long long it1 = (worker + 1) * total / p.workers;
+  const int n_iters = static_cast<int>(it1 - it0);
+  const int row0 = slice * kSliceM;
+  const bool two_group_rows = p.group_shift == 5;
+  const uint64_t policy = l2_policy(p.evict_first != 0);
+  const uint8_t* b_base = static_cast<const uint8_t*>(p.b);
+
+  // Per-thread copy assignments, fixed for the whole kernel.
+  const int a_row = tid >> 3, a_unit = tid & 7;  // activation unit (rounds of 256 threads)
+  const int s_row = tid >> 5, s_unit = tid & 31;  // scale unit (threads 0..63)
+
+  // The fetch cursor: next iteration (f_nt, f_kt) into stage f_stage. Pointers step by a
+  // constant within a column and are recomputed only when the column changes.
+  int f_nt = static_cast<int>(it0 / k_tiles), f_kt = static_cast<int>(it0 % k_tiles);
+  int f_stage = 0;
+  int f_nw = 0, f_b_units = 0;
+  size_t f_b_step = 0;
+  const uint8_t* f_b = nullptr;
+  auto f_column = [&]() {
+    f_nw = min(kWarps, nb32 - f_nt * kWarps);
+    f_b_units = f_nw * (L::kWarpTileBytes / 16);
+    f_b_step = static_cast<size_t>(f_nw) * L::kWarpTileBytes;
+    f_b = b_base + static_cast<size_t>(f_nt) * k_tiles * kWarps * L::kWarpTileBytes +
+          f_kt * f_b_step + tid * 16;
+  };
+  f_column();
+
+  auto fetch = [&]() {
+    uint8_t* st = smem + f_stage * S::kStage;
+#pragma unroll
+    for (int r = 0; r < kBRounds; r++) {
+      if (r * kThreads + tid < f_b_units)
+        cp_async16_policy(st + (r * kThreads + tid) * 16, f_b + r * kThreads * 16, policy);
+    }
+    uint8_t* sa = st + S::kB;
+#pragma unroll
+    for (int r = 0; r < (kAUnits + kThreads - 1) / kThreads; r++) {
+      const int row = a_row + r * (kThreads / 8);
+      if (kAUnits % kThreads == 0 || row < M_BLOCKS * 16) {
+        const int grow = row0 + row;
+        const bool ok = grow < p.m;
+        const T* src = static_cast<const T*>(p.a) + static_cast<size_t>(ok ? grow : 0) * p.k +
+                       f_kt * kTileK + a_unit * 8;
+        cp_async16_zfill(sa + row * 128 + ((a_unit ^ (row & 7)) << 4), src, ok);
+      }
+    }
+    if (tid < 64 && (s_row == 0 || two_group_rows) && s_unit < f_nw * 4) {
+      const int g = (p.group_shift < 0 ? 0 : (f_kt * kTileK) >> p.group_shift) + s_row;
+      const size_t off =
+          (static_cast<size_t>(g) * p.n + static_cast<size_t>(f_nt) * kTileN) * 2 + s_unit * 16;
+      uint8_t* ss = sa + S::kA + s_row * 512 + s_unit * 16;
+      cp_async16(ss, static_cast<const uint8_t*>(p.scales) + off);
+      if constexpr (HAS_ZEROS) cp_async16(ss + S::kS, static_cast<const uint8_t*>(p.zeros) + off);
+    }
+    // Step the cursor.
+    if (++f_stage == kStages) f_stage = 0;
+    if (++f_kt == k_tiles) {
+      f_kt = 0;
+      f_nt++;
+      f_column();
+    } else {
+      f_b += f_b_step;
+    }
+  };
+
+  float acc[M_BLOCKS][4][4];
+  zero_acc(acc);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; s++) {
+    if (s < n_iters) fetch();
+    cp_async_commit();
+  }
+
+  int nt = static_cast<int>(it0 / k_tiles), kt = static_cast<int>(it0 % k_tiles), stage = 0;
+  int seg_first = 0;  // iteration at which the current block tile began
+  for (int i = 0; i < n_iters; i++) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (i + kStages - 1 < n_iters) fetch();
+    cp_async_commit();
+
+    const bool warp_ok = nt * kWarps + warp < nb32;
+    if (warp_ok)
+      compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS>(acc, smem + stage * S::kStage, warp, lane,
+                                                  two_group_rows);
+    const int cur_nt = nt, cur_kt = kt;
+    if (++stage == kStages) stage = 0;
+    if (++kt == k_tiles) {
+      kt = 0;
+      nt++;
+    }
+    if (cur_kt != k_tiles - 1 && i != n_iters - 1) continue;
+
+    // ------------------------------------------------------------ end of a block tile
+    const int kt_first = cur_kt - (i - seg_first);
+    const int col0 = cur_nt * kTileN + warp * kWarpN;
+    if (kt_first == 0 && cur_kt == k_tiles - 1) {
+      if (warp_ok) store_tile<T, M_BLOCKS>(acc, p, row0, col0, lane);
+    } else {
+      // Shared tile: park the partial sums in this worker's slot (0: its first tile, 1: its
+      // last), and let the last contributor add them up in worker order.
+      float* slot = p.slots + (static_cast<size_t>(slice * p.workers + worker) * 2 +
+                               (seg_first == 0 ? 0 : 1)) *
+                                  kSlotFloats;
+      if (warp_ok) {
+#pragma unroll
+        for (int mb = 0; mb < M_BLOCKS; mb++)
+#pragma unroll
+          for (int j = 0; j < 4; j++)
+            *reinterpret_cast<float4*>(slot + slot_offset(mb, warp, j, lane)) =
+                make_float4(acc[mb][j][0], acc[mb][j][1], acc[mb][j][2], acc[mb][j][3]);
+      }
+      __threadfence();
+      __syncthreads();
+      int* counter = p.counters + slice * n_tiles + cur_nt;
+      if (tid == 0) {
+        const int add = cur_kt - kt_first + 1;
+        s_last = (atomicAdd(counter, add) + add == k_tiles);
+      }
+      __syncthreads();
+      if (s_last) {
+        __threadfence();
+        zero_acc(acc);
+        // Contributors: the workers whose ranges meet iterations [lo, hi] of this tile;
+        // worker w starts at floor(w * total / workers).
+        const long long lo = static_cast<long long>(cur_nt) * k_tiles, hi = lo + k_tiles - 1;
+        const int w_lo = static_cast<int>(((lo + 1) * p.workers + total - 1) / total - 1);
+        const int w_hi = static_cast<int>(((hi + 1) * p.workers + total - 1) / total - 1);
+        for (int w = w_lo; w <= w_hi; w++) {
+          const long long w_start = w * total / p.workers;
+          const int which = (w_start / k_tiles == cur_nt) ? 0 : 1;
+          const float* src =
+              p.slots + (static_cast<size_t>(slice * p.workers + w) * 2 + which) * kSlotFloats;
+          if (warp_ok) {
+#pragma unroll
+            for (int mb = 0; mb < M_BLOCKS; mb++)
+#pragma unroll
+              for (int j = 0; j < 4; j++) {
+                const float4 v =
+                    __ldcg(reinterpret_cast<const float4*>(src + slot_offset(mb, warp, j, lane)));
+                acc[mb][j][0] += v.x;
+                acc[mb][j][1] += v.y;
+                acc[mb][j][2] += v.z;
+                acc[mb][j][3] += v.w;
+              }
+          }
+        }
+        if (warp_ok) store_tile<T, M_BLOCKS>(acc, p, row0, col0, lane);
+        if (tid == 0) *counter = 0;
+      }
+    }
+    zero_acc(acc);
+    seg_first = i + 1;
+  }
+  cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles -> dense [n, k] weight in the activation dtype (the large-M path feeds it to cuBLAS).
+// One warp per warp tile, in storage order.
+template <int BITS, typename T>
+__global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) {
+  using L = Layout<BITS>;
+  using T2 = typename Act<T>::T2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int k_tiles = p.k / kTileK;
+  const int nb32 = p.n / kWarpN;
+  const long long tile = static_cast<long long>(blockIdx.x) * kWarps + warp;
+  if (tile >= static_cast<long long>(nb32) * k_tiles) return;
+  const int nt = static_cast<int>(tile / (static_cast<long long>(k_tiles) * kWarps));
+  const int nw = min(kWarps, nb32 - nt * kWarps);
+  const int rem = static_cast<int>(tile - static_cast<long long>(nt) * k_tiles * kWarps);
+  const int kt = rem / nw, wi = rem % nw;
+  const int nb = nt * kWarps + wi;
+  const int g = lane >> 2, t = lane & 3;
+  const uint8_t* src = static_cast<const uint8_t*>(p.b) + tile * L::kWarpTileBytes;
+
+  Group<T> grp[2][4];
+  const int g0 = p.group_shift < 0 ? 0 : (kt * kTileK) >> p.group_shift;
+  const int g1 = p.group_shift == 5 ? g0 + 1 : g0;
+  const size_t col_bytes = static_cast<size_t>(nb) * kWarpN * 2;
+  const uint8_t* sc = static_cast<const uint8_t*>(p.scales);
+  const uint8_t* zp = static_cast<const uint8_t*>(p.zeros);
+  const size_t row_bytes = static_cast<size_t>(p.n) * 2;
+  if (zp != nullptr) {
+    load_groups<T, BITS, true>(grp[0], sc + g0 * row_bytes + col_bytes, zp + g0 * row_bytes + col_bytes, g);
+    load_groups<T, BITS, true>(grp[1], sc + g1 * row_bytes + col_bytes, zp + g1 * row_bytes + col_bytes, g);
+  } else {
+    load_groups<T, BITS, false>(grp[0], sc + g0 * row_bytes + col_bytes, nullptr, g);
+    load_groups<T, BITS, false>(grp[1], sc + g1 * row_bytes + col_bytes, nullptr, g);
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int c = 0; c < L::kChunks; c++) {
+    const int4 q4 = *reinterpret_cast<const int4*>(src + c * 512 + lane * 16);
+    const uint32_t words[4] = {static_cast<uint32_t>(q4.x), static_cast<uint32_t>(q4.y),
+                               static_cast<uint32_t>(q4.z), static_cast<uint32_t>(q4.w)};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      T* row = out + static_cast<size_t>(nb * kWarpN + 8 * j + g) * p.k + kt * kTileK + 2 * t;
+      if constexpr (BITS == 4) {
+        uint32_t b[4];
+        dequant4<T>(words[j], grp[c][j], grp[c][j], b);
+        const int s0 = 2 * c;
+        *reinterpret_cast<T2*>(row + 16 * s0) = as_t2<T2>(b[0]);
+        *reinterpret_cast<T2*>(row + 16 * s0 + 8) = as_t2<T2>(b[1]);
+        *reinterpret_cast<T2*>(row + 16 * (s0 + 1)) = as_t2<T2>(b[2]);
+        *reinterpret_cast<T2*>(row + 16 * (s0 + 1) + 8) = as_t2<T2>(b[3]);
+      } else {
+        uint32_t b[2];
+        dequant8<T>(words[j], grp[c >> 1][j], b);
+        *reinterpret_cast<T2*>(row + 16 * c) = as_t2<T2>(b[0]);
+        *reinterpret_cast<T2*>(row + 16 * c + 8) = as_t2<T2>(b[1]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+cudaError_t occupancy_variant(int* blocks_per_sm) {
+  constexpr int kSmem = Smem<BITS, M_BLOCKS>::kTotal;
+  auto kernel = gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, kThreads, kSmem);
+}
+
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
+  constexpr int kSmem = Smem<BITS, M_BLOCKS>::kTotal;
+  gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>
+      <<<args.workers * args.slices, kThreads, kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+#define GPTQ_MARLIN_M_SWITCH(M, Z, CALL)         \
+  switch ((M) * 2 + ((Z) ? 1 : 0)) {             \
+    case 2: return CALL(1, false);               \
+    case 3: return CALL(1, true);                \
+    case 4: return CALL(2, false);               \
+    case 5: return CALL(2, true);                \
+    case 6: return CALL(3, false);               \
+    case 7: return CALL(3, true);                \
+    case 8: return CALL(4, false);               \
+    case 9: return CALL(4, true);                \
+    default: return cudaErrorInvalidValue;       \
+  }
+
+// The per-(bits, dtype) entry points each instantiation file defines.
+template <int BITS, typename T>
+cudaError_t occupancy_t(int m_blocks, bool has_zeros, int* blocks_per_sm) {
+#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z>(blocks_per_sm)
+  GPTQ_MARLIN_M_SWITCH(m_blocks, has_zeros, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+}
+
+template <int BITS, typename T>
+cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z>(args, stream)
+  GPTQ_MARLIN_M_SWITCH(args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+}
+
+template <int BITS, typename T>
+cudaError_t dequant_t(const DequantArgs& args, cudaStream_t stream) {
+  const long long tiles = static_cast<long long>(args.n / kWarpN) * (args.k / kTileK);
+  const long long blocks = (tiles + kWarps - 1) / kWarps;
+  if (blocks == 0) return cudaSuccess;
+  dequant_kernel<BITS, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+#define GPTQ_MARLIN_INSTANTIATE(BITS, T)                                                    \
+  template cudaError_t occupancy_t<BITS, T>(int, bool, int*);                                     \
+  template cudaError_t launch_t<BITS, T>(const GemmArgs&, cudaStream_t);                    \
+  template cudaError_t dequant_t<BITS, T>(const DequantArgs&, cudaStream_t);
+
+}  // namespace gptq_marlin

@@ -1,0 +1,224 @@
+// Torch binding of the Marlin kernels: CUDA implementations of the ops that ops.py defines
+// (gptq_marlin::gemm, gptq_marlin::dequantize), with argument checks that say what is wrong.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "marlin.h"
+
+namespace gptq_marlin {
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  if (t == at::kHalf) return kF16;
+  if (t == at::kBFloat16) return kBF16;
+  TORCH_CHECK(false, "marlin: activations must be float16 or bfloat16, got ", t);
+  return -1;
+}
+
+int group_shift(int64_t group_size, int64_t k) {
+  if (group_size == -1) return -1;
+  for (int s = 5; s <= 30; s++)
+    if ((int64_t{1} << s) == group_size) return s;
+  TORCH_CHECK(false, "marlin: group size must be -1 or a power of two >= 32, got ", group_size);
+  return -1;
+}
+
+void check_weights(const at::Tensor& b, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                   int64_t k, int64_t n) {
+  TORCH_CHECK(bits == 4 || bits == 8, "marlin: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(k > 0 && k % kTileK == 0, "marlin: K=", k, " must be a positive multiple of ",
+              kTileK);
+  TORCH_CHECK(n > 0 && n % kWarpN == 0, "marlin: N=", n, " must be a positive multiple of ",
+              kWarpN);
+  TORCH_CHECK(b.is_cuda() && b.scalar_type() == at::kInt && b.is_contiguous(),
+              "marlin: tiles must be a contiguous int32 CUDA tensor (from gptq_backend_marlin."
+              "layout.repack)");
+  TORCH_CHECK(b.numel() * 32 == k * n * bits, "marlin: ", b.numel(), " tile words cannot hold a ",
+              k, " x ", n, " ", bits, "-bit weight");
+  const int64_t groups = group_size == -1 ? 1 : (k + group_size - 1) / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == n &&
+                  scales.is_contiguous() && scales.device() == b.device(),
+              "marlin: scales must be a contiguous [", groups, ", ", n, "] tensor on ",
+              b.device(), ", got ", scales.sizes(), " on ", scales.device());
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->sizes() == scales.sizes() && zeros->scalar_type() == scales.scalar_type() &&
+                    zeros->is_contiguous() && zeros->device() == b.device(),
+                "marlin: zeros must match scales in shape, dtype and device");
+  }
+}
+
+// Workspace per (device, stream): fp32 partial-sum slots and self-clearing tile counters.
+struct Workspace {
+  at::Tensor slots;
+  at::Tensor counters;
+};
+std::mutex g_mutex;
+std::map<std::pair<int, cudaStream_t>, Workspace> g_workspaces;
+std::map<std::tuple<int, int, int, int, bool>, int> g_occupancy;
+std::map<int, int> g_sm_count;
+
+int sm_count(int device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_sm_count.find(device);
+  if (it != g_sm_count.end()) return it->second;
+  int sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  TORCH_CHECK(err == cudaSuccess, "marlin: cannot query the device: ", cudaGetErrorString(err));
+  g_sm_count[device] = sms;
+  return sms;
+}
+
+int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const auto key = std::make_tuple(device, dtype, bits, m_blocks, zeros);
+  auto it = g_occupancy.find(key);
+  if (it != g_occupancy.end()) return it->second;
+  int blocks = 0;
+  const cudaError_t err = gemm_occupancy(dtype, bits, m_blocks, zeros, &blocks);
+  TORCH_CHECK(err == cudaSuccess, "marlin: cannot configure the kernel on this device: ",
+              cudaGetErrorString(err));
+  TORCH_CHECK(blocks > 0, "marlin: the kernel does not fit on this device (shared memory)");
+  g_occupancy[key] = blocks;
+  return blocks;
+}
+
+Workspace& workspace(const at::Device& device, cudaStream_t stream, int64_t slot_floats,
+                     int64_t counters) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  Workspace& ws = g_workspaces[{device.index(), stream}];
+  if (!ws.slots.defined() || ws.slots.numel() < slot_floats) {
+    ws.slots = at::empty({slot_floats}, at::TensorOptions().dtype(at::kFloat).device(device));
+  }
+  if (!ws.counters.defined() || ws.counters.numel() < counters) {
+    ws.counters = at::zeros({counters}, at::TensorOptions().dtype(at::kInt).device(device));
+  }
+  return ws;
+}
+
+at::Tensor dequantize_into(const at::Tensor& b, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& zeros, int64_t bits,
+                           int64_t group_size, int64_t k, int64_t n) {
+  auto out = at::empty({n, k}, scales.options());
+  DequantArgs args{};
+  args.b = b.data_ptr();
+  args.scales = scales.data_ptr();
+  args.zeros = zeros.has_value() ? zeros->data_ptr() : nullptr;
+  args.out = out.data_ptr();
+  args.n = static_cast<int>(n);
+  args.k = static_cast<int>(k);
+  args.bits = static_cast<int>(bits);
+  args.group_shift = group_shift(group_size, k);
+  const cudaError_t err = dequant_launch(dtype_code(scales.scalar_type()), args,
+                                         c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "marlin: dequantize launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace
+
+// Dense [n, k] weight (nn.Linear layout) in the scales' dtype, in the sorted (act-order) k order.
+at::Tensor dequantize(const at::Tensor& b, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                      int64_t size_k, int64_t size_n) {
+  check_weights(b, scales, zeros, bits, group_size, size_k, size_n);
+  dtype_code(scales.scalar_type());
+  c10::cuda::CUDAGuard guard(b.device());
+  return dequantize_into(b, scales, zeros, bits, group_size, size_k, size_n);
+}
+
+// y = a @ W (+ bias). M > dequant_threshold (when >= 0): dense weight + cuBLAS instead.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scales,
+                const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
+                const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                int64_t size_n, int64_t dequant_threshold, int64_t blocks_per_sm) {
+  TORCH_CHECK(a.is_cuda() && a.dim() == 2, "marlin: a must be a 2-D CUDA tensor, got ",
+              a.sizes(), " on ", a.device());
+  TORCH_CHECK(a.device() == b.device(), "marlin: activations on ", a.device(),
+              " but weights on ", b.device());
+  const int dtype = dtype_code(a.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == a.scalar_type(), "marlin: the weights were prepared for ",
+              scales.scalar_type(), " activations but got ", a.scalar_type(),
+              "; bind the layer for this dtype");
+  const int64_t M = a.size(0), K = a.size(1), N = size_n;
+  check_weights(b, scales, zeros, bits, group_size, K, N);
+  if (perm.has_value()) {
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->device() == a.device(),
+                "marlin: perm must be a [K] index tensor on the activations' device");
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == a.device(),
+                "marlin: bias must be a [N] tensor on the activations' device, got ",
+                bias->sizes());
+  }
+  c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({M, N}, a.options());
+  if (M == 0) return out;
+  at::Tensor A = a.contiguous();
+  if (perm.has_value()) A = at::index_select(A, 1, *perm);
+  // cp.async moves 16-byte units: a view that starts mid-unit gets a fresh copy.
+  if (reinterpret_cast<uintptr_t>(A.data_ptr()) % 16 != 0) A = A.clone();
+
+  if (dequant_threshold >= 0 && M > dequant_threshold) {
+    const at::Tensor w = dequantize_into(b, scales, zeros, bits, group_size, K, N);
+    if (bias.has_value()) return at::addmm(bias->to(a.scalar_type()), A, w.t());
+    at::mm_out(out, A, w.t());
+    return out;
+  }
+
+  at::Tensor bias_h;
+  if (bias.has_value()) bias_h = bias->scalar_type() == at::kHalf ? bias->contiguous() : bias->to(at::kHalf);
+
+  const int m_blocks = M <= kSliceM ? static_cast<int>((M + 15) / 16) : kMaxMBlocks;
+  const int64_t slices = (M + kSliceM - 1) / kSliceM;
+  TORCH_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
+  const int device = a.device().index();
+  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value());
+  const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
+  const int sms = sm_count(device);
+  const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
+  const int64_t total = n_tiles * (K / kTileK);
+  int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
+  workers = std::min<int64_t>(workers, total);
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Workspace& ws = workspace(a.device(), stream, workers * slices * 2 * kSlotFloats, slices * n_tiles);
+
+  GemmArgs args{};
+  args.a = A.data_ptr();
+  args.b = b.data_ptr();
+  args.scales = scales.data_ptr();
+  args.zeros = zeros.has_value() ? zeros->data_ptr() : nullptr;
+  args.bias = bias_h.defined() ? bias_h.data_ptr() : nullptr;
+  args.c = out.data_ptr();
+  args.slots = ws.slots.data_ptr<float>();
+  args.counters = ws.counters.data_ptr<int>();
+  args.m = static_cast<int>(M);
+  args.n = static_cast<int>(N);
+  args.k = static_cast<int>(K);
+  args.bits = static_cast<int>(bits);
+  args.group_shift = group_shift(group_size, K);
+  args.m_blocks = m_blocks;
+  args.slices = static_cast<int>(slices);
+  args.workers = static_cast<int>(workers);
+  args.evict_first = slices == 1 ? 1 : 0;  // several slices re-read the weights from L2
+  const cudaError_t err = gemm_launch(dtype, args, stream);
+  TORCH_CHECK(err == cudaSuccess, "marlin: gemm launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace gptq_marlin
+
+TORCH_LIBRARY_IMPL(gptq_marlin, CUDA, m) {
+  m.impl("gemm", &gptq_marlin::gemm);
+  m.impl("dequantize", &gptq_marlin::dequantize);
+}

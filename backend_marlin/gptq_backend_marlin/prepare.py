@@ -1,0 +1,120 @@
+"""From a GPTQ :class:`~gptq_core.format.PackedWeight` to the kernel's prepared form, in torch.
+
+Runs once per layer at load, on the layer's device: act-order ``g_idx`` is sorted (weight rows
+permuted to match, activations permuted at run time), ints are repacked into the tile layout
+(:mod:`.layout`), scales and zero points converted to the activation dtype and permuted like
+the columns of a tile. Symmetric layers whose zero points are all ``2**(bits-1)`` carry no
+zero-point tensor (the kernel uses the constant).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gptq_core.errors import NotSupportedError
+from gptq_core.format import PackedWeight, default_g_idx
+
+from . import layout
+
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Above this many rows, dequantize once into a scratch weight and call cuBLAS: the
+#: mma.sync kernel cannot match Hopper's cuBLAS once the work is compute-bound. Measured on
+#: an H100 (NOTES/perf-marlin.md); GPTQ_MARLIN_DEQUANT_M overrides, -1 disables the switch.
+DEQUANT_THRESHOLD = 256
+
+
+def dequant_threshold() -> int:
+    raw = os.environ.get("GPTQ_MARLIN_DEQUANT_M")
+    return DEQUANT_THRESHOLD if raw in (None, "") else int(raw)
+
+
+@dataclass(frozen=True, eq=False)
+class MarlinPrepared:
+    """The kernel's view of one layer (every tensor on the layer's device)."""
+
+    tiles: torch.Tensor             # int32 tile layout
+    scales: torch.Tensor            # [G, N] activation dtype, columns permuted
+    zeros: torch.Tensor | None      # like scales (real zero points) or None: symmetric
+    perm: torch.Tensor | None       # int64 [K]: activation column order (act-order) or None
+    bits: int
+    group_size: int
+    size_k: int
+    size_n: int
+    dequant_threshold: int
+
+
+def act_order_permutation(g_idx: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor | None:
+    """The stable sort of ``g_idx`` when it differs from ``k // group_size``, else None.
+
+    Raises NotSupportedError when the sorted groups are not the contiguous, equal groups the
+    kernel needs (GPTQ's act-order always produces those).
+    """
+    expected = default_g_idx(in_features, group_size, device=g_idx.device).long()
+    g = g_idx.long()
+    if torch.equal(g, expected):
+        return None
+    order = torch.argsort(g, stable=True)
+    if not torch.equal(g[order], expected):
+        counts = torch.bincount(g).tolist()
+        raise NotSupportedError(
+            f"marlin needs each group of g_idx to hold exactly group_size={group_size} input "
+            f"channels (as GPTQ's act-order produces); this g_idx has group sizes "
+            f"{counts[:8]}{'...' if len(counts) > 8 else ''}; use another backend",
+            ["g_idx groups are not of equal size group_size"],
+        )
+    return order
+
+
+def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype) -> MarlinPrepared:
+    """Repack ``weight`` for the kernel on ``device``; ``weight`` itself is not modified."""
+    if act_dtype not in ACT_DTYPES:
+        raise NotSupportedError(
+            f"marlin computes in float16 or bfloat16, not {act_dtype}",
+            [f"activation dtype {act_dtype} is not supported"],
+        )
+    w = weight.to(device)
+    K, N, bits = w.in_features, w.out_features, w.bits
+    q = w.unpack_qweight()
+    perm = act_order_permutation(w.g_idx, K, w.group_size)
+    if perm is not None:
+        q = q[perm]
+    zeros = w.zeros()
+    sym_zero = 2 ** (bits - 1)
+    has_zeros = not bool((zeros == sym_zero).all())
+    return MarlinPrepared(
+        tiles=layout.repack(q, bits),
+        scales=layout.permute_columns(w.scales.to(act_dtype)),
+        zeros=layout.permute_columns(zeros.to(act_dtype)) if has_zeros else None,
+        perm=perm,
+        bits=bits,
+        group_size=w.group_size,
+        size_k=K,
+        size_n=N,
+        dequant_threshold=dequant_threshold(),
+    )
+
+
+def reference_weight(prepared: MarlinPrepared) -> torch.Tensor:
+    """The dense [K, N] float64 weight in the *original* k order, rebuilt from the prepared form.
+
+    Pure torch (CPU tests): the inverse of :func:`prepare` up to the activation-dtype rounding
+    of scales.
+    """
+    p = prepared
+    q = layout.unrepack(p.tiles, p.bits, p.size_k, p.size_n).to(torch.float64)
+    scales = layout.unpermute_columns(p.scales).to(torch.float64)
+    if p.zeros is None:
+        zeros = torch.full_like(scales, 2 ** (p.bits - 1))
+    else:
+        zeros = layout.unpermute_columns(p.zeros).to(torch.float64)
+    g = default_g_idx(p.size_k, p.group_size, device=q.device).long()
+    w = (q - zeros[g]) * scales[g]
+    if p.perm is not None:
+        out = torch.empty_like(w)
+        out[p.perm] = w
+        w = out
+    return w
