@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from gptq_core.testing import TOLERANCES, check_close, random_packed
+from gptq_core.testing import check_close, random_packed
 from gptq_backend_marlin import build, ops
 from gptq_backend_marlin.prepare import prepare
 

@@ -14,11 +14,11 @@ step build
 python3 -m gptq_backend_marlin.build 2>&1 | tail -20
 gptq backends list 2>&1 | tee "$OUT/backends_list.txt"
 step check
-timeout 170 python3 backend_marlin/benchmarks/h100_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log" | tail -70
+timeout ${CHECK_TIMEOUT:-120} python3 backend_marlin/benchmarks/h100_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log" | tail -70
 step bench
 (cd backend_marlin/benchmarks && timeout ${BENCH_TIMEOUT:-170} python3 bench_marlin.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -80)
 step conformance
-timeout ${CONF_TIMEOUT:-60} python3 -m pytest -q -x -p no:cacheprovider --pyargs gptq_conformance --gptq-backend=marlin 2>&1 | tail -25 | tee "$OUT/conformance.log"
+timeout ${CONF_TIMEOUT:-45} python3 -m pytest -q -x -p no:cacheprovider --pyargs gptq_conformance --gptq-backend=marlin 2>&1 | tail -25 | tee "$OUT/conformance.log"
 step stories260K
-timeout 60 bash -c 'gptq quantize gptq_core/data/stories260K /tmp/s260k --calibration gptq_core/data/text/tinystories-sample.txt --nsamples 8 --seqlen 128 --device cuda --overwrite >/dev/null 2>&1 && gptq backends explain /tmp/s260k' 2>&1 | tail -40 | tee "$OUT/explain.txt"
+timeout ${S260_TIMEOUT:-40} bash -c 'gptq quantize gptq_core/data/stories260K /tmp/s260k --calibration gptq_core/data/text/tinystories-sample.txt --nsamples 8 --seqlen 128 --device cuda --overwrite >/dev/null 2>&1 && gptq backends explain /tmp/s260k' 2>&1 | tail -40 | tee "$OUT/explain.txt"
 step done
