@@ -37,7 +37,7 @@ from gptq_core.models import (
     uncovered_linears,
 )
 from gptq_core.models.layers import LINEAR_TYPES, get_module, sibling_modules
-from gptq_core.models.tiny import tiny_config, tiny_model
+from gptq_core.models.tiny import single_thread, tiny_config, tiny_model, with_dequantized_weights
 
 ALL_TYPES = sorted(ARCHITECTURES)
 MOE_TYPES = sorted(t for t, a in ARCHITECTURES.items() if a.moe is not None)
@@ -52,11 +52,8 @@ REQUIRED = (
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny matmuls: extra threads only add contention on the 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,17 +219,6 @@ def _rtn_state_dict(model: nn.Module, names: list[str], config: QuantizeConfig):
     return packed, state
 
 
-def _fake_quantized(model: nn.Module, packed) -> nn.Module:
-    """The float model with each quantized weight replaced by what its packed form dequantizes to."""
-    for name, pw in packed.items():
-        lin = model.get_submodule(name)
-        with torch.no_grad():
-            lin.weight.copy_(pw.dequantize(torch.float64).t())
-            if pw.bias is not None:
-                lin.bias.copy_(pw.bias.double())
-    return model
-
-
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2_moe", "gpt_oss", "dbrx"])
 def test_gptq_state_dict_loads_into_replaced_layers(model_type):
     config = QuantizeConfig(bits=4, group_size=16, sym=False)
@@ -252,7 +238,7 @@ def test_gptq_state_dict_loads_into_replaced_layers(model_type):
     assert not missing and not unexpected
     target.eval()
 
-    reference = _fake_quantized(source.double(), packed)
+    reference = with_dequantized_weights(source, packed)
     x = ids(seed=3)
     with torch.no_grad():
         want = reference(x).logits
@@ -267,7 +253,7 @@ def test_apply_packed_weights_swaps_in_quant_linears():
     names = quantized_linear_names(model, arch)
     config = QuantizeConfig(bits=8, group_size=-1)
     packed, _ = _rtn_state_dict(model, names, config)
-    reference = _fake_quantized(prepare_model_for_quantization(tiny_model("phi3")).double(), packed)
+    reference = with_dequantized_weights(prepare_model_for_quantization(tiny_model("phi3")), packed)
     apply_packed_weights(model, packed, backend="torch")
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
     x = ids(seed=4)

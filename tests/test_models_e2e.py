@@ -23,7 +23,7 @@ from gptq_core.models import (
     quantized_linear_names,
     sequential_groups,
 )
-from gptq_core.models.tiny import VOCAB, tiny_model
+from gptq_core.models.tiny import VOCAB, single_thread, tiny_model, with_dequantized_weights
 from gptq_core.quantize.driver import quantize_model
 
 ALL_TYPES = sorted(ARCHITECTURES)
@@ -42,11 +42,8 @@ REFERENCE_DTYPE = {"xglm": torch.float32}
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny matmuls: extra threads only add contention on the 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def tokens(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -63,18 +60,6 @@ def quantize(model, config: QuantizeConfig, seed: int = 0):
     return arch, packed
 
 
-def dequantized_reference(model, packed, dtype: torch.dtype = torch.float64):
-    """The float model (in float64) whose quantized linears hold exactly the packed weights."""
-    model = model.to(dtype)
-    for name, pw in packed.items():
-        linear = model.get_submodule(name)
-        with torch.no_grad():
-            linear.weight.copy_(pw.dequantize(torch.float64).t())
-            if pw.bias is not None:
-                linear.bias.copy_(pw.bias.double())
-    return model.eval()
-
-
 @pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_quantize_save_reload_generate(model_type, tmp_path):
     config = QuantizeConfig(**CONFIGS[ALL_TYPES.index(model_type) % len(CONFIGS)])
@@ -88,7 +73,7 @@ def test_quantize_save_reload_generate(model_type, tmp_path):
     assert set(layers) == set(packed)
     assert all(isinstance(m, QuantLinear) and m.bits == config.bits for m in layers.values())
 
-    reference = dequantized_reference(model, packed, REFERENCE_DTYPE.get(model_type, torch.float64))
+    reference = with_dequantized_weights(model, packed, REFERENCE_DTYPE.get(model_type, torch.float64))
     x = tokens(2, 6, seed=7)
     with torch.no_grad():
         want = reference(x).logits
@@ -123,5 +108,5 @@ def test_experts_without_calibration_tokens_are_quantized_by_rtn(tmp_path):
     x = tokens(1, 5, seed=8)
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(x).logits.double(), dequantized_reference(model, packed)(x).logits, rtol=1e-4, atol=1e-4
+            loaded(x).logits.double(), with_dequantized_weights(model, packed)(x).logits, rtol=1e-4, atol=1e-4
         )

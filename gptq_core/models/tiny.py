@@ -1,6 +1,7 @@
 """Tiny random models of every listed architecture, built from transformers' config classes.
 
-For tests and demos: no download, a few thousand parameters, two layers, a vocabulary of 128.
+For tests and demos: no download, a few thousand parameters, two layers, a vocabulary of 128;
+plus the float reference a quantized tiny model is compared with.
 :data:`COMMON` holds the sizes every family shares (only the fields a config class knows are
 passed); :data:`OVERRIDES` what a family needs beyond them to build and run.
 """
@@ -8,9 +9,13 @@ passed); :data:`OVERRIDES` what a family needs beyond them to build and run.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from ..format import PackedWeight
 
 VOCAB = 128
 
@@ -96,4 +101,32 @@ def tiny_model(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    return model.eval()
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: tiny matmuls only lose to thread contention on small CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def with_dequantized_weights(
+    model: torch.nn.Module, packed: Mapping[str, PackedWeight], dtype: torch.dtype = torch.float64
+) -> torch.nn.Module:
+    """``model`` in ``dtype`` with each linear of ``packed`` holding exactly what it dequantizes to.
+
+    The float reference a quantized model is checked against (in place; eval mode).
+    """
+    model = model.to(dtype)
+    for name, weight in packed.items():
+        linear = model.get_submodule(name)
+        with torch.no_grad():
+            linear.weight.copy_(weight.dequantize(torch.float64).t())
+            if weight.bias is not None:
+                linear.bias.copy_(weight.bias.double())
     return model.eval()
