@@ -27,9 +27,11 @@ from .registry import Registry, get_registry
 from .rtn import quantize_rtn
 from .selector import Binding, Plan, bind, plan
 from .spec import LayerSpec
+from .auto import AutoGPTQForCausalLM
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "AutoGPTQForCausalLM",
     "Backend",
     "BackendConflictError",
     "BackendInfo",

@@ -105,4 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     lst.add_argument("--device", default=None, help="device to judge against (default: cuda if present, else cpu)")
     lst.set_defaults(func=_list)
+    from .explain import register_explain
+
+    register_explain(bsub)
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])

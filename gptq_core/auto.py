@@ -1,0 +1,260 @@
+"""``AutoGPTQForCausalLM``: the ecosystem's API shape over gptq-core's quantizer and checkpoints.
+
+::
+
+    from gptq_core import AutoGPTQForCausalLM, QuantizeConfig
+
+    model = AutoGPTQForCausalLM.from_pretrained("Llama-3-8B", QuantizeConfig(bits=4, group_size=128))
+    model.quantize("calibration.txt", nsamples=128, seqlen=2048)
+    model.save_quantized("Llama-3-8B-gptq")
+
+    model = AutoGPTQForCausalLM.from_quantized("Llama-3-8B-gptq", device="cuda:0")
+    model.generate(**tokenizer("Hello", return_tensors="pt").to("cuda:0"))
+
+The wrapper forwards everything else (``__call__``, ``generate``, ``config``...) to ``.model``,
+a normal transformers model whose quantized linears are :class:`QuantLinear`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_quantized, save_quantized
+from .checkpoint.configs import check_model_dir
+from .checkpoint.files import CONFIG_FILE, QUANTIZE_CONFIG_FILE
+from .checkpoint.load import resolve_device, resolve_dtype
+from .checkpoint.save import DEFAULT_MAX_SHARD_SIZE
+from .config import QuantizeConfig
+from .errors import CheckpointError, GPTQError
+from .format import PackedWeight
+from .quant_linear import QuantLinear
+
+#: The quantizer's per-module log, written beside the checkpoint's weights.
+QUANTIZE_LOG_FILE = "quantize_log.jsonl"
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    """The tokenizer saved in ``model_dir``, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def is_quantized_checkpoint(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` declares GPTQ quantization (either config file)."""
+    path = Path(model_dir)
+    if (path / QUANTIZE_CONFIG_FILE).is_file():
+        return True
+    from .checkpoint.configs import read_json
+
+    return (path / CONFIG_FILE).is_file() and "quantization_config" in read_json(path / CONFIG_FILE)
+
+
+def load_float_model(
+    model_dir: str | Path, torch_dtype: torch.dtype | str = "auto", trust_remote_code: bool = False
+) -> nn.Module:
+    """A float transformers causal LM from a local folder, safetensors only unless trusted."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(model_dir)
+    dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) or torch_dtype == "auto" else (
+        resolve_dtype(torch_dtype, torch.device("cpu"))
+    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if trust_remote_code else True,
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load the float model in {path}: {exc}. gptq-core reads safetensors weights "
+            "only, unless you trust the model's author and pass trust_remote_code=True"
+        ) from None
+
+
+def _packed_with_bias(model: nn.Module, name: str, pw: PackedWeight) -> PackedWeight:
+    """The packed weight plus the float layer's bias when the quantizer left it out."""
+    bias = getattr(model.get_submodule(name), "bias", None)
+    if pw.bias is None and isinstance(bias, torch.Tensor):
+        pw = pw.replace(bias=bias.detach().to(pw.device, torch.float16).contiguous())
+    return pw
+
+
+class AutoGPTQForCausalLM:
+    """A transformers causal LM, its :class:`QuantizeConfig` and its tokenizer, together."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        quantize_config: QuantizeConfig,
+        tokenizer: Any = None,
+        model_dir: str | Path | None = None,
+    ) -> None:
+        self.model = model
+        self.quantize_config = quantize_config
+        self.tokenizer = tokenizer
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.packed: dict[str, PackedWeight] = {}
+        self.quantize_log: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        quantize_config: QuantizeConfig | None = None,
+        *,
+        torch_dtype: torch.dtype | str = "auto",
+        trust_remote_code: bool = False,
+    ) -> AutoGPTQForCausalLM:
+        """Load a float model (on the CPU) to be quantized with ``quantize_config``."""
+        if is_quantized_checkpoint(model_dir):
+            raise CheckpointError(
+                f"{model_dir} is already a GPTQ checkpoint; load it with "
+                "AutoGPTQForCausalLM.from_quantized"
+            )
+        model = load_float_model(model_dir, torch_dtype, trust_remote_code)
+        model.eval()
+        return cls(model, quantize_config or QuantizeConfig(), load_tokenizer(model_dir, trust_remote_code), model_dir)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        model_dir: str | Path,
+        device: torch.device | str | None = "cpu",
+        backend: str | None = "auto",
+        torch_dtype: torch.dtype | str = "auto",
+        trust_remote_code: bool = False,
+    ) -> AutoGPTQForCausalLM:
+        """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend."""
+        model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code)
+        return cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
+
+    # ------------------------------------------------------------------ quantization
+    def quantize(
+        self,
+        calibration: Any,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        work_dir: str | Path | None = None,
+        progress: bool = True,
+        tokenizer: Any = None,
+    ) -> AutoGPTQForCausalLM:
+        """Quantize every decoder linear with GPTQ, layer by layer, on ``calibration``.
+
+        ``calibration`` is anything :func:`prepare_calibration` takes (a text/JSONL file, strings,
+        token ids) or a ready [nsamples, seqlen] LongTensor. ``work_dir`` makes the run
+        resumable: rerun with the same folder after a crash to continue where it stopped.
+        Afterwards the linears are :class:`QuantLinear` and the model runs quantized.
+        """
+        from .models import (
+            apply_packed_weights,
+            decoder_layers,
+            get_architecture,
+            prepare_model_for_quantization,
+            sequential_groups,
+        )
+        from .quantize import prepare_calibration, quantize_model
+
+        if any(isinstance(m, QuantLinear) for m in self.model.modules()):
+            raise GPTQError("this model is already quantized; load the float model to quantize again")
+        if isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and not calibration.is_floating_point():
+            samples = calibration.long()
+        else:
+            samples = prepare_calibration(calibration, tokenizer or self.tokenizer, nsamples, seqlen, seed)
+        arch = get_architecture(self.model)
+        prepare_model_for_quantization(self.model, arch)
+        layers = decoder_layers(self.model, arch)
+        dev = resolve_device(device) if device is not None else None
+        result = quantize_model(
+            self.model, samples, self.quantize_config, layers,
+            lambda index, layer: sequential_groups(layer, arch),
+            device=dev, work_dir=work_dir, progress=progress,
+        )
+        self.quantize_log = list(getattr(result, "records", []))
+        zero_format = self.quantize_config.zero_format
+        self.packed = {
+            n: _packed_with_bias(self.model, n, pw).to_format(zero_format) for n, pw in dict(result).items()
+        }
+        apply_packed_weights(self.model, self.packed)
+        return self
+
+    # ------------------------------------------------------------------ saving
+    def save_quantized(
+        self,
+        out_dir: str | Path,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        *,
+        overwrite: bool = False,
+        torch_dtype: torch.dtype | None = torch.float16,
+        extra_files: Mapping[str, str | Path | bytes] | None = None,
+    ) -> Path:
+        """Write the GPTQ checkpoint folder (atomically); see :func:`gptq_core.checkpoint.save_quantized`.
+
+        After :meth:`quantize`, the per-module log (error, damp used, seconds) is written
+        beside the weights as ``quantize_log.jsonl``.
+        """
+        extra = dict(extra_files or {})
+        if self.quantize_log and QUANTIZE_LOG_FILE not in extra:
+            extra[QUANTIZE_LOG_FILE] = "".join(json.dumps(r) + "\n" for r in self.quantize_log).encode()
+        return save_quantized(
+            self.model, self.packed or None, self.quantize_config, out_dir,
+            tokenizer=self.tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
+            torch_dtype=torch_dtype, source_dir=self.model_dir, extra_files=extra,
+        )
+
+    # ------------------------------------------------------------------ running
+    @property
+    def device(self) -> torch.device:
+        for t in self.model.parameters():
+            return t.device
+        return torch.device("cpu")
+
+    def quant_linears(self) -> dict[str, QuantLinear]:
+        """Every quantized layer by full module name."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, QuantLinear)}
+
+    def to(self, device: torch.device | str) -> AutoGPTQForCausalLM:
+        self.model.to(device)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("model", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return f"AutoGPTQForCausalLM({self.quantize_config!r},\n{self.model!r})"
+
+
+def load_for_inference(
+    model_dir: str | Path,
+    device: torch.device | str | None = None,
+    backend: str | None = "auto",
+    torch_dtype: torch.dtype | str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a GPTQ checkpoint, or of a float model folder for comparison."""
+    dev = resolve_device(device)
+    if is_quantized_checkpoint(model_dir):
+        model = load_quantized(model_dir, dev, backend, torch_dtype, trust_remote_code)
+    else:
+        model = load_float_model(model_dir, resolve_dtype(torch_dtype, dev), trust_remote_code).to(dev).eval()
+    return model, load_tokenizer(model_dir, trust_remote_code)

@@ -1,0 +1,91 @@
+"""``gptq quantize MODEL_DIR OUTPUT_DIR``: GPTQ-quantize a float model and save the checkpoint.
+
+Progress is kept in a work folder (default: ``.OUTPUT_DIR.gptq-work`` beside the output), so
+running the same command again after a crash or Ctrl-C continues from the last finished
+layer; the folder is removed once the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from ..checkpoint.files import check_target
+
+
+def default_work_dir(output_dir: str | Path) -> Path:
+    """Where an interrupted run of this output keeps its progress."""
+    out = Path(output_dir).absolute()
+    return out.with_name(f".{out.name}.gptq-work")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The GPTQ settings, shared with ``gptq demo``."""
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="bits per weight (default 4)")
+    parser.add_argument("--group-size", type=int, default=128, help="input channels per scale; -1 for one group (default 128)")
+    parser.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
+    parser.add_argument("--asym", action="store_true", help="asymmetric quantization (a zero point per group)")
+    parser.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (default 0.01)")
+    parser.add_argument("--static-groups", action="store_true", help="fix every group's grid before act-order")
+    parser.add_argument("--mse", type=float, default=0.0, help="MSE scale search norm, e.g. 2.4 (default 0: min-max)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
+    parser.add_argument("--device", default=None, help="device to quantize on: cpu, cuda, cuda:1 (default: cuda if present)")
+
+
+def quantize_config_from_args(args: argparse.Namespace):
+    from ..config import QuantizeConfig
+
+    return QuantizeConfig(
+        bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
+        damp_percent=args.damp, static_groups=args.static_groups, mse=args.mse,
+        checkpoint_format=getattr(args, "format", "gptq"),
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..auto import AutoGPTQForCausalLM
+
+    out = Path(args.output_dir)
+    check_target(out.absolute(), args.overwrite)  # fail before hours of work, not after
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(out)
+    config = quantize_config_from_args(args)
+    start = time.perf_counter()
+    model = AutoGPTQForCausalLM.from_pretrained(args.model_dir, config, torch_dtype=args.dtype)
+    model.quantize(
+        args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        device=args.device, work_dir=work_dir, progress=not args.no_progress,
+    )
+    model.save_quantized(out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    if not args.keep_work_dir and not args.work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    print(
+        f"quantized {len(model.packed)} linear layers to {config.bits}-bit g{config.group_size} "
+        f"({'sym' if config.sym else 'asym'}{', act-order' if config.desc_act else ''}, "
+        f"{config.checkpoint_format}) in {seconds:.1f} s -> {out}"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "quantize", help="GPTQ-quantize a float model folder and save the checkpoint",
+        description="GPTQ-quantize MODEL_DIR (a transformers causal LM folder) on calibration "
+        "text and write a GPTQ checkpoint to OUTPUT_DIR. Rerun the same command to resume.",
+    )
+    parser.add_argument("model_dir", help="float model folder (config.json + safetensors)")
+    parser.add_argument("output_dir", help="folder to write the GPTQ checkpoint to")
+    parser.add_argument("--calibration", required=True, help="calibration text: .txt, .jsonl or .json file")
+    add_quantize_arguments(parser)
+    parser.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq", help="checkpoint format: gptq (v1, default) or gptq_v2")
+    parser.add_argument("--dtype", default="auto", help="dtype to load the float model in (default: the checkpoint's)")
+    parser.add_argument("--work-dir", default=None, help="folder for resumable progress (kept when given)")
+    parser.add_argument("--keep-work-dir", action="store_true", help="keep the default work folder after success")
+    parser.add_argument("--max-shard-size", default="4GB", help="split weights into files of at most this size (default 4GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
