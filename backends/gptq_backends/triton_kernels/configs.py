@@ -1,0 +1,193 @@
+"""Launch configurations of the triton backend: the default table, tuned tables, and the tuner.
+
+A configuration says which path serves a call (the fused kernel, or "dequant": dequantize
+once and let cuBLAS/rocBLAS multiply) and, for the fused kernel, its tile shape, split-K and
+warps. Lookups are keyed by GPU name and (bits, group size, dtype, K, N, M bucket); act-order
+and zero points share the entry of the same shape. Where to look, in order:
+
+1. the in-process cache (tuned or looked up before);
+2. the user's tuned file ``$GPTQ_TRITON_CACHE_DIR`` (default ``~/.cache/gptq_core/triton``);
+3. the table shipped in ``tuned/<GPU name>.json`` (measured on that GPU);
+4. tuning now, when ``GPTQ_TRITON_AUTOTUNE`` is not ``0`` and the call runs on a GPU outside
+   CUDA-graph capture (the result is written to the user's file);
+5. the default rules below (``DEFAULT_RULES``), which need no measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+#: Small-M split-K aims at this many programs per SM.
+PROGRAMS_PER_SM = 2
+MAX_SPLIT_K = 16
+SHIPPED_DIR = Path(__file__).with_name("tuned")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One way to run a call. ``split_k=0`` means "choose to fill the GPU" (resolved at launch).
+
+    ``block_m`` is the MMA's N side (the kernels compute out^T = W^T x^T), so 16 serves M = 1.
+    """
+
+    path: str = "fused"  # "fused" | "dequant"
+    block_m: int = 16
+    block_n: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def label(self) -> str:
+        if self.path == "dequant":
+            return "dequant+matmul"
+        return (f"m{self.block_m} n{self.block_n} sk{self.split_k} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+#: (largest M, config) rows, first match wins: the defaults when nothing was tuned. From the
+#: H100 measurements in NOTES/perf-triton.md: split-K for decode, wider tiles for mid M, and
+#: dequantize + cuBLAS from the measured break-even up.
+DEFAULT_RULES: tuple[tuple[int, KernelConfig], ...] = (
+    (16, KernelConfig("fused", 16, 128, 0, 4, 3)),
+    (32, KernelConfig("fused", 32, 128, 0, 4, 3)),
+    (64, KernelConfig("fused", 64, 128, 0, 4, 3)),
+    (256, KernelConfig("fused", 128, 128, 1, 8, 3)),
+    (math.inf, KernelConfig("dequant")),
+)
+
+
+def m_bucket(m: int) -> int:
+    """Calls with M in (bucket/2, bucket] share a configuration (powers of two, 4096 and up one)."""
+    return min(1 << max(0, (m - 1).bit_length()), 4096)
+
+
+def default_config(m: int) -> KernelConfig:
+    for limit, cfg in DEFAULT_RULES:
+        if m <= limit:
+            return cfg
+    return DEFAULT_RULES[-1][1]
+
+
+def resolve_split_k(cfg: KernelConfig, m: int, n: int, tiles: int, sm_count: int) -> int:
+    """Concrete split-K: the configured one, or enough programs to fill the GPU (split_k=0)."""
+    if cfg.path != "fused":
+        return 1
+    grid = math.ceil(m / cfg.block_m) * math.ceil(n / cfg.block_n)
+    split = cfg.split_k or math.ceil(PROGRAMS_PER_SM * sm_count / grid)
+    split = max(1, min(split, MAX_SPLIT_K, tiles))
+    # Equalise: every split gets a whole number of tiles and none is empty.
+    per = math.ceil(tiles / split)
+    return math.ceil(tiles / per)
+
+
+def shape_key(bits: int, group_size: int, dtype: torch.dtype, k: int, n: int, m: int) -> str:
+    dt = str(dtype).replace("torch.", "")
+    return f"b{bits}-g{group_size}-{dt}-K{k}-N{n}-M{m_bucket(m)}"
+
+
+def gpu_file_name(gpu_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3.json"."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", gpu_name).strip("_") + ".json"
+
+
+def user_cache_dir() -> Path:
+    default = Path.home() / ".cache" / "gptq_core" / "triton"
+    return Path(os.environ.get("GPTQ_TRITON_CACHE_DIR", default))
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("GPTQ_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "")
+
+
+def _read_table(path: Path) -> dict[str, KernelConfig]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key, entry in data.get("entries", {}).items():
+        try:
+            out[key] = KernelConfig(**entry["config"])
+        except (TypeError, KeyError):
+            continue  # an entry from another version of this file: ignore it
+    return out
+
+
+class ConfigTable:
+    """Configurations for one GPU: shipped + user-tuned entries, and the in-process cache."""
+
+    def __init__(self, gpu_name: str) -> None:
+        self.gpu_name = gpu_name
+        self.file_name = gpu_file_name(gpu_name)
+        self.shipped = _read_table(SHIPPED_DIR / self.file_name)
+        self.user = _read_table(user_cache_dir() / self.file_name)
+        self.timings: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def lookup(self, key: str) -> KernelConfig | None:
+        return self.user.get(key) or self.shipped.get(key)
+
+    def store(self, key: str, cfg: KernelConfig, timings: dict[str, float]) -> None:
+        """Remember a tuned entry in-process and in the user's file (best effort)."""
+        with self.lock:
+            self.user[key] = cfg
+            self.timings[key] = timings
+            path = user_cache_dir() / self.file_name
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.save(path)
+            except OSError:
+                pass  # a read-only home still tunes, it just does not remember
+
+    def save(self, path: Path) -> None:
+        """Write every user-tuned entry (with the timings that chose it) as JSON."""
+        entries = {
+            k: {"config": asdict(v), "timings_us": self.timings.get(k, {})}
+            for k, v in sorted(self.user.items())
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"gpu": self.gpu_name, "entries": entries}, indent=1))
+        tmp.replace(path)
+
+
+_tables: dict[str, ConfigTable] = {}
+
+
+def table_for(gpu_name: str) -> ConfigTable:
+    table = _tables.get(gpu_name)
+    if table is None:
+        table = _tables[gpu_name] = ConfigTable(gpu_name)
+    return table
+
+
+def candidates(m: int, k: int, n: int) -> list[KernelConfig]:
+    """Configurations the tuner times for one M bucket (the default always among them)."""
+    mb = m_bucket(m)
+    F = KernelConfig
+    if mb <= 16:
+        out = [F("fused", 16, bn, sk, w, st) for bn, w in ((64, 4), (128, 4), (256, 8))
+               for sk in (0, 1) for st in (3,)]
+        out += [F("fused", 16, 128, 0, 4, 4), F("fused", 16, 256, 0, 4, 3)]
+    elif mb <= 64:
+        out = [F("fused", bm, bn, sk, 4, 3) for bm in (16, 32, 64) if bm <= mb
+               for bn in (64, 128) for sk in (0, 1)]
+    else:
+        out = [F("fused", bm, bn, 1, w, st) for bm, bn, w in
+               ((64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)) for st in (3, 4)]
+        out.append(F("dequant"))
+    base = default_config(mb)
+    if base not in out:
+        out.insert(0, base)
+    return out
+
+
+def with_split(cfg: KernelConfig, split_k: int) -> KernelConfig:
+    return replace(cfg, split_k=split_k)

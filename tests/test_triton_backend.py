@@ -1,0 +1,234 @@
+"""The triton backend against the float64 reference: every bit width, sym/asym, act-order, dtypes.
+
+On a machine without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1,
+set here before the kernels are first imported); on a CUDA machine they run compiled. Shapes
+are tiny so the interpreter finishes in about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from gptq_core import DeviceInfo, LayerSpec, NotSupportedError, QuantLinear, get_registry  # noqa: E402
+from gptq_core.format import PackedWeight, pack_weight  # noqa: E402
+from gptq_backends.triton_kernels import configs, layout, ops  # noqa: E402
+from gptq_backends.triton_kernels.configs import KernelConfig  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+M_VALUES = (1, 5, 16, 33)
+
+
+def random_weight(K: int, N: int, bits: int, group_size: int, *, sym: bool, act: bool,
+                  bias: bool = False, zero_format: str = "v1", seed: int = 0) -> PackedWeight:
+    """A random GPTQ layer: random ints, scales and zeros (v1-storable unless v2), on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    maxq = 2**bits - 1
+    G = 1 if group_size == -1 else -(-K // group_size)
+    q = torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.int32)
+    scales = torch.rand(G, N, generator=g) * 0.02 + 0.005
+    if sym:
+        zeros = torch.full((G, N), 2 ** (bits - 1), dtype=torch.int32)
+    elif zero_format == "v2":
+        zeros = torch.randint(0, maxq + 1, (G, N), generator=g, dtype=torch.int32)
+    else:
+        zeros = torch.randint(1, maxq + 2, (G, N), generator=g, dtype=torch.int32)
+    g_idx = None
+    if act:
+        perm = torch.randperm(K, generator=g)
+        gs = K if group_size == -1 else group_size
+        g_idx = (torch.argsort(perm) // gs).to(torch.int32)
+    b = torch.randn(N, generator=g) if bias else None
+    w = pack_weight(q, scales, zeros, bits=bits, group_size=group_size, g_idx=g_idx, sym=sym,
+                    desc_act=act, bias=b, zero_format=zero_format)
+    return w.to(DEVICE)
+
+
+def reference(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    ref = x.double() @ w.dequantize(torch.float64)
+    if w.bias is not None:
+        ref = ref + w.bias.double()
+    return ref
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def check(w: PackedWeight, dtype: torch.dtype, ms=M_VALUES, cfg: KernelConfig | None = None,
+          seed: int = 1) -> None:
+    """Run qmatmul for each M on fresh random x and compare with the float64 reference."""
+    p = layout.prepare(w, DEVICE)
+    gen = torch.Generator().manual_seed(seed)
+    for m in ms:
+        x = torch.randn(m, w.in_features, generator=gen).to(dtype).to(DEVICE)
+        chosen = cfg or configs.default_config(m)
+        y = ops.launch(x, p, w.bias, chosen) if cfg else ops.qmatmul(x, p, w.bias)
+        assert y.shape == (m, w.out_features) and y.dtype == dtype
+        assert torch.isfinite(y).all(), f"non-finite output for M={m}"
+        err = rel_err(y, reference(x, w))
+        assert err < TOL[dtype], f"M={m} {chosen.label()}: relative error {err:.2e}"
+
+
+# Every bit width x sym/asym x act-order x fp16/bf16, each at M = 1, 5, 16, 33. The group size
+# rotates so that every way of applying scales is met: per group after the MMA (64, 128),
+# once at the end (-1), and per weight before it (32 with 4-bit tiles of 128; 48).
+GRID = list(itertools.product((2, 3, 4, 8), (True, False), (False, True),
+                              (torch.float16, torch.bfloat16)))
+GROUPS = (128, -1, 64, 48, 32)
+
+
+@pytest.mark.parametrize("bits,sym,act,dtype", GRID,
+                         ids=[f"b{b}-{'sym' if s else 'asym'}-{'act' if a else 'noact'}-"
+                              f"{str(d)[6:]}" for b, s, a, d in GRID])
+def test_qmatmul_matches_reference(bits, sym, act, dtype):
+    i = GRID.index((bits, sym, act, dtype))
+    group = GROUPS[i % len(GROUPS)]
+    w = random_weight(160, 48, bits, group, sym=sym, act=act, bias=i % 2 == 0, seed=i)
+    check(w, dtype, seed=100 + i)
+
+
+@pytest.mark.parametrize("cfg", [
+    KernelConfig("fused", 16, 64, 3, 4, 2),    # split-K: partials and the last-program sum
+    KernelConfig("fused", 32, 64, 2, 4, 2),    # split-K with two M tiles
+    KernelConfig("fused", 64, 32, 1, 4, 2),    # scale per weight (BLOCK_M too large to post-scale)
+    KernelConfig("dequant"),                    # dequantize once + torch.matmul
+], ids=lambda c: c.label().replace(" ", "-"))
+def test_paths(cfg):
+    w = random_weight(512, 40, 4, 64, sym=False, act=True, bias=True, seed=7)
+    check(w, torch.float16, ms=(1, 33), cfg=cfg)
+
+
+def test_fp32_activations_and_v2_zeros():
+    w = random_weight(160, 24, 3, 32, sym=False, act=False, zero_format="v2", seed=3)
+    assert bool((w.zeros() == 0).any()), "the case must hold a zero of 0, which v1 cannot store"
+    check(w, torch.float32, ms=(1, 16))
+
+
+def test_split_k_workspace_is_left_clean():
+    """Two split-K calls in a row: the tickets reset, so the second is right too."""
+    w = random_weight(512, 32, 4, 32, sym=True, act=False, seed=11)
+    cfg = KernelConfig("fused", 16, 32, 4, 4, 2)
+    check(w, torch.float16, ms=(2,), cfg=cfg, seed=1)
+    _, lock = ops._workspace(DEVICE, 1, 1)
+    assert int(lock.abs().sum()) == 0
+    check(w, torch.float16, ms=(3,), cfg=cfg, seed=2)
+
+
+def test_nan_in_one_row_stays_in_that_row():
+    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=5)
+    p = layout.prepare(w, DEVICE)
+    x = torch.randn(3, 128).half().to(DEVICE)
+    x[1, 7] = float("nan")
+    y = ops.qmatmul(x, p, None)
+    assert torch.isnan(y[1]).all()
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+
+
+def test_empty_batch():
+    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=5)
+    p = layout.prepare(w, DEVICE)
+    y = ops.qmatmul(torch.empty(0, 128, dtype=torch.float16, device=DEVICE), p, None)
+    assert y.shape == (0, 32)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_layout_round_trip(bits):
+    w = random_weight(200, 40, bits, 48, sym=False, act=True, seed=bits)
+    p = layout.prepare(w, DEVICE)
+    q = layout.unplanar(p)
+    expected = w.unpack_qweight()[p.perm[:200].long()]
+    assert torch.equal(q[:200, :40].to(torch.uint8), expected)
+    assert not q[200:].any() and not q[:, 40:].any()
+    assert p.k_pad % layout.tile_k(bits, p.sub) == 0 and p.n_pad % 16 == 0
+
+
+def test_pack_does_not_modify_the_weight():
+    w = random_weight(128, 32, 4, 32, sym=False, act=True, seed=2)
+    before = [t.clone() for t in (w.qweight, w.qzeros, w.scales, w.g_idx)]
+    layout.prepare(w, DEVICE)
+    assert all(torch.equal(a, b) for a, b in zip(before, (w.qweight, w.qzeros, w.scales, w.g_idx)))
+
+
+def test_irregular_g_idx_is_refused():
+    w = random_weight(128, 32, 4, 32, sym=True, act=False, seed=2)
+    g_idx = w.g_idx.clone()
+    g_idx[0], g_idx[40] = 1, 1  # group 0 now has 31 channels, group 1 has 33
+    with pytest.raises(NotSupportedError, match="g_idx"):
+        layout.prepare(w.replace(g_idx=g_idx, desc_act=True), DEVICE)
+
+
+def test_group_size_must_be_a_multiple_of_16():
+    with pytest.raises(NotSupportedError, match="multiple of 16"):
+        layout.sub_tile(40)
+
+
+def test_quant_linear_selects_triton_by_name():
+    w = random_weight(160, 48, 4, 32, sym=True, act=True, bias=True, seed=9)
+    layer = QuantLinear.from_packed(w, backend="triton", act_dtype=torch.float16)
+    assert layer.binding.backend.name == "triton"
+    x = torch.randn(2, 3, 160).half().to(DEVICE)
+    err = rel_err(layer(x).reshape(6, 48), reference(x.reshape(6, 160), w))
+    assert err < TOL[torch.float16]
+
+
+def test_probe_needs_the_interpreter_on_cpu(monkeypatch):
+    backend = get_registry().get("triton")
+    spec = LayerSpec(bits=4, group_size=128, in_features=256, out_features=64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = backend.reasons(DeviceInfo.of("cpu"), spec)
+    assert any("TRITON_INTERPRET=1" in r for r in reasons)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.reasons(DeviceInfo.of("cpu"), spec) == []
+
+
+def test_older_gpus_and_odd_groups_are_refused_with_reasons():
+    backend = get_registry().get("triton")
+    old = DeviceInfo(type="cuda", index=0, kind="cuda", name="T4", compute_capability=(7, 5))
+    assert any("compute capability >= 8.0" in r for r in backend.reasons(old))
+    spec = LayerSpec(bits=4, group_size=40, in_features=160, out_features=64)
+    assert any("group size 40" in r for r in backend.reasons(DeviceInfo.of("cpu"), spec))
+
+
+def test_custom_op_has_a_fake_implementation():
+    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=4)
+    p = layout.prepare(w, DEVICE)
+    x = torch.randn(5, 128, dtype=torch.float16, device="meta")
+    meta = {f: getattr(p, f).to("meta") for f in ("qweight", "scales")}
+    y = ops.qmatmul_op(x, meta["qweight"], None, meta["scales"], None, None, None, p.bits,
+                       p.group_size, p.sub, p.in_features, p.out_features, p.k_pad)
+    assert y.shape == (5, 32) and y.device.type == "meta"
+
+
+def test_config_rules():
+    assert [configs.m_bucket(m) for m in (1, 2, 3, 16, 17, 5000)] == [1, 2, 4, 16, 32, 4096]
+    assert configs.default_config(1).path == "fused"
+    assert configs.default_config(4096).path == "dequant"
+    cfg = KernelConfig("fused", 16, 128, 0, 4, 3)
+    split = configs.resolve_split_k(cfg, 1, 4096, tiles=32, sm_count=132)
+    assert 1 < split <= 16 and 32 % -(-32 // split) < -(-32 // split) + 1
+    assert configs.resolve_split_k(cfg, 1, 4096, tiles=1, sm_count=132) == 1
+    for m in (1, 16, 64, 512):
+        cands = configs.candidates(m, 4096, 4096)
+        assert configs.default_config(configs.m_bucket(m)) in cands and len(set(cands)) == len(cands)
+
+
+def test_tuned_table_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
+    table = configs.ConfigTable("Test GPU 80GB")
+    key = configs.shape_key(4, 128, torch.float16, 4096, 4096, 3)
+    cfg = KernelConfig("fused", 16, 64, 2, 4, 3)
+    table.store(key, cfg, {cfg.label(): 12.5})
+    again = configs.ConfigTable("Test GPU 80GB")
+    assert again.lookup(key) == cfg
+    assert (tmp_path / "Test_GPU_80GB.json").exists()
