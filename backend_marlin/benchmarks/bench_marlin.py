@@ -21,7 +21,7 @@ import time
 import torch
 
 from gptq_backend_marlin import build, ops
-from gptq_backend_marlin.prepare import prepare
+from gptq_backend_marlin.prepare import dense_weight, prepare
 
 from common import copies_for, gpu_packed, time_calls
 
@@ -48,12 +48,15 @@ class Layer:
         n = copies_for(p.tiles.numel() * 4 + p.scales.numel() * 2)
         self.marlin = [p] + [dataclasses.replace(p, tiles=p.tiles.clone(), scales=p.scales.clone())
                              for _ in range(n - 1)]
-        self.fp16 = self.tiny = None
+        self.fp16 = self.tiny = self.dense = None
+        self.packed = packed
         if with_baselines:
             w = ops.dequantize(p.tiles, p.scales, p.zeros, bits, 128, K, N).t().contiguous()
             self.fp16 = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
             self.tiny = self._tinygemm(K, N)
-        del packed
+            # the dense cache (GPTQ_MARLIN_DENSE_CACHE_MB): [N, K] in the activation dtype
+            d = dense_weight(p)
+            self.dense = [d] + [d.clone() for _ in range(copies_for(d.numel() * 2) - 1)]
 
     @staticmethod
     def _tinygemm(K: int, N: int):
@@ -72,6 +75,8 @@ class Layer:
     def calls(self, kind: str, x: torch.Tensor, threshold: int = -1, bps: int = 0):
         if kind == "fp16":
             return [lambda w=w: torch.matmul(x, w) for w in self.fp16]
+        if kind == "dense":
+            return [lambda d=d: torch.nn.functional.linear(x, d) for d in self.dense]
         if kind == "tinygemm":
             xb = x.to(torch.bfloat16)
             return [lambda w=w, sz=sz: torch.ops.aten._weight_int4pack_mm(xb, w, 128, sz)
@@ -82,7 +87,7 @@ class Layer:
 
 
 def run(shapes, ms, rows, extra: bool) -> None:
-    from gptq_backend_marlin.prepare import DEQUANT_THRESHOLD
+    from gptq_backend_marlin.prepare import DENSE_THRESHOLD, DEQUANT_THRESHOLD
 
     for K, N in shapes:
         t0 = time.perf_counter()
@@ -91,20 +96,23 @@ def run(shapes, ms, rows, extra: bool) -> None:
         for m in ms:
             x = torch.randn(m, K, device="cuda", dtype=torch.float16)
             row = {"K": K, "N": N, "M": m}
-            kinds = [("fp16", {}), ("tinygemm", {}), ("marlin", {"threshold": DEQUANT_THRESHOLD}),
-                     ("kernel", {"threshold": -1})]
+            kinds = [("fp16", {}), ("tinygemm", {}), ("kernel", {"threshold": -1})]
             if m >= 64:
-                kinds.append(("dequant", {"threshold": 0}))
+                kinds += [("dequant", {"threshold": 0}), ("dense", {})]
             if extra and m in (1, 16):
                 kinds.append(("kernel_bps1", {"threshold": -1, "bps": 1}))
             for name, kw in kinds:
                 if name in slow or (name == "tinygemm" and layer.tiny is None):
                     continue
-                kind = name if name in ("fp16", "tinygemm") else "marlin"
+                kind = name if name in ("fp16", "tinygemm", "dense") else "marlin"
                 us = time_calls(layer.calls(kind, x, **kw))
                 row[name] = us
                 if us > SLOW_US:
                     slow.add(name)
+            # the two policies of the plugin: per-call dequantization above DEQUANT_THRESHOLD
+            # (default), or the dense cache above DENSE_THRESHOLD
+            row["marlin"] = row.get("dequant", 0.0) if m > DEQUANT_THRESHOLD else row["kernel"]
+            row["marlin_cached"] = row.get("dense", 0.0) if m > DENSE_THRESHOLD else row["kernel"]
             rows.append(row)
             print(_fmt(row), flush=True)
         del layer
@@ -119,7 +127,7 @@ def variants(rows) -> None:
         act = Layer(K, N, act=True, with_baselines=False)
         b16 = Layer(K, N, dtype=torch.bfloat16, with_baselines=False)
         i8 = Layer(K, N, bits=8, with_baselines=False)
-        for m in (1, 16, 64):
+        for m in (1, 16, 64, 128):
             x = torch.randn(m, K, device="cuda", dtype=torch.float16)
             row = {"K": K, "N": N, "M": m, "variant": 1}
             row["kernel"] = time_calls(base.calls("marlin", x))
@@ -136,27 +144,63 @@ def _fmt(row: dict) -> str:
     head = f"{row['K']:>5}x{row['N']:<5} M={row['M']:<4}"
     parts = [f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float)]
     if "fp16" in row:
-        parts += [f"x{k}={row['fp16'] / row[k]:.2f}" for k in ("tinygemm", "marlin", "kernel", "dequant")
-                  if k in row]
+        parts += [f"x{k}={row['fp16'] / row[k]:.2f}"
+                  for k in ("tinygemm", "triton", "kernel", "dequant", "marlin", "marlin_cached") if k in row]
     return head + " " + " ".join(parts)
 
 
 def report(rows) -> str:
-    lines = ["", "marlin vs fp16 cuBLAS (ratio = fp16 time / marlin time; target in brackets)",
-             f"{'shape':>12} " + " ".join(f"{'M=' + str(m):>14}" for m in (1, 16, 64, 128, 256, 4096))]
-    for K, N in MAIN:
-        cells = []
-        for m in (1, 16, 64, 128, 256, 4096):
-            row = next((r for r in rows if r["K"] == K and r["N"] == N and r["M"] == m and "fp16" in r), None)
-            if row is None or "marlin" not in row:
-                cells.append(f"{'-':>14}")
-                continue
-            ratio = row["fp16"] / row["marlin"]
-            target = TARGETS[(K, N)][m]
-            mark = "ok" if ratio >= target else "MISS"
-            cells.append(f"{ratio:5.2f} [{target:.1f}] {mark:>4}")
-        lines.append(f"{K:>5}x{N:<6} " + " ".join(cells))
+    lines = []
+    for policy, title in (("marlin", "per-call dequantization above the threshold (default)"),
+                          ("marlin_cached", "dense cache above the threshold (GPTQ_MARLIN_DENSE_CACHE_MB)")):
+        lines += ["", f"marlin vs fp16 cuBLAS, {title}: ratio = fp16 time / marlin time [target]",
+                  f"{'shape':>12} " + " ".join(f"{'M=' + str(m):>15}" for m in (1, 16, 64, 128, 256, 4096))]
+        for K, N in MAIN:
+            cells = []
+            for m in (1, 16, 64, 128, 256, 4096):
+                row = next((r for r in rows if r["K"] == K and r["N"] == N and r["M"] == m and "fp16" in r), None)
+                if row is None or policy not in row:
+                    cells.append(f"{'-':>15}")
+                    continue
+                ratio = row["fp16"] / row[policy]
+                target = TARGETS[(K, N)][m]
+                cells.append(f"{ratio:5.2f} [{target:.1f}] {'ok' if ratio >= target else 'MISS':>4}")
+            lines.append(f"{K:>5}x{N:<6} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def triton_rows(rows, budget_s: float) -> None:
+    """The triton backend of gptq-backends on the main shapes, next to the marlin kernel."""
+    from gptq_core import DeviceInfo, LayerSpec
+    from gptq_core.registry import get_registry
+
+    started = time.perf_counter()
+    try:
+        backend = get_registry().get("triton")
+    except Exception as exc:  # noqa: BLE001
+        print(f"# triton backend unavailable: {exc}", flush=True)
+        return
+    device = DeviceInfo.of("cuda")
+    for K, N in MAIN:
+        layer = Layer(K, N, with_baselines=False)
+        spec = LayerSpec.of(layer.packed, torch.float16)
+        try:
+            preps = [backend.prepare(layer.packed, device, spec) for _ in range(len(layer.marlin))]
+        except Exception as exc:  # noqa: BLE001
+            print(f"# triton cannot serve {K}x{N}: {exc}", flush=True)
+            continue
+        for m in (1, 2, 16, 64, 256):
+            if time.perf_counter() - started > budget_s:
+                print("# triton comparison stopped: time budget", flush=True)
+                return
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m, "vs_triton": 1}
+            row["triton"] = time_calls([lambda p=p: backend.qmatmul(x, p, None) for p in preps])
+            row["kernel"] = time_calls(layer.calls("marlin", x))
+            rows.append(row)
+            print(_fmt(row) + f" marlin/triton speedup={row['triton'] / row['kernel']:.2f}", flush=True)
+        del layer, preps
+        torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -164,6 +208,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="main shapes only, fewer M")
     parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--triton-budget", type=float, default=60.0,
+                        help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
     build.load()
     props = torch.cuda.get_device_properties(0)
@@ -179,13 +225,15 @@ def main() -> int:
     run(shapes, ms, rows, extra=True)
     if not args.no_variants:
         variants(rows)
+    print(report(rows), flush=True)
+    if args.triton_budget > 0:
+        triton_rows(rows, args.triton_budget)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("K", "N", "M"), k))
     path = os.path.join(args.out, "bench_marlin.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    print(report(rows))
     print(f"# wrote {path}")
     return 0
 

@@ -68,10 +68,10 @@ def run_case(packed, dtype, ms, thresholds, label, bias=None, seed=0, blocks_per
                     failures.append(f"{label} M={m} threshold={thr} bps={bps}: {res.message}")
 
 
-def grid(quick: bool) -> None:
+def grid(quick: bool, bits_list) -> None:
     shapes = [(192, 96), (1024, 800)] if not quick else [(192, 96)]
-    ms = (1, 2, 7, 16, 33, 64, 65, 200) if not quick else (1, 16, 65)
-    combos = itertools.product((4, 8), (torch.float16, torch.bfloat16), (-1, 32, 64, 128, 256),
+    ms = (1, 2, 7, 16, 17, 33, 64, 65, 200) if not quick else (1, 16, 65)
+    combos = itertools.product(bits_list, (torch.float16, torch.bfloat16), (-1, 32, 64, 128, 256),
                                (True, False), (False, True), shapes)
     for i, (bits, dtype, gs, sym, act, (K, N)) in enumerate(combos):
         label = f"b{bits} {str(dtype)[6:]} g{gs} {'sym' if sym else 'asym'}{' act' if act else ''} {K}x{N}"
@@ -85,6 +85,24 @@ def grid(quick: bool) -> None:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
 
 
+def tiny8() -> None:
+    """8-bit on one small layer over every M path (run under compute-sanitizer if it crashes)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        packed = random_packed(8, -1, True, False, 192, 32, seed=2)
+        run_case(packed, dtype, (1, 17, 33, 64, 100), (-1,), f"tiny b8 {dtype}", seed=1)
+
+
+def large8() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        label = f"large b8 {str(dtype)[6:]} g128 8192x28672"
+        try:
+            packed = gpu_packed(8, 128, dtype == torch.float16, False, 8192, 28672, seed=8)
+            run_case(packed, dtype, (1, 16, 32, 33, 64, 128), (-1,), label, seed=3)
+            run_case(packed, dtype, (300,), (256,), label, seed=4)
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+
+
 def large() -> None:
     for K, N, act in ((4096, 14336, False), (8192, 28672, False), (4096, 4096, True), (11008, 4096, True)):
         label = f"large b4 fp16 g128 {K}x{N}{' act' if act else ''}"
@@ -94,13 +112,12 @@ def large() -> None:
             run_case(packed, torch.float16, (4096,), (256,), label, seed=N)
         except Exception:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
-    for bits, dtype in ((8, torch.float16), (4, torch.bfloat16), (8, torch.bfloat16)):
-        label = f"large b{bits} {str(dtype)[6:]} g128 8192x28672"
-        try:
-            packed = gpu_packed(bits, 128, bits == 4, False, 8192, 28672, seed=bits)
-            run_case(packed, dtype, (1, 64), (-1,), label, seed=3)
-        except Exception:
-            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+    label = "large b4 bf16 asym g128 8192x28672"
+    try:
+        packed = gpu_packed(4, 128, False, False, 8192, 28672, seed=4)
+        run_case(packed, torch.bfloat16, (1, 64, 128), (-1,), label, seed=3)
+    except Exception:
+        failures.append(f"{label}: {traceback.format_exc(limit=3)}")
 
 
 def determinism() -> None:
@@ -151,6 +168,31 @@ def through_quantlinear() -> None:
         failures.append(f"torch.compile: {traceback.format_exc(limit=4)}")
 
 
+def dense_cache() -> None:
+    """The dense-cache policy through the plugin: F.linear on the cached weight above the
+    threshold, the kernel below it; act-order and bias included."""
+    import os
+
+    from gptq_backend_marlin import plugin, prepare as prep_mod
+    from gptq_core.testing import random_activations, reference_error
+
+    os.environ["GPTQ_MARLIN_DENSE_CACHE_MB"] = "64"
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            packed = random_packed(4, 64, False, True, 512, 320, seed=21, bias=True, device=DEV)
+            p = prep_mod.prepare(packed, DEV, dtype)
+            if p.dense is None:
+                failures.append("dense cache: no dense weight made within the budget")
+                continue
+            for m in (3, 64, 65, 300):
+                x = random_activations(m, 512, dtype=dtype, seed=m, device=DEV)
+                res = reference_error(plugin.gptq_qmatmul(x, p, packed.bias), x, packed)
+                if not res.ok:
+                    failures.append(f"dense cache {dtype} M={m}: {res.message}")
+    finally:
+        del os.environ["GPTQ_MARLIN_DENSE_CACHE_MB"]
+
+
 def opcheck() -> None:
     packed = random_packed(4, 64, False, True, 256, 96, seed=2, device=DEV)
     p = prepare(packed, DEV, torch.float16)
@@ -166,14 +208,18 @@ def opcheck() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--bits", default="4", help="bit widths of the grid, e.g. 4 or 4,8")
+    parser.add_argument("--parts", default="grid,large,determinism,special_values,through_quantlinear,dense_cache,opcheck")
     args = parser.parse_args()
+    bits_list = tuple(int(b) for b in args.bits.split(","))
     started = time.perf_counter()
     build.load()
     print(f"extension loaded after {time.perf_counter() - started:.1f} s", flush=True)
-    for part in (grid, large, determinism, special_values, through_quantlinear, opcheck):
+    for name in args.parts.split(","):
+        part = globals()[name]
         t0 = time.perf_counter()
         if part is grid:
-            part(args.quick)
+            part(args.quick, bits_list)
         else:
             part()
         print(f"{part.__name__}: {time.perf_counter() - t0:.1f} s, failures so far {len(failures)}", flush=True)

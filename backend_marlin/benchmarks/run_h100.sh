@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, build, check against float64, benchmark (see NOTES/perf-marlin.md).
-#   bash backend_marlin/benchmarks/run_h100.sh [--quick]    (writes logs under $OUT)
+#   bash backend_marlin/benchmarks/run_h100.sh    (writes logs under $OUT)
+# A quantized stories260K checkpoint in .cache/s260k (carried) is explained at the end.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/marlin-out}; mkdir -p "$OUT"
@@ -9,16 +10,22 @@ export GPTQ_MARLIN_BUILD_DIR=$PWD/.marlin_build
 step() { echo "=== $* ($(date +%T))"; }
 step install
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends -e backend_marlin -e conformance_tests 2>&1 | tail -3
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader
 step build
 python3 -m gptq_backend_marlin.build 2>&1 | tail -20
-gptq backends list 2>&1 | tee "$OUT/backends_list.txt"
-step check
-timeout ${CHECK_TIMEOUT:-120} python3 backend_marlin/benchmarks/h100_check.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log" | tail -70
+gptq backends list > "$OUT/backends_list.txt" 2>&1; grep -E "^marlin|^triton" "$OUT/backends_list.txt"
+step check 4-bit
+timeout ${CHECK_TIMEOUT:-80} python3 backend_marlin/benchmarks/h100_check.py --bits 4 > "$OUT/check4.log" 2>&1; echo "rc=$?"; tail -25 "$OUT/check4.log"
+step check 8-bit
+timeout 50 python3 backend_marlin/benchmarks/h100_check.py --bits 8 --parts tiny8,grid,large8 > "$OUT/check8.log" 2>&1; rc=$?; echo "rc=$rc"; tail -12 "$OUT/check8.log"
+if [ $rc -ne 0 ]; then
+  timeout 40 compute-sanitizer --print-limit 5 python3 backend_marlin/benchmarks/h100_check.py --bits 8 --parts tiny8 2>&1 | grep -v "^=========     Host Frame" | head -40
+fi
 step bench
-(cd backend_marlin/benchmarks && timeout ${BENCH_TIMEOUT:-170} python3 bench_marlin.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -80)
+(cd backend_marlin/benchmarks && timeout ${BENCH_TIMEOUT:-180} python3 bench_marlin.py --out "$OUT" --triton-budget 45 > "$OUT/bench.log" 2>&1; echo "rc=$?")
+grep -vE "^ *(4096x11008|11008x4096|14336x4096|28672x8192)" "$OUT/bench.log" | grep -E "M=(1|16|64|128|256|1024|4096) |marlin vs|shape|x[0-9]+ +[0-9.]+ \[|speedup|^#" | cut -c1-230 | tail -60
 step conformance
-timeout ${CONF_TIMEOUT:-45} python3 -m pytest -q -x -p no:cacheprovider --pyargs gptq_conformance --gptq-backend=marlin 2>&1 | tail -25 | tee "$OUT/conformance.log"
-step stories260K
-timeout ${S260_TIMEOUT:-40} bash -c 'gptq quantize gptq_core/data/stories260K /tmp/s260k --calibration gptq_core/data/text/tinystories-sample.txt --nsamples 8 --seqlen 128 --device cuda --overwrite >/dev/null 2>&1 && gptq backends explain /tmp/s260k' 2>&1 | tail -40 | tee "$OUT/explain.txt"
+timeout ${CONF_TIMEOUT:-80} python3 -m pytest -q -x -p no:cacheprovider --pyargs gptq_conformance --gptq-backend=marlin > "$OUT/conformance.log" 2>&1; echo "rc=$?"; tail -6 "$OUT/conformance.log"
+step explain stories260K
+timeout 30 gptq backends explain .cache/s260k > "$OUT/explain.txt" 2>&1; echo "rc=$?"; head -12 "$OUT/explain.txt"
 step done

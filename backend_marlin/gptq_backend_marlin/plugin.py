@@ -57,5 +57,7 @@ def gptq_pack(weight, device, spec) -> MarlinPrepared:
 @hookimpl
 def gptq_qmatmul(x, prepared, bias):
     p = prepared
+    if p.dense is not None and x.shape[0] > p.dense_threshold:
+        return torch.nn.functional.linear(x, p.dense, None if bias is None else bias.to(x.dtype))
     return gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.bits, p.group_size, p.size_n,
                 p.dequant_threshold, 0)

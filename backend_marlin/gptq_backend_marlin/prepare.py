@@ -9,6 +9,7 @@ zero-point tensor (the kernel uses the constant).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -21,15 +22,41 @@ from . import layout
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
-#: Above this many rows, dequantize once into a scratch weight and call cuBLAS: the
-#: mma.sync kernel cannot match Hopper's cuBLAS once the work is compute-bound. Measured on
-#: an H100 (NOTES/perf-marlin.md); GPTQ_MARLIN_DEQUANT_M overrides, -1 disables the switch.
+#: Above this many rows, each call dequantizes the layer into a scratch weight and calls
+#: cuBLAS: the mma.sync kernel cannot match Hopper's cuBLAS once the work is compute-bound.
+#: Measured on an H100 (NOTES/perf-marlin.md); GPTQ_MARLIN_DEQUANT_M overrides, -1 disables.
 DEQUANT_THRESHOLD = 256
+#: With a dense cache (below), above this many rows the cached fp16/bf16 weight goes straight
+#: to cuBLAS; GPTQ_MARLIN_DENSE_M overrides.
+DENSE_THRESHOLD = 64
+
+_dense_budget_used = 0
 
 
 def dequant_threshold() -> int:
     raw = os.environ.get("GPTQ_MARLIN_DEQUANT_M")
     return DEQUANT_THRESHOLD if raw in (None, "") else int(raw)
+
+
+def dense_threshold() -> int:
+    raw = os.environ.get("GPTQ_MARLIN_DENSE_M")
+    return DENSE_THRESHOLD if raw in (None, "") else int(raw)
+
+
+def dense_budget_bytes() -> int:
+    """GPTQ_MARLIN_DENSE_CACHE_MB: memory (per process) that may hold dense copies of layers
+    for large batches; 0 (the default) keeps only the quantized weights."""
+    raw = os.environ.get("GPTQ_MARLIN_DENSE_CACHE_MB", "")
+    return int(float(raw) * (1 << 20)) if raw else 0
+
+
+def take_dense_budget(nbytes: int) -> bool:
+    """Reserve ``nbytes`` of the dense-cache budget; False when it does not fit."""
+    global _dense_budget_used
+    if _dense_budget_used + nbytes > dense_budget_bytes():
+        return False
+    _dense_budget_used += nbytes
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +72,8 @@ class MarlinPrepared:
     size_k: int
     size_n: int
     dequant_threshold: int
+    dense: torch.Tensor | None = None  # [N, K] activation dtype, original k order (cache)
+    dense_threshold: int = DENSE_THRESHOLD
 
 
 def act_order_permutation(g_idx: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor | None:
@@ -85,7 +114,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype) 
     zeros = w.zeros()
     sym_zero = 2 ** (bits - 1)
     has_zeros = not bool((zeros == sym_zero).all())
-    return MarlinPrepared(
+    prepared = MarlinPrepared(
         tiles=layout.repack(q, bits),
         scales=layout.permute_columns(w.scales.to(act_dtype)),
         zeros=layout.permute_columns(zeros.to(act_dtype)) if has_zeros else None,
@@ -95,7 +124,25 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype) 
         size_k=K,
         size_n=N,
         dequant_threshold=dequant_threshold(),
+        dense_threshold=dense_threshold(),
     )
+    if device.type == "cuda" and take_dense_budget(K * N * 2):
+        prepared = dataclasses.replace(prepared, dense=dense_weight(prepared))
+    return prepared
+
+
+def dense_weight(prepared: MarlinPrepared) -> torch.Tensor:
+    """The layer as a dense [N, K] weight in the activation dtype and the original k order,
+    made by the kernel's own dequantization (CUDA)."""
+    from .ops import dequantize
+
+    p = prepared
+    w = dequantize(p.tiles, p.scales, p.zeros, p.bits, p.group_size, p.size_k, p.size_n)
+    if p.perm is not None:
+        out = torch.empty_like(w)
+        out[:, p.perm] = w
+        w = out
+    return w
 
 
 def reference_weight(prepared: MarlinPrepared) -> torch.Tensor:

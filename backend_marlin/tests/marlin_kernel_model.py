@@ -188,10 +188,11 @@ def simulate_gemm(x: torch.Tensor, W: torch.Tensor, workers: int,
                     lo, hi = nt * k_tiles, nt * k_tiles + k_tiles - 1
                     w_lo = ((lo + 1) * workers + total - 1) // total - 1
                     w_hi = ((hi + 1) * workers + total - 1) // total - 1
-                    total_acc = torch.zeros_like(acc)
-                    for w in range(w_lo, w_hi + 1):
-                        which = 0 if (w * total // workers) // k_tiles == nt else 1
-                        total_acc += slots.pop((w, which))
+                    # the first contributor used slot 1 if it started in an earlier tile,
+                    # every later one starts inside this tile (slot 0)
+                    total_acc = slots.pop((w_lo, 1 if w_lo * total // workers < lo else 0)).clone()
+                    for w in range(w_lo + 1, w_hi + 1):
+                        total_acc += slots.pop((w, 0))
                     out[:, cols] = total_acc
                     counters[nt] = 0
                     stats["finalized"] += 1

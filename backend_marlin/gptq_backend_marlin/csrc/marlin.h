@@ -14,8 +14,8 @@ constexpr int kWarps = 8;
 constexpr int kTileK = 64;       // k rows per pipeline stage
 constexpr int kWarpN = 32;       // columns per warp
 constexpr int kTileN = 256;      // columns per block tile
-constexpr int kSliceM = 64;      // rows of A one block multiplies at most
-constexpr int kMaxMBlocks = 4;   // kSliceM / 16
+constexpr int kMaxMBlocks = 4;   // 16-row blocks of A one block multiplies at most (4-bit)
+constexpr int kMaxMBlocks8 = 2;  // the same for 8-bit weights (see marlin_kernel.cuh)
 // fp32 partial sums of one block tile, in fragment order (see the epilogue).
 constexpr int kSlotFloats = kMaxMBlocks * kWarps * 4 * 32 * 4;
 
@@ -30,8 +30,8 @@ struct GemmArgs {
   int* counters;       // slices * n_tiles, zero on entry, zero again on exit
   int m, n, k, bits;
   int group_shift;     // log2(group size), or -1 for one group over all of k
-  int m_blocks;        // 16-row blocks per slice: ceil(min(m, 64) / 16)
-  int slices;          // ceil(m / 64)
+  int m_blocks;        // 16-row blocks per slice: ceil(min(m, 16 * max) / 16)
+  int slices;          // ceil(m / (16 * max)): max = kMaxMBlocks, kMaxMBlocks8 for 8-bit
   int workers;         // blocks per slice; the striped partition splits n_tiles * k_tiles
   int evict_first;     // stream weights with an L2 evict-first hint
 };

@@ -5,7 +5,7 @@
 // * One block (8 warps) owns a 256-column tile; warp w owns its 32 columns over all k, so no
 //   reduction inside the block. Each pipeline stage holds 64 k rows of weights, activations
 //   (swizzled for conflict-free ldmatrix), scales and zero points, moved by cp.async, the
-//   weights with an L2 evict-first policy. kStages stages are in flight.
+//   weights with an L2 evict-first policy. Stages<>::value stages are in flight.
 // * Dequantization in registers by the exponent trick: (0x6400 | nibble) is the fp16 number
 //   1024 + nibble, so one lop3 and one subtraction give an exact integer; one multiply applies
 //   the group's scale. bf16 uses 0x4300 (128 + nibble). 8-bit bf16 goes through fp32.
@@ -31,7 +31,14 @@ struct Layout {
   static constexpr int kWarpTileBytes = kTileK * kWarpN * BITS / 8;  // 1024 | 2048
   static constexpr int kChunks = kWarpTileBytes / 512;               // 2 | 4
   static constexpr int kStepsPerChunk = 4 / kChunks;                 // 2 | 1
-  static constexpr int kStages = BITS == 4 ? 5 : 4;
+};
+
+// Pipeline depth: more stages where few rows leave shared memory to spare (small M is
+// bandwidth-bound and wants bytes in flight); two blocks per SM must still fit.
+template <int BITS, int M_BLOCKS>
+struct Stages {
+  static constexpr int value = BITS == 4 ? (M_BLOCKS == 1 ? 8 : M_BLOCKS == 2 ? 6 : 5)
+                                         : (M_BLOCKS == 1 ? 5 : 4);
 };
 
 template <int BITS, int M_BLOCKS>
@@ -40,7 +47,7 @@ struct Smem {
   static constexpr int kA = M_BLOCKS * 16 * kTileK * 2;
   static constexpr int kS = 2 * kTileN * 2;  // two group rows (group size 32) of one tile
   static constexpr int kStage = kB + kA + 2 * kS;  // scales, then zero points
-  static constexpr int kTotal = kStage * Layout<BITS>::kStages;
+  static constexpr int kTotal = kStage * Stages<BITS, M_BLOCKS>::value;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -340,16 +347,12 @@ __device__ __forceinline__ void zero_acc(float (&acc)[M_BLOCKS][4][4]) {
       for (int e = 0; e < 4; e++) acc[mb][j][e] = 0.f;
 }
 
-__device__ __forceinline__ int slot_offset(int mb, int warp, int j, int lane) {
-  return (((mb * kWarps + warp) * 4 + j) * 32 + lane) * 4;
-}
-
 // ---------------------------------------------------------------------------------------------
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
   using L = Layout<BITS>;
   using S = Smem<BITS, M_BLOCKS>;
-  constexpr int kStages = L::kStages;
+  constexpr int kStages = Stages<BITS, M_BLOCKS>::value;
   constexpr int kBRounds = S::kB / 16 / kThreads;                   // 16-byte weight copies
   constexpr int kAUnits = M_BLOCKS * 16 * 8;                        // 16-byte activation units
   extern __shared__ __align__(128) uint8_t smem[];
@@ -365,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
   const long long it0 = worker * total / p.workers;
   const long long it1 = (worker + 1) * total / p.workers;
   const int n_iters = static_cast<int>(it1 - it0);
-  const int row0 = slice * kSliceM;
+  const int row0 = slice * M_BLOCKS * 16;  // slices > 1 only at the largest M_BLOCKS
   const bool two_group_rows = p.group_shift == 5;
   const uint64_t policy = l2_policy(p.evict_first != 0);
   const uint8_t* b_base = static_cast<const uint8_t*>(p.b);
@@ -462,18 +465,27 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
     if (kt_first == 0 && cur_kt == k_tiles - 1) {
       if (warp_ok) store_tile<T, M_BLOCKS>(acc, p, row0, col0, lane);
     } else {
-      // Shared tile: park the partial sums in this worker's slot (0: its first tile, 1: its
-      // last), and let the last contributor add them up in worker order.
+      // Shared tile: park the partial sums of the valid rows in this worker's slot (0: its
+      // first tile, 1: its last), row-major [rows][kTileN] fp32; the last contributor to
+      // arrive adds all slots up in worker order (deterministic).
+      const int rows = min(M_BLOCKS * 16, p.m - row0);
       float* slot = p.slots + (static_cast<size_t>(slice * p.workers + worker) * 2 +
                                (seg_first == 0 ? 0 : 1)) *
                                   kSlotFloats;
       if (warp_ok) {
+        const int g = lane >> 2, t = lane & 3;
 #pragma unroll
         for (int mb = 0; mb < M_BLOCKS; mb++)
 #pragma unroll
-          for (int j = 0; j < 4; j++)
-            *reinterpret_cast<float4*>(slot + slot_offset(mb, warp, j, lane)) =
-                make_float4(acc[mb][j][0], acc[mb][j][1], acc[mb][j][2], acc[mb][j][3]);
+          for (int j = 0; j < 4; j++) {
+            const int r = mb * 16 + g, c = warp * kWarpN + j * 8 + 2 * t;
+            if (r < rows)
+              *reinterpret_cast<float2*>(slot + r * kTileN + c) =
+                  make_float2(acc[mb][j][0], acc[mb][j][1]);
+            if (r + 8 < rows)
+              *reinterpret_cast<float2*>(slot + (r + 8) * kTileN + c) =
+                  make_float2(acc[mb][j][2], acc[mb][j][3]);
+          }
       }
       __threadfence();
       __syncthreads();
@@ -485,32 +497,55 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
       __syncthreads();
       if (s_last) {
         __threadfence();
-        zero_acc(acc);
-        // Contributors: the workers whose ranges meet iterations [lo, hi] of this tile;
-        // worker w starts at floor(w * total / workers).
+        // Contributors: the workers whose ranges meet iterations [lo, hi] of this tile
+        // (worker w starts at floor(w * total / workers)). All but the first start inside
+        // the tile (slot 0); the first used slot 1 if it started in an earlier tile.
         const long long lo = static_cast<long long>(cur_nt) * k_tiles, hi = lo + k_tiles - 1;
         const int w_lo = static_cast<int>(((lo + 1) * p.workers + total - 1) / total - 1);
         const int w_hi = static_cast<int>(((hi + 1) * p.workers + total - 1) / total - 1);
-        for (int w = w_lo; w <= w_hi; w++) {
-          const long long w_start = w * total / p.workers;
-          const int which = (w_start / k_tiles == cur_nt) ? 0 : 1;
-          const float* src =
-              p.slots + (static_cast<size_t>(slice * p.workers + w) * 2 + which) * kSlotFloats;
-          if (warp_ok) {
-#pragma unroll
-            for (int mb = 0; mb < M_BLOCKS; mb++)
-#pragma unroll
-              for (int j = 0; j < 4; j++) {
-                const float4 v =
-                    __ldcg(reinterpret_cast<const float4*>(src + slot_offset(mb, warp, j, lane)));
-                acc[mb][j][0] += v.x;
-                acc[mb][j][1] += v.y;
-                acc[mb][j][2] += v.z;
-                acc[mb][j][3] += v.w;
-              }
+        const long long start_lo = static_cast<long long>(w_lo) * total / p.workers;
+        const float* first = p.slots + (static_cast<size_t>(slice * p.workers + w_lo) * 2 +
+                                        (start_lo < lo ? 1 : 0)) *
+                                           kSlotFloats;
+        const float* others = p.slots + static_cast<size_t>(slice * p.workers) * 2 * kSlotFloats;
+        constexpr size_t kStride = 2 * static_cast<size_t>(kSlotFloats);  // worker to worker
+        const int n_cols = min(kWarps, nb32 - cur_nt * kWarps) * kWarpN;
+        const half* bias = static_cast<const half*>(p.bias);
+        T* out = static_cast<T*>(p.c);
+        for (int e = tid * 2; e < rows * kTileN; e += kThreads * 2) {
+          const int r = e / kTileN, c = e % kTileN;
+          if (c >= n_cols) continue;
+          float2 sum = __ldcg(reinterpret_cast<const float2*>(first + e));
+          int w = w_lo + 1;
+          for (; w + 3 <= w_hi; w += 4) {  // four loads in flight, then add in order
+            const float* base = others + static_cast<size_t>(w) * kStride + e;
+            const float2 v0 = __ldcg(reinterpret_cast<const float2*>(base));
+            const float2 v1 = __ldcg(reinterpret_cast<const float2*>(base + kStride));
+            const float2 v2 = __ldcg(reinterpret_cast<const float2*>(base + 2 * kStride));
+            const float2 v3 = __ldcg(reinterpret_cast<const float2*>(base + 3 * kStride));
+            sum.x += v0.x;
+            sum.y += v0.y;
+            sum.x += v1.x;
+            sum.y += v1.y;
+            sum.x += v2.x;
+            sum.y += v2.y;
+            sum.x += v3.x;
+            sum.y += v3.y;
           }
+          for (; w <= w_hi; w++) {
+            const float2 v =
+                __ldcg(reinterpret_cast<const float2*>(others + static_cast<size_t>(w) * kStride + e));
+            sum.x += v.x;
+            sum.y += v.y;
+          }
+          const int col = cur_nt * kTileN + c;
+          if (bias != nullptr) {
+            sum.x += __half2float(bias[col]);
+            sum.y += __half2float(bias[col + 1]);
+          }
+          *reinterpret_cast<typename Act<T>::T2*>(out + static_cast<size_t>(row0 + r) * p.n + col) =
+              Act<T>::pack(sum.x, sum.y);
         }
-        if (warp_ok) store_tile<T, M_BLOCKS>(acc, p, row0, col0, lane);
         if (tid == 0) *counter = 0;
       }
     }
@@ -522,11 +557,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
 
 // ---------------------------------------------------------------------------------------------
 // Tiles -> dense [n, k] weight in the activation dtype (the large-M path feeds it to cuBLAS).
-// One warp per warp tile, in storage order.
+// One warp per warp tile, in storage order; the warp decodes its fragments into shared memory
+// ([32 n][64 k], rows padded by 16 bytes: conflict-free) and writes whole 128-byte rows.
 template <int BITS, typename T>
 __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) {
   using L = Layout<BITS>;
   using T2 = typename Act<T>::T2;
+  constexpr int kRow = kTileK + 8;  // padded row of the staging tile, in elements
+  __shared__ __align__(16) T stage[kWarps][kWarpN * kRow];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int k_tiles = p.k / kTileK;
   const int nb32 = p.n / kWarpN;
@@ -555,7 +593,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
     load_groups<T, BITS, false>(grp[1], sc + g1 * row_bytes + col_bytes, nullptr, g);
   }
 
-  T* out = static_cast<T*>(p.out);
+  T* st = stage[warp];
 #pragma unroll
   for (int c = 0; c < L::kChunks; c++) {
     const int4 q4 = *reinterpret_cast<const int4*>(src + c * 512 + lane * 16);
@@ -563,7 +601,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
                                static_cast<uint32_t>(q4.z), static_cast<uint32_t>(q4.w)};
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-      T* row = out + static_cast<size_t>(nb * kWarpN + 8 * j + g) * p.k + kt * kTileK + 2 * t;
+      T* row = st + (8 * j + g) * kRow + 2 * t;
       if constexpr (BITS == 4) {
         uint32_t b[4];
         dequant4<T>(words[j], grp[c][j], grp[c][j], b);
@@ -579,6 +617,14 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
         *reinterpret_cast<T2*>(row + 16 * c + 8) = as_t2<T2>(b[1]);
       }
     }
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out) + static_cast<size_t>(nb) * kWarpN * p.k + kt * kTileK;
+#pragma unroll
+  for (int u = lane; u < kWarpN * 8; u += 32) {  // 8 units of 16 bytes per 64-element row
+    const int n = u >> 3, part = u & 7;
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(n) * p.k + part * 8) =
+        *reinterpret_cast<const uint4*>(st + n * kRow + part * 8);
   }
 }
 
@@ -600,31 +646,42 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-#define GPTQ_MARLIN_M_SWITCH(M, Z, CALL)         \
-  switch ((M) * 2 + ((Z) ? 1 : 0)) {             \
-    case 2: return CALL(1, false);               \
-    case 3: return CALL(1, true);                \
-    case 4: return CALL(2, false);               \
-    case 5: return CALL(2, true);                \
-    case 6: return CALL(3, false);               \
-    case 7: return CALL(3, true);                \
-    case 8: return CALL(4, false);               \
-    case 9: return CALL(4, true);                \
-    default: return cudaErrorInvalidValue;       \
+#define GPTQ_MARLIN_M_SWITCH(BITS, M, Z, CALL)                       \
+  if constexpr (BITS == 8) {                                         \
+    switch ((M) * 2 + ((Z) ? 1 : 0)) {                               \
+      case 2: return CALL(1, false);                                 \
+      case 3: return CALL(1, true);                                  \
+      case 4: return CALL(2, false);                                 \
+      case 5: return CALL(2, true);                                  \
+      default: return cudaErrorInvalidValue;                         \
+    }                                                                \
+  } else {                                                           \
+    switch ((M) * 2 + ((Z) ? 1 : 0)) {                               \
+      case 2: return CALL(1, false);                                 \
+      case 3: return CALL(1, true);                                  \
+      case 4: return CALL(2, false);                                 \
+      case 5: return CALL(2, true);                                  \
+      case 6: return CALL(3, false);                                 \
+      case 7: return CALL(3, true);                                  \
+      case 8: return CALL(4, false);                                 \
+      case 9: return CALL(4, true);                                  \
+      default: return cudaErrorInvalidValue;                         \
+    }                                                                \
   }
 
-// The per-(bits, dtype) entry points each instantiation file defines.
+// The per-(bits, dtype) entry points each instantiation file defines. 8-bit blocks take at
+// most kMaxMBlocks8 16-row blocks (more rows run as slices).
 template <int BITS, typename T>
 cudaError_t occupancy_t(int m_blocks, bool has_zeros, int* blocks_per_sm) {
 #define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z>(blocks_per_sm)
-  GPTQ_MARLIN_M_SWITCH(m_blocks, has_zeros, GPTQ_MARLIN_CALL)
+  GPTQ_MARLIN_M_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
 }
 
 template <int BITS, typename T>
 cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
 #define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z>(args, stream)
-  GPTQ_MARLIN_M_SWITCH(args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
+  GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
 }
 

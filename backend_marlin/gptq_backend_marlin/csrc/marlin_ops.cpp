@@ -178,8 +178,10 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   at::Tensor bias_h;
   if (bias.has_value()) bias_h = bias->scalar_type() == at::kHalf ? bias->contiguous() : bias->to(at::kHalf);
 
-  const int m_blocks = M <= kSliceM ? static_cast<int>((M + 15) / 16) : kMaxMBlocks;
-  const int64_t slices = (M + kSliceM - 1) / kSliceM;
+  const int max_blocks = bits == 8 ? kMaxMBlocks8 : kMaxMBlocks;
+  const int64_t slice_m = 16 * max_blocks;
+  const int m_blocks = M <= slice_m ? static_cast<int>((M + 15) / 16) : max_blocks;
+  const int64_t slices = (M + slice_m - 1) / slice_m;
   TORCH_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value());
