@@ -32,7 +32,8 @@ def _as_stream(token_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return ids.long()
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def module_device(model: nn.Module) -> torch.device:
+    """Where a module lives: its first parameter's (or buffer's) device, else the CPU."""
     for p in model.parameters():
         return p.device
     for b in model.buffers():
@@ -58,7 +59,7 @@ def perplexity(
     ids = _as_stream(token_ids)
     count = ids.numel() // window
     windows = ids[: count * window].view(count, window) if count else ids.view(1, -1)
-    device = _model_device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
     nll, predicted = 0.0, 0

@@ -301,3 +301,23 @@ def test_stories260k_gptq_beats_rtn_on_held_out_text():
     assert ppl["fp32"] < ppl["gptq"] < ppl["rtn"]
     # measured: fp32 5.00, RTN w3g32 11.76, GPTQ w3g32 8.63 (16 x 128 calibration tokens)
     assert ppl["gptq"] - ppl["fp32"] < 0.7 * (ppl["rtn"] - ppl["fp32"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_quantizes_one_layer_at_a_time_and_agrees_with_cpu():
+    data = samples(8, 32, seed=9)
+    cpu_model, gpu_model = tiny_llama(9), tiny_llama(9)
+    ref = tiny_llama(9)
+    cpu = quantize_model(cpu_model, data, CFG, cpu_model.model.layers, LLAMA_GROUPS, device="cpu", progress=False)
+    seen = []
+    for layer in gpu_model.model.layers:  # record where each layer's weights are while it runs
+        layer.register_forward_pre_hook(lambda m, a: seen.append(next(m.parameters()).device.type))
+    gpu = quantize_model(gpu_model, data, CFG, gpu_model.model.layers, LLAMA_GROUPS, device="cuda", progress=False)
+    assert "cuda" in seen and all(p.device.type == "cpu" for p in gpu_model.parameters())
+    assert gpu.keys() == cpu.keys() and all(p.qweight.device.type == "cpu" for p in gpu.values())
+    x = samples(2, 32, seed=10)
+    with torch.no_grad():
+        want = ref(x).logits.double()
+        e_cpu = (cpu_model(x).logits.double() - want).norm()
+        e_gpu = (gpu_model(x).logits.double() - want).norm()
+    assert abs(e_gpu - e_cpu) < 0.1 * e_cpu

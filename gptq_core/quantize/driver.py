@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantizeConfig
 from ..errors import GPTQError
+from ..eval import module_device
 from ..format import PackedWeight
 from .capture import LayerCall, capture_inputs, make_batches, nested_to
 from .gptq import GPTQ, quantize_linear
@@ -105,14 +106,6 @@ def _layer_groups(index: int, layer: nn.Module, groups: Groups, config: Quantize
 
 
 # ---------------------------------------------------------------------------- helpers
-def _module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:
     for name, module in model.named_modules():
         if module is layers:
@@ -251,7 +244,7 @@ def _quantize_layer(
     bar: tqdm,
 ) -> tuple[dict[str, PackedWeight], list[torch.Tensor]]:
     """GPTQ of one decoder layer, group by group; returns its packed linears and its outputs."""
-    home = _module_device(layer)
+    home = module_device(layer)
     layer.to(device)
     packed: dict[str, PackedWeight] = {}
     try:
