@@ -1,7 +1,7 @@
 """The triton backend against the float64 reference: every bit width, sym/asym, act-order, dtypes.
 
 On a machine without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1,
-set here before the kernels are first imported); on a CUDA machine they run compiled. Shapes
+set by a fixture for this module's tests); on a CUDA machine they run compiled. Shapes
 are tiny so the interpreter finishes in about a minute on two cores.
 """
 
@@ -16,15 +16,24 @@ import torch
 pytest.importorskip("triton")
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
 from gptq_core import DeviceInfo, LayerSpec, NotSupportedError, QuantLinear, get_registry  # noqa: E402
 from gptq_core.format import PackedWeight, pack_weight  # noqa: E402
 from gptq_backends.triton_kernels import configs, layout, ops  # noqa: E402
 from gptq_backends.triton_kernels.configs import KernelConfig  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    """Without a GPU, run the kernels under Triton's interpreter (only while this module runs;
+    the kernels module is imported lazily, inside the first test)."""
+    if ON_GPU:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 M_VALUES = (1, 5, 16, 33)
 

@@ -1,0 +1,189 @@
+"""Running the benchmark: build layers, check every implementation, time it, collect rows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..device import DeviceInfo
+from ..errors import GPTQError
+from ..registry import get_registry
+from ..spec import LayerSpec
+from .baselines import Implementation, fp16_baseline, tinygemm_baseline, tinygemm_reason
+from .cases import BenchConfig
+from .layers import format_bytes, random_layer
+from .timing import time_calls
+
+#: Relative error ||y - ref|| / ||ref|| above which an implementation is not timed.
+MAX_ERROR = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+#: Rotate enough weight copies to overflow the L2 cache this many times over.
+L2_MULTIPLE = 2.0
+MAX_COPIES = 32
+
+
+@dataclass
+class Result:
+    """One (shape, M, implementation) measurement, or the reason there is none."""
+
+    shape: str
+    k: int
+    n: int
+    m: int
+    impl: str
+    quant: str
+    status: str  # "ok", "check failed", "unavailable", "error"
+    us: float = math.nan
+    tbps: float = math.nan
+    x_fp16: float = math.nan
+    x_tinygemm: float = math.nan
+    rel_err: float = math.nan
+    method: str = ""
+    copies: int = 0
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+
+
+def copies_for(cfg: BenchConfig, device: torch.device, packed_bytes: int) -> int:
+    """Weight copies to rotate: enough that they cannot all sit in the L2 cache."""
+    if cfg.copies:
+        return cfg.copies
+    l2 = _l2_bytes(device)
+    if not l2:
+        return 2
+    return max(2, min(MAX_COPIES, math.ceil(L2_MULTIPLE * l2 / packed_bytes)))
+
+
+def _backends(cfg: BenchConfig):
+    reg = get_registry()
+    if cfg.backends is None:
+        return [reg.backends[name] for name in sorted(reg.backends)], sorted(reg.broken.items())
+    return [reg.get(name) for name in cfg.backends], []
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not bool(torch.isfinite(y).all()):
+        return math.inf
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def _implementations(cfg, device, info, spec, weights, rows, base) -> list[Implementation]:
+    impls: list[Implementation] = []
+    if cfg.baselines:
+        impls.append(fp16_baseline(weights, cfg.dtype))
+        reason = tinygemm_reason(weights[0])
+        if reason is None:
+            try:
+                impls.append(tinygemm_baseline(weights, device))
+            except Exception as exc:  # noqa: BLE001 - a baseline that fails is reported
+                rows.append(Result(**base, impl="tinygemm", status="error", note=str(exc)[:200]))
+        else:
+            rows.append(Result(**base, impl="tinygemm", status="unavailable", note=reason))
+    backends, broken = _backends(cfg)
+    for name, b in broken:
+        rows.append(Result(**base, impl=name, status="unavailable", note=f"broken: {b.error}"))
+    for backend in backends:
+        reasons = backend.reasons(info, spec)
+        if reasons:
+            rows.append(Result(**base, impl=backend.name, status="unavailable",
+                               note="; ".join(reasons)))
+            continue
+        try:
+            prepared = [backend.prepare(w, info, spec) for w in weights]
+        except Exception as exc:  # noqa: BLE001
+            rows.append(Result(**base, impl=backend.name, status="error",
+                               note=f"pack failed: {type(exc).__name__}: {exc}"[:300]))
+            continue
+        qm = backend.qmatmul
+        calls = [lambda x, p=p, qm=qm: qm(x, p, None) for p in prepared]
+        impls.append(Implementation(backend.name, calls, cfg.dtype, format_bytes(weights[0]),
+                                    f"{backend.info.distribution} {backend.info.version}"))
+    return impls
+
+
+def run(cfg: BenchConfig, log: Callable[[str], None] = print,
+        on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Benchmark every implementation on every (shape, M) of ``cfg``; return all rows."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = DeviceInfo.of(device)
+    rows: list[Result] = []
+
+    def emit(r: Result) -> None:
+        rows.append(r)
+        if on_result is not None:
+            on_result(r)
+
+    log(f"gptq bench on {info.describe()}: {cfg.describe()}")
+    for s_idx, (name, k, n) in enumerate(cfg.shapes):
+        spec = LayerSpec(bits=cfg.bits, group_size=cfg.group_size, in_features=k,
+                         out_features=n, sym=cfg.sym, desc_act=cfg.act_order, act_dtype=cfg.dtype)
+        first = random_layer(k, n, cfg.bits, cfg.group_size, sym=cfg.sym,
+                             act_order=cfg.act_order, device=device, seed=1000 * s_idx)
+        n_copies = copies_for(cfg, device, format_bytes(first))
+        weights = [first] + [
+            random_layer(k, n, cfg.bits, cfg.group_size, sym=cfg.sym, act_order=cfg.act_order,
+                         device=device, seed=1000 * s_idx + i) for i in range(1, n_copies)]
+        base = dict(shape=name, k=k, n=n, m=0, quant=cfg.describe(), copies=n_copies)
+        pending: list[Result] = []
+        impls = _implementations(cfg, device, info, spec, weights, pending, base)
+        for r in pending:
+            emit(r)
+        log(f"{name} (K={k}, N={n}): {n_copies} weight copies rotated; "
+            f"{', '.join(i.name for i in impls) or 'nothing to run'}")
+        w64 = first.dequantize(torch.float64)
+        for m in cfg.m_values:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(7919 * m + s_idx)
+            x = torch.randn(m, k, generator=gen, device=device)
+            refs: dict[torch.dtype, torch.Tensor] = {}
+            measured: list[Result] = []
+            for impl in impls:
+                xi = x.to(impl.dtype)
+                if impl.dtype not in refs:
+                    refs[impl.dtype] = xi.double() @ w64
+                r = Result(**{**base, "m": m}, impl=impl.name, status="ok", note=impl.note)
+                try:
+                    err = _relative_error(impl.calls[0](xi), refs[impl.dtype])
+                    r.rel_err = err
+                    if not err <= MAX_ERROR[impl.dtype]:
+                        r.status = "check failed"
+                        r.note = f"relative error {err:.3g} > {MAX_ERROR[impl.dtype]:g}; not timed"
+                    else:
+                        t = time_calls([lambda c=c: c(xi) for c in impl.calls], device,
+                                       cfg.target_seconds)
+                        r.us, r.method = t.us, t.method
+                        moved = impl.weight_bytes + m * k * xi.element_size() + m * n * xi.element_size()
+                        r.tbps = moved / (t.us * 1e-6) / 1e12
+                except GPTQError as exc:
+                    r.status, r.note = "error", str(exc)[:300]
+                except Exception as exc:  # noqa: BLE001 - keep benchmarking the others
+                    r.status, r.note = "error", f"{type(exc).__name__}: {exc}"[:300]
+                measured.append(r)
+            us_of = {i.kind: r.us for i, r in zip(impls, measured) if r.status == "ok"}
+            for r in measured:
+                if r.status == "ok":
+                    r.x_fp16 = us_of.get("dense", math.nan) / r.us
+                    r.x_tinygemm = us_of.get("tinygemm", math.nan) / r.us
+                emit(r)
+                log(_progress_line(r))
+        del weights, first, w64, impls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _progress_line(r: Result) -> str:
+    if r.status != "ok":
+        return f"  {r.shape} M={r.m} {r.impl}: {r.status}: {r.note}"
+    return (f"  {r.shape} M={r.m} {r.impl}: {r.us:.1f} us, {r.tbps:.2f} TB/s, "
+            f"x{r.x_fp16:.2f} fp16, err {r.rel_err:.1e} ({r.method})")
