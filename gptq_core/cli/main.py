@@ -10,7 +10,7 @@ from .._version import __version__
 
 #: Subcommand modules of this package; each defines ``register(subparsers)`` which adds its
 #: parser and sets ``func`` (args -> exit code) as the default.
-COMMANDS: tuple[str, ...] = ("backends", "quantize", "generate", "eval", "demo", "models")
+COMMANDS: tuple[str, ...] = ("backends", "quantize", "generate", "eval", "demo", "models", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
