@@ -87,7 +87,7 @@ class Layer:
 
 
 def run(shapes, ms, rows, extra: bool) -> None:
-    from gptq_backend_marlin.prepare import DENSE_THRESHOLD, DEQUANT_THRESHOLD
+    from gptq_backend_marlin.prepare import dense_threshold, dequant_threshold
 
     for K, N in shapes:
         t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def run(shapes, ms, rows, extra: bool) -> None:
             x = torch.randn(m, K, device="cuda", dtype=torch.float16)
             row = {"K": K, "N": N, "M": m}
             kinds = [("fp16", {}), ("tinygemm", {}), ("kernel", {"threshold": -1})]
-            if m >= 64:
+            if m >= 16:
                 kinds += [("dequant", {"threshold": 0}), ("dense", {})]
             if extra and m in (1, 16):
                 kinds.append(("kernel_bps1", {"threshold": -1, "bps": 1}))
@@ -109,10 +109,11 @@ def run(shapes, ms, rows, extra: bool) -> None:
                 row[name] = us
                 if us > SLOW_US:
                     slow.add(name)
-            # the two policies of the plugin: per-call dequantization above DEQUANT_THRESHOLD
-            # (default), or the dense cache above DENSE_THRESHOLD
-            row["marlin"] = row.get("dequant", 0.0) if m > DEQUANT_THRESHOLD else row["kernel"]
-            row["marlin_cached"] = row.get("dense", 0.0) if m > DENSE_THRESHOLD else row["kernel"]
+            # the two policies of the plugin: per-call dequantization above dequant_threshold
+            # (default), or the dense cache above dense_threshold (both by layer size)
+            big_dq, big_dn = m > dequant_threshold(K * N), m > dense_threshold(K * N)
+            row["marlin"] = row.get("dequant", row["kernel"]) if big_dq else row["kernel"]
+            row["marlin_cached"] = row.get("dense", row["fp16"]) if big_dn else row["kernel"]
             rows.append(row)
             print(_fmt(row), flush=True)
         del layer

@@ -22,25 +22,32 @@ from . import layout
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
-#: Above this many rows, each call dequantizes the layer into a scratch weight and calls
-#: cuBLAS: the mma.sync kernel cannot match Hopper's cuBLAS once the work is compute-bound.
-#: Measured on an H100 (NOTES/perf-marlin.md); GPTQ_MARLIN_DEQUANT_M overrides, -1 disables.
-DEQUANT_THRESHOLD = 256
-#: With a dense cache (below), above this many rows the cached fp16/bf16 weight goes straight
-#: to cuBLAS; GPTQ_MARLIN_DENSE_M overrides.
-DENSE_THRESHOLD = 64
+#: Rows above which each call dequantizes the layer into a scratch weight and calls cuBLAS
+#: (the mma.sync kernel cannot match Hopper's cuBLAS once the work is compute-bound), by layer
+#: size K * N: small layers leave SMs idle in the kernel and switch early. Break-even points
+#: measured on an H100 (NOTES/perf-marlin.md). GPTQ_MARLIN_DEQUANT_M overrides, -1 disables.
+DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 24), (1 << 26, 192), (None, 240))
+#: With a dense cache (GPTQ_MARLIN_DENSE_CACHE_MB), rows above which the cached fp16/bf16 weight
+#: goes straight to cuBLAS, by K * N likewise. GPTQ_MARLIN_DENSE_M overrides.
+DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 8), (1 << 26, 48), (None, 96))
+DEQUANT_THRESHOLD = DEQUANT_THRESHOLDS[-1][1]  # the largest layers'
+DENSE_THRESHOLD = DENSE_THRESHOLDS[-1][1]
 
 _dense_budget_used = 0
 
 
-def dequant_threshold() -> int:
+def _by_size(table, size: int) -> int:
+    return next(rows for limit, rows in table if limit is None or size <= limit)
+
+
+def dequant_threshold(size: int = 1 << 62) -> int:
     raw = os.environ.get("GPTQ_MARLIN_DEQUANT_M")
-    return DEQUANT_THRESHOLD if raw in (None, "") else int(raw)
+    return _by_size(DEQUANT_THRESHOLDS, size) if raw in (None, "") else int(raw)
 
 
-def dense_threshold() -> int:
+def dense_threshold(size: int = 1 << 62) -> int:
     raw = os.environ.get("GPTQ_MARLIN_DENSE_M")
-    return DENSE_THRESHOLD if raw in (None, "") else int(raw)
+    return _by_size(DENSE_THRESHOLDS, size) if raw in (None, "") else int(raw)
 
 
 def dense_budget_bytes() -> int:
@@ -123,8 +130,8 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype) 
         group_size=w.group_size,
         size_k=K,
         size_n=N,
-        dequant_threshold=dequant_threshold(),
-        dense_threshold=dense_threshold(),
+        dequant_threshold=dequant_threshold(K * N),
+        dense_threshold=dense_threshold(K * N),
     )
     if device.type == "cuda" and take_dense_budget(K * N * 2):
         prepared = dataclasses.replace(prepared, dense=dense_weight(prepared))

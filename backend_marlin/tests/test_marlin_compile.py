@@ -6,10 +6,12 @@ on a GPU machine; every .cu file here is plain CUDA and builds anywhere nvcc is.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -17,11 +19,23 @@ from gptq_backend_marlin import build
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA toolkit is not installed")
+# The macros torch.utils.cpp_extension passes to nvcc, so the code is the JIT build's.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                      "--expt-relaxed-constexpr"]
+
+
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found is None and importlib.util.find_spec("triton") is not None:
+        bundled = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump"
+        found = str(bundled) if bundled.exists() else None
+    return found
 
 
 def _compile(path, out_dir):
-    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", "--resource-usage", "-c", str(path),
-           "-o", str(out_dir / (path.stem + ".o"))]
+    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", *TORCH_NVCC_DEFINES, "--resource-usage", "-c",
+           str(path), "-o", str(out_dir / (path.stem + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return path.name, proc.returncode, proc.stdout + proc.stderr
 
@@ -37,3 +51,13 @@ def test_cuda_sources_compile_for_sm90_without_spills(tmp_path):
         assert all(s == "0" for s in spills), f"{name} spills registers:\n{log[-3000:]}"
         assert spills or name == "marlin_dispatch.cu", f"{name} has no kernels:\n{log[-3000:]}"
     assert len(results) == 5
+    # ptxas 13.0 once gave a cp.async cache-policy descriptor an odd uniform register pair
+    # (desc[UR1]): an illegal instruction on the H100. Every descriptor must be even.
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found: compiled, but the SASS descriptor check was skipped")
+    for obj in tmp_path.glob("*.o"):
+        sass = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+        odd = [ln.strip() for ln in sass.splitlines()
+               if (m := re.search(r"desc\[UR(\d+)\]", ln)) and int(m.group(1)) % 2]
+        assert not odd, f"{obj.name}: odd uniform descriptor registers: {odd[:3]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -82,7 +83,40 @@ def test_backends_list_shows_marlin_unavailable_on_cpu():
     row = next(r for r in backend_rows(DeviceInfo.of("cpu")) if r["name"] == "marlin")
     assert row["status"] == "unavailable"
     assert row["reasons"] == ["runs on cuda devices, this is cpu"]
-    assert row["bits"] == [4, 8] and row["group_sizes"] == [-1, 32, 64, 128, 256]
+    assert row["bits"] == [4] and row["group_sizes"] == [-1, 32, 64, 128, 256]
+
+
+def test_8bit_is_declared_only_on_request():
+    """8-bit is off by default (not yet verified on a GPU) and rejected with the bits reason."""
+    reasons = marlin().reasons(FAKE_H100, LayerSpec(8, 128, 256, 64))
+    assert "8-bit is not supported (supports [4])" in reasons
+    code = "from gptq_backend_marlin import plugin; print(plugin.CAPABILITIES.bits)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GPTQ_MARLIN_INT8": "1"})
+    assert proc.stdout.strip() == "(4, 8)", proc.stderr
+
+
+def test_large_batch_thresholds_follow_layer_size(monkeypatch):
+    from gptq_backend_marlin import prepare
+
+    monkeypatch.delenv("GPTQ_MARLIN_DEQUANT_M", raising=False)
+    assert prepare.dequant_threshold(4096 * 4096) == 24
+    assert prepare.dequant_threshold(4096 * 14336) == 192
+    assert prepare.dequant_threshold(8192 * 28672) == 240
+    assert prepare.dense_threshold(8192 * 28672) == 96
+    monkeypatch.setenv("GPTQ_MARLIN_DEQUANT_M", "-1")
+    assert prepare.dequant_threshold(4096 * 4096) == -1
+
+
+def test_dense_cache_is_off_by_default_and_bounded(monkeypatch):
+    from gptq_backend_marlin import prepare
+
+    monkeypatch.delenv("GPTQ_MARLIN_DENSE_CACHE_MB", raising=False)
+    assert not prepare.take_dense_budget(1)
+    monkeypatch.setenv("GPTQ_MARLIN_DENSE_CACHE_MB", "1")
+    monkeypatch.setattr(prepare, "_dense_budget_used", 0)
+    assert prepare.take_dense_budget(600 << 10)
+    assert not prepare.take_dense_budget(600 << 10)
 
 
 def test_arch_parsing_and_flags():

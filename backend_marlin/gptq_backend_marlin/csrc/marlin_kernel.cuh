@@ -397,8 +397,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
     uint8_t* st = smem + f_stage * S::kStage;
 #pragma unroll
     for (int r = 0; r < kBRounds; r++) {
-      if (r * kThreads + tid < f_b_units)
-        cp_async16_policy(st + (r * kThreads + tid) * 16, f_b + r * kThreads * 16, policy);
+      if (r * kThreads + tid < f_b_units) {
+        // ptxas 13.0 gave some 8-bit variants an odd uniform register pair for the cache-policy
+        // descriptor of LDGSTS (illegal instruction on sm_90): 8-bit copies go without the hint.
+        if constexpr (BITS == 4)
+          cp_async16_policy(st + (r * kThreads + tid) * 16, f_b + r * kThreads * 16, policy);
+        else
+          cp_async16(st + (r * kThreads + tid) * 16, f_b + r * kThreads * 16);
+      }
     }
     uint8_t* sa = st + S::kB;
 #pragma unroll
