@@ -6,13 +6,14 @@ instruction histogram of each configuration, so a change to a kernel can be judg
 loads? HMMA or FFMA? how many integer ops per weight?) before spending GPU time.
 
     python benchmarks/triton_sass.py --bits 4 --group 128 --mode 0 --bm 16 --bn 64 --sk 4
-    python benchmarks/triton_sass.py --all          # compile every tuner candidate, all bits
+    python benchmarks/triton_sass.py --all          # every tuner candidate, all bits (slow)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -35,7 +36,7 @@ QMM_ARGS = (
     ("zr_ptr", "*i16"), ("perm_ptr", "*i32"), ("bias_ptr", "*fp16"), ("out_ptr", None),
     ("part_ptr", "*fp32"), ("lock_ptr", "*i32"),
     ("M", "i32"), ("N", "i32"), ("K", "i32"), ("N_PAD", "i32"), ("TILES", "i32"),
-    ("stride_xm", "i32"), ("stride_om", "i32"),
+    ("stride_xm", "i32"), ("stride_om", "i32"), ("SPLIT_K", "i32"), ("HAS_BIAS", "i32"),
 )
 
 
@@ -44,19 +45,21 @@ def nvdisasm() -> str:
 
 
 def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *, const_zero=True,
-                act_order=False, has_bias=False, even_k=True, arch: int = 90):
+                act_order=False, arch: int = 90):
     xt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     mode = {"fp16": 0, "bf16": 1 if bits <= 4 else 2, "fp32": 2}[dtype]
     signature, attrs = {}, {}
     for i, (name, ty) in enumerate(QMM_ARGS):
         signature[name] = ty or xt
-        if name != "M":
+        if name not in ("M", "K", "TILES", "SPLIT_K", "HAS_BIAS"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
         BITS=bits, S=sub_tile(group), GS=group, CONST_ZERO=const_zero, ACT_ORDER=act_order,
-        HAS_BIAS=has_bias, EVEN_K=even_k, MODE=mode, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SPLIT_K=cfg.split_k or 1, IEEE_DOT=dtype == "fp32",
+        MODE=mode, EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        IEEE_DOT=dtype == "fp32",
     )
+    if cfg.split_k == 1:  # Triton specializes an argument equal to 1 into a constant
+        constexprs["SPLIT_K"] = 1
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(kernels.qmm_kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -139,24 +142,29 @@ def main(argv=None) -> int:
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--act", action="store_true")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
+    ap.add_argument("--all-bits", default="4,2,3,8", help="bit widths for --all")
     args = ap.parse_args(argv)
+    args.all_bits = [int(b) for b in args.all_bits.split(",")]
     if args.all:
         seen, failed = set(), 0
-        for bits in (2, 3, 4, 8):
-            for dtype in ("fp16", "bf16"):
-                for m in (1, 4, 16, 64, 256):
-                    for cfg in configs.candidates(m, 4096, 4096):
-                        if cfg.path != "fused" or (bits, dtype, cfg) in seen:
-                            continue
-                        seen.add((bits, dtype, cfg))
-                        try:
-                            report(f"b{bits} {dtype} {cfg.label()}",
-                                   compile_qmm(bits, 128, dtype, cfg, const_zero=False,
-                                               act_order=True, has_bias=True),
-                                   weights_per_thread(bits, 128, cfg))
-                        except Exception as exc:  # noqa: BLE001
-                            failed += 1
-                            print(f"b{bits} {dtype} {cfg.label()}: FAILED {exc}")
+        for bits in args.all_bits:
+            for dtype, act, cfg in itertools.product(("fp16",), (False, True), (
+                    c for m in (1, 32, 64, 256) for c in configs.candidates(m, 4096, 4096))):
+                if cfg.path != "fused" or (act and cfg.block_m > 16):
+                    continue
+                for split in ((1, 2) if cfg.split_k == 0 else (cfg.split_k,)):
+                    c = configs.KernelConfig("fused", cfg.block_m, cfg.block_n, split,
+                                             cfg.num_warps, cfg.num_stages)
+                    if (bits, dtype, act, c) in seen:
+                        continue
+                    seen.add((bits, dtype, act, c))
+                    label = f"b{bits} {dtype}{' act' if act else ''} {c.label()}"
+                    try:
+                        report(label, compile_qmm(bits, 128, dtype, c, act_order=act),
+                               weights_per_thread(bits, 128, c))
+                    except Exception as exc:  # noqa: BLE001
+                        failed += 1
+                        print(f"{label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         print(f"{len(seen)} configurations, {failed} failed")
         return 1 if failed else 0
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)

@@ -100,15 +100,15 @@ def _dot(w, xt, acc, IEEE_DOT: tl.constexpr):
         return tl.dot(w, xt, acc)
 
 
-@triton.jit(do_not_specialize=["M"])
+# Run-time (not constexpr) where it costs nothing measurable, so that fewer variants compile:
+# M, K and TILES are not even specialized on divisibility; SPLIT_K only on being 1.
+@triton.jit(do_not_specialize=["M", "K", "TILES", "HAS_BIAS"])
 def qmm_kernel(
     x_ptr, qw_ptr, qh_ptr, sc_ptr, zr_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
-    M, N, K, N_PAD, TILES, stride_xm, stride_om,
+    M, N, K, N_PAD, TILES, stride_xm, stride_om, SPLIT_K, HAS_BIAS,
     BITS: tl.constexpr, S: tl.constexpr, GS: tl.constexpr,
-    CONST_ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    CONST_ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -175,7 +175,7 @@ def qmm_kernel(
                 rows = tl.load(perm_ptr + offs_k)
             else:
                 rows = offs_k
-            if EVEN_K:
+            if EVEN_K:  # a mask along K would turn the 16-byte copies into 2-byte loads
                 x_mask = m_mask[None, :]
             else:
                 x_mask = m_mask[None, :] & (offs_k < K)[:, None]
@@ -195,7 +195,7 @@ def qmm_kernel(
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
         res = tl.trans(acc)
-        if HAS_BIAS:
+        if HAS_BIAS != 0:
             res += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -209,10 +209,10 @@ def qmm_kernel(
         ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:
             total = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-            for kk in tl.static_range(SPLIT_K):
+            for kk in range(SPLIT_K):
                 total += tl.load(part_ptr + kk * rows_all * cols_all + p_off, cache_modifier=".cg")
             res = tl.trans(total)
-            if HAS_BIAS:
+            if HAS_BIAS != 0:
                 res += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")

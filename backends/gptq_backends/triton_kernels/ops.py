@@ -162,7 +162,6 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
                                 grid_m * grid_n)
     else:
         part, lock = _dummy(dev, torch.float32), _dummy(dev, torch.int32)
-    bkp = tile_k(p.bits, p.sub)
     _kernels().qmm_kernel[(grid_m, grid_n, split)](
         x, p.qweight,
         p.qhigh if p.qhigh is not None else _dummy(dev, torch.int16),
@@ -171,11 +170,10 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         perm if perm is not None else _dummy(dev, torch.int32),
         bias if bias is not None else _dummy(dev, torch.float16),
         out, part, lock,
-        M, N, K, p.n_pad, p.tiles, x.stride(0), out.stride(0),
+        M, N, K, p.n_pad, p.tiles, x.stride(0), out.stride(0), split, int(bias is not None),
         BITS=p.bits, S=p.sub, GS=p.group_size,
-        CONST_ZERO=p.zeros is None, ACT_ORDER=perm is not None,
-        HAS_BIAS=bias is not None, EVEN_K=K % bkp == 0, MODE=mode_for(x.dtype, p.bits),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
+        CONST_ZERO=p.zeros is None, ACT_ORDER=perm is not None, MODE=mode_for(x.dtype, p.bits),
+        EVEN_K=K % tile_k(p.bits, p.sub) == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -196,7 +194,7 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     for cfg in configs.candidates(M, K, p.out_features):
         try:
             launch(x, p, bias, cfg)  # compile outside the timing
-            us = 1000.0 * do_bench(lambda c=cfg: launch(x, p, bias, c), warmup=5, rep=20,
+            us = 1000.0 * do_bench(lambda c=cfg: launch(x, p, bias, c), warmup=2, rep=10,
                                    return_mode="median")
         except Exception as exc:  # noqa: BLE001 - e.g. a tile that needs too much shared memory
             timings[cfg.label()] = float("nan")
