@@ -1,0 +1,54 @@
+"""Finding the custom ops a backend's ``qmatmul`` dispatches, so each can be opchecked.
+
+A ``TorchDispatchMode`` sees every operator call below autograd; the ones outside the ATen /
+prims namespaces are the backend's ``torch.library`` custom ops (their implementations run
+with the mode popped, so only the top-level custom ops are recorded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+BUILTIN_NAMESPACES = frozenset({"aten", "prim", "prims", "_c10d_functional", "c10d"})
+
+
+@dataclass
+class OpCall:
+    """One recorded call: the op overload and clones of its arguments."""
+
+    op: torch._ops.OpOverload
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.op)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        copy = value.detach().clone()
+        return copy.requires_grad_(value.requires_grad) if copy.is_floating_point() else copy
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+class CustomOpRecorder(TorchDispatchMode):
+    """Records the first call of each non-builtin op made while the mode is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, OpCall] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace not in BUILTIN_NAMESPACES and str(func) not in self.calls:
+            self.calls[str(func)] = OpCall(func, _clone(args), _clone(kwargs))
+        return func(*args, **kwargs)

@@ -1,0 +1,278 @@
+"""The conformance suite itself: it passes a correct backend and catches broken ones.
+
+Each test registers a small backend (delegating to the torch reference, with or without an
+injected bug) in the process-wide registry under its own name, runs the suite against it in
+process with pytester (quick grid, tiny capabilities), and checks the outcome counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from gptq_core import BackendInfo, Capabilities, DeviceInfo, get_registry, hookimpl, selector
+
+pytest_plugins = ("pytester",)
+
+TINY = Capabilities(
+    device_kinds=frozenset({"cpu"}), bits=(4,), group_sizes=(128,), asym=False,
+    desc_act=False, act_dtypes=(torch.float32,), training=False, compile=False,
+)
+
+
+class MetaBackend:
+    """A plugin object: the torch backend's kernel behind another name, plus one bug."""
+
+    def __init__(self, name: str, caps: Capabilities = TINY, bug: str | None = None,
+                 xfail: dict | None = None) -> None:
+        from gptq_backends.torch_ref import plugin as torch_plugin
+
+        self.name, self.caps, self.bug = name, caps, bug
+        self.torch = torch_plugin
+        if xfail is not None:
+            self.CONFORMANCE_XFAIL = xfail
+
+    @hookimpl
+    def gptq_backend_info(self) -> BackendInfo:
+        return BackendInfo(name=self.name, version="0.0.1", distribution="meta-tests",
+                           capabilities=self.caps, priority={"cpu": -100})
+
+    @hookimpl
+    def gptq_probe(self, device, spec):
+        if self.bug == "probe-refuses-g128" and spec is not None and spec.group_size == 128:
+            return ["group size 128 is refused at run time"]
+        return []
+
+    @hookimpl
+    def gptq_pack(self, weight, device, spec):
+        return self.torch.gptq_pack(weight=weight, device=device, spec=spec)
+
+    @hookimpl
+    def gptq_qmatmul(self, x, prepared, bias):
+        if self.bug == "no-custom-op":
+            from gptq_core.packing import unpack_rows
+
+            p = prepared
+            g = p.g_idx.long()
+            q = unpack_rows(p.qweight, p.bits, g.shape[0]).float()
+            w = (q - p.zeros[g].float()) * p.scales[g].float()
+            y = x.float() @ w
+            return (y if bias is None else y + bias.float()).to(x.dtype)
+        if self.bug == "mutates-input" and x.numel():
+            x.mul_(1.0).add_(0.0)
+            x[0, 0] = 0.5
+        y = self.torch.gptq_qmatmul(x, prepared, bias)
+        if self.bug == "off-by-bias" and bias is None:
+            y = y + 1e-2
+        if self.bug == "small-error" and y.shape[0] >= 16:
+            y = y * (1 + 1e-3)
+        if self.bug == "drops-nan":
+            y = torch.nan_to_num(y)
+        return y
+
+
+@pytest.fixture(scope="session")
+def torch_warm() -> None:
+    """Import torch's lazily loaded compile and opcheck machinery before pytester snapshots
+    sys.modules: re-importing it inside an in-process run would register its ops twice."""
+    from gptq_core import QuantLinear
+    from gptq_core.testing import random_packed
+
+    layer = QuantLinear.from_packed(random_packed(4, 32, in_features=64, out_features=8),
+                                    backend="torch", act_dtype=torch.float32, mode="training")
+    x = torch.randn(2, 64, requires_grad=True)
+    b = layer.binding
+    torch.library.opcheck(torch.ops.gptq_torch.qmatmul.default,
+                          (x, b.prepared.qweight, b.prepared.zeros, b.prepared.scales,
+                           b.prepared.g_idx, None, 4))
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x.detach())
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def suite(pytester, torch_warm):
+    """Run the suite against a MetaBackend: suite(backend, *args, cls_body="") -> RunResult."""
+    registered: list[str] = []
+
+    def run(backend: MetaBackend, *args: str, cls_body: str = "", extra: str = ""):
+        reg = get_registry()
+        reg.register(backend, name=backend.name)
+        registered.append(backend.name)
+        selector.clear_cache()
+        pytester.makepyfile(test_meta=(
+            "from gptq_conformance import BackendConformance\n"
+            f"{extra}\n"
+            "class TestMeta(BackendConformance):\n"
+            f"    backend = {backend.name!r}\n"
+            "    quick = True\n"
+            f"{cls_body}\n"
+        ))
+        return pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", *args)
+
+    yield run
+    for name in registered:
+        get_registry().unregister(name)
+    selector.clear_cache()
+
+
+def test_correct_backend_passes_with_limits_checked(suite):
+    result = suite(MetaBackend("meta_ok"), "-v")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0, result.stdout.str()
+    assert outcomes["passed"] > 20
+    result.stdout.no_fnmatch_line("*error*")
+    # tiny capabilities: compile and training checks are placeholders, refused as limits
+    collected = pytest_item_names(result)
+    assert "test_declared_limit[limit-compile]" in collected
+    assert "test_declared_limit[limit-training]" in collected
+    assert "test_declared_limit[limit-bits3]" in collected
+    assert "test_declared_limit[limit-group64]" in collected
+
+
+def pytest_item_names(result) -> set[str]:
+    """Item names of a ``-v`` run's output."""
+    return {line.split("::")[-1].split(" ")[0] for line in result.outlines if "::" in line}
+
+
+@pytest.mark.parametrize(
+    ("bug", "failing"),
+    [
+        ("off-by-bias", "test_qmatmul"),
+        ("small-error", "test_qmatmul"),
+        ("mutates-input", "test_no_mutation"),
+        ("drops-nan", "test_nan_inf_propagate"),
+        ("no-custom-op", "test_opcheck"),
+        ("probe-refuses-g128", "test_qmatmul"),
+    ],
+)
+def test_suite_catches_bug(suite, bug, failing):
+    result = suite(MetaBackend(f"meta_{bug.replace('-', '_')}", bug=bug), "-rf", "-v")
+    assert result.ret != 0
+    failed = [line for line in result.outlines if line.startswith("FAILED")]
+    assert any(failing in line for line in failed), result.stdout.str()
+
+
+def test_declared_xfail_with_reason_turns_failure_into_xfail(suite):
+    backend = MetaBackend("meta_xfail", bug="small-error",
+                          xfail={"test_qmatmul[*]": "bias path is known wrong (tracked)"})
+    result = suite(backend, "-rx")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0, result.stdout.str()
+    assert outcomes["xfailed"] >= 1
+    result.stdout.fnmatch_lines(["*bias path is known wrong*"])
+
+
+def test_xfail_of_a_passing_case_fails_strictly(suite):
+    result = suite(MetaBackend("meta_xpass"),
+                   cls_body="    xfail = {'test_identity': 'claimed broken'}")
+    assert result.parseoutcomes().get("failed", 0) == 1, result.stdout.str()
+    result.stdout.fnmatch_lines(["*XPASS(strict)*"])
+
+
+@pytest.mark.parametrize(
+    ("declaration", "message"),
+    [
+        ("    xfail = {'test_qmatmul[*]': ''}", "*has no reason*"),
+        ("    xfail = {'test_qmatmul[b5-*]': 'no such case'}", "*matches no conformance case*"),
+        ("    skip = {'test_identity': '   '}", "*has no reason*"),
+        ("    def test_qmatmul(self, gptq_suite, case):\n        pass",
+         "*replaces a conformance check*"),
+        ("    test_compile = None", "*replaces a conformance check*"),
+    ],
+)
+def test_bad_declarations_fail_collection(suite, declaration, message):
+    name = f"meta_decl_{abs(hash(declaration)) % 10**8}"
+    result = suite(MetaBackend(name), cls_body=declaration)
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([message])
+
+
+def test_deselecting_cases_fails_the_run(suite):
+    result = suite(MetaBackend("meta_deselect"), "-k", "not test_no_mutation")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*cases were removed from the run: test_no_mutation*"])
+
+
+def test_partial_run_is_allowed_when_asked(suite):
+    result = suite(MetaBackend("meta_partial"), "-k", "test_identity", "--gptq-partial")
+    assert result.ret == 0, result.stdout.str()
+    assert result.parseoutcomes() == {"passed": 1, "deselected": result.parseoutcomes()["deselected"]}
+
+
+def test_declared_skip_with_reason_is_allowed(suite):
+    result = suite(MetaBackend("meta_skip"),
+                   cls_body="    skip = {'test_opcheck[*]': 'opcheck hangs on this box'}")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0, result.stdout.str()
+    assert outcomes["skipped"] >= 1
+
+
+def test_runtime_skip_is_a_failure(suite):
+    body = ("    @pytest.fixture(autouse=True)\n"
+            "    def _skip_opcheck(self, request):\n"
+            "        if 'opcheck' in request.node.name:\n"
+            "            pytest.skip('not today')\n")
+    result = suite(MetaBackend("meta_rtskip"), cls_body=body, extra="import pytest")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*was skipped*not today*declared*"])
+
+
+def test_unknown_backend_is_a_clear_collection_error(pytester, torch_warm):
+    pytester.makepyfile(test_meta=(
+        "from gptq_conformance import BackendConformance\n"
+        "class TestMeta(BackendConformance):\n"
+        "    backend = 'no_such_backend'\n"
+    ))
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*no backend named 'no_such_backend' is installed*"])
+
+
+def test_backend_that_cannot_run_here_fails_with_its_reasons(suite):
+    gpu_only = replace(TINY, device_kinds=frozenset({"cuda"}))
+    result = suite(MetaBackend("meta_gpu", caps=gpu_only))
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*FAILED*test_device_supported*"])
+    assert result.parseoutcomes()["failed"] == 1
+
+
+def test_wide_backend_gets_hundreds_of_cases():
+    """The full grid of a backend declaring everything (torch) is hundreds of cases."""
+    from gptq_conformance.cases import build_plan
+
+    torch_backend = get_registry().get("torch")
+    plan = build_plan(torch_backend.info.capabilities, [], quick=False)
+    qm = plan.families["qmatmul"]
+    assert len(qm) >= 400
+    assert {c.bits for c in qm} == {2, 3, 4, 8}
+    assert {c.group_size for c in qm} >= {-1, 32, 64, 128, 48}
+    assert any(c.in_features == 172 and c.out_features == 32 for c in qm)
+    assert {0, 1, 2, 7, 16, 64} <= set(qm[0].m_values)
+    quick = build_plan(torch_backend.info.capabilities, [], quick=True)
+    assert len(quick.families["qmatmul"]) < len(qm) / 4
+
+
+def test_tile_constraints_round_shapes_and_become_limits():
+    from gptq_conformance.cases import build_plan
+
+    caps = replace(TINY, k_multiple=64, n_multiple=64, k_divisible_by_group=True)
+    plan = build_plan(caps, [], quick=False)
+    for case in plan.families["qmatmul"]:
+        assert case.in_features % 64 == 0 and case.out_features % 64 == 0
+        assert case.in_features % case.group_size == 0
+    limits = {c.id: c for c in plan.families["limit"]}
+    assert {"limit-K288", "limit-N96", "limit-K192-g128"} <= set(limits), sorted(limits)
+    for case in limits.values():  # every generated limit really is outside the capabilities
+        device = case.device or DeviceInfo.of("cpu")
+        assert caps.layer_reasons(case.spec) or caps.device_reasons(device), case.id
+
+
+def test_limit_cases_of_the_tiny_backend():
+    from gptq_conformance.cases import limit_cases
+
+    ids = {c.id for c in limit_cases(TINY)}
+    assert {"limit-bits2", "limit-bits3", "limit-bits8", "limit-bits5", "limit-group32",
+            "limit-asym", "limit-desc_act", "limit-dtype-fp16", "limit-dtype-fp64",
+            "limit-training", "limit-compile", "limit-device-cuda"} <= ids
