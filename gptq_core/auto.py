@@ -18,6 +18,7 @@ a normal transformers model whose quantized linears are :class:`QuantLinear`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,23 @@ from .errors import CheckpointError, GPTQError
 from .format import PackedWeight
 from .quant_linear import QuantLinear
 
+logger = logging.getLogger("gptq_core")
+
 #: The quantizer's per-module log, written beside the checkpoint's weights.
 QUANTIZE_LOG_FILE = "quantize_log.jsonl"
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
-    """The tokenizer saved in ``model_dir``, or None when the folder has none."""
+    """The tokenizer saved in ``model_dir``, or None (with a warning) when it cannot be built.
+
+    A missing tokenizer never stops a model from loading: token ids still work.
+    """
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
+    except Exception as exc:  # noqa: BLE001 - missing files, a missing optional package, ...
+        logger.warning("no tokenizer loaded from %s: %s", model_dir, str(exc).splitlines()[0] if str(exc) else exc)
         return None
 
 
