@@ -29,27 +29,28 @@ def _implied_group_sizes(groups: int, k: int) -> list[int]:
     return sizes
 
 
+#: For each quantized tensor: (axis, setting that axis follows from, count along it). qweight
+#: rows follow from bits and K; qzeros columns from bits and N, its rows from group_size and K.
+IMPLIED_BY_AXIS = {
+    "qweight": ((0, "bits", "K"),),
+    "qzeros": ((1, "bits", "N"), (0, "group_size", "K")),
+    "scales": ((0, "group_size", "K"),),
+}
+
+
 def quant_shape_hint(field: str, found: tuple[int, ...], layer: QuantLinear) -> str:
     """What a mis-shaped quantized tensor suggests about the config it was written with."""
-    K, N = layer.in_features, layer.out_features
+    counts = {"K": layer.in_features, "N": layer.out_features}
     hints: list[str] = []
-    if field == "qweight" and len(found) == 2:
-        if found[1] != N:
-            hints.append(f"it has {found[1]} columns but the layer has N={N} outputs")
-        bits = _implied_bits(found[0], K)
-        if bits and layer.bits not in bits:
-            hints.append(f"its rows match bits={bits[0]}")
-    elif field == "qzeros" and len(found) == 2:
-        bits = _implied_bits(found[1], N)
-        if bits and layer.bits not in bits:
-            hints.append(f"its columns match bits={bits[0]}")
-        groups = _implied_group_sizes(found[0], K)
-        if groups and layer.group_size not in groups:
-            hints.append(f"its rows match group_size={groups[0]}")
-    elif field == "scales" and len(found) == 2:
-        groups = _implied_group_sizes(found[0], K)
-        if groups and layer.group_size not in groups:
-            hints.append(f"its rows match group_size={groups[0]}")
+    if field == "qweight" and len(found) == 2 and found[1] != layer.out_features:
+        hints.append(f"it has {found[1]} columns but the layer has N={layer.out_features} outputs")
+    for axis, setting, along in IMPLIED_BY_AXIS.get(field, ()):
+        if len(found) != 2:
+            break
+        infer = _implied_bits if setting == "bits" else _implied_group_sizes
+        implied = infer(found[axis], counts[along])
+        if implied and getattr(layer, setting) not in implied:
+            hints.append(f"its {'rows' if axis == 0 else 'columns'} match {setting}={implied[0]}")
     return ("; " + ", ".join(hints)) if hints else ""
 
 
