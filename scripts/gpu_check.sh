@@ -14,7 +14,8 @@
 #   GPU_CHECK_CONFORMANCE=a,b     backends to run the conformance suite on (default: every
 #                                 backend usable on this GPU except the torch reference)
 #   GPU_CHECK_QUICK=1             the conformance suite's quick case set
-#   GPU_CHECK_STEPS="install precompile bench4 tests conformance benchmore"  (that order)
+#   GPU_CHECK_STEPS="install precompile tests conformance bench4 benchmore"  (run in the
+#                                 order given; a subset runs only those steps)
 #   GPU_CHECK_WORKERS=8           pytest-xdist workers / compile processes
 #   GPU_CHECK_SHAPES_MORE, GPU_CHECK_M_MORE   shapes and M values of the smaller benchmarks
 #   GPU_CHECK_TIMEOUT_<STEP>=seconds          per-step limits, e.g. GPU_CHECK_TIMEOUT_BENCH4
@@ -24,7 +25,7 @@ DIR=${GPU_CHECK_DIR:-${OUT:-gpu_check_out}}
 mkdir -p "$DIR"
 PY=${PYTHON:-python3}
 WORKERS=${GPU_CHECK_WORKERS:-8}
-STEPS=${GPU_CHECK_STEPS:-install precompile bench4 tests conformance benchmore}
+STEPS=${GPU_CHECK_STEPS:-install precompile tests conformance bench4 benchmore}
 SHAPES_MORE=${GPU_CHECK_SHAPES_MORE:-4096x4096,8192x28672}
 M_MORE=${GPU_CHECK_M_MORE:-1,16,64,256,4096}
 export PYTHONUNBUFFERED=1
@@ -44,6 +45,7 @@ step() {
     local name=$1 limit=$2
     shift 2
     local var="GPU_CHECK_TIMEOUT_${name^^}"
+    var=${var//-/_}
     limit=${!var:-$limit}
     say "$name: $* (limit ${limit}s)"
     local t0=$SECONDS
@@ -62,14 +64,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     >>"$SUMMARY" 2>&1 || true
 
-if wants install; then
-    dists=$(grep -v '^\s*#' scripts/distributions.txt | sed '/^\s*$/d')
-    if [ -d conformance_tests ] && ! grep -qx 'conformance_tests' scripts/distributions.txt; then
-        dists="$dists conformance_tests"
-    fi
-    # shellcheck disable=SC2046
-    step install 300 $PY -m pip install -q --no-deps --no-build-isolation $(printf -- '-e %s ' $dists)
-fi
 
 if [ -n "${GPU_CHECK_ONLY:-}" ]; then
     GPTQ_DISABLED_BACKENDS=$($PY - "$GPU_CHECK_ONLY" <<'EOF'
@@ -84,10 +78,6 @@ EOF
 fi
 $PY -m gptq_core.cli.main backends list >>"$SUMMARY" 2>&1
 
-if wants precompile && $PY -c "import triton" 2>/dev/null; then
-    step precompile 300 $PY benchmarks/triton_precompile.py --bits 4,2,3,8 --act-order both \
-        --workers "$WORKERS"
-fi
 
 # bench NAME CSV TABLE EXTRA-ARGS...: the table (stdout) to TABLE, progress (stderr) to log.txt
 bench() {
@@ -114,37 +104,54 @@ save_tuned() {
     return 0
 }
 
-if wants bench4; then
-    bench bench4 "$DIR/bench-4bit.csv" "$SCRATCH/4bit.txt" --bits 4 --group-size 128 \
-        --json "$DIR/bench-4bit.json" --plot "$DIR/bench-4bit.png"
-fi
 
-if wants tests; then
+do_install() {
+    local dists
+    dists=$(grep -v '^\s*#' scripts/distributions.txt | sed '/^\s*$/d')
+    if [ -d conformance_tests ] && ! grep -qx 'conformance_tests' scripts/distributions.txt; then
+        dists="$dists conformance_tests"
+    fi
+    # shellcheck disable=SC2046
+    step install 300 $PY -m pip install -q --no-deps --no-build-isolation $(printf -- '-e %s ' $dists)
+}
+
+do_precompile() {
+    $PY -c "import triton" 2>/dev/null || { say "precompile: no triton, skipped"; return 0; }
+    step precompile 300 $PY benchmarks/triton_precompile.py --bits 4,2,3,8 --act-order both \
+        --workers "$WORKERS"
+}
+
+do_tests() {
     GPTQ_TRITON_AUTOTUNE=0 step tests 600 $PY -m pytest -q -n "$WORKERS" -p no:cacheprovider \
         tests/test_triton_backend.py
-fi
+}
 
-if wants conformance; then
+do_conformance() {
+    local names quick="" name
     if [ -n "${GPU_CHECK_CONFORMANCE:-}" ]; then
         names=${GPU_CHECK_CONFORMANCE//,/ }
-    else
-        names=$($PY - <<'EOF'
+    else  # every backend usable here, except the torch reference
+        names=$($PY -c '
 import json, subprocess, sys
-rows = json.loads(subprocess.run([sys.executable, "-m", "gptq_core.cli.main", "backends", "list",
-                                  "--json"], capture_output=True, text=True).stdout)
-print(" ".join(r["name"] for r in rows if r["status"] == "available" and r["name"] != "torch"))
-EOF
-)
+out = subprocess.run([sys.executable, "-m", "gptq_core.cli.main", "backends", "list", "--json"],
+                     capture_output=True, text=True).stdout
+print(" ".join(r["name"] for r in json.loads(out)
+               if r["status"] == "available" and r["name"] != "torch"))')
     fi
-    quick=""
     [ "${GPU_CHECK_QUICK:-0}" = "1" ] && quick="--gptq-quick"
     for name in $names; do
         GPTQ_TRITON_AUTOTUNE=0 step "conformance-$name" 900 $PY -m pytest -q -n "$WORKERS" \
             -p no:cacheprovider --pyargs gptq_conformance --gptq-backend="$name" $quick
     done
-fi
+}
 
-if wants benchmore; then
+do_bench4() {
+    bench bench4 "$DIR/bench-4bit.csv" "$SCRATCH/4bit.txt" --bits 4 --group-size 128 \
+        --json "$DIR/bench-4bit.json" --plot "$DIR/bench-4bit.png"
+}
+
+do_benchmore() {
+    local b f first=1
     bench bench-act "$SCRATCH/act.csv" "$SCRATCH/act.txt" --bits 4 --act-order \
         --shapes "$SHAPES_MORE" --m "$M_MORE"
     for b in 2 3 8; do
@@ -152,12 +159,14 @@ if wants benchmore; then
             --shapes "$SHAPES_MORE" --m "$M_MORE"
     done
     # one CSV: the first file's header, then every file's rows
-    first=1
     for f in "$SCRATCH"/act.csv "$SCRATCH"/b2.csv "$SCRATCH"/b3.csv "$SCRATCH"/b8.csv; do
         [ -f "$f" ] || continue
         if [ $first = 1 ]; then cat "$f"; first=0; else tail -n +2 "$f"; fi
     done >"$DIR/bench-more.csv"
-fi
+}
 
+for s in $STEPS; do
+    if declare -F "do_$s" >/dev/null; then "do_$s"; else say "unknown step '$s'"; FAILED=1; fi
+done
 say "gpu_check done: $([ $FAILED = 0 ] && echo all steps passed || echo SOME STEPS FAILED)"
 exit $FAILED
