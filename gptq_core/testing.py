@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .backend import BackendInfo, Capabilities
+from .device import DeviceInfo
 from .format import PackedWeight, ZeroFormat, default_g_idx, num_groups, pack_weight
+from .hookspecs import hookimpl
+from .spec import LayerSpec
 
 #: Per activation dtype: (rtol, atol) of :func:`reference_error`. ``rtol`` scales the bound
 #: ``|x| @ |W| + |y|`` of each output element, so cancellation in a dot product cannot make a
@@ -260,3 +266,52 @@ def packed_tensors(packed: PackedWeight) -> dict[str, torch.Tensor]:
     """The tensors of a :class:`PackedWeight` by field name (bias only when present)."""
     names = ("qweight", "qzeros", "scales", "g_idx", "bias")
     return {n: getattr(packed, n) for n in names if getattr(packed, n) is not None}
+
+
+class StubBackend:
+    """A backend plugin object assembled from parts, for registry, selector and suite tests.
+
+    Register it with ``Registry.register(StubBackend(...))``. Without ``pack`` the prepared form
+    is the :class:`PackedWeight` itself; without ``qmatmul`` it computes the reference in
+    float32 (plain ATen, no custom op: fine for selector tests, not for the conformance suite).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        capabilities: Capabilities,
+        priority: dict[str, int] | None = None,
+        *,
+        pack: Callable[..., Any] | None = None,
+        qmatmul: Callable[..., torch.Tensor] | None = None,
+        probe: Callable[..., list[str]] | None = None,
+        distribution: str = "gptq-core-tests",
+    ) -> None:
+        self.info = BackendInfo(name=name, version="0.0.0", distribution=distribution,
+                                capabilities=capabilities, priority=dict(priority or {}))
+        self.pack, self.compute, self.probe = pack, qmatmul, probe
+        self.pack_calls = 0
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @hookimpl
+    def gptq_backend_info(self) -> BackendInfo:
+        return self.info
+
+    @hookimpl
+    def gptq_probe(self, device: DeviceInfo, spec: LayerSpec | None) -> list[str]:
+        return list(self.probe(device, spec)) if self.probe is not None else []
+
+    @hookimpl
+    def gptq_pack(self, weight: PackedWeight, device: DeviceInfo, spec: LayerSpec) -> Any:
+        self.pack_calls += 1
+        return self.pack(weight, device, spec) if self.pack is not None else weight
+
+    @hookimpl
+    def gptq_qmatmul(self, x: torch.Tensor, prepared: Any, bias: torch.Tensor | None):
+        if self.compute is not None:
+            return self.compute(x, prepared, bias)
+        y = x.float() @ prepared.dequantize(torch.float32)
+        return (y if bias is None else y + bias.float()).to(x.dtype)

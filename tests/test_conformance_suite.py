@@ -12,7 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gptq_core import BackendInfo, Capabilities, DeviceInfo, get_registry, hookimpl, selector
+from gptq_core import Capabilities, DeviceInfo, get_registry, selector
+from gptq_core.testing import StubBackend
 
 pytest_plugins = ("pytester",)
 
@@ -22,55 +23,41 @@ TINY = Capabilities(
 )
 
 
-class MetaBackend:
-    """A plugin object: the torch backend's kernel behind another name, plus one bug."""
+BUGS = {
+    # name -> qmatmul(torch_plugin, x, prepared, bias) with that bug
+    None: lambda tp, x, p, b: tp.gptq_qmatmul(x, p, b),
+    "off-by-bias": lambda tp, x, p, b: tp.gptq_qmatmul(x, p, b) + (1e-2 if b is None else 0),
+    "small-error": lambda tp, x, p, b: tp.gptq_qmatmul(x, p, b) * (1 + 1e-3 * (x.shape[0] >= 16)),
+    "drops-nan": lambda tp, x, p, b: torch.nan_to_num(tp.gptq_qmatmul(x, p, b)),
+    "mutates-input": lambda tp, x, p, b: tp.gptq_qmatmul(x.index_fill_(1, torch.tensor([0]), 0.5),
+                                                          p, b),
+    "probe-refuses-g128": lambda tp, x, p, b: tp.gptq_qmatmul(x, p, b),
+}
 
-    def __init__(self, name: str, caps: Capabilities = TINY, bug: str | None = None,
-                 xfail: dict | None = None) -> None:
-        from gptq_backends.torch_ref import plugin as torch_plugin
 
-        self.name, self.caps, self.bug = name, caps, bug
-        self.torch = torch_plugin
-        if xfail is not None:
-            self.CONFORMANCE_XFAIL = xfail
+def MetaBackend(name: str, caps: Capabilities = TINY, bug: str | None = None,  # noqa: N802
+                xfail: dict | None = None) -> StubBackend:
+    """The torch backend's kernel under another name, with at most one bug.
 
-    @hookimpl
-    def gptq_backend_info(self) -> BackendInfo:
-        return BackendInfo(name=self.name, version="0.0.1", distribution="meta-tests",
-                           capabilities=self.caps, priority={"cpu": -100})
+    ``no-custom-op``: right numbers through plain ATen (StubBackend's default), which
+    torch.compile cannot treat as one opaque kernel.
+    """
+    from gptq_backends.torch_ref import plugin as tp
 
-    @hookimpl
-    def gptq_probe(self, device, spec):
-        if self.bug == "probe-refuses-g128" and spec is not None and spec.group_size == 128:
+    def probe(device, spec):
+        if bug == "probe-refuses-g128" and spec is not None and spec.group_size == 128:
             return ["group size 128 is refused at run time"]
         return []
 
-    @hookimpl
-    def gptq_pack(self, weight, device, spec):
-        return self.torch.gptq_pack(weight=weight, device=device, spec=spec)
-
-    @hookimpl
-    def gptq_qmatmul(self, x, prepared, bias):
-        if self.bug == "no-custom-op":
-            from gptq_core.packing import unpack_rows
-
-            p = prepared
-            g = p.g_idx.long()
-            q = unpack_rows(p.qweight, p.bits, g.shape[0]).float()
-            w = (q - p.zeros[g].float()) * p.scales[g].float()
-            y = x.float() @ w
-            return (y if bias is None else y + bias.float()).to(x.dtype)
-        if self.bug == "mutates-input" and x.numel():
-            x.mul_(1.0).add_(0.0)
-            x[0, 0] = 0.5
-        y = self.torch.gptq_qmatmul(x, prepared, bias)
-        if self.bug == "off-by-bias" and bias is None:
-            y = y + 1e-2
-        if self.bug == "small-error" and y.shape[0] >= 16:
-            y = y * (1 + 1e-3)
-        if self.bug == "drops-nan":
-            y = torch.nan_to_num(y)
-        return y
+    parts = {} if bug == "no-custom-op" else {
+        "pack": lambda w, d, s: tp.gptq_pack(weight=w, device=d, spec=s),
+        "qmatmul": lambda x, p, b: BUGS[bug](tp, x, p, b),
+    }
+    backend = StubBackend(name, caps, {"cpu": -100}, probe=probe, distribution="meta-tests",
+                          **parts)
+    if xfail is not None:
+        backend.CONFORMANCE_XFAIL = xfail
+    return backend
 
 
 @pytest.fixture(scope="session")
