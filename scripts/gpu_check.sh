@@ -18,6 +18,7 @@
 #                                 order given; a subset runs only those steps)
 #   GPU_CHECK_WORKERS=8           pytest-xdist workers / compile processes
 #   GPU_CHECK_SHAPES_MORE, GPU_CHECK_M_MORE   shapes and M values of the smaller benchmarks
+#   GPU_CHECK_BENCH_ARGS="--seconds 0.02"     extra arguments for every `gptq bench`
 #   GPU_CHECK_TIMEOUT_<STEP>=seconds          per-step limits, e.g. GPU_CHECK_TIMEOUT_BENCH4
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,7 +89,9 @@ bench() {
     local limit=${!var:-900}
     say "$name: gptq bench $* (limit ${limit}s)"
     local t0=$SECONDS
-    timeout "$limit" $PY -m gptq_core.cli.main bench --csv "$csv" "$@" >"$table" 2>>"$LOG"
+    # shellcheck disable=SC2086
+    timeout "$limit" $PY -m gptq_core.cli.main bench --csv "$csv" "$@" ${GPU_CHECK_BENCH_ARGS:-} \
+        >"$table" 2>>"$LOG"
     local rc=$?
     say "$name: exit $rc after $((SECONDS - t0))s"
     { echo; cat "$table"; } | tee -a "$LOG" >>"$SUMMARY"
