@@ -106,10 +106,12 @@ class Registry:
         entry_point: str = "",
     ) -> Backend:
         """Register one plugin object (module or instance) as a backend and return it."""
-        pm_name = f"gptq-backend-{name or id(plugin)}"
+        # Unique per plugin object: two distributions may use one entry-point name, and that
+        # conflict must surface as a name conflict naming both, not as a pluggy error.
+        pm_name = f"gptq-backend-{name or 'plugin'}-{id(plugin)}"
         try:
             self.pm.register(plugin, name=pm_name)
-        except ValueError as exc:
+        except (ValueError, pluggy.PluginValidationError) as exc:
             raise GPTQError(f"plugin {name!r} could not be registered: {exc}") from exc
         try:
             impls = _own_impls(self.pm, plugin)
