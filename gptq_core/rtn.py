@@ -26,8 +26,10 @@ def minmax_params(
     xmin = torch.clamp(w.min(dim=1).values, max=0)
     xmax = torch.clamp(w.max(dim=1).values, min=0)
     if sym:
+        # The range is symmetric even when a row has no negative value: the GPTQ reference
+        # keeps xmin = 0 there, so scale = xmax / maxq and values above 7/15 xmax clip.
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, -torch.ones_like(xmin), xmin)
     xmax = torch.where(dead, torch.ones_like(xmax), xmax)
