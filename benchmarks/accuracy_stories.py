@@ -13,6 +13,11 @@ measured: fp32 8.76, RTN w4 9.98/10.69, ...); "docs" splits it into stories that
 with BOS, as the model was trained (lower perplexity, same ordering).
 
     python benchmarks/accuracy_stories.py [--device cpu|cuda] [--nsamples 128] [--seqlen 256]
+                                          [--seeds 0 1 2 3 4]
+
+GPTQ rows are averaged over several calibration seeds: on a model this small one run's
+perplexity moves by a few percent with float rounding alone (CPU vs CUDA), more than the 1 %
+being checked.
 
 Exit status 1 when an expected ordering or the 1 % check fails.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -136,6 +142,36 @@ def plain_sequential(model, calib: torch.Tensor, bits: int, groupsize: int) -> N
         inps = [layer(x, **kwargs) for x in inps]
 
 
+@torch.no_grad()
+def per_linear_ratios(calib: torch.Tensor, bits: int, device: str) -> list[float]:
+    """Output error of gptq-core / plain reference for each linear of the fp32 model.
+
+    Each linear gets the Hessian of its real inputs; the ratio is free of the chaotic
+    propagation through later layers that makes one perplexity run noisy.
+    """
+    from gptq_core.quantize import quantize_linear
+
+    model = load(device)
+    names = [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for g in GROUPS for n in g]
+    inputs = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda mod, a, out, n=n: inputs[n].append(a[0].reshape(-1, a[0].shape[-1]).double())) for n in names]
+    for sample in calib:
+        model(sample[None].to(device), use_cache=False)
+    for h in hooks:
+        h.remove()
+    ratios = []
+    for n in names:
+        x = torch.cat(inputs[n])
+        W = model.get_submodule(n).weight.detach()
+        H = (2 * x.t() @ x / x.shape[0]).float()
+        ours, _ = quantize_linear(W, H, QuantizeConfig(bits=bits, group_size=32), device=device)
+        ref = plain_gptq(W, H, bits, 32)
+        err = lambda d: float((x @ (d - W.double().t())).square().sum())  # noqa: E731
+        ratios.append(err(ours.dequantize(torch.float64).to(device)) / err(ref.double().t()))
+    return ratios
+
+
 # ---------------------------------------------------------------------------- the table
 def split_sample(folder: Path) -> tuple[Path, Path]:
     """First 2/3 of the stories -> calibration file, the rest -> held-out file."""
@@ -166,29 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="calibration seeds; GPTQ rows are averaged over them (one run is noisy)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3], choices=[2, 3, 4, 8])
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     tok = AutoTokenizer.from_pretrained(MODEL)
     with tempfile.TemporaryDirectory() as tmp:
         calib_file, held_file = split_sample(Path(tmp))
-        calib = prepare_calibration(calib_file, tok, args.nsamples, args.seqlen, args.seed)
+        calibs = {s: prepare_calibration(calib_file, tok, args.nsamples, args.seqlen, s) for s in args.seeds}
         raw = torch.tensor(tok(held_file.read_text(encoding="utf-8"), verbose=False)["input_ids"])
         docs = token_stream(held_file, tok)
-    print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens; held-out: {raw.numel()} tokens "
-          f"(raw), {docs.numel()} (docs); device {args.device}; torch {torch.__version__}")
-
-    rows: list[tuple[str, float, float, float]] = []
-
-    def measure(label: str, build) -> None:
-        start = time.perf_counter()
-        model = build()
-        seconds = time.perf_counter() - start
-        rows.append((label, perplexity(model, raw, 512), perplexity(model, docs, 512), seconds))
-        print(f"  {label:<28} raw {rows[-1][1]:7.3f}  docs {rows[-1][2]:7.3f}  ({seconds:.1f}s)", flush=True)
+    print(f"calibration: {args.nsamples} x {args.seqlen} tokens, seeds {args.seeds}; held-out: "
+          f"{raw.numel()} tokens (raw), {docs.numel()} (docs); device {args.device}; torch {torch.__version__}")
 
     def ours(bits: int, desc_act: bool = False):
-        def build():
+        def build(calib):
             model = load(args.device)
             cfg = QuantizeConfig(bits=bits, group_size=32, desc_act=desc_act)
             quantize_model(model, calib, cfg, model.model.layers, GROUPS, device=args.device, progress=False)
@@ -196,42 +225,66 @@ def main(argv: list[str] | None = None) -> int:
         return build
 
     def reference(bits: int):
-        def build():
+        def build(calib):
             model = load(args.device)
             plain_sequential(model, calib.to(args.device), bits, 32)
             return model
         return build
 
-    measure("fp32", lambda: load(args.device))
-    for bits in (4, 3):
-        measure(f"RTN w{bits} g32", lambda bits=bits: rtn_model(bits, args.device))
-        measure(f"GPTQ w{bits} g32", ours(bits))
+    methods = [("fp32", None, lambda c: load(args.device))]
+    for bits in args.bits:
+        methods.append((f"RTN w{bits} g32", None, lambda c, bits=bits: rtn_model(bits, args.device)))
+        methods.append((f"GPTQ w{bits} g32", "seeded", ours(bits)))
         if bits == 4:
-            measure(f"GPTQ w{bits} g32 act-order", ours(bits, desc_act=True))
-        measure(f"plain ref GPTQ w{bits} g32", reference(bits))
+            methods.append((f"GPTQ w{bits} g32 act-order", "seeded", ours(bits, desc_act=True)))
+        methods.append((f"plain ref GPTQ w{bits} g32", "seeded", reference(bits)))
 
-    table = {label: (r, d, s) for label, r, d, s in rows}
-    fp = table["fp32"][0]
+    runs: dict[str, list[tuple[float, float, float]]] = {}
+    for label, seeded, build in methods:
+        for seed in args.seeds if seeded else args.seeds[:1]:
+            start = time.perf_counter()
+            model = build(calibs[seed])
+            seconds = time.perf_counter() - start
+            r, d = perplexity(model, raw, 512), perplexity(model, docs, 512)
+            runs.setdefault(label, []).append((r, d, seconds))
+            print(f"  {label:<28} seed {seed}: raw {r:7.3f}  docs {d:7.3f}  ({seconds:.1f}s)", flush=True)
+
+    def mean(label: str, k: int) -> float:
+        return statistics.fmean(x[k] for x in runs[label])
+
+    def spread(label: str, k: int) -> str:
+        values = [x[k] for x in runs[label]]
+        return f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+
+    fp = mean("fp32", 0)
     print()
-    print(f"| method | ppl raw | x fp32 | ppl docs | orientation | x fp32 |")
+    print("| method | ppl raw (min-max over seeds) | x fp32 | ppl docs | orientation | x fp32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, r, d, _ in rows:
+    for label in runs:
         o = ORIENTATION.get(label)
         ostr = f"{o:.2f} | {o / ORIENTATION['fp32']:.3f}" if o else "- | -"
-        print(f"| {label} | {r:.3f} | {r / fp:.3f} | {d:.3f} | {ostr} |")
+        print(f"| {label} | {mean(label, 0):.3f}{spread(label, 0)} | {mean(label, 0) / fp:.3f} | "
+              f"{mean(label, 1):.3f}{spread(label, 1)} | {ostr} |")
 
+    print()
+    for bits in args.bits:
+        ratios = per_linear_ratios(calibs[args.seeds[0]][:32], bits, args.device)
+        print(f"w{bits} per-linear output error, gptq-core / plain reference over {len(ratios)} linears: "
+              f"mean {statistics.fmean(ratios):.4f}, min {min(ratios):.4f}, max {max(ratios):.4f}")
     failures = []
-    for bits in (4, 3):
-        mine, ref, rtn = (table[f"{m} w{bits} g32"] for m in ("GPTQ", "plain ref GPTQ", "RTN"))
+    for bits in args.bits:
+        mine, ref, rtn = (f"{m} w{bits} g32" for m in ("GPTQ", "plain ref GPTQ", "RTN"))
         for k, kind in ((0, "raw"), (1, "docs")):
-            if mine[k] > 1.01 * ref[k]:
-                failures.append(f"w{bits} {kind}: GPTQ {mine[k]:.3f} > 1.01 x plain reference {ref[k]:.3f}")
-            if not table["fp32"][k] < mine[k] < rtn[k]:
+            ratio = mean(mine, k) / mean(ref, k)
+            print(f"w{bits} {kind}: gptq-core / plain reference = {ratio:.4f}")
+            if ratio > 1.01:
+                failures.append(f"w{bits} {kind}: GPTQ {mean(mine, k):.3f} > 1.01 x plain reference {mean(ref, k):.3f}")
+            if not mean("fp32", k) < mean(mine, k) < mean(rtn, k):
                 failures.append(f"w{bits} {kind}: expected fp32 < GPTQ < RTN")
     print()
     print("checks:", "all passed" if not failures else "; ".join(failures))
     if args.json:
-        args.json.write_text(json.dumps({"device": args.device, "rows": rows, "failures": failures}, indent=1))
+        args.json.write_text(json.dumps({"device": args.device, "runs": runs, "failures": failures}, indent=1))
     return 1 if failures else 0
 
 

@@ -50,6 +50,11 @@ class LayerCall:
             out = layer(*self.args, **{self.hidden_key: hidden}, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def to(self, device: torch.device, memo: dict[int, Any] | None = None) -> LayerCall:
+        """The same call with every tensor argument on ``device`` (``memo`` shares copies)."""
+        memo = {} if memo is None else memo
+        return LayerCall(nested_to(self.args, device, memo), nested_to(self.kwargs, device, memo), self.hidden_key)
+
 
 @dataclass
 class CapturedInputs:

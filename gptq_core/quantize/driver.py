@@ -33,7 +33,7 @@ from ..config import QuantizeConfig
 from ..errors import GPTQError
 from ..eval import module_device
 from ..format import PackedWeight
-from .capture import LayerCall, capture_inputs, make_batches, nested_to
+from .capture import LayerCall, capture_inputs, make_batches
 from .gptq import GPTQ, quantize_linear
 from .workdir import WorkDir, samples_digest, tensor_digest
 
@@ -205,7 +205,7 @@ def quantize_model(
         hidden = captured.hidden if done == 0 else state.load_hidden(done - 1, len(batches))
         memo: dict[int, Any] = {}
         hidden = [h.to(device) for h in hidden]
-        calls = [[nested_to(c, device, memo) for c in per_layer] for per_layer in captured.calls]
+        calls = [[c.to(device, memo) for c in per_layer] for per_layer in captured.calls]
         masks = [None if m is None else m.to(device) for m in captured.masks]
         bar = tqdm(total=len(layers), desc="GPTQ", unit="layer", disable=not progress, initial=done)
         try:
