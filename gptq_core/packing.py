@@ -44,11 +44,6 @@ def _period_layout(bits: int) -> list[tuple[int, int, int]]:
     return layout
 
 
-def _to_int32_wrapping(x: torch.Tensor) -> torch.Tensor:
-    """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
-    return (((x & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000).to(torch.int32)
-
-
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integers ``values`` [count, cols] (0 <= v < 2**bits) along dim 0 into int32 words.
 
@@ -68,18 +63,19 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
                 f"values to pack must lie in [0, {2**bits - 1}] for {bits}-bit, "
                 f"found [{int(lo)}, {int(hi)}]"
             )
-    v = v.to(torch.int64)
+    # int32 throughout: torch shifts int32 as unsigned 32-bit words (bits shifted past bit 31
+    # are dropped), which is exactly the word arithmetic needed, at half the memory of int64.
+    v = v.to(torch.int32)
     periods = math.ceil(count / _WORD)
     if periods * _WORD != count:
         v = torch.cat([v, v.new_zeros(periods * _WORD - count, cols)])
     v = v.view(periods, _WORD, cols)
-    acc = [torch.zeros(periods, cols, dtype=torch.int64, device=values.device) for _ in range(bits)]
+    out = torch.zeros(periods, bits, cols, dtype=torch.int32, device=values.device)
     for j, (word, offset, spill) in enumerate(_period_layout(bits)):
-        acc[word].bitwise_or_(v[:, j] << offset)
+        out[:, word].bitwise_or_(v[:, j] << offset)
         if spill:
-            acc[word + 1].bitwise_or_(v[:, j] >> (bits - spill))
-    words = torch.stack(acc, dim=1).view(periods * bits, cols)[: packed_length(count, bits)]
-    return _to_int32_wrapping(words)
+            out[:, word + 1].bitwise_or_(v[:, j] >> (bits - spill))
+    return out.view(periods * bits, cols)[: packed_length(count, bits)]
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -96,17 +92,18 @@ def unpack_rows(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         )
     cols = packed.shape[1]
     periods = math.ceil(count / _WORD)
-    w = packed.to(torch.int64) & 0xFFFFFFFF
+    w = packed.contiguous()
     if periods * bits != need:
         w = torch.cat([w, w.new_zeros(periods * bits - need, cols)])
     w = w.view(periods, bits, cols)
     mask = (1 << bits) - 1
     out = torch.empty(periods, _WORD, cols, dtype=torch.uint8, device=packed.device)
     for j, (word, offset, spill) in enumerate(_period_layout(bits)):
-        val = w[:, word] >> offset
+        # int32 >> sign-extends: mask right after the shift, before merging the spilled bits
+        val = (w[:, word] >> offset) & (mask >> spill)
         if spill:
-            val = val | (w[:, word + 1] << (bits - spill))
-        out[:, j] = val & mask
+            val |= (w[:, word + 1] << (bits - spill)) & mask
+        out[:, j] = val
     return out.view(periods * _WORD, cols)[:count]
 
 
