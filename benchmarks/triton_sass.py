@@ -32,8 +32,8 @@ from gptq_backends.triton_kernels.layout import sub_tile, tile_k  # noqa: E402
 
 PTR_TYPES = {0: "*fp16", 1: "*bf16", 2: "*fp32"}
 QMM_ARGS = (
-    ("x_ptr", None), ("qw_ptr", "*i32"), ("qh_ptr", "*i16"), ("sc_ptr", "*fp16"),
-    ("zr_ptr", "*i16"), ("perm_ptr", "*i32"), ("bias_ptr", "*fp16"), ("out_ptr", None),
+    ("x_ptr", None), ("qw_ptr", "*i32"), ("qh_ptr", "*i32"), ("sc_ptr", "*fp16"),
+    ("zr_ptr", "*i16"), ("bias_ptr", "*fp16"), ("out_ptr", None),
     ("part_ptr", "*fp32"), ("lock_ptr", "*i32"),
     ("M", "i32"), ("N", "i32"), ("K", "i32"), ("N_PAD", "i32"), ("TILES", "i32"),
     ("stride_xm", "i32"), ("stride_om", "i32"), ("SPLIT_K", "i32"), ("HAS_BIAS", "i32"),
@@ -45,7 +45,7 @@ def nvdisasm() -> str:
 
 
 def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *, const_zero=True,
-                act_order=False, arch: int = 90):
+                arch: int = 90):
     xt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     mode = {"fp16": 0, "bf16": 1 if bits <= 4 else 2, "fp32": 2}[dtype]
     signature, attrs = {}, {}
@@ -54,8 +54,7 @@ def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *,
         if name not in ("M", "K", "TILES", "SPLIT_K", "HAS_BIAS"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
-        BITS=bits, S=sub_tile(group), GS=group, CONST_ZERO=const_zero, ACT_ORDER=act_order,
-        MODE=mode, EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BITS=bits, S=sub_tile(group), GS=group, CONST_ZERO=const_zero, MODE=mode, EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE_DOT=dtype == "fp32",
     )
     if cfg.split_k == 1:  # Triton specializes an argument equal to 1 into a constant
@@ -140,7 +139,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--act", action="store_true")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
     ap.add_argument("--all-bits", default="4,2,3,8", help="bit widths for --all")
     args = ap.parse_args(argv)
@@ -148,19 +146,19 @@ def main(argv=None) -> int:
     if args.all:
         seen, failed = set(), 0
         for bits in args.all_bits:
-            for dtype, act, cfg in itertools.product(("fp16",), (False, True), (
+            for dtype, cfg in itertools.product(("fp16",), (
                     c for m in (1, 32, 64, 256) for c in configs.candidates(m, 4096, 4096))):
-                if cfg.path != "fused" or (act and cfg.block_m > 16):
+                if cfg.path != "fused":
                     continue
                 for split in ((1, 2) if cfg.split_k == 0 else (cfg.split_k,)):
                     c = configs.KernelConfig("fused", cfg.block_m, cfg.block_n, split,
                                              cfg.num_warps, cfg.num_stages)
-                    if (bits, dtype, act, c) in seen:
+                    if (bits, dtype, c) in seen:
                         continue
-                    seen.add((bits, dtype, act, c))
-                    label = f"b{bits} {dtype}{' act' if act else ''} {c.label()}"
+                    seen.add((bits, dtype, c))
+                    label = f"b{bits} {dtype} {c.label()}"
                     try:
-                        report(label, compile_qmm(bits, 128, dtype, c, act_order=act),
+                        report(label, compile_qmm(bits, 128, dtype, c),
                                weights_per_thread(bits, 128, c))
                     except Exception as exc:  # noqa: BLE001
                         failed += 1
@@ -169,8 +167,7 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)
     report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}",
-           compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym,
-                       act_order=args.act),
+           compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym),
            weights_per_thread(args.bits, args.group, cfg))
     return 0
 

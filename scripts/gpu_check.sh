@@ -57,7 +57,6 @@ step() {
     return "$rc"
 }
 
-wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 say "gpu_check in $DIR"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
@@ -66,18 +65,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
     >>"$SUMMARY" 2>&1 || true
 
 
-if [ -n "${GPU_CHECK_ONLY:-}" ]; then
-    GPTQ_DISABLED_BACKENDS=$($PY - "$GPU_CHECK_ONLY" <<'EOF'
-import sys
-from importlib.metadata import entry_points
-keep = set(sys.argv[1].split(","))
-print(",".join(sorted(ep.name for ep in entry_points(group="gptq.backends") if ep.name not in keep)))
-EOF
-)
-    export GPTQ_DISABLED_BACKENDS
-    say "backends hidden: ${GPTQ_DISABLED_BACKENDS:-none}"
-fi
-$PY -m gptq_core.cli.main backends list >>"$SUMMARY" 2>&1
+
 
 
 # bench NAME CSV TABLE EXTRA-ARGS...: the table (stdout) to TABLE, progress (stderr) to log.txt
@@ -168,8 +156,25 @@ do_benchmore() {
     done >"$DIR/bench-more.csv"
 }
 
+# After installing: hide every backend not in GPU_CHECK_ONLY, then list what is left.
+setup_backends() {
+    if [ -n "${GPU_CHECK_ONLY:-}" ]; then
+        GPTQ_DISABLED_BACKENDS=$($PY -c '
+import sys
+from importlib.metadata import entry_points
+keep = set(sys.argv[1].split(","))
+print(",".join(sorted(e.name for e in entry_points(group="gptq.backends") if e.name not in keep)))
+' "$GPU_CHECK_ONLY")
+        export GPTQ_DISABLED_BACKENDS
+        say "backends hidden: ${GPTQ_DISABLED_BACKENDS:-none}"
+    fi
+    $PY -m gptq_core.cli.main backends list >>"$SUMMARY" 2>&1
+}
+
+[[ " $STEPS " == *" install "* ]] || setup_backends
 for s in $STEPS; do
     if declare -F "do_$s" >/dev/null; then "do_$s"; else say "unknown step '$s'"; FAILED=1; fi
+    [ "$s" = install ] && setup_backends
 done
 say "gpu_check done: $([ $FAILED = 0 ] && echo all steps passed || echo SOME STEPS FAILED)"
 exit $FAILED

@@ -240,4 +240,12 @@ def test_tuned_table_round_trip(tmp_path, monkeypatch):
     table.store(key, cfg, {cfg.label(): 12.5})
     again = configs.ConfigTable("Test GPU 80GB")
     assert again.lookup(key) == cfg
+    assert again.timings[key] == {cfg.label(): 12.5}  # kept when another process rewrites it
     assert (tmp_path / "Test_GPU_80GB.json").exists()
+
+
+def test_shipped_h100_table_is_read():
+    table = configs.ConfigTable("NVIDIA H100 80GB HBM3")
+    key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
+    assert table.shipped[key].path == "fused"
+    assert table.shipped[configs.shape_key(4, 128, torch.float16, 8192, 28672, 4096)].path == "dequant"

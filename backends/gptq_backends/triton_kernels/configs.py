@@ -52,14 +52,14 @@ class KernelConfig:
                 f"w{self.num_warps} s{self.num_stages}")
 
 
-#: (largest M, config) rows, first match wins: the defaults when nothing was tuned. From the
-#: H100 measurements in NOTES/perf-triton.md: split-K for decode, wider tiles for mid M, and
-#: dequantize + cuBLAS from the measured break-even up.
+#: (largest M, config) rows, first match wins: the defaults when nothing was tuned. They are
+#: the H100 tuner's most frequent winners (NOTES/perf-triton.md): split-K 16x64 tiles for
+#: decode, 32x128 for mid M, 128x128 up to 256, and dequantize + cuBLAS above, where the
+#: measured break-even lies (between M=128 and M=1024 depending on the shape).
 DEFAULT_RULES: tuple[tuple[int, KernelConfig], ...] = (
-    (16, KernelConfig("fused", 16, 128, 0, 4, 3)),
-    (32, KernelConfig("fused", 32, 128, 0, 4, 3)),
-    (64, KernelConfig("fused", 64, 128, 0, 4, 3)),
-    (512, KernelConfig("fused", 128, 128, 1, 8, 3)),
+    (16, KernelConfig("fused", 16, 64, 0, 4, 3)),
+    (64, KernelConfig("fused", 32, 128, 0, 4, 3)),
+    (256, KernelConfig("fused", 128, 128, 1, 8, 3)),
     (math.inf, KernelConfig("dequant")),
 )
 
@@ -107,18 +107,20 @@ def autotune_enabled() -> bool:
     return os.environ.get("GPTQ_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "")
 
 
-def _read_table(path: Path) -> dict[str, KernelConfig]:
+def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict]]:
+    """(configurations, the timings that chose them) of a tuned file; empty if unreadable."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
-    out = {}
+        return {}, {}
+    configs, timings = {}, {}
     for key, entry in data.get("entries", {}).items():
         try:
-            out[key] = KernelConfig(**entry["config"])
+            configs[key] = KernelConfig(**entry["config"])
         except (TypeError, KeyError):
             continue  # an entry from another version of this file: ignore it
-    return out
+        timings[key] = entry.get("timings_us", {})
+    return configs, timings
 
 
 class ConfigTable:
@@ -127,9 +129,8 @@ class ConfigTable:
     def __init__(self, gpu_name: str) -> None:
         self.gpu_name = gpu_name
         self.file_name = gpu_file_name(gpu_name)
-        self.shipped = _read_table(SHIPPED_DIR / self.file_name)
-        self.user = _read_table(user_cache_dir() / self.file_name)
-        self.timings: dict[str, dict] = {}
+        self.shipped, _ = _read_table(SHIPPED_DIR / self.file_name)
+        self.user, self.timings = _read_table(user_cache_dir() / self.file_name)
         self.lock = threading.Lock()
 
     def lookup(self, key: str) -> KernelConfig | None:

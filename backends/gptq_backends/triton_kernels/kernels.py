@@ -14,6 +14,11 @@ split launch is still one launch and deterministic.
 ``dequant_kernel`` writes the dequantized weight [K, N] in original channel order, for the
 "dequantize once + cuBLAS" path of large M.
 
+Act-order: ``qmm_kernel`` reads x with its columns already in the weight's sorted order (the
+launcher gathers them once with ``index_select``); gathering them per tile inside the kernel
+measured 2.3x slower on the H100 (the gather's latency is not pipelined). ``dequant_kernel``
+scatters the sorted rows back to their original channels.
+
 Dequantization: ``(word >> b*j) & mask | 0x64006400`` is two fp16 ``1024 + q`` at once (the
 "magic number"; never an integer-to-float conversion, slow on Hopper); subtracting
 ``1024 + zero`` is exact and only the scale multiply rounds, once, like the reference.
@@ -64,21 +69,41 @@ def _group_params(sc_ptr, zr_ptr, g, offs_n, n_mask, N_PAD,
 
 
 @triton.jit
-def _spread_high(high):
-    """int16 of the 3-bit high plane -> int32 with its low byte at bit 0, high byte at bit 16."""
-    h = high.to(tl.int32)
-    return (h & 0xFF) | ((h & 0xFF00) << 8)
+def _load_tile(qw_ptr, qh_ptr, t, offs_r, offs_n, n_mask, N_PAD, BITS: tl.constexpr, S: tl.constexpr):
+    """Planar tile t's [S/2, BN] int32 words (3-bit: two low-bit word rows and the third bits)."""
+    cols = offs_n[None, :]
+    if BITS == 3:
+        low = (t * S + offs_r)[:, None] * N_PAD + cols
+        words = tl.load(qw_ptr + low, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+        words_b = tl.load(qw_ptr + low + (S // 2) * N_PAD, mask=n_mask[None, :], other=0,
+                          eviction_policy="evict_first")
+        high = tl.load(qh_ptr + (t * (S // 2) + offs_r)[:, None] * N_PAD + cols,
+                       mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+    else:
+        off = (t * (S // 2) + offs_r)[:, None] * N_PAD + cols
+        words = tl.load(qw_ptr + off, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+        words_b = words
+        high = words
+    return words, words_b, high
 
 
 @triton.jit
-def _sub_tile(words, high, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
-    """Sub-tile j of a loaded [S/2, BN] word tile as magic floats, transposed: [BN, S]."""
+def _sub_tile(words, words_b, high, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+    """Sub-tile j of a loaded tile as magic floats, transposed: [BN, S].
+
+    ``words`` (and for 3-bit ``words_b``, sub-tiles 8-15, and ``high``, the third bits) are
+    [S/2, BN] int32 tiles of the layout in :mod:`.layout`.
+    """
     if MODE == 1:
         magic2: tl.constexpr = 0x43004300
     else:
         magic2: tl.constexpr = 0x64006400
     if BITS == 3:
-        r = ((words >> (2 * j)) & 0x00030003) | (((high >> j) & 0x00010001) << 2) | magic2
+        if j < 8:
+            src = words
+        else:
+            src = words_b
+        r = ((src >> (2 * (j % 8))) & 0x00030003) | (((high >> j) & 0x00010001) << 2) | magic2
     else:
         r = ((words >> (BITS * j)) & (((1 << BITS) - 1) * 0x00010001)) | magic2
     if MODE == 1:
@@ -104,16 +129,16 @@ def _dot(w, xt, acc, IEEE_DOT: tl.constexpr):
 # M, K and TILES are not even specialized on divisibility; SPLIT_K only on being 1.
 @triton.jit(do_not_specialize=["M", "K", "TILES", "HAS_BIAS"])
 def qmm_kernel(
-    x_ptr, qw_ptr, qh_ptr, sc_ptr, zr_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
+    x_ptr, qw_ptr, qh_ptr, sc_ptr, zr_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K, N_PAD, TILES, stride_xm, stride_om, SPLIT_K, HAS_BIAS,
     BITS: tl.constexpr, S: tl.constexpr, GS: tl.constexpr,
-    CONST_ZERO: tl.constexpr, ACT_ORDER: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
+    CONST_ZERO: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    H: tl.constexpr = 8 if BITS == 3 else 16 // BITS
+    H: tl.constexpr = 16 if BITS == 3 else 16 // BITS
     BKP: tl.constexpr = H * S
     # Where the scale is applied. The MMA sees exact integers (q - zero) and the fp32 products
     # are scaled once per group ("post": BLOCK_M*BLOCK_N multiplies per group, cheaper than one
@@ -144,13 +169,8 @@ def qmm_kernel(
 
     x_cols = x_ptr + offs_m[None, :] * stride_xm
     for t in range(t_begin, t_end):
-        w_off = (t * (S // 2) + offs_r)[:, None] * N_PAD + offs_n[None, :]
-        words = tl.load(qw_ptr + w_off, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
-        if BITS == 3:
-            high = _spread_high(tl.load(qh_ptr + w_off, mask=n_mask[None, :], other=0,
-                                        eviction_policy="evict_first"))
-        else:
-            high = words
+        words, words_b, high = _load_tile(qw_ptr, qh_ptr, t, offs_r, offs_n, n_mask, N_PAD,
+                                          BITS, S)
         for j in tl.static_range(H):
             k0 = t * BKP + j * S
             if not SCALE_END:
@@ -159,7 +179,7 @@ def qmm_kernel(
                                           BITS, CONST_ZERO, MODE, SCALE_POST)
                     if SCALE_POST:
                         acc_g = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-            v = _sub_tile(words, high, j, BITS, MODE)
+            v = _sub_tile(words, words_b, high, j, BITS, MODE)
             if SCALE_POST or SCALE_END:
                 w = v - zz  # q - zero: exact
             elif MODE == 2:
@@ -171,15 +191,11 @@ def qmm_kernel(
             else:
                 w = w.to(XT)
             offs_k = k0 + offs_s
-            if ACT_ORDER:
-                rows = tl.load(perm_ptr + offs_k)
-            else:
-                rows = offs_k
             if EVEN_K:  # a mask along K would turn the 16-byte copies into 2-byte loads
                 x_mask = m_mask[None, :]
             else:
                 x_mask = m_mask[None, :] & (offs_k < K)[:, None]
-            xt = tl.load(x_cols + rows[:, None], mask=x_mask, other=0.0)  # [S, BM]
+            xt = tl.load(x_cols + offs_k[:, None], mask=x_mask, other=0.0)  # [S, BM]
             if IEEE_DOT:
                 xt = xt.to(tl.float32)
             if SCALE_POST:
@@ -229,25 +245,20 @@ def dequant_kernel(
     """One planar tile x BLOCK_N columns of the dequantized weight, rows in original order."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    H: tl.constexpr = 8 if BITS == 3 else 16 // BITS
+    H: tl.constexpr = 16 if BITS == 3 else 16 // BITS
     BKP: tl.constexpr = H * S
     OT: tl.constexpr = out_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, S // 2)
     offs_s = tl.arange(0, S)
     n_mask = offs_n < N_PAD
-    w_off = (t * (S // 2) + offs_r)[:, None] * N_PAD + offs_n[None, :]
-    words = tl.load(qw_ptr + w_off, mask=n_mask[None, :], other=0)
-    if BITS == 3:
-        high = _spread_high(tl.load(qh_ptr + w_off, mask=n_mask[None, :], other=0))
-    else:
-        high = words
+    words, words_b, high = _load_tile(qw_ptr, qh_ptr, t, offs_r, offs_n, n_mask, N_PAD, BITS, S)
     for j in tl.static_range(H):
         k0 = t * BKP + j * S
         g = 0 if GS == -1 else k0 // GS
         s, zz = _group_params(sc_ptr, zr_ptr, g, offs_n, n_mask, N_PAD, BITS, CONST_ZERO, MODE,
                               False)
-        v = _sub_tile(words, high, j, BITS, MODE)
+        v = _sub_tile(words, words_b, high, j, BITS, MODE)
         if MODE == 2:
             w = (v - zz).to(tl.float32) * s
         else:

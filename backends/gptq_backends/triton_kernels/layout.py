@@ -11,9 +11,10 @@ sub-tile): word row ``t*S/2 + r`` holds, for ``j = 0..H-1`` and ``h = 0, 1``::
 ``(word >> b*j) & mask`` then yields both halves of sub-tile j's register at once, and
 ``| 0x64006400`` turns them into two fp16 ``1024 + q`` ("magic number" dequantization, no
 integer-to-float conversions). Each sub-tile covers S contiguous channels, a legal MMA operand.
-3-bit weights are a 2-bit plane of int32 words (as above) plus a 1-bit plane of int16, whose
-low and high bytes hold bit 2 of channels 2r and 2r+1 for the H = 8 sub-tiles: 3 bits per
-value, no padding. S divides the group size, so every sub-tile lies inside one group.
+3-bit weights use tiles of H = 16 sub-tiles: two int32 words of 2-bit values (sub-tiles 0-7
+and 8-15, laid out as above) plus one int32 of third bits (bit 16*h + j), all 32-bit loads:
+3 bits per value, no padding. (An int16 third-bit plane forced a trip through shared memory
+per sub-tile: 6.1 SASS instructions per weight, and 0.7x fp16 on the H100.) S divides the group size, so every sub-tile lies inside one group.
 
 Act-order: ``g_idx`` is sorted once (stable) and the weight rows permuted to match, so groups
 are contiguous; the kernels gather the activation columns through ``perm`` at run time.
@@ -36,18 +37,19 @@ N_ALIGN = 16
 
 
 def low_bits(bits: int) -> int:
-    """Bits per value in the int32 plane (3-bit: the low 2 bits; the third is in the int16 plane)."""
+    """Bits per value in the main plane (3-bit: the low 2 bits; the third has a plane of its own)."""
     return 2 if bits == 3 else bits
 
 
-def values_per_half(bits: int) -> int:
-    """H: sub-tiles per planar tile (values per 16-bit half of a word)."""
-    return 16 // low_bits(bits)
+def sub_tiles_per_tile(bits: int) -> int:
+    """H: sub-tiles per planar tile: the values one 16-bit half of a word holds (2/4/8-bit);
+    16 for 3-bit, whose tile is two 2-bit words plus one word of third bits."""
+    return 16 if bits == 3 else 16 // bits
 
 
 def tile_k(bits: int, sub: int) -> int:
     """Input channels per planar tile: H * S."""
-    return values_per_half(bits) * sub
+    return sub_tiles_per_tile(bits) * sub
 
 
 def sub_tile(group_size: int) -> int:
@@ -82,7 +84,7 @@ class TritonPrepared:
     """
 
     qweight: torch.Tensor
-    qhigh: torch.Tensor | None
+    qhigh: torch.Tensor | None  # 3-bit: the third bits, int32 [K_pad / 32, N_pad]
     scales: torch.Tensor
     zeros: torch.Tensor | None
     perm: torch.Tensor | None
@@ -131,24 +133,31 @@ def sort_act_order(weight: PackedWeight) -> torch.Tensor | None:
 
 
 def planar_pack(q: torch.Tensor, bits: int, sub: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Integers q [K_pad, N_pad] (K_pad a multiple of H*sub) -> (int32 plane, 3-bit int16 plane)."""
-    H, lb = values_per_half(bits), low_bits(bits)
+    """Integers q [K_pad, N_pad] (K_pad a multiple of H*sub) -> (int32 plane, 3-bit high plane).
+
+    2/4/8-bit: one word row per channel pair and tile. 3-bit: two word rows of 2-bit values
+    (sub-tiles 0-7, then 8-15) per pair and tile, and a high plane of one int32 per pair and
+    tile whose bit ``16*h + j`` is bit 2 of value (j, h): 3 bits per value, all int32.
+    """
+    H, lb = sub_tiles_per_tile(bits), low_bits(bits)
     k_pad, n_pad = q.shape
     tiles = k_pad // (H * sub)
     # k = t*H*S + j*S + 2*r + h  <->  index [t, j, r, h, n]
     v = q.to(torch.int64).view(tiles, H, sub // 2, 2, n_pad)
-    low = torch.zeros(tiles, sub // 2, n_pad, dtype=torch.int64, device=q.device)
+    per_word = 16 // lb  # sub-tiles one word holds
+    words = torch.zeros(tiles, H // per_word, sub // 2, n_pad, dtype=torch.int64, device=q.device)
     for j in range(H):
         for h in range(2):
-            low |= (v[:, j, :, h] & ((1 << lb) - 1)) << (16 * h + lb * j)
-    low32 = _wrap(low, 32, torch.int32).view(tiles * sub // 2, n_pad)
+            words[:, j // per_word] |= (v[:, j, :, h] & ((1 << lb) - 1)) << (
+                16 * h + lb * (j % per_word))
+    low32 = _wrap(words, 32, torch.int32).view(-1, n_pad)
     if bits != 3:
         return low32, None
-    high = torch.zeros_like(low)
+    high = torch.zeros(tiles, sub // 2, n_pad, dtype=torch.int64, device=q.device)
     for j in range(H):
         for h in range(2):
-            high |= ((v[:, j, :, h] >> 2) & 1) << (8 * h + j)
-    return low32, _wrap(high, 16, torch.int16).view(tiles * sub // 2, n_pad)
+            high |= ((v[:, j, :, h] >> 2) & 1) << (16 * h + j)
+    return low32, _wrap(high, 32, torch.int32).view(-1, n_pad)
 
 
 def prepare(weight: PackedWeight, device: torch.device) -> TritonPrepared:
@@ -200,12 +209,16 @@ def prepare(weight: PackedWeight, device: torch.device) -> TritonPrepared:
 def unplanar(prepared: TritonPrepared) -> torch.Tensor:
     """Inverse of the packing, for tests: integers [K_pad, N_pad] in sorted (prepared) order."""
     p = prepared
-    H, lb = values_per_half(p.bits), low_bits(p.bits)
-    words = p.qweight.to(torch.int64).view(p.tiles, 1, p.sub // 2, 1, p.n_pad) & 0xFFFFFFFF
-    j = torch.arange(H, device=words.device).view(1, H, 1, 1, 1)
-    h = torch.arange(2, device=words.device).view(1, 1, 1, 2, 1)
-    q = (words >> (16 * h + lb * j)) & ((1 << lb) - 1)
+    H, lb = sub_tiles_per_tile(p.bits), low_bits(p.bits)
+    per_word = 16 // lb
+    words = p.qweight.to(torch.int64).view(p.tiles, H // per_word, 1, p.sub // 2, 1, p.n_pad)
+    words = words & 0xFFFFFFFF
+    jj = torch.arange(per_word, device=words.device).view(1, 1, per_word, 1, 1, 1)
+    h = torch.arange(2, device=words.device).view(1, 1, 1, 1, 2, 1)
+    q = ((words >> (16 * h + lb * jj)) & ((1 << lb) - 1)).reshape(p.tiles, H, p.sub // 2, 2, p.n_pad)
     if p.qhigh is not None:
-        hi = p.qhigh.to(torch.int64).view(p.tiles, 1, p.sub // 2, 1, p.n_pad) & 0xFFFF
-        q |= ((hi >> (8 * h + j)) & 1) << 2
+        hi = p.qhigh.to(torch.int64).view(p.tiles, 1, p.sub // 2, 1, p.n_pad) & 0xFFFFFFFF
+        j = torch.arange(H, device=hi.device).view(1, H, 1, 1, 1)
+        h2 = torch.arange(2, device=hi.device).view(1, 1, 1, 2, 1)
+        q = q | (((hi >> (16 * h2 + j)) & 1) << 2)
     return q.reshape(p.k_pad, p.n_pad)

@@ -22,9 +22,6 @@ _dummies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _workspaces: dict[torch.device, dict[str, torch.Tensor]] = {}
 _device_props: dict[torch.device, tuple[str, int]] = {}
 _chosen: dict[tuple[str, str], KernelConfig] = {}
-#: Act-order: tiles up to this many rows gather x through ``perm`` in the kernel; wider ones
-#: get x permuted once by ``index_select`` first.
-IN_KERNEL_GATHER_MAX_BLOCK_M = 16
 
 
 def _interpreting() -> bool:
@@ -122,7 +119,7 @@ def dequantize(p: TritonPrepared, dtype: torch.dtype, block_n: int = 128) -> tor
     dev = p.device
     _kernels().dequant_kernel[grid](
         p.qweight,
-        p.qhigh if p.qhigh is not None else _dummy(dev, torch.int16),
+        p.qhigh if p.qhigh is not None else _dummy(dev, torch.int32),
         p.scales,
         p.zeros if p.zeros is not None else _dummy(dev, torch.int16),
         p.perm if p.perm is not None else _dummy(dev, torch.int32),
@@ -145,12 +142,9 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
             return x @ w
         return torch.addmm(bias.to(x.dtype), x, w)
     dev = x.device
-    perm = p.perm
-    if perm is not None and cfg.block_m > IN_KERNEL_GATHER_MAX_BLOCK_M:
-        # Wide tiles: gathering x columns element by element inside the kernel costs more
-        # than one index_select pass (measured in NOTES/perf-triton.md).
-        x = x.index_select(1, perm[:K])
-        perm = None
+    if p.perm is not None:
+        # Act-order: x's columns into the weight's sorted order, once (see kernels.py).
+        x = x.index_select(1, p.perm[:K])
     # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
     out_dtype = torch.float32 if x.dtype == torch.bfloat16 and _interpreting() else x.dtype
     out = torch.empty(M, N, dtype=out_dtype, device=dev)
@@ -164,15 +158,14 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         part, lock = _dummy(dev, torch.float32), _dummy(dev, torch.int32)
     _kernels().qmm_kernel[(grid_m, grid_n, split)](
         x, p.qweight,
-        p.qhigh if p.qhigh is not None else _dummy(dev, torch.int16),
+        p.qhigh if p.qhigh is not None else _dummy(dev, torch.int32),
         p.scales,
         p.zeros if p.zeros is not None else _dummy(dev, torch.int16),
-        perm if perm is not None else _dummy(dev, torch.int32),
         bias if bias is not None else _dummy(dev, torch.float16),
         out, part, lock,
         M, N, K, p.n_pad, p.tiles, x.stride(0), out.stride(0), split, int(bias is not None),
         BITS=p.bits, S=p.sub, GS=p.group_size,
-        CONST_ZERO=p.zeros is None, ACT_ORDER=perm is not None, MODE=mode_for(x.dtype, p.bits),
+        CONST_ZERO=p.zeros is None, MODE=mode_for(x.dtype, p.bits),
         EVEN_K=K % tile_k(p.bits, p.sub) == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
