@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..bench.cases import DTYPES
 from ..errors import GPTQError
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _run(args: argparse.Namespace) -> int:
