@@ -7,3 +7,9 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export PYTHONDONTWRITEBYTECODE=1
 python -m pytest -q -n 2 tests
+# The conformance suite (gptq-conformance) against each backend that runs on this CPU:
+# the torch reference, and the example third-party backend through its own test file.
+python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=torch
+python -m pytest -q -n 2 examples/third_party_backend/tests
+# Triton's kernels on the CPU through its interpreter: the quick case set (the interpreter is slow).
+TRITON_INTERPRET=1 python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=triton --gptq-quick
