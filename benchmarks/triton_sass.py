@@ -54,8 +54,8 @@ def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *,
         if name not in ("M", "K", "TILES", "SPLIT_K", "HAS_BIAS"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = dict(
-        BITS=bits, S=sub_tile(group), GS=group, CONST_ZERO=const_zero, MODE=mode, EVEN_K=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IEEE_DOT=dtype == "fp32",
+        BITS=bits, S=sub_tile(group), GS=group, CONST_ZERO=const_zero, MODE=mode, EVEN_K=True,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE_DOT=dtype == "fp32",
     )
     if cfg.split_k == 1:  # Triton specializes an argument equal to 1 into a constant
         constexprs["SPLIT_K"] = 1

@@ -14,7 +14,8 @@ integer-to-float conversions). Each sub-tile covers S contiguous channels, a leg
 3-bit weights use tiles of H = 16 sub-tiles: two int32 words of 2-bit values (sub-tiles 0-7
 and 8-15, laid out as above) plus one int32 of third bits (bit 16*h + j), all 32-bit loads:
 3 bits per value, no padding. (An int16 third-bit plane forced a trip through shared memory
-per sub-tile: 6.1 SASS instructions per weight, and 0.7x fp16 on the H100.) S divides the group size, so every sub-tile lies inside one group.
+per sub-tile: 6.1 SASS instructions per weight, and 0.7x fp16 on the H100.) S divides the
+group size, so every sub-tile lies inside one group.
 
 Act-order: ``g_idx`` is sorted once (stable) and the weight rows permuted to match, so groups
 are contiguous; the kernels gather the activation columns through ``perm`` at run time.

@@ -50,9 +50,10 @@ def _interpreter_compat() -> None:
 
 
 def _kernels():
-    """The kernels module, imported on first use: Triton reads TRITON_INTERPRET when a kernel is
-    decorated. (Triton's own library functions, e.g. ``tl.cdiv`` and ``tl.zeros``, were decorated when triton
-    was imported, so the kernels avoid them: a test may set the flag after that import.)"""
+    """The kernels module, imported on first use: Triton reads TRITON_INTERPRET when a kernel
+    is decorated. (Triton's own library functions, e.g. ``tl.cdiv`` and ``tl.zeros``, were
+    decorated when triton was imported, so the kernels avoid them: a test may set the flag
+    after that import.)"""
     from . import kernels  # noqa: PLC0415
 
     if _interpreting():
@@ -96,15 +97,16 @@ def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def _workspace(device: torch.device, partial_elems: int, locks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-K partials (fp32) and per-tile tickets (int32, always left at zero by the kernel).
 
-    One per device, grown on demand: calls on one stream are ordered, so they can share it.
-    Concurrent calls on different streams of one device must not use split-K (tune with
-    GPTQ_TRITON_AUTOTUNE=0 and the default table keeps it, so: use one stream per device).
+    One per device, grown on demand: calls on one stream are ordered, so they can share it
+    (generate(), CUDA graphs and torch.compile all use one stream per device). Split-K calls
+    running concurrently on two streams of one device would race on it.
     """
     with _lock:
         ws = _workspaces.setdefault(device, {})
         part = ws.get("part")
         if part is None or part.numel() < partial_elems:
-            part = ws["part"] = torch.empty(max(partial_elems, 1 << 16), dtype=torch.float32, device=device)
+            part = ws["part"] = torch.empty(max(partial_elems, 1 << 16), dtype=torch.float32,
+                                            device=device)
         lock = ws.get("lock")
         if lock is None or lock.numel() < locks:
             lock = ws["lock"] = torch.zeros(max(locks, 1024), dtype=torch.int32, device=device)
@@ -189,9 +191,8 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
             launch(x, p, bias, cfg)  # compile outside the timing
             us = 1000.0 * do_bench(lambda c=cfg: launch(x, p, bias, c), warmup=2, rep=10,
                                    return_mode="median")
-        except Exception as exc:  # noqa: BLE001 - e.g. a tile that needs too much shared memory
+        except Exception:  # noqa: BLE001 - e.g. a tile that needs too much shared memory
             timings[cfg.label()] = float("nan")
-            del exc
             continue
         timings[cfg.label()] = round(us, 2)
         if us < best_us:
