@@ -120,11 +120,13 @@ def fit_shape(caps: Capabilities, K: int, N: int, group_size: int) -> tuple[int,
 
 
 def supported_group_sizes(caps: Capabilities, candidates: Iterable[int]) -> list[int]:
-    """Candidates the backend declares, plus its declared sizes (a fixed list) not tried yet."""
+    """The candidates the backend declares, plus the smallest and largest of its other
+    declared sizes (a long fixed list would multiply the grid, and JIT compiles with it)."""
     if caps.group_sizes is None:
         return list(candidates)
     chosen = [g for g in candidates if g in caps.group_sizes]
-    return chosen + [g for g in caps.group_sizes if g not in chosen]
+    others = sorted(g for g in caps.group_sizes if g not in chosen)
+    return chosen + sorted(set(others[:1] + others[-1:]), key=others.index)
 
 
 def _options(caps: Capabilities) -> tuple[list[int], list[bool], list[bool], list[torch.dtype]]:
