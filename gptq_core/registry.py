@@ -21,6 +21,8 @@ from . import hookspecs
 from .backend import Backend, BackendInfo
 from .errors import BackendConflictError, GPTQError
 
+#: Backends that ``pip install gptq-core[NAME]`` brings (the extras of the root pyproject).
+INSTALL_EXTRAS = ("cuda", "marlin", "exllama", "rocm", "hpu")
 REQUIRED_HOOKS = ("gptq_backend_info", "gptq_pack", "gptq_qmatmul")
 QMATMUL_PARAMS = ("x", "prepared", "bias")
 
@@ -172,10 +174,12 @@ class Registry:
             cls = BackendConflictError if broken.conflict else GPTQError
             raise cls(f"backend '{name}' is broken: {broken.error}")
         known = ", ".join(sorted(self.backends)) or "none"
-        raise GPTQError(
-            f"no backend named '{name}' is installed (installed: {known}); "
-            f"install one with e.g. `pip install gptq-core[{name}]`"
+        hint = (
+            f"`pip install gptq-core[{name}]` installs it"
+            if name in INSTALL_EXTRAS
+            else f"the extras {', '.join(INSTALL_EXTRAS)} of gptq-core install more"
         )
+        raise GPTQError(f"no backend named '{name}' is installed (installed: {known}); {hint}")
 
 
 _lock = threading.Lock()

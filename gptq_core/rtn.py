@@ -12,6 +12,9 @@ from .errors import FormatError
 from .format import PackedWeight, ZeroFormat, check_group_size, default_g_idx, num_groups, pack_weight
 from .packing import check_bits
 
+#: Smallest positive fp16 value.
+FP16_TINY = 2.0**-24
+
 
 def minmax_params(
     w: torch.Tensor, bits: int, sym: bool, zero_floor: int = 0
@@ -40,6 +43,14 @@ def minmax_params(
         zero = torch.clamp(torch.round(-xmin / scale), zero_floor, maxq)
     # Scales are stored in fp16: quantize against the value the checkpoint will hold.
     scale = scale.to(torch.float16).float()
+    if not bool(torch.isfinite(scale).all()):
+        raise FormatError(
+            "a weight group's range does not fit an fp16 scale (|w| > ~1e5); the layer "
+            "cannot be stored in the GPTQ format"
+        )
+    # An all-tiny group would round its scale to 0 (and dequantize to NaN): use the
+    # smallest positive fp16 value instead.
+    scale = torch.where(scale == 0, torch.full_like(scale, FP16_TINY), scale)
     return scale, zero
 
 

@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export PYTHONDONTWRITEBYTECODE=1
+# One torch thread per pytest worker: two workers on two cores, no oversubscription.
+export OMP_NUM_THREADS=1
 python -m pytest -q -n 2 tests
+# The Marlin backend's CPU-side tests: tile repack, probe, and an nvcc build of its CUDA sources.
+python -m pytest -q -n 2 backend_marlin/tests
 # The conformance suite (gptq-conformance) against each backend that runs on this CPU:
 # the torch reference, and the example third-party backend through its own test file.
 python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=torch

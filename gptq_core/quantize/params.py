@@ -13,16 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import FormatError
 from ..rtn import minmax_params, quantize_values
 
 #: Shrink grid of the MSE search, as in the GPTQ reference quantizer: 100 steps, down to 20 %.
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
-
-#: Smallest positive fp16 value: scales of all-tiny groups are raised to it, not rounded to 0.
-_FP16_TINY = 2.0**-24
-
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -40,14 +35,7 @@ class GridSpec:
 
 def _minmax(w: torch.Tensor, grid: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
     scale, zero = minmax_params(w, grid.bits, grid.sym, zero_floor=grid.zero_floor)
-    scale = scale.to(w.device)
-    if not bool(torch.isfinite(scale).all()):
-        raise FormatError(
-            "a weight group's range does not fit an fp16 scale (|w| > ~1e5); the layer "
-            "cannot be stored in the GPTQ format"
-        )
-    scale = torch.where(scale == 0, torch.full_like(scale, _FP16_TINY), scale)
-    return scale, zero.to(w.device)
+    return scale.to(w.device), zero.to(w.device)
 
 
 def dequantize_values(
