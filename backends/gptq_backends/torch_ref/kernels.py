@@ -25,9 +25,8 @@ def _dequant_chunk(qweight, zeros, scales, g_idx, bits, k0, k1, dtype):
     return (q.to(dtype) - zeros[g].to(dtype)) * scales[g].to(dtype)
 
 
-def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # float32 accumulation for every activation dtype.
-    return torch.float32
+#: Every activation dtype is computed and accumulated in float32: this is the reference.
+_COMPUTE_DTYPE = torch.float32
 
 
 @torch.library.custom_op("gptq_torch::qmatmul", mutates_args=())
@@ -41,7 +40,7 @@ def qmatmul_op(
     bits: int,
 ) -> torch.Tensor:
     K, N = g_idx.shape[0], scales.shape[1]
-    cdt = _compute_dtype(x.dtype, x.device)
+    cdt = _COMPUTE_DTYPE
     out = torch.zeros(x.shape[0], N, dtype=cdt, device=x.device)
     step = chunk_rows(K, N)
     for k0 in range(0, K, step):
@@ -69,7 +68,7 @@ def qmatmul_grad_input_op(
 ) -> torch.Tensor:
     """``grad @ W`` (W as [N, K]): the input gradient of ``qmatmul``, chunked the same way."""
     K, N = g_idx.shape[0], scales.shape[1]
-    cdt = _compute_dtype(grad.dtype, grad.device)
+    cdt = _COMPUTE_DTYPE
     out = torch.empty(grad.shape[0], K, dtype=grad.dtype, device=grad.device)
     step = chunk_rows(K, N)
     g = grad.to(cdt)
