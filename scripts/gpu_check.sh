@@ -14,7 +14,7 @@
 #   GPU_CHECK_CONFORMANCE=a,b     backends to run the conformance suite on (default: every
 #                                 backend usable on this GPU except the torch reference)
 #   GPU_CHECK_QUICK=1             the conformance suite's quick case set
-#   GPU_CHECK_STEPS="install precompile tests conformance bench4 benchmore"  (run in the
+#   GPU_CHECK_STEPS="install build precompile marlincheck tests conformance bench4 benchmore"  (run in the
 #                                 order given; a subset runs only those steps)
 #   GPU_CHECK_WORKERS=8           pytest-xdist workers / compile processes
 #   GPU_CHECK_SHAPES_MORE, GPU_CHECK_M_MORE   shapes and M values of the smaller benchmarks
@@ -26,7 +26,7 @@ DIR=${GPU_CHECK_DIR:-${OUT:-gpu_check_out}}
 mkdir -p "$DIR"
 PY=${PYTHON:-python3}
 WORKERS=${GPU_CHECK_WORKERS:-8}
-STEPS=${GPU_CHECK_STEPS:-install precompile tests conformance bench4 benchmore}
+STEPS=${GPU_CHECK_STEPS:-install build precompile marlincheck tests conformance bench4 benchmore}
 SHAPES_MORE=${GPU_CHECK_SHAPES_MORE:-4096x4096,8192x28672}
 M_MORE=${GPU_CHECK_M_MORE:-1,16,64,256,4096}
 export PYTHONUNBUFFERED=1
@@ -110,6 +110,22 @@ do_precompile() {
     $PY -c "import triton" 2>/dev/null || { say "precompile: no triton, skipped"; return 0; }
     step precompile 300 $PY benchmarks/triton_precompile.py --bits 4,2,3,8 --act-order both \
         --workers "$WORKERS"
+}
+
+# Marlin's CUDA extension, built ahead so no benchmark or test pays for the JIT build.
+do_build() {
+    $PY -c "import gptq_backend_marlin" 2>/dev/null || { say "build: no marlin, skipped"; return 0; }
+    export GPTQ_MARLIN_BUILD_DIR=${GPTQ_MARLIN_BUILD_DIR:-$PWD/.cache/marlin_build}
+    step build 300 $PY -m gptq_backend_marlin.build
+}
+
+# Marlin's own float64 sweep (bits from GPU_CHECK_MARLIN_BITS, default "4 8").
+do_marlincheck() {
+    $PY -c "import gptq_backend_marlin" 2>/dev/null || { say "marlincheck: no marlin, skipped"; return 0; }
+    local b
+    for b in ${GPU_CHECK_MARLIN_BITS:-4 8}; do
+        step "marlincheck-$b" 300 $PY backend_marlin/benchmarks/h100_check.py --bits "$b" --quick
+    done
 }
 
 do_tests() {
