@@ -83,17 +83,16 @@ def test_backends_list_shows_marlin_unavailable_on_cpu():
     row = next(r for r in backend_rows(DeviceInfo.of("cpu")) if r["name"] == "marlin")
     assert row["status"] == "unavailable"
     assert row["reasons"] == ["runs on cuda devices, this is cpu"]
-    assert row["bits"] == [4] and row["group_sizes"] == [-1, 32, 64, 128, 256]
+    assert row["bits"] == [4, 8] and row["group_sizes"] == [-1, 32, 64, 128, 256]
 
 
-def test_8bit_is_declared_only_on_request():
-    """8-bit is off by default (not yet verified on a GPU) and rejected with the bits reason."""
-    reasons = marlin().reasons(FAKE_H100, LayerSpec(8, 128, 256, 64))
-    assert "8-bit is not supported (supports [4])" in reasons
+def test_8bit_is_on_by_default_and_can_be_switched_off():
+    """8-bit is declared by default; GPTQ_MARLIN_INT8=0 withdraws it (rejected with the bits reason)."""
+    assert not any("bit" in r for r in marlin().reasons(FAKE_H100, LayerSpec(8, 128, 256, 64)))
     code = "from gptq_backend_marlin import plugin; print(plugin.CAPABILITIES.bits)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GPTQ_MARLIN_INT8": "1"})
-    assert proc.stdout.strip() == "(4, 8)", proc.stderr
+                          env={**os.environ, "GPTQ_MARLIN_INT8": "0"})
+    assert proc.stdout.strip() == "(4,)", proc.stderr
 
 
 def test_large_batch_thresholds_follow_layer_size(monkeypatch):
