@@ -14,7 +14,7 @@
 #   GPU_CHECK_CONFORMANCE=a,b     backends to run the conformance suite on (default: every
 #                                 backend usable on this GPU except the torch reference)
 #   GPU_CHECK_QUICK=1             the conformance suite's quick case set
-#   GPU_CHECK_STEPS="install build precompile marlincheck tests conformance bench4 benchmore"  (run in the
+#   GPU_CHECK_STEPS="install build precompile marlincheck tests models conformance bench4 benchmore"  (run in the
 #                                 order given; a subset runs only those steps)
 #   GPU_CHECK_WORKERS=8           pytest-xdist workers / compile processes
 #   GPU_CHECK_SHAPES_MORE, GPU_CHECK_M_MORE   shapes and M values of the smaller benchmarks
@@ -26,7 +26,7 @@ DIR=${GPU_CHECK_DIR:-${OUT:-gpu_check_out}}
 mkdir -p "$DIR"
 PY=${PYTHON:-python3}
 WORKERS=${GPU_CHECK_WORKERS:-8}
-STEPS=${GPU_CHECK_STEPS:-install build precompile marlincheck tests conformance bench4 benchmore}
+STEPS=${GPU_CHECK_STEPS:-install build precompile marlincheck tests models conformance bench4 benchmore}
 SHAPES_MORE=${GPU_CHECK_SHAPES_MORE:-4096x4096,8192x28672}
 M_MORE=${GPU_CHECK_M_MORE:-1,16,64,256,4096}
 export PYTHONUNBUFFERED=1
@@ -125,6 +125,35 @@ do_marlincheck() {
     local b
     for b in ${GPU_CHECK_MARLIN_BITS:-4 8}; do
         step "marlincheck-$b" 300 $PY backend_marlin/benchmarks/h100_check.py --bits "$b" --quick
+    done
+}
+
+# The real stories260K model on the GPU: quantize (4-bit g32, and 8-bit g32 act-order), then
+# say which backend serves each layer, generate, and score text on every usable backend.
+do_models() {
+    local data=gptq_core/data text=gptq_core/data/text/tinystories-sample.txt spec name dir be
+    for spec in "w4g32:--bits 4 --group-size 32" "w8g32act:--bits 8 --group-size 32 --desc-act"; do
+        name=${spec%%:*}
+        dir=$SCRATCH/s260k-$name
+        # shellcheck disable=SC2086
+        step "quantize-$name" 120 $PY -m gptq_core.cli.main quantize "$data/stories260K" "$dir" \
+            --calibration "$text" ${spec#*:} --nsamples 32 --seqlen 256 --device "${GPU_CHECK_DEVICE:-cuda}" --no-progress \
+            || continue
+        say "explain-$name: layers per backend"
+        $PY -m gptq_core.cli.main backends explain "$dir" --json 2>>"$LOG" | $PY -c '
+import collections, json, re, sys
+rows = json.load(sys.stdin)
+shape = lambda spec: re.search(r"K=\d+ N=\d+", spec).group(0)
+for (b, s), n in sorted(collections.Counter((r["backend"], shape(r["spec"])) for r in rows).items()):
+    print(f"  {n:3d} layers {s:12s} -> {b}")' | tee -a "$LOG" >>"$SUMMARY"
+        step "generate-$name" 60 $PY -m gptq_core.cli.main generate "$dir" --prompt "Once upon a time" \
+            --max-new-tokens 32 --device "${GPU_CHECK_DEVICE:-cuda}"
+        tail -n 2 "$LOG" | head -n 1 | sed 's/^/  /' >>"$SUMMARY"
+        for be in auto torch; do
+            step "eval-$name-$be" 60 $PY -m gptq_core.cli.main eval "$dir" --text "$text" \
+                --max-tokens 8192 --backend "$be" --device "${GPU_CHECK_DEVICE:-cuda}"
+            tail -n 2 "$LOG" | head -n 1 | sed "s/^/  backend $be: /" >>"$SUMMARY"
+        done
     done
 }
 
