@@ -78,7 +78,7 @@ bench() {
     say "$name: gptq bench $* (limit ${limit}s)"
     local t0=$SECONDS
     # shellcheck disable=SC2086
-    timeout "$limit" $PY -m gptq_core.cli.main bench --csv "$csv" "$@" ${GPU_CHECK_BENCH_ARGS:-} \
+    timeout "$limit" $PY -m gptq_core bench --csv "$csv" "$@" ${GPU_CHECK_BENCH_ARGS:-} \
         >"$table" 2>>"$LOG"
     local rc=$?
     say "$name: exit $rc after $((SECONDS - t0))s"
@@ -136,21 +136,21 @@ do_models() {
         name=${spec%%:*}
         dir=$SCRATCH/s260k-$name
         # shellcheck disable=SC2086
-        step "quantize-$name" 120 $PY -m gptq_core.cli.main quantize "$data/stories260K" "$dir" \
+        step "quantize-$name" 120 $PY -m gptq_core quantize "$data/stories260K" "$dir" \
             --calibration "$text" ${spec#*:} --nsamples 32 --seqlen 256 --device "${GPU_CHECK_DEVICE:-cuda}" --no-progress \
             || continue
         say "explain-$name: layers per backend"
-        $PY -m gptq_core.cli.main backends explain "$dir" --json 2>>"$LOG" | $PY -c '
+        $PY -m gptq_core backends explain "$dir" --json 2>>"$LOG" | $PY -c '
 import collections, json, re, sys
 rows = json.load(sys.stdin)
 shape = lambda spec: re.search(r"K=\d+ N=\d+", spec).group(0)
 for (b, s), n in sorted(collections.Counter((r["backend"], shape(r["spec"])) for r in rows).items()):
     print(f"  {n:3d} layers {s:12s} -> {b}")' | tee -a "$LOG" >>"$SUMMARY"
-        step "generate-$name" 60 $PY -m gptq_core.cli.main generate "$dir" --prompt "Once upon a time" \
+        step "generate-$name" 60 $PY -m gptq_core generate "$dir" --prompt "Once upon a time" \
             --max-new-tokens 32 --device "${GPU_CHECK_DEVICE:-cuda}"
         tail -n 2 "$LOG" | head -n 1 | sed 's/^/  /' >>"$SUMMARY"
         for be in auto torch; do
-            step "eval-$name-$be" 60 $PY -m gptq_core.cli.main eval "$dir" --text "$text" \
+            step "eval-$name-$be" 60 $PY -m gptq_core eval "$dir" --text "$text" \
                 --max-tokens 8192 --backend "$be" --device "${GPU_CHECK_DEVICE:-cuda}"
             tail -n 2 "$LOG" | head -n 1 | sed "s/^/  backend $be: /" >>"$SUMMARY"
         done
@@ -169,7 +169,7 @@ do_conformance() {
     else  # every backend usable here, except the torch reference
         names=$($PY -c '
 import json, subprocess, sys
-out = subprocess.run([sys.executable, "-m", "gptq_core.cli.main", "backends", "list", "--json"],
+out = subprocess.run([sys.executable, "-m", "gptq_core", "backends", "list", "--json"],
                      capture_output=True, text=True).stdout
 print(" ".join(r["name"] for r in json.loads(out)
                if r["status"] == "available" and r["name"] != "torch"))')
@@ -213,7 +213,7 @@ print(",".join(sorted(e.name for e in entry_points(group="gptq.backends") if e.n
         export GPTQ_DISABLED_BACKENDS
         say "backends hidden: ${GPTQ_DISABLED_BACKENDS:-none}"
     fi
-    $PY -m gptq_core.cli.main backends list >>"$SUMMARY" 2>&1
+    $PY -m gptq_core backends list >>"$SUMMARY" 2>&1
 }
 
 [[ " $STEPS " == *" install "* ]] || setup_backends
