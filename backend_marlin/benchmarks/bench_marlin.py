@@ -141,6 +141,25 @@ def variants(rows) -> None:
         torch.cuda.empty_cache()
 
 
+def finalizer_ab(rows) -> None:
+    """v3 (unrolled stream-K finalizer) against v2 (GPTQ_MARLIN_FINALIZER=loop), interleaved on
+    the same weights, 4-bit (and 8-bit on 4096x4096): `--finalizer-ab` runs only this."""
+    for K, N, bits in ((4096, 4096, 4), (8192, 28672, 4), (4096, 14336, 4), (4096, 4096, 8)):
+        layer = Layer(K, N, bits=bits, with_baselines=False)
+        for m in (1, 2, 16, 32, 64):
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m, "bits": bits, "finalizer_ab": 1}
+            for name, mode in (("v2_loop", "loop"), ("v3", ""), ("v2_loop_again", "loop"), ("v3_again", "")):
+                os.environ["GPTQ_MARLIN_FINALIZER"] = mode
+                row[name] = time_calls(layer.calls("marlin", x))
+            os.environ.pop("GPTQ_MARLIN_FINALIZER", None)
+            rows.append(row)
+            v2, v3 = min(row["v2_loop"], row["v2_loop_again"]), min(row["v3"], row["v3_again"])
+            print(_fmt(row) + f" b{bits} v2/v3={v2 / v3:.2f}", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
 def _fmt(row: dict) -> str:
     head = f"{row['K']:>5}x{row['N']:<5} M={row['M']:<4}"
     parts = [f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float)]
@@ -209,6 +228,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="main shapes only, fewer M")
     parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--finalizer-ab", action="store_true",
+                        help="only time the v3 finalizer against v2's loop (about 40 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -221,8 +242,13 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    shapes = MAIN if args.quick else SHAPES
-    ms = (1, 16, 64, 128, 256, 512, 1024, 4096) if args.quick else MS
+    if args.finalizer_ab:
+        finalizer_ab(rows)
+        args.no_variants, args.triton_budget = True, 0.0
+        shapes, ms = [], ()
+    else:
+        shapes = MAIN if args.quick else SHAPES
+        ms = (1, 16, 64, 128, 256, 512, 1024, 4096) if args.quick else MS
     run(shapes, ms, rows, extra=True)
     if not args.no_variants:
         variants(rows)

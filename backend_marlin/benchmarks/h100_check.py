@@ -130,6 +130,46 @@ def determinism() -> None:
             failures.append(f"determinism: M={m} results differ between identical calls")
 
 
+def finalizer_ab() -> None:
+    """v3's unrolled stream-K finalizer against v2's loop (GPTQ_MARLIN_FINALIZER=loop): both
+    add the same slots in the same order, so results must be bit-identical; both must also
+    pass the float64 check. Shapes with shared tiles (many contributors), partial column tiles,
+    bias, 4- and 8-bit, every row-block count and 1 or 2 blocks per SM."""
+    import os
+
+    configs = ((4, torch.float16, True, 4096, 4096, True), (4, torch.bfloat16, False, 1024, 800, True),
+               (4, torch.float16, True, 8192, 28672, False), (8, torch.float16, True, 4096, 4096, True),
+               (8, torch.bfloat16, False, 1024, 800, False))
+    for bits, dtype, sym, K, N, with_bias in configs:
+        label = f"finalizer b{bits} {str(dtype)[6:]} {K}x{N}"
+        try:
+            packed = gpu_packed(bits, 128, sym, False, K, N, seed=K + bits)
+            p = prepare(packed, DEV, dtype)
+            w64 = packed.dequantize(torch.float64).to(DEV)
+            bias = (torch.randn(N, device=DEV) * 0.5).half() if with_bias else None
+            for m in (1, 2, 7, 16, 17, 33, 48, 64, 65):
+                x = torch.randn(m, K, device=DEV).to(dtype)
+                ref, bound = reference(x, w64, bias)
+                for bps in (0, 1):
+                    ys = []
+                    for mode in ("", "loop"):
+                        os.environ["GPTQ_MARLIN_FINALIZER"] = mode
+                        poison(m * N, dtype)
+                        ys.append(ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits, 128, N, -1, bps))
+                        torch.cuda.synchronize()
+                        counts["calls"] += 1
+                    res = check_close(ys[0], ref, bound, dtype)
+                    if not res.ok:
+                        failures.append(f"{label} M={m} bps={bps} v3: {res.message}")
+                    if not torch.equal(ys[0], ys[1]):
+                        failures.append(f"{label} M={m} bps={bps}: v3 and v2 finalizers differ")
+            counts["cases"] += 1
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+        finally:
+            os.environ.pop("GPTQ_MARLIN_FINALIZER", None)
+
+
 def special_values() -> None:
     packed = random_packed(4, 64, True, False, 256, 256, seed=3, device=DEV)
     p = prepare(packed, DEV, torch.float16)
@@ -209,7 +249,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bits", default="4", help="bit widths of the grid, e.g. 4 or 4,8")
-    parser.add_argument("--parts", default="grid,large,determinism,special_values,through_quantlinear,dense_cache,opcheck")
+    parser.add_argument("--parts", default="grid,large,finalizer_ab,determinism,special_values,through_quantlinear,dense_cache,opcheck")
     args = parser.parse_args()
     bits_list = tuple(int(b) for b in args.bits.split(","))
     started = time.perf_counter()

@@ -34,6 +34,7 @@ struct GemmArgs {
   int slices;          // ceil(m / (16 * max)): max = kMaxMBlocks, kMaxMBlocks8 for 8-bit
   int workers;         // blocks per slice; the striped partition splits n_tiles * k_tiles
   int evict_first;     // stream weights with an L2 evict-first hint
+  int finalizer;       // stream-K finalizer: 0 unrolled (v3), 1 the v2 loop (A/B timing only)
 };
 
 struct DequantArgs {

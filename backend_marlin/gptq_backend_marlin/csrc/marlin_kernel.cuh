@@ -349,7 +349,7 @@ __device__ __forceinline__ void zero_acc(float (&acc)[M_BLOCKS][4][4]) {
 
 // ---------------------------------------------------------------------------------------------
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
-__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
+__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(const GemmArgs p) {
   using L = Layout<BITS>;
   using S = Smem<BITS, M_BLOCKS>;
   constexpr int kStages = Stages<BITS, M_BLOCKS>::value;
@@ -518,39 +518,109 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const GemmArgs p) {
         const int n_cols = min(kWarps, nb32 - cur_nt * kWarps) * kWarpN;
         const half* bias = static_cast<const half*>(p.bias);
         T* out = static_cast<T*>(p.c);
-        for (int e = tid * 2; e < rows * kTileN; e += kThreads * 2) {
-          const int r = e / kTileN, c = e % kTileN;
-          if (c >= n_cols) continue;
-          float2 sum = __ldcg(reinterpret_cast<const float2*>(first + e));
-          int w = w_lo + 1;
-          for (; w + 3 <= w_hi; w += 4) {  // four loads in flight, then add in order
-            const float* base = others + static_cast<size_t>(w) * kStride + e;
-            const float2 v0 = __ldcg(reinterpret_cast<const float2*>(base));
-            const float2 v1 = __ldcg(reinterpret_cast<const float2*>(base + kStride));
-            const float2 v2 = __ldcg(reinterpret_cast<const float2*>(base + 2 * kStride));
-            const float2 v3 = __ldcg(reinterpret_cast<const float2*>(base + 3 * kStride));
-            sum.x += v0.x;
-            sum.y += v0.y;
-            sum.x += v1.x;
-            sum.y += v1.y;
-            sum.x += v2.x;
-            sum.y += v2.y;
-            sum.x += v3.x;
-            sum.y += v3.y;
+        if (p.finalizer == 0) {
+          // v3: every element of this thread is a compile-time slot (kE float4 per thread,
+          // predicated), and kCB contributors are loaded together: kE * kCB 16-byte loads are
+          // in flight per round trip, so a tile costs 1 + ceil((C - 1) / kCB) L2 round trips
+          // whatever M is. Additions stay in worker order (the same sums as the loop below).
+          constexpr int kE = M_BLOCKS * 16 * kTileN / (kThreads * 4);
+          // 8 float4 in flight at M_BLOCKS <= 2: at most 128 registers, two blocks per SM.
+          constexpr int kCB = kE >= 8 ? 1 : 8 / kE;
+          const int limit = rows * kTileN;
+          const int c4 = (tid * 4) % kTileN;  // the same column for every u
+          const bool col_ok = c4 < n_cols;
+          const int col = cur_nt * kTileN + c4;
+          float4 b4 = make_float4(0.f, 0.f, 0.f, 0.f);  // the bias is one per column: load once
+          if (bias != nullptr && col_ok) {
+            b4.x = __half2float(bias[col]);
+            b4.y = __half2float(bias[col + 1]);
+            b4.z = __half2float(bias[col + 2]);
+            b4.w = __half2float(bias[col + 3]);
           }
-          for (; w <= w_hi; w++) {
-            const float2 v =
-                __ldcg(reinterpret_cast<const float2*>(others + static_cast<size_t>(w) * kStride + e));
-            sum.x += v.x;
-            sum.y += v.y;
+          float4 sum[kE];
+#pragma unroll
+          for (int u = 0; u < kE; u++) {
+            const int e = (u * kThreads + tid) * 4;
+            sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (col_ok && e < limit) sum[u] = __ldcg(reinterpret_cast<const float4*>(first + e));
           }
-          const int col = cur_nt * kTileN + c;
-          if (bias != nullptr) {
-            sum.x += __half2float(bias[col]);
-            sum.y += __half2float(bias[col + 1]);
+          for (int w = w_lo + 1; w <= w_hi; w += kCB) {
+            float4 v[kCB][kE];
+#pragma unroll
+            for (int b = 0; b < kCB; b++)
+#pragma unroll
+              for (int u = 0; u < kE; u++) {
+                const int e = (u * kThreads + tid) * 4;
+                v[b][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (col_ok && e < limit && w + b <= w_hi)
+                  v[b][u] = __ldcg(reinterpret_cast<const float4*>(
+                      others + static_cast<size_t>(w + b) * kStride + e));
+              }
+#pragma unroll
+            for (int b = 0; b < kCB; b++)
+#pragma unroll
+              for (int u = 0; u < kE; u++) {
+                if (w + b <= w_hi) {
+                  sum[u].x += v[b][u].x;
+                  sum[u].y += v[b][u].y;
+                  sum[u].z += v[b][u].z;
+                  sum[u].w += v[b][u].w;
+                }
+              }
           }
-          *reinterpret_cast<typename Act<T>::T2*>(out + static_cast<size_t>(row0 + r) * p.n + col) =
-              Act<T>::pack(sum.x, sum.y);
+#pragma unroll
+          for (int u = 0; u < kE; u++) {
+            const int e = (u * kThreads + tid) * 4;
+            if (!col_ok || e >= limit) continue;
+            const int r = e / kTileN;
+            float4 s4 = sum[u];
+            if (bias != nullptr) {
+              s4.x += b4.x;
+              s4.y += b4.y;
+              s4.z += b4.z;
+              s4.w += b4.w;
+            }
+            uint2 packed;
+            packed.x = as_u32(Act<T>::pack(s4.x, s4.y));
+            packed.y = as_u32(Act<T>::pack(s4.z, s4.w));
+            *reinterpret_cast<uint2*>(out + static_cast<size_t>(row0 + r) * p.n + col) = packed;
+          }
+        } else {
+          // v2 (GPTQ_MARLIN_FINALIZER=loop): run-time element loop, one element at a time.
+          for (int e = tid * 2; e < rows * kTileN; e += kThreads * 2) {
+            const int r = e / kTileN, c = e % kTileN;
+            if (c >= n_cols) continue;
+            float2 sum = __ldcg(reinterpret_cast<const float2*>(first + e));
+            int w = w_lo + 1;
+            for (; w + 3 <= w_hi; w += 4) {  // four loads in flight, then add in order
+              const float* base = others + static_cast<size_t>(w) * kStride + e;
+              const float2 v0 = __ldcg(reinterpret_cast<const float2*>(base));
+              const float2 v1 = __ldcg(reinterpret_cast<const float2*>(base + kStride));
+              const float2 v2 = __ldcg(reinterpret_cast<const float2*>(base + 2 * kStride));
+              const float2 v3 = __ldcg(reinterpret_cast<const float2*>(base + 3 * kStride));
+              sum.x += v0.x;
+              sum.y += v0.y;
+              sum.x += v1.x;
+              sum.y += v1.y;
+              sum.x += v2.x;
+              sum.y += v2.y;
+              sum.x += v3.x;
+              sum.y += v3.y;
+            }
+            for (; w <= w_hi; w++) {
+              const float2 v =
+                  __ldcg(reinterpret_cast<const float2*>(others + static_cast<size_t>(w) * kStride + e));
+              sum.x += v.x;
+              sum.y += v.y;
+            }
+            const int col = cur_nt * kTileN + c;
+            if (bias != nullptr) {
+              sum.x += __half2float(bias[col]);
+              sum.y += __half2float(bias[col + 1]);
+            }
+            *reinterpret_cast<typename Act<T>::T2*>(out + static_cast<size_t>(row0 + r) * p.n + col) =
+                Act<T>::pack(sum.x, sum.y);
+          }
         }
         if (tid == 0) *counter = 0;
       }

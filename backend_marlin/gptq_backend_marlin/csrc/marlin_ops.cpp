@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -55,6 +57,13 @@ void check_weights(const at::Tensor& b, const at::Tensor& scales,
                     zeros->is_contiguous() && zeros->device() == b.device(),
                 "marlin: zeros must match scales in shape, dtype and device");
   }
+}
+
+// GPTQ_MARLIN_FINALIZER=loop selects the v2 finalizer (side-by-side timing); read per call so
+// a benchmark can switch it between graph captures.
+int finalizer_mode() {
+  const char* env = std::getenv("GPTQ_MARLIN_FINALIZER");
+  return (env != nullptr && std::strcmp(env, "loop") == 0) ? 1 : 0;
 }
 
 // Workspace per (device, stream): fp32 partial-sum slots and self-clearing tile counters.
@@ -213,6 +222,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   args.slices = static_cast<int>(slices);
   args.workers = static_cast<int>(workers);
   args.evict_first = slices == 1 ? 1 : 0;  // several slices re-read the weights from L2
+  args.finalizer = finalizer_mode();
   const cudaError_t err = gemm_launch(dtype, args, stream);
   TORCH_CHECK(err == cudaSuccess, "marlin: gemm launch failed: ", cudaGetErrorString(err));
   return out;
