@@ -249,3 +249,107 @@ def test_shipped_h100_table_is_read():
     key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
     assert table.shipped[key].path == "fused"
     assert table.shipped[configs.shape_key(4, 128, torch.float16, 8192, 28672, 4096)].path == "dequant"
+
+
+def _patched_choice(monkeypatch, cfg: KernelConfig) -> None:
+    """Make every call of this test choose ``cfg`` first (the in-process choices are reset)."""
+    ops.forget_choices()
+    monkeypatch.setattr(ops, "choose", lambda x, p: ops._chosen.get(ops._cache_key(x, p), cfg))
+    monkeypatch.setattr(ops, "_chosen", {})
+
+
+def test_a_config_that_cannot_compile_falls_back(monkeypatch):
+    """A tile Triton cannot compile (BLOCK_N 48 is not a power of two) must not fail the call:
+    the next working fallback serves it, is remembered for the key, and one warning names both."""
+    bad = KernelConfig("fused", 16, 48, 0, 4, 3)
+    _patched_choice(monkeypatch, bad)
+    w = random_weight(256, 40, 4, 128, sym=True, act=True, seed=5)
+    p = layout.prepare(w, DEVICE)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).half().to(DEVICE)
+    with pytest.warns(RuntimeWarning, match="m16 n48") as rec:
+        y = ops.qmatmul(x, p, None)
+    assert len(rec) == 1 and "b4-g128-float16-K256-N40-M4" in str(rec[0].message)
+    assert rel_err(y, reference(x, w)) < TOL[torch.float16]
+    assert ops._chosen[ops._cache_key(x, p)] == configs.default_config(3)
+    import warnings  # noqa: PLC0415
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither retries nor warns
+        y2 = ops.qmatmul(x, p, None)
+    assert torch.equal(y, y2)
+
+
+def test_out_of_resources_falls_back_to_fewer_stages(monkeypatch):
+    """Triton's OutOfResources at the first launch (a tile tuned for another layout needing too
+    much shared memory, as 3-bit M=64 did on the H100): the same tile with fewer stages runs."""
+    from triton.runtime.errors import OutOfResources  # noqa: PLC0415
+
+    big = KernelConfig("fused", 16, 64, 0, 4, 3)
+    _patched_choice(monkeypatch, big)
+    real_launch, tried = ops.launch, []
+
+    def launch(x, p, bias, cfg):
+        tried.append(cfg)
+        if cfg == big:
+            raise OutOfResources(246016, 232448, "shared memory")
+        return real_launch(x, p, bias, cfg)
+
+    monkeypatch.setattr(ops, "launch", launch)
+    w = random_weight(256, 40, 3, 128, sym=False, act=False, bias=True, seed=6)
+    p = layout.prepare(w, DEVICE)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1)).half().to(DEVICE)
+    with pytest.warns(RuntimeWarning, match="OutOfResources"):
+        y = ops.qmatmul(x, p, w.bias)
+    assert rel_err(y, reference(x, w)) < TOL[torch.float16]
+    assert tried == [big, KernelConfig("fused", 16, 64, 0, 4, 2)]
+    ops.qmatmul(x, p, w.bias)
+    assert tried[-1] == KernelConfig("fused", 16, 64, 0, 4, 2)
+
+
+def test_fallback_order_and_nothing_works(monkeypatch):
+    cfg = KernelConfig("fused", 64, 128, 1, 4, 3)
+    assert ops.fallbacks(cfg, 64) == [cfg, KernelConfig("fused", 64, 128, 1, 4, 2),
+                                      KernelConfig("fused", 64, 128, 1, 4, 1),
+                                      configs.default_config(64), KernelConfig("dequant")]
+    _patched_choice(monkeypatch, cfg)
+
+    def launch(x, p, bias, c):
+        raise ValueError(f"broken {c.label()}")
+
+    monkeypatch.setattr(ops, "launch", launch)
+    w = random_weight(128, 16, 4, 128, sym=True, act=False, seed=2)
+    p = layout.prepare(w, DEVICE)
+    with pytest.raises(ValueError, match="broken m64 n128 sk1 w4 s3"):  # the first error
+        ops.qmatmul(torch.zeros(1, 128, dtype=torch.float16, device=DEVICE), p, None)
+
+
+def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
+    """Tuned entries carry their bit width's layout version; others (3-bit before its int32
+    third-bit plane: no version field) are ignored, in users' files and the shipped table."""
+    import json  # noqa: PLC0415
+
+    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
+    cfg = {"path": "fused", "block_m": 64, "block_n": 128, "split_k": 1, "num_warps": 4,
+           "num_stages": 3}
+    k3 = configs.shape_key(3, 128, torch.float16, 4096, 4096, 64)
+    k4 = configs.shape_key(4, 128, torch.float16, 4096, 4096, 64)
+    (tmp_path / "Old_GPU.json").write_text(json.dumps({"gpu": "Old GPU", "entries": {
+        k3: {"config": cfg}, k4: {"config": cfg}}}))
+    table = configs.ConfigTable("Old GPU")
+    assert table.lookup(k3) is None and table.lookup(k4) == KernelConfig(**cfg)
+    assert layout.LAYOUT_VERSIONS[3] >= 2
+    table.store(k3, KernelConfig(**cfg), {})
+    assert configs.ConfigTable("Old GPU").lookup(k3) == KernelConfig(**cfg)
+    shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped
+    assert shipped and not [k for k in shipped if k.startswith("b3-")]
+
+
+@pytest.mark.parametrize("how", ["torch", "triton"])
+def test_act_order_gather(how, monkeypatch):
+    """Both ways of permuting x for act-order give x[:, perm[:K]] and the right product."""
+    w = random_weight(1100, 24, 4, 128, sym=True, act=True, seed=9)  # K > one gather block
+    p = layout.prepare(w, DEVICE)
+    x = torch.randn(3, 1100, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
+    xs = ops.gather_columns(x, p.perm, how)
+    assert torch.equal(xs, x[:, p.perm[:1100].long()])
+    monkeypatch.setattr(ops, "GATHER", how)
+    check(w, torch.float16, ms=(1, 3), cfg=KernelConfig("fused", 16, 32, 2, 4, 2))

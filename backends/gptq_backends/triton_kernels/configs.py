@@ -11,6 +11,12 @@ and zero points share the entry of the same shape. Where to look, in order:
 4. tuning now, when ``GPTQ_TRITON_AUTOTUNE`` is not ``0`` and the call runs on a GPU outside
    CUDA-graph capture (the result is written to the user's file);
 5. the default rules below (``DEFAULT_RULES``), which need no measurement.
+
+Entries of tuned files carry the layout version (``layout.LAYOUT_VERSIONS``) of their bit width
+they were measured on; an entry of another version (or without one, for a width whose version
+is above 1) is ignored. If the chosen configuration still cannot compile or launch on this GPU
+(e.g. Triton's OutOfResources), ``ops.run`` falls back (fewer stages, the default rule, then
+dequant + matmul), keeps the one that works for that key in-process, and warns once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .layout import LAYOUT_VERSIONS
 
 #: Small-M split-K aims at this many programs per SM.
 PROGRAMS_PER_SM = 2
@@ -107,14 +115,25 @@ def autotune_enabled() -> bool:
     return os.environ.get("GPTQ_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "")
 
 
+def layout_version(key: str) -> int:
+    """The current layout version of a key's bit width ("b3-..." -> LAYOUT_VERSIONS[3])."""
+    m = re.match(r"b(\d+)-", key)
+    return LAYOUT_VERSIONS.get(int(m.group(1)), 1) if m else 1
+
+
 def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict]]:
-    """(configurations, the timings that chose them) of a tuned file; empty if unreadable."""
+    """(configurations, the timings that chose them) of a tuned file; empty if unreadable.
+
+    Entries measured on another layout version than today's (no "layout" field: version 1)
+    are left out."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}, {}
     configs, timings = {}, {}
     for key, entry in data.get("entries", {}).items():
+        if entry.get("layout", 1) != layout_version(key):
+            continue  # measured on an older layout of this bit width
         try:
             configs[key] = KernelConfig(**entry["config"])
         except (TypeError, KeyError):
@@ -151,7 +170,8 @@ class ConfigTable:
     def save(self, path: Path) -> None:
         """Write every user-tuned entry (with the timings that chose it) as JSON."""
         entries = {
-            k: {"config": asdict(v), "timings_us": self.timings.get(k, {})}
+            k: {"config": asdict(v), "layout": layout_version(k),
+                "timings_us": self.timings.get(k, {})}
             for k, v in sorted(self.user.items())
         }
         tmp = path.with_suffix(".tmp")

@@ -270,3 +270,17 @@ def dequant_kernel(
             rows = offs_k
         mask = (offs_k < K)[None, :] & (offs_n < N)[:, None]
         tl.store(out_ptr + rows[None, :] * stride_ok + offs_n[:, None], w.to(OT), mask=mask)
+
+
+@triton.jit(do_not_specialize=["K"])
+def gather_cols_kernel(x_ptr, perm_ptr, out_ptr, K, stride_xm, stride_om, BLOCK: tl.constexpr):
+    """``out[m, k] = x[m, perm[k]]`` for k < K: x's columns in the act-order weight's sorted
+    order (what ``x.index_select(1, perm[:K])`` computes), one program per row and BLOCK
+    columns."""
+    m = tl.program_id(0)  # rows on axis 0 (no 65535 limit), column blocks on axis 1
+    pid_k = tl.program_id(1)
+    offs = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K
+    idx = tl.load(perm_ptr + offs, mask=mask, other=0)
+    v = tl.load(x_ptr + m * stride_xm + idx, mask=mask, other=0.0)
+    tl.store(out_ptr + m * stride_om + offs, v, mask=mask)

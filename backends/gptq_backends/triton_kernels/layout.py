@@ -31,6 +31,12 @@ import torch
 from gptq_core.errors import NotSupportedError
 from gptq_core.format import PackedWeight, default_g_idx
 
+#: Version of the packed layout per bit width. Bump a width's number whenever its layout changes:
+#: tuned entries record the version they were measured on, and entries of another version are
+#: ignored (their tiles may not even fit any more). 3-bit is 2 since its third bits moved from
+#: an int16 plane to an int32 plane.
+LAYOUT_VERSIONS = {2: 1, 3: 2, 4: 1, 8: 1}
+
 #: Input channels per sub-tile, largest first: S must divide the group size.
 SUB_TILES = (32, 16)
 #: N is padded to a multiple of this (16-byte aligned rows of int32 words).

@@ -7,9 +7,11 @@ so ``TRITON_INTERPRET`` set by a test before the first call is honoured.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
+import warnings
 
 import torch
 
@@ -133,6 +135,24 @@ def dequantize(p: TritonPrepared, dtype: torch.dtype, block_n: int = 128) -> tor
     return out
 
 
+#: How act-order permutes x's columns before the fused kernel: "torch" (``index_select``, one
+#: ATen kernel) or "triton" (``kernels.gather_cols_kernel``, one Triton kernel of a fixed
+#: config). Either way it is one extra launch; benchmarks/triton_variants.py times both.
+GATHER = os.environ.get("GPTQ_TRITON_GATHER", "torch").strip().lower()
+GATHER_BLOCK = 1024
+
+
+def gather_columns(x: torch.Tensor, perm: torch.Tensor, how: str | None = None) -> torch.Tensor:
+    """x [M, K] with its columns in the act-order weight's sorted order: ``x[:, perm[:K]]``."""
+    M, K = x.shape
+    if (how or GATHER) != "triton":
+        return x.index_select(1, perm[:K])  # int32 index, a view of perm: one kernel, no copy
+    out = torch.empty(M, K, dtype=x.dtype, device=x.device)
+    _kernels().gather_cols_kernel[(M, math.ceil(K / GATHER_BLOCK))](
+        x, perm, out, K, x.stride(0), out.stride(0), BLOCK=GATHER_BLOCK, num_warps=4)
+    return out
+
+
 def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
            cfg: KernelConfig) -> torch.Tensor:
     """Run one configuration: ``x @ dequant(W) (+ bias)`` for x [M, K] with unit column stride."""
@@ -146,7 +166,7 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
     dev = x.device
     if p.perm is not None:
         # Act-order: x's columns into the weight's sorted order, once (see kernels.py).
-        x = x.index_select(1, p.perm[:K])
+        x = gather_columns(x, p.perm)
     # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
     out_dtype = torch.float32 if x.dtype == torch.bfloat16 and _interpreting() else x.dtype
     out = torch.empty(M, N, dtype=out_dtype, device=dev)
@@ -179,18 +199,44 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+#: The tuner times each candidate on enough weight copies to overflow this multiple of the L2
+#: cache (capped), so that weights come from memory as in decode, not from L2.
+TUNE_L2_MULTIPLE = 2
+TUNE_MAX_COPIES = 16
+
+
+def _weight_copies(p: TritonPrepared) -> list[TritonPrepared]:
+    """``p`` and clones of its weight tensors, together larger than TUNE_L2_MULTIPLE x L2."""
+    l2 = getattr(torch.cuda.get_device_properties(p.device), "L2_cache_size", 50 << 20)
+    n = max(1, min(TUNE_MAX_COPIES, math.ceil(TUNE_L2_MULTIPLE * l2 / max(p.nbytes(), 1))))
+
+    def clone(t):
+        return None if t is None else t.clone()
+
+    return [p] + [dataclasses.replace(p, qweight=clone(p.qweight), qhigh=clone(p.qhigh),
+                                      scales=clone(p.scales), zeros=clone(p.zeros))
+                  for _ in range(n - 1)]
+
+
 def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple[KernelConfig, dict]:
-    """Time every candidate configuration on this call's operands; return the fastest."""
-    from triton.testing import do_bench  # noqa: PLC0415
+    """Time every candidate configuration on this call's operands; return the fastest.
+
+    Timed like ``gptq bench`` (and like decode in a CUDA graph): one CUDA graph holds one call
+    per weight copy (enough copies that the L2 cache cannot hold them, so weights are cold),
+    replayed for ~50 ms, median per call. Before this, ``do_bench`` on one copy ranked small
+    tiles on L2-hot weights (4096x4096 M=1 chose 16x128 at 12.3 us; 16x64 measured 10.1).
+    """
+    from gptq_core.bench.timing import time_calls  # noqa: PLC0415
 
     M, K = x.shape
+    copies = _weight_copies(p)
     timings: dict[str, float] = {}
     best, best_us = None, math.inf
     for cfg in configs.candidates(M, K, p.out_features):
         try:
             launch(x, p, bias, cfg)  # compile outside the timing
-            us = 1000.0 * do_bench(lambda c=cfg: launch(x, p, bias, c), warmup=2, rep=10,
-                                   return_mode="median")
+            calls = [lambda c=cfg, q=q: launch(x, q, bias, c) for q in copies]
+            us = time_calls(calls, x.device, target_seconds=0.05, max_reps=50).us
         except Exception:  # noqa: BLE001 - e.g. a tile that needs too much shared memory
             timings[cfg.label()] = float("nan")
             continue
@@ -202,16 +248,22 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     return best, timings
 
 
+def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str]:
+    gpu, _ = device_props(x.device)
+    return gpu, configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features, p.out_features,
+                                  x.shape[0])
+
+
 def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
     """The configuration for this call (see :mod:`.configs` for the order of sources)."""
     M = x.shape[0]
-    if not x.is_cuda:
-        return configs.default_config(M)
-    gpu, _ = device_props(x.device)
-    key = configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features, p.out_features, M)
-    cfg = _chosen.get((gpu, key))
+    ck = _cache_key(x, p)
+    cfg = _chosen.get(ck)
     if cfg is not None:
         return cfg
+    if not x.is_cuda:
+        return configs.default_config(M)
+    gpu, key = ck
     table = configs.table_for(gpu)
     cfg = table.lookup(key)
     if cfg is None:
@@ -220,8 +272,46 @@ def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
             table.store(key, cfg, timings)
         else:
             return configs.default_config(M)
-    _chosen[(gpu, key)] = cfg
+    _chosen[ck] = cfg
     return cfg
+
+
+def fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
+    """What to try, in order, when ``cfg`` cannot compile or launch: the same tile with fewer
+    pipeline stages (less shared memory), the default rule's config, then dequant + matmul."""
+    out = [cfg]
+    if cfg.path == "fused":
+        out += [dataclasses.replace(cfg, num_stages=s) for s in range(cfg.num_stages - 1, 0, -1)]
+        out.append(configs.default_config(m))
+    out.append(KernelConfig("dequant"))
+    return list(dict.fromkeys(out))
+
+
+def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """``launch`` with the chosen configuration; if that one fails to compile or launch (Triton's
+    OutOfResources, a compile error of one tile, ...), the first of ``fallbacks`` that works
+    serves the call and every later one of the same key in this process, with one warning.
+    If none works, the first error is raised."""
+    cfg = choose(x, p)
+    try:
+        return launch(x, p, bias, cfg)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as first:  # noqa: BLE001
+        for alt in fallbacks(cfg, x.shape[0])[1:]:
+            try:
+                y = launch(x, p, bias, alt)
+            except Exception:  # noqa: BLE001, S112
+                continue
+            gpu, key = _cache_key(x, p)
+            _chosen[(gpu, key)] = alt
+            msg = str(first).strip().splitlines()[0][:200] if str(first).strip() else ""
+            warnings.warn(
+                f"gptq triton backend: configuration {cfg.label()!r} for {key} on {gpu} failed "
+                f"({type(first).__name__}: {msg}); using {alt.label()!r} for this key from now "
+                f"on in this process", RuntimeWarning, stacklevel=2)
+            return y
+        raise
 
 
 def forget_choices() -> None:
@@ -255,7 +345,7 @@ def qmatmul_op(
         return x.new_empty(0, out_features)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return launch(x, p, bias, choose(x, p))
+    return run(x, p, bias)
 
 
 @qmatmul_op.register_fake
