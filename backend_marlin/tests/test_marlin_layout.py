@@ -142,19 +142,30 @@ def test_v3_finalizer_covers_every_valid_slot_element_once(m_blocks):
     e = (u * 256 + t) * 4 of the row-major [rows][256] slot when e < rows * 256 and its column
     is < n_cols. Every valid element is summed exactly once and nothing past the slot is read."""
     threads, tile_n, slot_floats = 256, 256, 4 * 8 * 4 * 32 * 4  # marlin.h: kSlotFloats
-    k_e = m_blocks * 16 * tile_n // (threads * 4)
-    k_cb = 1 if k_e >= 8 else 8 // k_e
-    assert k_e * k_cb <= 8 or m_blocks > 2  # register budget of the two-blocks-per-SM variants
     for rows in range(1, m_blocks * 16 + 1):
+        need = -(-rows * tile_n // (threads * 4))
+        # the kernel's choice of finalize_tile<T, E, CB>
+        if need <= 1:
+            k_e, k_cb = 1, 16
+        elif need <= 2:
+            k_e, k_cb = 2, 8
+        elif m_blocks == 1 or need <= 4:
+            k_e, k_cb = 4, 4
+        elif m_blocks == 2:
+            k_e, k_cb = 8, 1
+        elif need <= 8:
+            k_e, k_cb = 8, 2
+        else:
+            k_e, k_cb = 16, 1
+        assert k_e >= need and k_e * k_cb <= 16
         for n_cols in range(32, 257, 32):
             seen = torch.zeros(rows * tile_n, dtype=torch.int64)
             for t in range(threads):
                 c4 = (t * 4) % tile_n
                 for u in range(k_e):
                     e = (u * threads + t) * 4
-                    assert e + 4 <= m_blocks * 16 * tile_n <= slot_floats
-                    if c4 < n_cols and e < rows * tile_n:
-                        assert c4 == e % tile_n
+                    if c4 < n_cols and e < rows * tile_n:  # the loads issued
+                        assert c4 == e % tile_n and e + 4 <= m_blocks * 16 * tile_n <= slot_floats
                         seen[e:e + 4] += 1
             want = (torch.arange(rows * tile_n) % tile_n < n_cols).long()
             assert torch.equal(seen, want), (rows, n_cols)

@@ -347,6 +347,60 @@ __device__ __forceinline__ void zero_acc(float (&acc)[M_BLOCKS][4][4]) {
       for (int e = 0; e < 4; e++) acc[mb][j][e] = 0.f;
 }
 
+// v3 stream-K finalizer of one block tile: the sum, in worker order, of the fp32 slots
+// `first` (the first contributor) and others + w * stride for w in (w_lo, w_hi], row-major
+// [rows][kTileN]; `limit` = rows * kTileN. Thread tid owns the float4 at e = (u * kThreads +
+// tid) * 4 for u < E (predicated: e < limit and its column < n_cols, given as col_ok); CB
+// contributors are loaded per batch, so E * CB independent 16-byte L2 loads are in flight and
+// a tile costs 1 + ceil((C - 1) / CB) round trips. v2 walked its elements one at a time with
+// a run-time loop: rows / 2 elements per thread x (1 + ceil((C - 1) / 4)) round trips.
+// The additions happen in the same order as v2's, so the results are bit-identical.
+template <typename T, int E, int CB>
+__device__ __forceinline__ void finalize_tile(const float* first, const float* others,
+                                              size_t stride, int w_lo, int w_hi, int limit,
+                                              int tid, bool col_ok, float4 b4, T* dst, int n) {
+  float4 sum[E];
+#pragma unroll
+  for (int u = 0; u < E; u++) {
+    const int e = (u * kThreads + tid) * 4;
+    sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (col_ok && e < limit) sum[u] = __ldcg(reinterpret_cast<const float4*>(first + e));
+  }
+  for (int w = w_lo + 1; w <= w_hi; w += CB) {
+    float4 v[CB][E];
+#pragma unroll
+    for (int b = 0; b < CB; b++)
+#pragma unroll
+      for (int u = 0; u < E; u++) {
+        const int e = (u * kThreads + tid) * 4;
+        v[b][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (col_ok && e < limit && w + b <= w_hi)
+          v[b][u] = __ldcg(reinterpret_cast<const float4*>(others + static_cast<size_t>(w + b) * stride + e));
+      }
+#pragma unroll
+    for (int b = 0; b < CB; b++)
+#pragma unroll
+      for (int u = 0; u < E; u++) {
+        if (w + b <= w_hi) {
+          sum[u].x += v[b][u].x;
+          sum[u].y += v[b][u].y;
+          sum[u].z += v[b][u].z;
+          sum[u].w += v[b][u].w;
+        }
+      }
+  }
+#pragma unroll
+  for (int u = 0; u < E; u++) {
+    const int e = (u * kThreads + tid) * 4;
+    if (!col_ok || e >= limit) continue;
+    const float4 s4 = make_float4(sum[u].x + b4.x, sum[u].y + b4.y, sum[u].z + b4.z, sum[u].w + b4.w);
+    uint2 packed;
+    packed.x = as_u32(Act<T>::pack(s4.x, s4.y));
+    packed.y = as_u32(Act<T>::pack(s4.z, s4.w));
+    *reinterpret_cast<uint2*>(dst + static_cast<size_t>(e / kTileN) * n) = packed;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(const GemmArgs p) {
@@ -519,15 +573,10 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(c
         const half* bias = static_cast<const half*>(p.bias);
         T* out = static_cast<T*>(p.c);
         if (p.finalizer == 0) {
-          // v3: every element of this thread is a compile-time slot (kE float4 per thread,
-          // predicated), and kCB contributors are loaded together: kE * kCB 16-byte loads are
-          // in flight per round trip, so a tile costs 1 + ceil((C - 1) / kCB) L2 round trips
-          // whatever M is. Additions stay in worker order (the same sums as the loop below).
-          constexpr int kE = M_BLOCKS * 16 * kTileN / (kThreads * 4);
-          // 8 float4 in flight at M_BLOCKS <= 2: at most 128 registers, two blocks per SM.
-          constexpr int kCB = kE >= 8 ? 1 : 8 / kE;
+          // v3: see finalize_tile. The shape (float4 per thread x contributors per batch) is
+          // chosen by the rows present, 16 loads in flight whatever M is.
           const int limit = rows * kTileN;
-          const int c4 = (tid * 4) % kTileN;  // the same column for every u
+          const int c4 = (tid * 4) % kTileN;  // the same column for every slot of this thread
           const bool col_ok = c4 < n_cols;
           const int col = cur_nt * kTileN + c4;
           float4 b4 = make_float4(0.f, 0.f, 0.f, 0.f);  // the bias is one per column: load once
@@ -537,53 +586,21 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(c
             b4.z = __half2float(bias[col + 2]);
             b4.w = __half2float(bias[col + 3]);
           }
-          float4 sum[kE];
-#pragma unroll
-          for (int u = 0; u < kE; u++) {
-            const int e = (u * kThreads + tid) * 4;
-            sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (col_ok && e < limit) sum[u] = __ldcg(reinterpret_cast<const float4*>(first + e));
-          }
-          for (int w = w_lo + 1; w <= w_hi; w += kCB) {
-            float4 v[kCB][kE];
-#pragma unroll
-            for (int b = 0; b < kCB; b++)
-#pragma unroll
-              for (int u = 0; u < kE; u++) {
-                const int e = (u * kThreads + tid) * 4;
-                v[b][u] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (col_ok && e < limit && w + b <= w_hi)
-                  v[b][u] = __ldcg(reinterpret_cast<const float4*>(
-                      others + static_cast<size_t>(w + b) * kStride + e));
-              }
-#pragma unroll
-            for (int b = 0; b < kCB; b++)
-#pragma unroll
-              for (int u = 0; u < kE; u++) {
-                if (w + b <= w_hi) {
-                  sum[u].x += v[b][u].x;
-                  sum[u].y += v[b][u].y;
-                  sum[u].z += v[b][u].z;
-                  sum[u].w += v[b][u].w;
-                }
-              }
-          }
-#pragma unroll
-          for (int u = 0; u < kE; u++) {
-            const int e = (u * kThreads + tid) * 4;
-            if (!col_ok || e >= limit) continue;
-            const int r = e / kTileN;
-            float4 s4 = sum[u];
-            if (bias != nullptr) {
-              s4.x += b4.x;
-              s4.y += b4.y;
-              s4.z += b4.z;
-              s4.w += b4.w;
-            }
-            uint2 packed;
-            packed.x = as_u32(Act<T>::pack(s4.x, s4.y));
-            packed.y = as_u32(Act<T>::pack(s4.z, s4.w));
-            *reinterpret_cast<uint2*>(out + static_cast<size_t>(row0 + r) * p.n + col) = packed;
+          T* dst = out + static_cast<size_t>(row0) * p.n + col;
+          const int need = (limit + kThreads * 4 - 1) / (kThreads * 4);  // float4 per thread
+          if (need <= 1)
+            finalize_tile<T, 1, 16>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+          else if (need <= 2)
+            finalize_tile<T, 2, 8>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+          else if (M_BLOCKS == 1 || need <= 4)
+            finalize_tile<T, 4, 4>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+          else if constexpr (M_BLOCKS >= 2) {
+            if (M_BLOCKS == 2)  // 8 in flight: 16 would spill under the 128-register cap
+              finalize_tile<T, 8, 1>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+            else if (need <= 8)
+              finalize_tile<T, 8, 2>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+            else
+              finalize_tile<T, 16, 1>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
           }
         } else {
           // v2 (GPTQ_MARLIN_FINALIZER=loop): run-time element loop, one element at a time.
