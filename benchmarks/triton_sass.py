@@ -45,7 +45,7 @@ def nvdisasm() -> str:
 
 
 def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *, const_zero=True,
-                arch: int = 90):
+                arch: int = 90, gather_ch: int = 0):
     xt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     mode = {"fp16": 0, "bf16": 1 if bits <= 4 else 2, "fp32": 2}[dtype]
     signature, attrs = {}, {}
@@ -59,6 +59,14 @@ def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *,
     )
     if cfg.split_k == 1:  # Triton specializes an argument equal to 1 into a constant
         constexprs["SPLIT_K"] = 1
+    if gather_ch:  # act-order with the gather inside the kernel (ops.GATHER == "fused")
+        names = kernels.qmm_kernel.arg_names
+        signature.update(perm_ptr="*i32", xs_ptr=xt, stride_xs="i32")
+        for name in ("perm_ptr", "xs_ptr", "stride_xs"):
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+        constexprs["GATHER_CH"] = gather_ch
+    else:
+        constexprs.update(perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH=0)
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(kernels.qmm_kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -139,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--gather", type=int, default=0,
+                    help="act-order with the in-kernel gather of this many channels (1024)")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
     ap.add_argument("--all-bits", default="4,2,3,8", help="bit widths for --all")
     args = ap.parse_args(argv)
@@ -167,7 +177,8 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)
     report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}",
-           compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym),
+           compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym,
+                       gather_ch=args.gather),
            weights_per_thread(args.bits, args.group, cfg))
     return 0
 

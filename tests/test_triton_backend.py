@@ -343,13 +343,22 @@ def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
     assert shipped and not [k for k in shipped if k.startswith("b3-")]
 
 
-@pytest.mark.parametrize("how", ["torch", "triton"])
+@pytest.mark.parametrize("how", ["torch", "triton", "fused"])
 def test_act_order_gather(how, monkeypatch):
     """Both ways of permuting x for act-order give x[:, perm[:K]] and the right product."""
     w = random_weight(1100, 24, 4, 128, sym=True, act=True, seed=9)  # K > one gather block
     p = layout.prepare(w, DEVICE)
     x = torch.randn(3, 1100, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
-    xs = ops.gather_columns(x, p.perm, how)
-    assert torch.equal(xs, x[:, p.perm[:1100].long()])
+    if how != "fused":
+        xs = ops.gather_columns(x, p.perm, how)
+        assert torch.equal(xs, x[:, p.perm[:1100].long()])
     monkeypatch.setattr(ops, "GATHER", how)
-    check(w, torch.float16, ms=(1, 3), cfg=KernelConfig("fused", 16, 32, 2, 4, 2))
+    real, gathered = ops.gather_columns, []
+    monkeypatch.setattr(ops, "gather_columns", lambda *a: gathered.append(1) or real(*a))
+    ops.launch(x[:1], p, None, KernelConfig("fused", 16, 32, 2, 4, 2))
+    assert len(gathered) == (0 if how == "fused" else 1)  # fused: one launch in all
+    # split 2 (fused gather: 640-channel ranges), then split 1 (1152 > 1024: gathered before)
+    check(w, torch.float16, ms=(1, 2, 3), cfg=KernelConfig("fused", 16, 32, 2, 4, 2))
+    check(w, torch.float16, ms=(2,), cfg=KernelConfig("fused", 16, 32, 1, 4, 2))
+    w = random_weight(160, 40, 4, 32, sym=False, act=True, bias=True, seed=4)  # K % tile != 0
+    check(w, torch.float16, ms=(1, 2), cfg=KernelConfig("fused", 16, 32, 0, 4, 2))

@@ -15,8 +15,10 @@ split launch is still one launch and deterministic.
 "dequantize once + cuBLAS" path of large M.
 
 Act-order: ``qmm_kernel`` reads x with its columns already in the weight's sorted order (the
-launcher gathers them once with ``index_select``); gathering them per tile inside the kernel
-measured 2.3x slower on the H100 (the gather's latency is not pipelined). ``dequant_kernel``
+launcher gathers them once with ``index_select`` or ``gather_cols_kernel``); gathering them per
+tile inside the main loop measured 2.3x slower on the H100 (the gather's latency is not
+pipelined). Opt-in (``GPTQ_TRITON_GATHER=fused``, small M and short K ranges): each program
+gathers its own K range once before the loop (GATHER_CH > 0), one launch instead of two. ``dequant_kernel``
 scatters the sorted rows back to their original channels.
 
 Dequantization: ``(word >> b*j) & mask | 0x64006400`` is two fp16 ``1024 + q`` at once (the
@@ -134,6 +136,7 @@ def qmm_kernel(
     BITS: tl.constexpr, S: tl.constexpr, GS: tl.constexpr,
     CONST_ZERO: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
+    perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -167,7 +170,21 @@ def qmm_kernel(
     if SCALE_END:
         s, zz = _group_params(sc_ptr, zr_ptr, 0, offs_n, n_mask, N_PAD, BITS, CONST_ZERO, MODE, True)
 
-    x_cols = x_ptr + offs_m[None, :] * stride_xm
+    if GATHER_CH > 0:
+        # Act-order decode without a second launch: this program's K range of x (at most
+        # GATHER_CH channels, checked by the launcher) is gathered through perm into xs once,
+        # then read back by the pipelined loop below like plain x. Programs sharing a range
+        # write identical values; the barrier orders this program's writes before its reads.
+        offs_g = t_begin * BKP + tl.arange(0, GATHER_CH)
+        g_mask = offs_g < tl.minimum(t_end * BKP, K)
+        idx = tl.load(perm_ptr + offs_g, mask=g_mask, other=0)
+        for m in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)):
+            xv = tl.load(x_ptr + m * stride_xm + idx, mask=g_mask, other=0.0)
+            tl.store(xs_ptr + m * stride_xs + offs_g, xv, mask=g_mask)
+        tl.debug_barrier()
+        x_cols = xs_ptr + offs_m[None, :] * stride_xs
+    else:
+        x_cols = x_ptr + offs_m[None, :] * stride_xm
     for t in range(t_begin, t_end):
         words, words_b, high = _load_tile(qw_ptr, qh_ptr, t, offs_r, offs_n, n_mask, N_PAD,
                                           BITS, S)

@@ -135,11 +135,15 @@ def dequantize(p: TritonPrepared, dtype: torch.dtype, block_n: int = 128) -> tor
     return out
 
 
-#: How act-order permutes x's columns before the fused kernel: "torch" (``index_select``, one
-#: ATen kernel) or "triton" (``kernels.gather_cols_kernel``, one Triton kernel of a fixed
-#: config). Either way it is one extra launch; benchmarks/triton_variants.py times both.
+#: How act-order permutes x's columns for the fused kernel: "torch" (``index_select``, one
+#: ATen kernel before it), "triton" (``kernels.gather_cols_kernel``, one Triton kernel of a
+#: fixed config before it) or "fused" (inside the fused kernel, one launch in all, where
+#: M <= FUSED_GATHER_MAX_M and each program's K range is at most FUSED_GATHER_CH channels, as
+#: in split-K decode; otherwise "torch"). benchmarks/triton_variants.py times all three.
 GATHER = os.environ.get("GPTQ_TRITON_GATHER", "torch").strip().lower()
 GATHER_BLOCK = 1024
+FUSED_GATHER_CH = 1024
+FUSED_GATHER_MAX_M = 2
 
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor, how: str | None = None) -> torch.Tensor:
@@ -164,14 +168,21 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
             return x @ w
         return torch.addmm(bias.to(x.dtype), x, w)
     dev = x.device
+    _, sms = device_props(dev)
+    split = configs.resolve_split_k(cfg, M, N, p.tiles, sms)
+    gather_ch, xs = 0, None
     if p.perm is not None:
-        # Act-order: x's columns into the weight's sorted order, once (see kernels.py).
-        x = gather_columns(x, p.perm)
+        # Act-order: x's columns into the weight's sorted order, once (see kernels.py): inside
+        # the kernel where opted in and each program's K range is short, else a kernel before.
+        span = math.ceil(p.tiles / split) * tile_k(p.bits, p.sub)
+        if GATHER == "fused" and M <= FUSED_GATHER_MAX_M and span <= FUSED_GATHER_CH:
+            gather_ch = FUSED_GATHER_CH
+            xs = torch.empty(M, K, dtype=x.dtype, device=dev)
+        else:
+            x = gather_columns(x, p.perm)
     # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
     out_dtype = torch.float32 if x.dtype == torch.bfloat16 and _interpreting() else x.dtype
     out = torch.empty(M, N, dtype=out_dtype, device=dev)
-    _, sms = device_props(dev)
-    split = configs.resolve_split_k(cfg, M, N, p.tiles, sms)
     grid_m, grid_n = math.ceil(M / cfg.block_m), math.ceil(N / cfg.block_n)
     if split > 1:
         part, lock = _workspace(dev, split * grid_m * cfg.block_m * grid_n * cfg.block_n,
@@ -190,9 +201,11 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         CONST_ZERO=p.zeros is None, MODE=mode_for(x.dtype, p.bits),
         EVEN_K=K % tile_k(p.bits, p.sub) == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
+        perm_ptr=p.perm if gather_ch else None, xs_ptr=xs,
+        stride_xs=xs.stride(0) if gather_ch else 0, GATHER_CH=gather_ch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.to(x.dtype)
+    return out.to(x.dtype)  # no kernel when the dtypes match (it returns ``out`` itself)
 
 
 def _capturing(x: torch.Tensor) -> bool:
