@@ -30,6 +30,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from gptq_backends.triton_kernels import configs, kernels  # noqa: E402
 from gptq_backends.triton_kernels.layout import sub_tile, tile_k  # noqa: E402
 
+#: Shared memory one block may use on the H100 (sm_90), as Triton's OutOfResources reports it.
+H100_SMEM = 232448
 PTR_TYPES = {0: "*fp16", 1: "*bf16", 2: "*fp32"}
 QMM_ARGS = (
     ("x_ptr", None), ("qw_ptr", "*i32"), ("qh_ptr", "*i32"), ("sc_ptr", "*fp16"),
@@ -127,7 +129,9 @@ def report(label: str, compiled, weights_per_iter: float | None = None) -> None:
     n = sum(loop.values())
     per = f" = {n / weights_per_iter:.2f}/weight" if weights_per_iter else ""
     top = ", ".join(f"{op} {c}" for op, c in loop.most_common(14))
-    print(f"{label}: {ptxas_usage(compiled.asm['ptx'])} smem {md.shared}; "
+    over = (f" OVER the H100's {H100_SMEM} B: OutOfResources at launch (ops.run falls back)"
+            if md.shared > H100_SMEM else "")
+    print(f"{label}: {ptxas_usage(compiled.asm['ptx'])} smem {md.shared}{over}; "
           f"loop {n} instrs{per}\n    {top}")
 
 
