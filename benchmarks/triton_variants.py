@@ -38,11 +38,9 @@ from gptq_core.bench.timing import time_calls
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TOL = 2e-3
 
-
 def backend(x, p):
     """The backend's own call path (choice, fallbacks, act-order gather per ops.GATHER)."""
     return ops.run(x, p, None)
-
 
 def _copies(p, n: int):
     def clone(t):
@@ -52,17 +50,14 @@ def _copies(p, n: int):
                                       scales=clone(p.scales), zeros=clone(p.zeros),
                                       perm=clone(p.perm)) for _ in range(n - 1)]
 
-
 def _n_copies(p, device) -> int:
     if device.type != "cuda":
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     return max(2, min(32, math.ceil(2 * l2 / p.nbytes())))
 
-
 def _rel(y, ref) -> float:
     return float((y.double() - ref).norm() / ref.norm())
-
 
 class Runner:
     def __init__(self, device):
@@ -97,7 +92,6 @@ class Runner:
         finally:
             ops.GATHER = old
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help="KxN,... (default 4096x4096,8192x28672)")
@@ -118,7 +112,7 @@ def main(argv=None) -> int:
     def launch_cfg(cfg):
         return lambda x, p: ops.launch(x, p, None, cfg)
 
-    for K, N in shapes:
+    def shape_cases(K, N):
         plain_w = random_layer(K, N, 4, 128, sym=True, act_order=False, device=device, seed=1)
         act_w = random_layer(K, N, 4, 128, sym=True, act_order=True, device=device, seed=2)
         plain_p = layout.prepare(plain_w, device)
@@ -150,40 +144,48 @@ def main(argv=None) -> int:
                           act_c, x, xs.double())
         del plain_c, act_c, sorted_c, plain_d, act_d
 
-    # 3-bit M=64: the stale tuned tile (m64 n128 sk0 w4 s3, OutOfResources on the H100) is now
-    # ignored; forced, it must fall back with one warning instead of failing the call.
-    K, N = shapes[0]
-    M = 64 if not INTERPRET else 3
-    w3 = random_layer(K, N, 3, 128, sym=True, act_order=False, device=device, seed=3)
-    p3 = layout.prepare(w3, device)
-    c3 = _copies(p3, _n_copies(p3, device))
-    x = torch.randn(M, K, generator=gen).to(torch.float16).to(device)
-    ref3 = x.double() @ w3.dequantize(torch.float64)
-    case = f"b3 {K}x{N} M={M}"
-    r.variant(case, "backend (table/default)", backend, c3, x, ref3)
-    stale = KernelConfig("fused", 64, 128, 0, 4, 3)
-    real_choose = ops.choose
-    ops.forget_choices()
-    ops.choose = lambda x_, p_: ops._chosen.get(ops._cache_key(x_, p_), stale)
-    try:
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            r.variant(case, f"forced {stale.label()}", backend, c3, x, ref3)
-        fell = ops._chosen.get(ops._cache_key(x, p3))
-        print(f"{case:28s} forced stale tile -> {fell.label() if fell else 'no fallback needed'}; "
-              f"{len(rec)} warning(s): {str(rec[0].message)[:200] if rec else ''}")
-    finally:
-        ops.choose = real_choose
+    def extras():
+        # 3-bit M=64: the stale tuned tile (m64 n128 sk0 w4 s3, OutOfResources on the H100) is now
+        # ignored; forced, it must fall back with one warning instead of failing the call.
+        K, N = shapes[0]
+        M = 64 if not INTERPRET else 3
+        w3 = random_layer(K, N, 3, 128, sym=True, act_order=False, device=device, seed=3)
+        p3 = layout.prepare(w3, device)
+        c3 = _copies(p3, _n_copies(p3, device))
+        x = torch.randn(M, K, generator=gen).to(torch.float16).to(device)
+        ref3 = x.double() @ w3.dequantize(torch.float64)
+        case = f"b3 {K}x{N} M={M}"
+        r.variant(case, "backend (table/default)", backend, c3, x, ref3)
+        stale = KernelConfig("fused", 64, 128, 0, 4, 3)
+        real_choose = ops.choose
         ops.forget_choices()
+        ops.choose = lambda x_, p_: ops._chosen.get(ops._cache_key(x_, p_), stale)
+        try:
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                r.variant(case, f"forced {stale.label()}", backend, c3, x, ref3)
+            fell = ops._chosen.get(ops._cache_key(x, p3))
+            print(f"{case:28s} forced stale tile -> {fell.label() if fell else 'no fallback needed'}; "
+                  f"{len(rec)} warning(s): {str(rec[0].message)[:200] if rec else ''}")
+        finally:
+            ops.choose = real_choose
+            ops.forget_choices()
 
-    if not args.no_tune and not INTERPRET:
-        K, N = 4096, 4096
-        w = random_layer(K, N, 4, 128, sym=True, act_order=False, device=device, seed=4)
-        p = layout.prepare(w, device)
-        x = torch.randn(1, K, generator=gen).to(torch.float16).to(device)
-        t = time.perf_counter()
-        best, timings = ops.tune(x, p, None)
-        print(f"tuner 4096x4096 M=1 ({time.perf_counter() - t:.1f} s): {best.label()}  {timings}")
+        if not args.no_tune and not INTERPRET:
+            K, N = 4096, 4096
+            w = random_layer(K, N, 4, 128, sym=True, act_order=False, device=device, seed=4)
+            p = layout.prepare(w, device)
+            x = torch.randn(1, K, generator=gen).to(torch.float16).to(device)
+            t = time.perf_counter()
+            best, timings = ops.tune(x, p, None)
+            print(f"tuner 4096x4096 M=1 ({time.perf_counter() - t:.1f} s): {best.label()}  {timings}")
+
+    # The first shape, then the 3-bit fallback and the tuner, then the other shapes: a run cut
+    # short by a time limit keeps the small, quick cases.
+    shape_cases(*shapes[0])
+    extras()
+    for K, N in shapes[1:]:
+        shape_cases(K, N)
 
     print(f"\n{len(r.rows)} variants, {r.failed} failed, {time.perf_counter() - t0:.0f} s"
           f"{' (interpreter: correctness only)' if INTERPRET else ''}")
@@ -191,7 +193,6 @@ def main(argv=None) -> int:
     for case, name, us, err in r.rows:
         print(f"| {case} | {name} | {us:.2f} | {err:.1e} |")
     return 1 if r.failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
