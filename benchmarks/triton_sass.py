@@ -47,7 +47,7 @@ def nvdisasm() -> str:
 
 
 def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *, const_zero=True,
-                arch: int = 90, gather_ch: int = 0):
+                arch: int = 90, gather_ch: int = 0, asm: bool = False):
     xt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     mode = {"fp16": 0, "bf16": 1 if bits <= 4 else 2, "fp32": 2}[dtype]
     signature, attrs = {}, {}
@@ -69,6 +69,7 @@ def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *,
         constexprs["GATHER_CH"] = gather_ch
     else:
         constexprs.update(perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH=0)
+    constexprs["ASM"] = asm
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(kernels.qmm_kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--asm", action="store_true", help="the inline-PTX single-LOP3 dequant")
     ap.add_argument("--gather", type=int, default=0,
                     help="act-order with the in-kernel gather of this many channels (1024)")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
@@ -182,7 +184,7 @@ def main(argv=None) -> int:
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)
     report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}",
            compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym,
-                       gather_ch=args.gather),
+                       gather_ch=args.gather, asm=args.asm),
            weights_per_thread(args.bits, args.group, cfg))
     return 0
 

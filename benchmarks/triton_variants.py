@@ -10,6 +10,7 @@ to overflow the L2 cache twice, so weights come from memory), replayed, median p
 Variants per (shape, M), 4-bit g128 sym fp16 unless named:
   plain            the backend's call (table/tuned config), no act-order
   plain <cfg>      the same weights with that config forced (M <= 16: 16x64 vs 16x128 tiles)
+  plain asm-lop3   the backend's call with the inline-PTX single-LOP3 dequant (GPTQ_TRITON_ASM)
   act torch|triton|fused   act-order with x gathered by index_select / a Triton kernel /
                    inside the fused kernel (GPTQ_TRITON_GATHER)
   act pre-sorted   the act-order weights on x gathered beforehand: the fused kernel alone
@@ -132,6 +133,11 @@ def main(argv=None) -> int:
                 for cfg in (KernelConfig("fused", 16, 64, 0, 4, 3),
                             KernelConfig("fused", 16, 128, 0, 4, 3)):
                     r.variant(case, f"plain {cfg.label()}", launch_cfg(cfg), plain_c, x, ref_plain)
+            ops.ASM_LOP3 = True
+            try:
+                r.variant(case, "plain asm-lop3", backend, plain_c, x, ref_plain)
+            finally:
+                ops.ASM_LOP3 = False
             for how in ("torch", "triton", "fused"):
                 r.variant(case, f"act {how}", backend, act_c, x, ref_act, gather=how)
             xs = x.index_select(1, act_p.perm[:K])

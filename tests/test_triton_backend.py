@@ -362,3 +362,12 @@ def test_act_order_gather(how, monkeypatch):
     check(w, torch.float16, ms=(2,), cfg=KernelConfig("fused", 16, 32, 1, 4, 2))
     w = random_weight(160, 40, 4, 32, sym=False, act=True, bias=True, seed=4)  # K % tile != 0
     check(w, torch.float16, ms=(1, 2), cfg=KernelConfig("fused", 16, 32, 0, 4, 2))
+
+
+def test_asm_dequant_is_cuda_only(monkeypatch):
+    """GPTQ_TRITON_ASM's inline PTX never reaches the interpreter (or a CPU tensor)."""
+    monkeypatch.setattr(ops, "ASM_LOP3", True)
+    x = torch.zeros(1, 8, dtype=torch.float16, device=DEVICE)
+    assert ops._use_asm(x, 0) == ON_GPU and not ops._use_asm(x, 1) and not ops._use_asm(x, 2)
+    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=12)
+    check(w, torch.float16, ms=(1, 16))

@@ -90,7 +90,18 @@ def _load_tile(qw_ptr, qh_ptr, t, offs_r, offs_n, n_mask, N_PAD, BITS: tl.conste
 
 
 @triton.jit
-def _sub_tile(words, words_b, high, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr):
+def _lop3_and_or(a, mask: tl.constexpr, magic: tl.constexpr):
+    """``(a & mask) | magic`` as one LOP3 (inline PTX; ptxas keeps one constant in a register).
+    Written in Triton, ptxas emits two LOP3 (SASS has one immediate slot per LOP3)."""
+    return tl.inline_asm_elementwise(
+        "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+        [a, tl.full(a.shape, mask, tl.int32), tl.full(a.shape, magic, tl.int32)],
+        dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _sub_tile(words, words_b, high, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr,
+              ASM: tl.constexpr = False):
     """Sub-tile j of a loaded tile as magic floats, transposed: [BN, S].
 
     ``words`` (and for 3-bit ``words_b``, sub-tiles 8-15, and ``high``, the third bits) are
@@ -106,6 +117,8 @@ def _sub_tile(words, words_b, high, j: tl.constexpr, BITS: tl.constexpr, MODE: t
         else:
             src = words_b
         r = ((src >> (2 * (j % 8))) & 0x00030003) | (((high >> j) & 0x00010001) << 2) | magic2
+    elif ASM:
+        r = _lop3_and_or(words >> (BITS * j), ((1 << BITS) - 1) * 0x00010001, magic2)
     else:
         r = ((words >> (BITS * j)) & (((1 << BITS) - 1) * 0x00010001)) | magic2
     if MODE == 1:
@@ -137,6 +150,7 @@ def qmm_kernel(
     CONST_ZERO: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
     perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH: tl.constexpr = 0,
+    ASM: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -196,7 +210,7 @@ def qmm_kernel(
                                           BITS, CONST_ZERO, MODE, SCALE_POST)
                     if SCALE_POST:
                         acc_g = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-            v = _sub_tile(words, words_b, high, j, BITS, MODE)
+            v = _sub_tile(words, words_b, high, j, BITS, MODE, ASM)
             if SCALE_POST or SCALE_END:
                 w = v - zz  # q - zero: exact
             elif MODE == 2:
