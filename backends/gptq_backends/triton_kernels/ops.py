@@ -182,10 +182,14 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
     if p.perm is not None:
         # Act-order: x's columns into the weight's sorted order, once (see kernels.py): inside
         # the kernel where opted in and each program's K range is short, else a kernel before.
-        span = math.ceil(p.tiles / split) * tile_k(p.bits, p.sub)
-        if GATHER == "fused" and M <= FUSED_GATHER_MAX_M and span <= FUSED_GATHER_CH:
+        tk = tile_k(p.bits, p.sub)
+        span = math.ceil(p.tiles / split) * tk
+        if (GATHER == "fused" and M <= FUSED_GATHER_MAX_M and span <= FUSED_GATHER_CH
+                and tk % 64 == 0):
             gather_ch = FUSED_GATHER_CH
-            xs = torch.empty(M, K, dtype=x.dtype, device=dev)
+            # rows of k_pad and ranges of whole tiles, multiples of 64 channels (128 bytes of
+            # fp16): no cache line holds parts of two programs' ranges
+            xs = torch.empty(M, p.k_pad, dtype=x.dtype, device=dev)
         else:
             x = gather_columns(x, p.perm)
     # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
