@@ -250,7 +250,7 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     Timed like ``gptq bench`` (and like decode in a CUDA graph): one CUDA graph holds one call
     per weight copy (enough copies that the L2 cache cannot hold them, so weights are cold),
     replayed for ~50 ms, median per call. Before this, ``do_bench`` on one copy ranked small
-    tiles on L2-hot weights (4096x4096 M=1 chose 16x128 at 12.3 us; 16x64 measured 10.1).
+    tiles on L2-hot weights (4096x4096 M=1 chose 16x128: 12.3 us cold; 16x64 ran M=2 in 10.1).
     """
     from gptq_core.bench.timing import time_calls  # noqa: PLC0415
 
