@@ -339,8 +339,17 @@ def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
     assert layout.LAYOUT_VERSIONS[3] >= 2
     table.store(k3, KernelConfig(**cfg), {})
     assert configs.ConfigTable("Old GPU").lookup(k3) == KernelConfig(**cfg)
+    # the shipped 3-bit entries are those that ran on the int32 plane (H100 s2run1); the M=64
+    # ones (a tile needing 246016 B of shared memory now) are gone
+    raw = json.loads((configs.SHIPPED_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())["entries"]
+    b3 = {k: v for k, v in raw.items() if k.startswith("b3-")}
+    assert b3 and all(v["layout"] == 2 for v in b3.values())
+    assert not [k for k in b3 if k.endswith("-M64")]
     shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped
-    assert shipped and not [k for k in shipped if k.startswith("b3-")]
+    assert set(b3) <= set(shipped)
+    # and 3-bit's default above M=64 is dequant + matmul: its 128x128 tile needs 450560 B
+    assert configs.default_config(256, 3).path == "dequant"
+    assert configs.default_config(256, 4) == configs.default_config(256)
 
 
 @pytest.mark.parametrize("how", ["torch", "triton", "fused"])

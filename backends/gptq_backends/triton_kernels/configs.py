@@ -77,7 +77,13 @@ def m_bucket(m: int) -> int:
     return min(1 << max(0, (m - 1).bit_length()), 4096)
 
 
-def default_config(m: int) -> KernelConfig:
+def default_config(m: int, bits: int | None = None) -> KernelConfig:
+    """The rule for M (and the bit width, where given). 3-bit tiles are 512 channels deep, so
+    x's share of shared memory is 2-4x that of other widths: 128x128 at 3 stages needs
+    450560 B (the H100 has 232448; ``benchmarks/triton_sass.py --bits 3``), and 3-bit
+    takes dequant + matmul from M > 64 (what the H100 table chose at M=256 and ran in s2run1)."""
+    if bits == 3 and m > 64:
+        return DEFAULT_RULES[-1][1]
     for limit, cfg in DEFAULT_RULES:
         if m <= limit:
             return cfg

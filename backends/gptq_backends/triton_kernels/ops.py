@@ -270,7 +270,7 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
         if us < best_us:
             best, best_us = cfg, us
     if best is None:
-        best = configs.default_config(M)
+        best = configs.default_config(M, p.bits)
     return best, timings
 
 
@@ -288,7 +288,7 @@ def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
     if cfg is not None:
         return cfg
     if not x.is_cuda:
-        return configs.default_config(M)
+        return configs.default_config(M, p.bits)
     gpu, key = ck
     table = configs.table_for(gpu)
     cfg = table.lookup(key)
@@ -297,18 +297,18 @@ def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
             cfg, timings = tune(x, p, None)
             table.store(key, cfg, timings)
         else:
-            return configs.default_config(M)
+            return configs.default_config(M, p.bits)
     _chosen[ck] = cfg
     return cfg
 
 
-def fallbacks(cfg: KernelConfig, m: int) -> list[KernelConfig]:
+def fallbacks(cfg: KernelConfig, m: int, bits: int | None = None) -> list[KernelConfig]:
     """What to try, in order, when ``cfg`` cannot compile or launch: the same tile with fewer
     pipeline stages (less shared memory), the default rule's config, then dequant + matmul."""
     out = [cfg]
     if cfg.path == "fused":
         out += [dataclasses.replace(cfg, num_stages=s) for s in range(cfg.num_stages - 1, 0, -1)]
-        out.append(configs.default_config(m))
+        out.append(configs.default_config(m, bits))
     out.append(KernelConfig("dequant"))
     return list(dict.fromkeys(out))
 
@@ -324,7 +324,7 @@ def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.
     except torch.OutOfMemoryError:
         raise
     except Exception as first:  # noqa: BLE001
-        for alt in fallbacks(cfg, x.shape[0])[1:]:
+        for alt in fallbacks(cfg, x.shape[0], p.bits)[1:]:
             try:
                 y = launch(x, p, bias, alt)
             except Exception:  # noqa: BLE001, S112
