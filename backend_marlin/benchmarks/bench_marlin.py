@@ -256,6 +256,7 @@ def main() -> int:
     if args.triton_budget > 0:
         triton_rows(rows, args.triton_budget)
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("K", "N", "M"), k))
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_marlin.csv")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
