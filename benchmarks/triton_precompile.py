@@ -6,6 +6,12 @@ cache from several processes at once (one small launch per configuration), so th
 and the tuner find every kernel already built. Shapes here have K, N and strides divisible by
 16, like the benchmark's, so the compiled specializations are the same ones.
 
+What is compiled is what the backend launches with this environment: the tuner's candidates
+per bit width (``configs.candidates``, tiles that cannot fit left out) with the single-LOP3 asm
+dequant for fp16 (the default; ``GPTQ_TRITON_ASM=0`` compiles the plain variant instead), the
+dequant kernel (plain and act-order), and for act-order the Triton column gather
+(``GPTQ_TRITON_GATHER=triton``, the default) per dtype.
+
     python benchmarks/triton_precompile.py --bits 2,3,4,8 --group-size 128 --act-order both
 """
 
@@ -27,7 +33,10 @@ def _jobs(args) -> list[tuple]:
     seen, jobs = set(), []
     acts = {"no": (False,), "yes": (True,), "both": (False, True)}[args.act_order]
     for bits, dtype, act, m in itertools.product(args.bits, args.dtypes, acts, (1, 32, 64, 256)):
-        for cfg in configs.candidates(m, 4096, 4096):
+        for cfg in configs.candidates(m, 4096, 4096, bits):
+            if act and ("gather", dtype) not in seen:
+                seen.add(("gather", dtype))
+                jobs.append((bits, args.group_size, dtype, True, None, 1))
             if cfg.path == "dequant":
                 key = (bits, dtype, act, "dequant")
                 if key not in seen:
@@ -65,6 +74,16 @@ def _compile(job: tuple) -> tuple[str, float, str]:
     w = pack_weight(q, torch.rand(groups, N, generator=g) * 0.01, zeros, bits=bits,
                     group_size=gs, g_idx=g_idx, desc_act=act).to(dev)
     p = layout.prepare(w, dev)
+    if cfg_dict is None:  # act-order's column gather (the default Triton kernel)
+        x = torch.randn(1, K, device=dev).to(dtype)
+        t0 = time.perf_counter()
+        try:
+            ops.gather_columns(x, p.perm, "triton")
+            torch.cuda.synchronize()
+            status = "ok"
+        except Exception as exc:  # noqa: BLE001
+            status = f"{type(exc).__name__}: {str(exc)[:120]}"
+        return f"{dtype_name} act gather (triton)", time.perf_counter() - t0, status
     cfg = KernelConfig(**{**cfg_dict, "split_k": split})
     x = torch.randn(max(1, cfg.block_m // 2), K, device=dev).to(dtype)
     t0 = time.perf_counter()
@@ -74,7 +93,9 @@ def _compile(job: tuple) -> tuple[str, float, str]:
         status = "ok"
     except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: the tuner skips it
         status = f"{type(exc).__name__}: {str(exc)[:120]}"
-    return f"b{bits} {dtype_name}{' act' if act else ''} {cfg.label()}", time.perf_counter() - t0, status
+    asm = " asm" if ops._use_asm(x, ops.mode_for(x.dtype, bits), bits) and cfg.path == "fused" else ""
+    return (f"b{bits} {dtype_name}{' act' if act else ''} {cfg.label()}{asm}",
+            time.perf_counter() - t0, status)
 
 
 def main(argv=None) -> int:

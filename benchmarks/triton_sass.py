@@ -152,18 +152,27 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--asm", action="store_true", help="the inline-PTX single-LOP3 dequant")
+    ap.add_argument("--asm", action=argparse.BooleanOptionalAction, default=None,
+                    help="the inline-PTX single-LOP3 dequant (default: as the backend, on for "
+                         "fp16 unless GPTQ_TRITON_ASM=0)")
     ap.add_argument("--gather", type=int, default=0,
                     help="act-order with the in-kernel gather of this many channels (1024)")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
     ap.add_argument("--all-bits", default="4,2,3,8", help="bit widths for --all")
     args = ap.parse_args(argv)
     args.all_bits = [int(b) for b in args.all_bits.split(",")]
+    from gptq_backends.triton_kernels import ops  # noqa: PLC0415
+
+    def use_asm(dtype: str, bits: int) -> bool:
+        if bits == 3:
+            return False  # 3-bit has its own dequant sequence (ASM is ignored there)
+        return args.asm if args.asm is not None else (ops.ASM_LOP3 and dtype == "fp16")
+
     if args.all:
         seen, failed = set(), 0
         for bits in args.all_bits:
             for dtype, cfg in itertools.product(("fp16",), (
-                    c for m in (1, 32, 64, 256) for c in configs.candidates(m, 4096, 4096))):
+                    c for m in (1, 32, 64, 256) for c in configs.candidates(m, 4096, 4096, bits))):
                 if cfg.path != "fused":
                     continue
                 for split in ((1, 2) if cfg.split_k == 0 else (cfg.split_k,)):
@@ -172,9 +181,9 @@ def main(argv=None) -> int:
                     if (bits, dtype, c) in seen:
                         continue
                     seen.add((bits, dtype, c))
-                    label = f"b{bits} {dtype} {c.label()}"
+                    label = f"b{bits} {dtype} {c.label()}{' asm' if use_asm(dtype, bits) else ''}"
                     try:
-                        report(label, compile_qmm(bits, 128, dtype, c),
+                        report(label, compile_qmm(bits, 128, dtype, c, asm=use_asm(dtype, bits)),
                                weights_per_thread(bits, 128, c))
                     except Exception as exc:  # noqa: BLE001
                         failed += 1
@@ -182,9 +191,10 @@ def main(argv=None) -> int:
         print(f"{len(seen)} configurations, {failed} failed")
         return 1 if failed else 0
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)
-    report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}",
+    asm = use_asm(args.dtype, args.bits)
+    report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}{' asm' if asm else ''}",
            compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym,
-                       gather_ch=args.gather, asm=args.asm),
+                       gather_ch=args.gather, asm=asm),
            weights_per_thread(args.bits, args.group, cfg))
     return 0
 

@@ -8,11 +8,12 @@ to overflow the L2 cache twice, so weights come from memory), replayed, median p
     TRITON_INTERPRET=1 python benchmarks/triton_variants.py   # CPU: correctness only, tiny shape
 
 Variants per (shape, M), 4-bit g128 sym fp16 unless named:
-  plain            the backend's call (table/tuned config), no act-order
+  plain            the backend's call (table/tuned config), no act-order, with the
+                   environment's dequant (default: the inline-PTX single-LOP3 one, fp16 CUDA)
   plain <cfg>      the same weights with that config forced (M <= 16: 16x64 vs 16x128 tiles)
-  plain asm-lop3   the backend's call with the inline-PTX single-LOP3 dequant (GPTQ_TRITON_ASM)
-  act torch|triton|fused   act-order with x gathered by index_select / a Triton kernel /
-                   inside the fused kernel (GPTQ_TRITON_GATHER)
+  plain asm off    the backend's call with the plain two-LOP3 dequant (GPTQ_TRITON_ASM=0)
+  act torch|triton|fused   act-order with x gathered by index_select / a Triton kernel (the
+                   default) / inside the fused kernel (GPTQ_TRITON_GATHER)
   act pre-sorted   the act-order weights on x gathered beforehand: the fused kernel alone
   gather torch|triton      the gather alone (what one extra launch costs)
 and once: 3-bit M=64 through the backend (was OutOfResources), the same with the stale tuned
@@ -69,7 +70,7 @@ class Runner:
         self.rows: list[tuple[str, str, float, float]] = []
         self.failed = 0
 
-    def variant(self, case: str, name: str, fn, copies, x, ref, gather: str = "torch"):
+    def variant(self, case: str, name: str, fn, copies, x, ref, gather: str = "triton"):
         """Check ``fn(x, p)`` on the first copy, then time it over all copies."""
         old = ops.GATHER
         ops.GATHER = gather
@@ -136,11 +137,13 @@ def main(argv=None) -> int:
                 for cfg in (KernelConfig("fused", 16, 64, 0, 4, 3),
                             KernelConfig("fused", 16, 128, 0, 4, 3)):
                     r.variant(case, f"plain {cfg.label()}", launch_cfg(cfg), plain_c, x, ref_plain)
-            ops.ASM_LOP3 = True
+            asm = ops.ASM_LOP3
+            ops.ASM_LOP3 = not asm
             try:
-                r.variant(case, "plain asm-lop3", backend, plain_c, x, ref_plain)
+                r.variant(case, "plain asm off" if asm else "plain asm-lop3", backend, plain_c,
+                          x, ref_plain)
             finally:
-                ops.ASM_LOP3 = False
+                ops.ASM_LOP3 = asm
             for how in ("torch", "triton", "fused"):
                 r.variant(case, f"act {how}", backend, act_c, x, ref_act, gather=how)
             xs = x.index_select(1, act_p.perm[:K])

@@ -8,6 +8,7 @@ are tiny so the interpreter finishes in about a minute on two cores.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import pytest
@@ -378,5 +379,63 @@ def test_asm_dequant_is_cuda_only(monkeypatch):
     monkeypatch.setattr(ops, "ASM_LOP3", True)
     x = torch.zeros(1, 8, dtype=torch.float16, device=DEVICE)
     assert ops._use_asm(x, 0) == ON_GPU and not ops._use_asm(x, 1) and not ops._use_asm(x, 2)
+    assert not ops._use_asm(x, 0, 3)  # 3-bit has its own dequant sequence
     w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=12)
     check(w, torch.float16, ms=(1, 16))
+
+
+def test_measured_defaults_asm_and_triton_gather():
+    """Defaults are the H100 s2run2 winners: single-LOP3 asm dequant (CUDA fp16 only) and the
+    Triton act-order gather; GPTQ_TRITON_ASM=0 / GPTQ_TRITON_GATHER=torch|fused still select."""
+    if "GPTQ_TRITON_ASM" not in os.environ:
+        assert ops.ASM_LOP3
+    if "GPTQ_TRITON_GATHER" not in os.environ:
+        assert ops.GATHER == "triton"
+    assert ops._env_flag("GPTQ_TRITON_TEST_UNSET", "1")
+    assert not ops._env_flag("GPTQ_TRITON_TEST_UNSET", "0")
+    # the in-process choice key tells asm on from off
+    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=12)
+    p = layout.prepare(w, DEVICE)
+    x = torch.zeros(1, 128, dtype=torch.float16, device=DEVICE)
+    assert ops._cache_key(x, p)[2] == ops._use_asm(x, 0)
+
+
+def test_asm_recorded_in_tuned_entries(tmp_path, monkeypatch):
+    """A user entry tuned with the other asm setting (no field: off) is not reused."""
+    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
+    configs._tables.clear()
+    key = configs.shape_key(4, 128, torch.float16, 4096, 4096, 1)
+    cfg = KernelConfig("fused", 16, 128, 0, 4, 3)
+    configs.ConfigTable("Asm GPU").store(key, cfg, {}, asm=False)
+    raw = json.loads((tmp_path / "Asm_GPU.json").read_text())
+    assert raw["entries"][key]["asm"] is False
+    table = configs.ConfigTable("Asm GPU")
+    assert table.lookup(key, asm=False) == cfg and table.lookup(key, asm=True) is None
+    del raw["entries"][key]["asm"]  # files from before the field: tuned with asm off
+    (tmp_path / "Asm_GPU.json").write_text(json.dumps(raw))
+    table = configs.ConfigTable("Asm GPU")
+    assert table.lookup(key) == cfg and table.lookup(key, asm=True) is None
+
+
+def test_shipped_table_switch(monkeypatch):
+    """GPTQ_TRITON_SHIPPED=0 ignores the shipped table (every key is tuned afresh)."""
+    key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
+    shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped
+    assert shipped[key] == KernelConfig("fused", 16, 64, 0, 4, 3)  # measured best, s2run2
+    monkeypatch.setenv("GPTQ_TRITON_SHIPPED", "0")
+    assert configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped == {}
+
+
+def test_candidates_fit_shared_memory():
+    """Tiles that cannot fit any supported GPU (H100 OutOfResources, s2run2) are not tuned."""
+    for bits, m in itertools.product((2, 3, 4, 8), (1, 16, 32, 64, 256, 4096)):
+        out = configs.candidates(m, 4096, 4096, bits)
+        assert configs.default_config(m, bits) in out
+        for c in out:
+            assert configs.fits(c, bits)
+            if c.path == "fused" and c.num_stages >= 3:
+                assert not (bits == 3 and c.block_m >= 64)
+                assert not (bits == 2 and c.block_m >= 256)
+    assert configs.candidates(256, 4096, 4096, 3) == [KernelConfig("dequant")]
+    assert KernelConfig("fused", 64, 128, 0, 4, 2) in configs.candidates(64, 4096, 4096, 3)
+    assert KernelConfig("fused", 256, 128, 1, 8, 3) in configs.candidates(256, 4096, 4096, 4)

@@ -7,14 +7,22 @@ and zero points share the entry of the same shape. Where to look, in order:
 
 1. the in-process cache (tuned or looked up before);
 2. the user's tuned file ``$GPTQ_TRITON_CACHE_DIR`` (default ``~/.cache/gptq_core/triton``);
-3. the table shipped in ``tuned/<GPU name>.json`` (measured on that GPU);
+3. the table shipped in ``tuned/<GPU name>.json`` (measured on that GPU), unless
+   ``GPTQ_TRITON_SHIPPED=0``: then it is ignored, so a GPU run with an empty user cache tunes
+   every key it meets with today's tuner and kernels, and its user file (same format) can
+   replace the shipped table;
 4. tuning now, when ``GPTQ_TRITON_AUTOTUNE`` is not ``0`` and the call runs on a GPU outside
    CUDA-graph capture (the result is written to the user's file);
 5. the default rules below (``DEFAULT_RULES``), which need no measurement.
 
 Entries of tuned files carry the layout version (``layout.LAYOUT_VERSIONS``) of their bit width
 they were measured on; an entry of another version (or without one, for a width whose version
-is above 1) is ignored. If the chosen configuration still cannot compile or launch on this GPU
+is above 1) is ignored. They also record whether the fused kernel dequantized through the
+single-LOP3 inline PTX (``"asm"``, ``ops.ASM_LOP3``, on by default for fp16 on CUDA); a user
+entry tuned with the other setting (no field: off, as before it existed) is re-tuned. Shipped
+entries are used either way (the H100 table was tuned without it; s2run2 measured the asm
+dequant faster on every tile it ran, same tile winners at 4096x4096).
+If the chosen configuration still cannot compile or launch on this GPU
 (e.g. Triton's OutOfResources), ``ops.run`` falls back (fewer stages, the default rule, then
 dequant + matmul), keeps the one that works for that key in-process, and warns once.
 """
@@ -117,6 +125,12 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("GPTQ_TRITON_CACHE_DIR", default))
 
 
+def shipped_enabled() -> bool:
+    """``GPTQ_TRITON_SHIPPED=0`` ignores the shipped tables (to re-tune every key)."""
+    return os.environ.get("GPTQ_TRITON_SHIPPED", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
 def autotune_enabled() -> bool:
     return os.environ.get("GPTQ_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "")
 
@@ -127,16 +141,17 @@ def layout_version(key: str) -> int:
     return LAYOUT_VERSIONS.get(int(m.group(1)), 1) if m else 1
 
 
-def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict]]:
-    """(configurations, the timings that chose them) of a tuned file; empty if unreadable.
+def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict], dict[str, bool]]:
+    """(configurations, the timings that chose them, asm dequant on when tuned) of a tuned
+    file; empty if unreadable.
 
     Entries measured on another layout version than today's (no "layout" field: version 1)
     are left out."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}, {}
-    configs, timings = {}, {}
+        return {}, {}, {}
+    configs, timings, asm = {}, {}, {}
     for key, entry in data.get("entries", {}).items():
         if entry.get("layout", 1) != layout_version(key):
             continue  # measured on an older layout of this bit width
@@ -145,7 +160,8 @@ def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict]]:
         except (TypeError, KeyError):
             continue  # an entry from another version of this file: ignore it
         timings[key] = entry.get("timings_us", {})
-    return configs, timings
+        asm[key] = bool(entry.get("asm", False))
+    return configs, timings, asm
 
 
 class ConfigTable:
@@ -154,18 +170,26 @@ class ConfigTable:
     def __init__(self, gpu_name: str) -> None:
         self.gpu_name = gpu_name
         self.file_name = gpu_file_name(gpu_name)
-        self.shipped, _ = _read_table(SHIPPED_DIR / self.file_name)
-        self.user, self.timings = _read_table(user_cache_dir() / self.file_name)
+        self.shipped = {}
+        if shipped_enabled():
+            self.shipped, _, _ = _read_table(SHIPPED_DIR / self.file_name)
+        self.user, self.timings, self.asm = _read_table(user_cache_dir() / self.file_name)
         self.lock = threading.Lock()
 
-    def lookup(self, key: str) -> KernelConfig | None:
-        return self.user.get(key) or self.shipped.get(key)
+    def lookup(self, key: str, asm: bool = False) -> KernelConfig | None:
+        """The user's entry if it was tuned with the same asm setting, else the shipped one."""
+        cfg = self.user.get(key)
+        if cfg is not None and self.asm.get(key, False) == asm:
+            return cfg
+        return self.shipped.get(key)
 
-    def store(self, key: str, cfg: KernelConfig, timings: dict[str, float]) -> None:
+    def store(self, key: str, cfg: KernelConfig, timings: dict[str, float],
+              asm: bool = False) -> None:
         """Remember a tuned entry in-process and in the user's file (best effort)."""
         with self.lock:
             self.user[key] = cfg
             self.timings[key] = timings
+            self.asm[key] = asm
             path = user_cache_dir() / self.file_name
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +201,7 @@ class ConfigTable:
         """Write every user-tuned entry (with the timings that chose it) as JSON."""
         entries = {
             k: {"config": asdict(v), "layout": layout_version(k),
-                "timings_us": self.timings.get(k, {})}
+                "asm": self.asm.get(k, False), "timings_us": self.timings.get(k, {})}
             for k, v in sorted(self.user.items())
         }
         tmp = path.with_suffix(".tmp")
@@ -195,10 +219,28 @@ def table_for(gpu_name: str) -> ConfigTable:
     return table
 
 
-def candidates(m: int, k: int, n: int) -> list[KernelConfig]:
+#: Fused tiles that cannot fit any supported GPU's shared memory (the H100's 232448 B is the
+#: largest), by bit width: (block_m, num_stages) -> what Triton asked for at 3 stages on the
+#: H100 (``triton_precompile.py``, s2run2). 3-bit tiles are 512 channels deep: m64 needs
+#: 246016 B (m64 at 2 stages fits: 26.2 us at 4096x4096 M=64), m128 450560-492032, m256
+#: 843776; 2-bit m256 n128 needs 413696. Such tiles are left out of the tuner's candidates
+#: (3-bit m64 runs at 2 stages), so no GPU run spends compile time on them.
+MAX_BLOCK_M_3STAGE = {3: 32, 2: 128}
+
+
+def fits(cfg: KernelConfig, bits: int | None) -> bool:
+    """False for a fused tile known not to fit (``MAX_BLOCK_M_3STAGE``) at >= 3 stages."""
+    if cfg.path != "fused" or bits not in MAX_BLOCK_M_3STAGE:
+        return True
+    return cfg.block_m <= MAX_BLOCK_M_3STAGE[bits] or cfg.num_stages < 3
+
+
+def candidates(m: int, k: int, n: int, bits: int | None = None) -> list[KernelConfig]:
     """Configurations the tuner times for one M bucket (the default always among them).
 
-    Kept short on purpose: every distinct tile shape is one more kernel to compile.
+    Kept short on purpose: every distinct tile shape is one more kernel to compile. With
+    ``bits``, tiles that cannot fit (``fits``) are left out; 3-bit 64-row tiles run at 2
+    stages and 3-bit above M=64 has only dequant + matmul (its default).
     """
     mb = m_bucket(m)
     F = KernelConfig
@@ -207,11 +249,15 @@ def candidates(m: int, k: int, n: int) -> list[KernelConfig]:
                F("fused", 16, 128, 0, 4, 4), F("fused", 16, 256, 0, 8, 3),
                F("fused", 16, 128, 1, 4, 3)]
     elif mb <= 64:
-        out = [F("fused", bm, 128, sk, 4, 3) for bm in (16, 32, 64) if bm <= mb for sk in (0, 1)]
+        out = [F("fused", bm, 128, sk, 4, 2 if (bits == 3 and bm == 64) else 3)
+               for bm in (16, 32, 64) if bm <= mb for sk in (0, 1)]
     else:
-        out = [F("fused", 64, 128, 1, 4, 3), F("fused", 128, 128, 1, 8, 3),
+        out = [F("fused", 64, 128, 1, 4, 2 if bits == 3 else 3), F("fused", 128, 128, 1, 8, 3),
                F("fused", 128, 256, 1, 8, 3), F("fused", 256, 128, 1, 8, 3), F("dequant")]
-    base = default_config(mb)
+        if bits == 3:
+            out = [F("dequant")]
+    out = [c for c in out if fits(c, bits)]
+    base = default_config(mb, bits)
     if base not in out:
         out.insert(0, base)
     return out

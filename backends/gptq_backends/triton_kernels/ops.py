@@ -23,7 +23,7 @@ _lock = threading.Lock()
 _dummies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _workspaces: dict[torch.device, dict[str, torch.Tensor]] = {}
 _device_props: dict[torch.device, tuple[str, int]] = {}
-_chosen: dict[tuple[str, str], KernelConfig] = {}
+_chosen: dict[tuple[str, str, bool], KernelConfig] = {}
 
 
 def _interpreting() -> bool:
@@ -135,25 +135,38 @@ def dequantize(p: TritonPrepared, dtype: torch.dtype, block_n: int = 128) -> tor
     return out
 
 
-#: How act-order permutes x's columns for the fused kernel: "torch" (``index_select``, one
-#: ATen kernel before it), "triton" (``kernels.gather_cols_kernel``, one Triton kernel of a
-#: fixed config before it) or "fused" (inside the fused kernel, one launch in all, where
-#: M <= FUSED_GATHER_MAX_M and each program's K range is at most FUSED_GATHER_CH channels, as
-#: in split-K decode; otherwise "torch"). benchmarks/triton_variants.py times all three.
-GATHER = os.environ.get("GPTQ_TRITON_GATHER", "torch").strip().lower()
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "no", "off")
+
+
+#: How act-order permutes x's columns for the fused kernel: "triton" (default:
+#: ``kernels.gather_cols_kernel``, one Triton kernel of a fixed config before it), "torch"
+#: (``index_select``, one ATen kernel before it) or "fused" (inside the fused kernel, one launch
+#: in all, where M <= FUSED_GATHER_MAX_M and each program's K range is at most FUSED_GATHER_CH
+#: channels, as in split-K decode; otherwise the triton gather). Measured on the H100 (s2run2,
+#: 4-bit g128 fp16, us): 4096x4096 M=1 plain 10.2, act torch 16.8, triton 12.2, fused 23.9;
+#: 8192x28672 M=1 torch 77.6, triton 72.7, fused 78.3 (plain 70.5). ``fused`` is slower: every
+#: program of a K range repeats the same gather and its loads sit unpipelined before the main
+#: loop, behind a barrier. benchmarks/triton_variants.py times all three.
+GATHER = os.environ.get("GPTQ_TRITON_GATHER", "triton").strip().lower()
 GATHER_BLOCK = 1024
-#: Opt-in (``GPTQ_TRITON_ASM=1``): 2/4/8-bit fp16 dequantization with one inline-PTX LOP3 per
-#: register pair instead of two (CUDA only; the interpreter and ROCm keep the plain code).
-#: SASS, 4-bit 16x64 split-K: 4.61 -> 4.09 instructions per weight. Not yet run on a GPU.
-ASM_LOP3 = os.environ.get("GPTQ_TRITON_ASM", "0").strip().lower() not in ("", "0", "false", "no")
+#: On by default (``GPTQ_TRITON_ASM=0`` switches it off): 2/4/8-bit fp16 dequantization with one
+#: inline-PTX LOP3 per register pair instead of two, on CUDA only (the interpreter, ROCm, bf16
+#: and fp32 keep the plain code; 3-bit has its own sequence). SASS, 4-bit 16x64 split-K: 4.61 ->
+#: 4.09 instructions per weight. H100 (s2run2, same config both ways): 8192x28672 M=1 70.5 ->
+#: 66.2 us, M=16 75.8 -> 72.8, M=64 118.2 -> 117.1; 4096x4096 M=1 10.2 -> 9.9, M=64 22.3 ->
+#: 19.6; same float64 error. ``ASM`` is a constexpr of ``qmm_kernel`` (its own compiled
+#: variant) and part of the in-process choice key and of tuned entries (``"asm"``).
+ASM_LOP3 = _env_flag("GPTQ_TRITON_ASM", "1")
 FUSED_GATHER_CH = 1024
 FUSED_GATHER_MAX_M = 2
 
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor, how: str | None = None) -> torch.Tensor:
-    """x [M, K] with its columns in the act-order weight's sorted order: ``x[:, perm[:K]]``."""
+    """x [M, K] with its columns in the act-order weight's sorted order: ``x[:, perm[:K]]``,
+    by ``index_select`` ("torch") or ``gather_cols_kernel`` (otherwise, the default)."""
     M, K = x.shape
-    if (how or GATHER) != "triton":
+    if (how or GATHER) == "torch":
         return x.index_select(1, perm[:K])  # int32 index, a view of perm: one kernel, no copy
     out = torch.empty(M, K, dtype=x.dtype, device=x.device)
     _kernels().gather_cols_kernel[(M, math.ceil(K / GATHER_BLOCK))](
@@ -161,8 +174,10 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor, how: str | None = None) 
     return out
 
 
-def _use_asm(x: torch.Tensor, mode: int) -> bool:
-    return ASM_LOP3 and mode == 0 and x.is_cuda and torch.version.hip is None and not _interpreting()
+def _use_asm(x: torch.Tensor, mode: int, bits: int | None = None) -> bool:
+    """Whether this call's fused kernel dequantizes through the single-LOP3 inline PTX (3-bit
+    has its own sequence: no asm variant compiled for it)."""
+    return ASM_LOP3 and mode == 0 and bits != 3 and x.is_cuda and torch.version.hip is None and not _interpreting()
 
 
 def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
@@ -215,7 +230,7 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
         perm_ptr=p.perm if gather_ch else None, xs_ptr=xs,
         stride_xs=xs.stride(0) if gather_ch else 0, GATHER_CH=gather_ch,
-        ASM=_use_asm(x, mode_for(x.dtype, p.bits)),
+        ASM=_use_asm(x, mode_for(x.dtype, p.bits), p.bits),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype)  # no kernel when the dtypes match (it returns ``out`` itself)
@@ -258,7 +273,7 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     copies = _weight_copies(p)
     timings: dict[str, float] = {}
     best, best_us = None, math.inf
-    for cfg in configs.candidates(M, K, p.out_features):
+    for cfg in configs.candidates(M, K, p.out_features, p.bits):
         try:
             launch(x, p, bias, cfg)  # compile outside the timing
             calls = [lambda c=cfg, q=q: launch(x, q, bias, c) for q in copies]
@@ -274,10 +289,12 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     return best, timings
 
 
-def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str]:
+def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str, bool]:
+    """(GPU name, tuned-file key, asm dequant on): the in-process choice key. The tuned files
+    are keyed by the first two and record the third (``"asm"``) per entry."""
     gpu, _ = device_props(x.device)
     return gpu, configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features, p.out_features,
-                                  x.shape[0])
+                                  x.shape[0]), _use_asm(x, mode_for(x.dtype, p.bits), p.bits)
 
 
 def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
@@ -289,13 +306,13 @@ def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
         return cfg
     if not x.is_cuda:
         return configs.default_config(M, p.bits)
-    gpu, key = ck
+    gpu, key, asm = ck
     table = configs.table_for(gpu)
-    cfg = table.lookup(key)
+    cfg = table.lookup(key, asm)
     if cfg is None:
         if configs.autotune_enabled() and not _capturing(x):
             cfg, timings = tune(x, p, None)
-            table.store(key, cfg, timings)
+            table.store(key, cfg, timings, asm)
         else:
             return configs.default_config(M, p.bits)
     _chosen[ck] = cfg
@@ -329,8 +346,9 @@ def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.
                 y = launch(x, p, bias, alt)
             except Exception:  # noqa: BLE001, S112
                 continue
-            gpu, key = _cache_key(x, p)
-            _chosen[(gpu, key)] = alt
+            ck = _cache_key(x, p)
+            gpu, key = ck[0], ck[1]
+            _chosen[ck] = alt
             msg = str(first).strip().splitlines()[0][:200] if str(first).strip() else ""
             warnings.warn(
                 f"gptq triton backend: configuration {cfg.label()!r} for {key} on {gpu} failed "
