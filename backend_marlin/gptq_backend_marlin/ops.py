@@ -20,6 +20,7 @@ _lib.define(
     "dequantize(Tensor b, Tensor scales, Tensor? zeros, int bits, int group_size, "
     "int size_k, int size_n) -> Tensor"
 )
+_lib.define("gather_cols(Tensor x, Tensor perm) -> Tensor")
 
 
 @torch.library.register_fake(f"{LIBRARY}::gemm")
@@ -33,5 +34,20 @@ def _dequantize_fake(b, scales, zeros, bits, group_size, size_k, size_n):
     return scales.new_empty(size_n, size_k)
 
 
+@torch.library.register_fake(f"{LIBRARY}::gather_cols")
+def _gather_cols_fake(x, perm):
+    torch._check(x.dim() == 2, lambda: f"gather_cols: x must be 2-D, got {x.dim()}-D")
+    torch._check(x.dtype in (torch.float16, torch.bfloat16),
+                 lambda: f"gather_cols: x must be float16 or bfloat16, got {x.dtype}")
+    torch._check(perm.dim() == 1 and perm.shape[0] == x.shape[1],
+                 lambda: f"gather_cols: perm must be a 1-D tensor of K={x.shape[1]} indices")
+    torch._check(perm.dtype in (torch.int32, torch.int64),
+                 lambda: f"gather_cols: perm must be int32 or int64, got {perm.dtype}")
+    return x.new_empty(x.shape[0], x.shape[1])
+
+
 gemm = torch.ops.gptq_marlin.gemm
 dequantize = torch.ops.gptq_marlin.dequantize
+#: out[:, c] = x[:, perm[c]] (x [M, K] fp16/bf16, perm [K] int32/int64): the act-order
+#: activation permutation, one launch; ``gemm`` uses it unless GPTQ_MARLIN_GATHER=torch.
+gather_cols = torch.ops.gptq_marlin.gather_cols

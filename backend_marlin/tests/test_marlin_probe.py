@@ -161,3 +161,54 @@ def test_fake_implementation_gives_shapes_without_a_kernel():
         w = ops.dequantize(tiles, scales, None, 4, 128, 128, 64)
     assert out.shape == (5, 64) and out.dtype == torch.float16
     assert w.shape == (64, 128)
+
+
+def test_gather_cols_is_registered_with_its_schema():
+    from gptq_backend_marlin import ops
+
+    schema = str(torch.ops.gptq_marlin.gather_cols.default._schema)
+    assert schema == "gptq_marlin::gather_cols(Tensor x, Tensor perm) -> Tensor"
+    assert any(p.name == "marlin_gather.cu" for p in build.sources())
+    assert ops.gather_cols is torch.ops.gptq_marlin.gather_cols
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("idx", [torch.int32, torch.int64])
+def test_gather_cols_fake_implementation(dtype, idx):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gptq_backend_marlin import ops
+
+    with FakeTensorMode():
+        x = torch.empty(7, 100, dtype=dtype)
+        out = ops.gather_cols(x, torch.empty(100, dtype=idx))
+    assert out.shape == (7, 100) and out.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "x_shape,x_dtype,perm_shape,perm_dtype,message",
+    [
+        ((4, 64), torch.float32, (64,), torch.int64, "float16 or bfloat16"),
+        ((4, 64), torch.float16, (63,), torch.int64, "K=64"),
+        ((4, 64), torch.float16, (64,), torch.float32, "int32 or int64"),
+        ((64,), torch.float16, (64,), torch.int64, "2-D"),
+    ],
+)
+def test_gather_cols_fake_implementation_rejects_bad_arguments(x_shape, x_dtype, perm_shape, perm_dtype, message):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gptq_backend_marlin import ops
+
+    with FakeTensorMode(), pytest.raises(Exception, match=message):
+        ops.gather_cols(torch.empty(x_shape, dtype=x_dtype), torch.empty(perm_shape, dtype=perm_dtype))
+
+
+def test_gather_cols_traces_under_torch_compile():
+    from gptq_backend_marlin import ops
+
+    def f(x, perm):
+        return ops.gather_cols(x, perm) * 2
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f, tracing_mode="fake")(
+        torch.empty(3, 96, dtype=torch.float16), torch.empty(96, dtype=torch.int32))
+    assert any("gather_cols" in str(n.target) for n in gm.graph.nodes)

@@ -51,5 +51,9 @@ struct DequantArgs {
 cudaError_t gemm_occupancy(int dtype, int bits, int m_blocks, bool has_zeros, int* blocks_per_sm);
 cudaError_t gemm_launch(int dtype, const GemmArgs& args, cudaStream_t stream);
 cudaError_t dequant_launch(int dtype, const DequantArgs& args, cudaStream_t stream);
+// out[r, c] = x[r, perm[c]] for 2-byte x [m, k] (contiguous) and perm [k] of int32 or int64;
+// out is contiguous and 16-byte aligned. An index outside [0, k) writes nan_bits.
+cudaError_t gather_cols_launch(const void* x, const void* perm, bool perm_int64, void* out,
+                               int m, int k, unsigned short nan_bits, cudaStream_t stream);
 
 }  // namespace gptq_marlin

@@ -1,5 +1,6 @@
 // Torch binding of the Marlin kernels: CUDA implementations of the ops that ops.py defines
-// (gptq_marlin::gemm, gptq_marlin::dequantize), with argument checks that say what is wrong.
+// (gptq_marlin::gemm, gptq_marlin::dequantize, gptq_marlin::gather_cols), with argument checks
+// that say what is wrong.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -64,6 +65,44 @@ void check_weights(const at::Tensor& b, const at::Tensor& scales,
 int finalizer_mode() {
   const char* env = std::getenv("GPTQ_MARLIN_FINALIZER");
   return (env != nullptr && std::strcmp(env, "loop") == 0) ? 1 : 0;
+}
+
+// GPTQ_MARLIN_GATHER=torch permutes act-order activations with at::index_select instead of
+// the gather kernel (side-by-side timing; same results). Read per call like the finalizer.
+bool torch_gather() {
+  const char* env = std::getenv("GPTQ_MARLIN_GATHER");
+  return env != nullptr && std::strcmp(env, "torch") == 0;
+}
+
+// x [M, K] fp16/bf16 (made contiguous here), perm [K] int32/int64 on x's device -> [M, K].
+at::Tensor gather_cols_impl(const at::Tensor& x_in, const at::Tensor& perm) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2,
+              "gather_cols: x must be a 2-D CUDA tensor, got ", x_in.sizes(), " on ", x_in.device());
+  TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
+              "gather_cols: x must be float16 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == x_in.size(1),
+              "gather_cols: perm must be a 1-D tensor of K=", x_in.size(1), " indices, got ",
+              perm.sizes());
+  TORCH_CHECK(perm.scalar_type() == at::kInt || perm.scalar_type() == at::kLong,
+              "gather_cols: perm must be int32 or int64, got ", perm.scalar_type());
+  TORCH_CHECK(perm.device() == x_in.device(), "gather_cols: perm is on ", perm.device(),
+              " but x on ", x_in.device());
+  TORCH_CHECK(x_in.size(0) < (int64_t{1} << 31) && x_in.size(1) < (int64_t{1} << 30),
+              "gather_cols: x of ", x_in.sizes(), " is too large");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor p = perm.contiguous();
+  auto out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
+              "gather_cols: output not 16-byte aligned");
+  const uint16_t nan_bits = x.scalar_type() == at::kHalf ? 0x7e00 : 0x7fc0;
+  const cudaError_t err = gather_cols_launch(
+      x.data_ptr(), p.data_ptr(), p.scalar_type() == at::kLong, out.data_ptr(),
+      static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), nan_bits,
+      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "gather_cols: launch failed: ", cudaGetErrorString(err));
+  return out;
 }
 
 // Workspace per (device, stream): fp32 partial-sum slots and self-clearing tile counters.
@@ -135,6 +174,11 @@ at::Tensor dequantize_into(const at::Tensor& b, const at::Tensor& scales,
 
 }  // namespace
 
+// out[:, c] = x[:, perm[c]]: the act-order activation permutation as one launch.
+at::Tensor gather_cols(const at::Tensor& x, const at::Tensor& perm) {
+  return gather_cols_impl(x, perm);
+}
+
 // Dense [n, k] weight (nn.Linear layout) in the scales' dtype, in the sorted (act-order) k order.
 at::Tensor dequantize(const at::Tensor& b, const at::Tensor& scales,
                       const std::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
@@ -161,8 +205,9 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t M = a.size(0), K = a.size(1), N = size_n;
   check_weights(b, scales, zeros, bits, group_size, K, N);
   if (perm.has_value()) {
-    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->device() == a.device(),
-                "marlin: perm must be a [K] index tensor on the activations' device");
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->device() == a.device() &&
+                    (perm->scalar_type() == at::kLong || perm->scalar_type() == at::kInt),
+                "marlin: perm must be a [K] int64 or int32 tensor on the activations' device");
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == a.device(),
@@ -173,7 +218,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   auto out = at::empty({M, N}, a.options());
   if (M == 0) return out;
   at::Tensor A = a.contiguous();
-  if (perm.has_value()) A = at::index_select(A, 1, *perm);
+  if (perm.has_value()) A = torch_gather() ? at::index_select(A, 1, *perm) : gather_cols_impl(A, *perm);
   // cp.async moves 16-byte units: a view that starts mid-unit gets a fresh copy.
   if (reinterpret_cast<uintptr_t>(A.data_ptr()) % 16 != 0) A = A.clone();
 
@@ -233,4 +278,5 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
 TORCH_LIBRARY_IMPL(gptq_marlin, CUDA, m) {
   m.impl("gemm", &gptq_marlin::gemm);
   m.impl("dequantize", &gptq_marlin::dequantize);
+  m.impl("gather_cols", &gptq_marlin::gather_cols);
 }
