@@ -6,7 +6,8 @@ candidate time (> 1: faster than fp16), measured side by side in this one run.
 
     python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
 
-Writes DIR/bench_marlin.csv and prints the table against the targets of issue 5.
+Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
+issue 5. `--finalizer-ab` / `--gather-ab` time only those A/B comparisons.
 """
 
 from __future__ import annotations
@@ -160,6 +161,33 @@ def finalizer_ab(rows) -> None:
         torch.cuda.empty_cache()
 
 
+def gather_ab(rows) -> None:
+    """Act-order gemm with the gather kernel against GPTQ_MARLIN_GATHER=torch (index_select),
+    interleaved on the same weights, next to the plain (no act-order) layer and the bare
+    gathers: `--gather-ab` runs only this (about 30 s)."""
+    for K, N in ((4096, 4096), (8192, 28672)):
+        plain = Layer(K, N, with_baselines=False)
+        act = Layer(K, N, act=True, with_baselines=False)
+        perm = act.marlin[0].perm
+        for m in (1, 16, 64):
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m, "gather_ab": 1}
+            row["plain"] = time_calls(plain.calls("marlin", x))
+            for name, mode in (("act_torch", "torch"), ("act_kernel", ""), ("act_torch_again", "torch"),
+                               ("act_kernel_again", "")):
+                os.environ["GPTQ_MARLIN_GATHER"] = mode
+                row[name] = time_calls(act.calls("marlin", x))
+            os.environ.pop("GPTQ_MARLIN_GATHER", None)
+            row["index_select"] = time_calls([lambda: torch.index_select(x, 1, perm)])
+            row["gather_cols"] = time_calls([lambda: ops.gather_cols(x, perm)])
+            rows.append(row)
+            t, k = min(row["act_torch"], row["act_torch_again"]), min(row["act_kernel"], row["act_kernel_again"])
+            print(_fmt(row) + f" act-order overhead torch=+{t - row['plain']:.1f} kernel=+{k - row['plain']:.1f}",
+                  flush=True)
+        del plain, act
+        torch.cuda.empty_cache()
+
+
 def _fmt(row: dict) -> str:
     head = f"{row['K']:>5}x{row['N']:<5} M={row['M']:<4}"
     parts = [f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float)]
@@ -230,6 +258,8 @@ def main() -> int:
     parser.add_argument("--no-variants", action="store_true")
     parser.add_argument("--finalizer-ab", action="store_true",
                         help="only time the v3 finalizer against v2's loop (about 40 s)")
+    parser.add_argument("--gather-ab", action="store_true",
+                        help="only time act-order with the gather kernel against index_select (about 30 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -242,8 +272,11 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    if args.finalizer_ab:
-        finalizer_ab(rows)
+    if args.finalizer_ab or args.gather_ab:
+        if args.finalizer_ab:
+            finalizer_ab(rows)
+        if args.gather_ab:
+            gather_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

@@ -170,6 +170,84 @@ def finalizer_ab() -> None:
             os.environ.pop("GPTQ_MARLIN_FINALIZER", None)
 
 
+def gather() -> None:
+    """The act-order gather kernel (ops.gather_cols) against torch.index_select, bit for bit:
+    fp16/bf16, int32/int64 perm, M 1/7/16/65, K multiple of 8 or not, a non-contiguous x;
+    argument errors; then gemm on act-order layers with the kernel gather and with
+    GPTQ_MARLIN_GATHER=torch (must be bit-identical and pass the float64 check)."""
+    import os
+
+    g = torch.Generator(device="cpu").manual_seed(11)
+    for dtype, idx, K, m in itertools.product((torch.float16, torch.bfloat16), (torch.int32, torch.int64),
+                                              (8, 100, 192, 4096, 4097, 28672), (1, 7, 16, 65)):
+        label = f"gather {str(dtype)[6:]} {str(idx)[6:]} K={K} M={m}"
+        try:
+            x = torch.randn(m, K, generator=g).to(dtype=dtype, device=DEV)
+            perm = torch.randperm(K, generator=g).to(dtype=idx, device=DEV)
+            poison(m * K, dtype)
+            y = ops.gather_cols(x, perm)
+            counts["calls"] += 1
+            if y.shape != x.shape or y.dtype != dtype or not y.is_contiguous():
+                failures.append(f"{label}: got {tuple(y.shape)} {y.dtype}")
+            elif not torch.equal(y, torch.index_select(x, 1, perm)):
+                failures.append(f"{label}: differs from index_select")
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+    counts["cases"] += 1
+    try:  # non-contiguous x (a column slice), special values, empty M, repeated indices
+        base = torch.randn(9, 300, device=DEV).half()
+        base[2, 5], base[3, 6], base[4, 7] = float("nan"), float("inf"), -0.0
+        x = base[:, 10:210]
+        perm = torch.randint(0, 200, (200,), device=DEV)
+        if not torch.equal(ops.gather_cols(x, perm).view(torch.int16),
+                           torch.index_select(x, 1, perm).view(torch.int16)):
+            failures.append("gather non-contiguous / special values / repeated indices: differs")
+        if ops.gather_cols(x[:0], perm).shape != (0, 200):
+            failures.append("gather empty M: wrong shape")
+    except Exception:
+        failures.append(f"gather special: {traceback.format_exc(limit=3)}")
+    x = torch.randn(4, 64, device=DEV).half()
+    bad = {"float32 x": (x.float(), torch.arange(64, device=DEV)),
+           "short perm": (x, torch.arange(63, device=DEV)),
+           "float perm": (x, torch.arange(64, device=DEV).float()),
+           "cpu perm": (x, torch.arange(64)),
+           "cpu x": (x.cpu(), torch.arange(64))}
+    for what, (a, p_) in bad.items():
+        try:
+            ops.gather_cols(a, p_)
+            failures.append(f"gather {what}: no error")
+        except RuntimeError as exc:
+            if "gather_cols" not in str(exc) and "marlin" not in str(exc) and "CUDA" not in str(exc):
+                failures.append(f"gather {what}: unclear error {str(exc)[:200]}")
+    for K, N, dtype in ((1024, 800, torch.bfloat16), (4096, 4096, torch.float16), (8192, 28672, torch.float16)):
+        label = f"gather gemm {str(dtype)[6:]} act {K}x{N}"
+        try:
+            packed = gpu_packed(4, 128, dtype == torch.float16, True, K, N, seed=K + 3)
+            p = prepare(packed, DEV, dtype)
+            w64 = packed.dequantize(torch.float64).to(DEV)
+            for m in (1, 7, 16, 65, 300):
+                x = torch.randn(m, K, device=DEV).to(dtype)
+                ref, bound = reference(x, w64, None)
+                for thr in ((-1, 256) if m == 300 else (-1,)):
+                    ys = []
+                    for mode in ("", "torch"):
+                        os.environ["GPTQ_MARLIN_GATHER"] = mode
+                        poison(m * N, dtype)
+                        ys.append(ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, 4, 128, N, thr, 0))
+                        torch.cuda.synchronize()
+                        counts["calls"] += 1
+                    res = check_close(ys[0], ref, bound, dtype)
+                    if not res.ok:
+                        failures.append(f"{label} M={m} thr={thr}: {res.message}")
+                    if not torch.equal(ys[0], ys[1]):
+                        failures.append(f"{label} M={m} thr={thr}: gather kernel and index_select differ")
+            counts["cases"] += 1
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+        finally:
+            os.environ.pop("GPTQ_MARLIN_GATHER", None)
+
+
 def special_values() -> None:
     packed = random_packed(4, 64, True, False, 256, 256, seed=3, device=DEV)
     p = prepare(packed, DEV, torch.float16)
@@ -241,6 +319,8 @@ def opcheck() -> None:
     try:
         torch.library.opcheck(ops.gemm, (x, p.tiles, p.scales, p.zeros, p.perm, bias, 4, 64, 96, -1, 0))
         torch.library.opcheck(ops.dequantize, (p.tiles, p.scales, p.zeros, 4, 64, 256, 96))
+        torch.library.opcheck(ops.gather_cols, (x, p.perm))
+        torch.library.opcheck(ops.gather_cols, (x[:, :100].contiguous().bfloat16(), p.perm[:100].int().remainder(100)))
     except Exception:
         failures.append(f"opcheck: {traceback.format_exc(limit=4)}")
 
@@ -249,7 +329,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bits", default="4", help="bit widths of the grid, e.g. 4 or 4,8")
-    parser.add_argument("--parts", default="grid,large,finalizer_ab,determinism,special_values,through_quantlinear,dense_cache,opcheck")
+    parser.add_argument("--parts", default="grid,large,finalizer_ab,gather,determinism,special_values,through_quantlinear,dense_cache,opcheck")
     args = parser.parse_args()
     bits_list = tuple(int(b) for b in args.bits.split(","))
     started = time.perf_counter()
