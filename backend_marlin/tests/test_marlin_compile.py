@@ -67,3 +67,12 @@ def test_cuda_sources_compile_for_sm90_without_spills(tmp_path):
         odd = [ln.strip() for ln in sass.splitlines()
                if (m := re.search(r"desc\[UR(\d+)\]", ln)) and int(m.group(1)) % 2]
         assert not odd, f"{obj.name}: odd uniform descriptor registers: {odd[:3]}"
+        if obj.stem == "marlin_gather":
+            # The gather's 8 columns x 4 rows of 2-byte loads must all be issued before the
+            # first branch or store (one L2 round trip per thread, not 32).
+            kernels = re.split(r"\n\s*Function : ", sass)[1:]
+            assert len(kernels) == 2, f"expected the int32 and int64 gather kernels, got {len(kernels)}"
+            for body in kernels:
+                seg = body[body.find("LDG.E.U16"):]
+                stop = min((i for i in (seg.find("BRA"), seg.find("STG")) if i >= 0), default=len(seg))
+                assert seg[:stop].count("LDG.E.U16") >= 32, f"{body.split()[0]}: gathered loads not batched"
