@@ -245,7 +245,8 @@ def test_tuned_table_round_trip(tmp_path, monkeypatch):
     assert (tmp_path / "Test_GPU_80GB.json").exists()
 
 
-def test_shipped_h100_table_is_read():
+def test_shipped_h100_table_is_read(monkeypatch):
+    monkeypatch.delenv("GPTQ_TRITON_SHIPPED", raising=False)  # a re-tuning run may set it
     table = configs.ConfigTable("NVIDIA H100 80GB HBM3")
     key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
     assert table.shipped[key].path == "fused"
@@ -326,6 +327,7 @@ def test_fallback_order_and_nothing_works(monkeypatch):
 def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
     """Tuned entries carry their bit width's layout version; others (3-bit before its int32
     third-bit plane: no version field) are ignored, in users' files and the shipped table."""
+    monkeypatch.delenv("GPTQ_TRITON_SHIPPED", raising=False)
     import json  # noqa: PLC0415
 
     monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
@@ -419,6 +421,7 @@ def test_asm_recorded_in_tuned_entries(tmp_path, monkeypatch):
 
 def test_shipped_table_switch(monkeypatch):
     """GPTQ_TRITON_SHIPPED=0 ignores the shipped table (every key is tuned afresh)."""
+    monkeypatch.delenv("GPTQ_TRITON_SHIPPED", raising=False)
     key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
     shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped
     assert shipped[key] == KernelConfig("fused", 16, 64, 0, 4, 3)  # measured best, s2run2
