@@ -34,20 +34,43 @@ def _dequantize_fake(b, scales, zeros, bits, group_size, size_k, size_n):
     return scales.new_empty(size_n, size_k)
 
 
+def check_gather_args(x: torch.Tensor, perm: torch.Tensor) -> None:
+    """Raise ValueError naming what is wrong with ``gather_cols``'s arguments.
+
+    Checked in Python, before the CUDA op: on the H100 (s2run3) a bad argument that reached the
+    op's own C++ checks killed the process with a segmentation fault instead of raising, a
+    fault not yet understood (NOTES/perf-marlin.md), so nothing invalid is let through to it.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"gather_cols: x must be 2-D [M, K], got {x.dim()}-D {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gather_cols: x must be float16 or bfloat16, got {x.dtype}")
+    if perm.dim() != 1 or perm.shape[0] != x.shape[1]:
+        raise ValueError(f"gather_cols: perm must be a 1-D tensor of K={x.shape[1]} indices, "
+                         f"got shape {tuple(perm.shape)}")
+    if perm.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"gather_cols: perm must be int32 or int64, got {perm.dtype}")
+    if perm.device != x.device:
+        raise ValueError(f"gather_cols: perm is on {perm.device} but x on {x.device}; "
+                         "move both to the same CUDA device")
+
+
 @torch.library.register_fake(f"{LIBRARY}::gather_cols")
 def _gather_cols_fake(x, perm):
-    torch._check(x.dim() == 2, lambda: f"gather_cols: x must be 2-D, got {x.dim()}-D")
-    torch._check(x.dtype in (torch.float16, torch.bfloat16),
-                 lambda: f"gather_cols: x must be float16 or bfloat16, got {x.dtype}")
-    torch._check(perm.dim() == 1 and perm.shape[0] == x.shape[1],
-                 lambda: f"gather_cols: perm must be a 1-D tensor of K={x.shape[1]} indices")
-    torch._check(perm.dtype in (torch.int32, torch.int64),
-                 lambda: f"gather_cols: perm must be int32 or int64, got {perm.dtype}")
+    check_gather_args(x, perm)
     return x.new_empty(x.shape[0], x.shape[1])
 
 
 gemm = torch.ops.gptq_marlin.gemm
 dequantize = torch.ops.gptq_marlin.dequantize
-#: out[:, c] = x[:, perm[c]] (x [M, K] fp16/bf16, perm [K] int32/int64): the act-order
-#: activation permutation, one launch; ``gemm`` uses it unless GPTQ_MARLIN_GATHER=torch.
-gather_cols = torch.ops.gptq_marlin.gather_cols
+
+
+def gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """out[:, c] = x[:, perm[c]] (x [M, K] fp16/bf16 on CUDA, perm [K] int32/int64): the act-order
+    activation permutation, one launch; ``gemm`` runs it inside (unless GPTQ_MARLIN_GATHER=torch).
+
+    Arguments are checked here first (:func:`check_gather_args`); CPU tensors get the
+    dispatcher's "could not run ... with arguments from the 'CPU' backend".
+    """
+    check_gather_args(x, perm)
+    return torch.ops.gptq_marlin.gather_cols(x, perm)

@@ -169,7 +169,24 @@ def test_gather_cols_is_registered_with_its_schema():
     schema = str(torch.ops.gptq_marlin.gather_cols.default._schema)
     assert schema == "gptq_marlin::gather_cols(Tensor x, Tensor perm) -> Tensor"
     assert any(p.name == "marlin_gather.cu" for p in build.sources())
-    assert ops.gather_cols is torch.ops.gptq_marlin.gather_cols
+
+
+@pytest.mark.parametrize(
+    "x,perm,message",
+    [
+        (torch.empty(4, 64, dtype=torch.float32), torch.arange(64), "float16 or bfloat16"),
+        (torch.empty(4, 64, dtype=torch.float16), torch.arange(63), "K=64"),
+        (torch.empty(4, 64, dtype=torch.float16), torch.arange(64).float(), "int32 or int64"),
+        (torch.empty(64, dtype=torch.float16), torch.arange(64), "2-D"),
+        (torch.empty(4, 64, dtype=torch.float16), torch.arange(64, device="meta"), "same CUDA device"),
+    ],
+)
+def test_gather_cols_checks_arguments_before_the_cuda_op(x, perm, message):
+    """Bad arguments never reach the C++ op (whose own checks crashed the process on the H100)."""
+    from gptq_backend_marlin import ops
+
+    with pytest.raises(ValueError, match=message):
+        ops.gather_cols(x, perm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
