@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 import traceback
@@ -46,6 +47,27 @@ def reference(x: torch.Tensor, w64: torch.Tensor, bias: torch.Tensor | None):
         ref = ref + bias.double()
     bound = x64.abs() @ w64.abs() + ref.abs()
     return ref.cpu(), bound.cpu()
+
+
+def ab_check(env: str, modes: tuple[str, str], label: str, call, out_numel: int, ref, bound,
+             dtype) -> None:
+    """``call()`` once with ``env`` set to each of two modes: the first result must pass the
+    float64 check, and both must be bit-identical (A/B variants compute the same sums)."""
+    ys = []
+    try:
+        for mode in modes:
+            os.environ[env] = mode
+            poison(out_numel, dtype)
+            ys.append(call())
+            torch.cuda.synchronize()
+            counts["calls"] += 1
+    finally:
+        os.environ.pop(env, None)
+    res = check_close(ys[0], ref, bound, dtype)
+    if not res.ok:
+        failures.append(f"{label} {modes[0] or 'default'}: {res.message}")
+    if not torch.equal(ys[0], ys[1]):
+        failures.append(f"{label}: {env}={modes[0] or 'default'} and ={modes[1]} differ")
 
 
 def run_case(packed, dtype, ms, thresholds, label, bias=None, seed=0, blocks_per_sm=(0,)):
@@ -135,7 +157,6 @@ def finalizer_ab() -> None:
     add the same slots in the same order, so results must be bit-identical; both must also
     pass the float64 check. Shapes with shared tiles (many contributors), partial column tiles,
     bias, 4- and 8-bit, every row-block count and 1 or 2 blocks per SM."""
-    import os
 
     configs = ((4, torch.float16, True, 4096, 4096, True), (4, torch.bfloat16, False, 1024, 800, True),
                (4, torch.float16, True, 8192, 28672, False), (8, torch.float16, True, 4096, 4096, True),
@@ -151,23 +172,13 @@ def finalizer_ab() -> None:
                 x = torch.randn(m, K, device=DEV).to(dtype)
                 ref, bound = reference(x, w64, bias)
                 for bps in (0, 1):
-                    ys = []
-                    for mode in ("", "loop"):
-                        os.environ["GPTQ_MARLIN_FINALIZER"] = mode
-                        poison(m * N, dtype)
-                        ys.append(ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits, 128, N, -1, bps))
-                        torch.cuda.synchronize()
-                        counts["calls"] += 1
-                    res = check_close(ys[0], ref, bound, dtype)
-                    if not res.ok:
-                        failures.append(f"{label} M={m} bps={bps} v3: {res.message}")
-                    if not torch.equal(ys[0], ys[1]):
-                        failures.append(f"{label} M={m} bps={bps}: v3 and v2 finalizers differ")
+                    ab_check("GPTQ_MARLIN_FINALIZER", ("", "loop"), f"{label} M={m} bps={bps}",
+                             lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits,
+                                              128, N, -1, bps),
+                             m * N, ref, bound, dtype)
             counts["cases"] += 1
         except Exception:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
-        finally:
-            os.environ.pop("GPTQ_MARLIN_FINALIZER", None)
 
 
 def cxx_check_in_subprocess() -> None:
@@ -202,7 +213,6 @@ def gather() -> None:
     fp16/bf16, int32/int64 perm, M 1/7/16/65, K multiple of 8 or not, a non-contiguous x;
     argument errors; then gemm on act-order layers with the kernel gather and with
     GPTQ_MARLIN_GATHER=torch (must be bit-identical and pass the float64 check)."""
-    import os
 
     g = torch.Generator(device="cpu").manual_seed(11)
     for dtype, idx, K, m in itertools.product((torch.float16, torch.bfloat16), (torch.int32, torch.int64),
@@ -256,23 +266,13 @@ def gather() -> None:
                 x = torch.randn(m, K, device=DEV).to(dtype)
                 ref, bound = reference(x, w64, None)
                 for thr in ((-1, 256) if m == 300 else (-1,)):
-                    ys = []
-                    for mode in ("", "torch"):
-                        os.environ["GPTQ_MARLIN_GATHER"] = mode
-                        poison(m * N, dtype)
-                        ys.append(ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, 4, 128, N, thr, 0))
-                        torch.cuda.synchronize()
-                        counts["calls"] += 1
-                    res = check_close(ys[0], ref, bound, dtype)
-                    if not res.ok:
-                        failures.append(f"{label} M={m} thr={thr}: {res.message}")
-                    if not torch.equal(ys[0], ys[1]):
-                        failures.append(f"{label} M={m} thr={thr}: gather kernel and index_select differ")
+                    ab_check("GPTQ_MARLIN_GATHER", ("", "torch"), f"{label} M={m} thr={thr}",
+                             lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, 4, 128,
+                                              N, thr, 0),
+                             m * N, ref, bound, dtype)
             counts["cases"] += 1
         except Exception:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
-        finally:
-            os.environ.pop("GPTQ_MARLIN_GATHER", None)
 
 
 def special_values() -> None:
@@ -316,7 +316,6 @@ def through_quantlinear() -> None:
 def dense_cache() -> None:
     """The dense-cache policy through the plugin: F.linear on the cached weight above the
     threshold, the kernel below it; act-order and bias included."""
-    import os
 
     from gptq_backend_marlin import plugin, prepare as prep_mod
     from gptq_core.testing import random_activations, reference_error
