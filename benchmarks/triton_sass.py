@@ -47,7 +47,7 @@ def nvdisasm() -> str:
 
 
 def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *, const_zero=True,
-                arch: int = 90, gather_ch: int = 0, asm: bool = False):
+                arch: int = 90, gather_ch: int = 0, asm: bool = False, postzero: int = 0):
     xt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     mode = {"fp16": 0, "bf16": 1 if bits <= 4 else 2, "fp32": 2}[dtype]
     signature, attrs = {}, {}
@@ -70,6 +70,14 @@ def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *,
     else:
         constexprs.update(perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH=0)
     constexprs["ASM"] = asm
+    constexprs["POSTZERO"] = postzero
+    if postzero == 3:
+        names = kernels.qmm_kernel.arg_names
+        signature.update(xsum_ptr="*fp32", stride_xsum="i32")
+        for name in ("xsum_ptr", "stride_xsum"):
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    else:
+        constexprs.update(xsum_ptr=None, stride_xsum=0)
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(kernels.qmm_kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -155,6 +163,10 @@ def main(argv=None) -> int:
     ap.add_argument("--asm", action=argparse.BooleanOptionalAction, default=None,
                     help="the inline-PTX single-LOP3 dequant (default: as the backend, on for "
                          "fp16 unless GPTQ_TRITON_ASM=0)")
+    ap.add_argument("--postzero", type=int, default=0, choices=(0, 1, 2, 3),
+                    help="zero point after the MMA (GPTQ_TRITON_POSTZERO): 1 a second MMA of "
+                         "the zero tile, 2 a tl.sum of x per sub-tile, 3 the launcher's per-group "
+                         "sums of x (fp16 only)")
     ap.add_argument("--gather", type=int, default=0,
                     help="act-order with the in-kernel gather of this many channels (1024)")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
@@ -192,9 +204,11 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)
     asm = use_asm(args.dtype, args.bits)
-    report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}{' asm' if asm else ''}",
+    pz = f" postzero{args.postzero}" if args.postzero else ""
+    report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}{' asm' if asm else ''}{pz}"
+           f"{' asym' if args.asym else ''}",
            compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym,
-                       gather_ch=args.gather, asm=asm),
+                       gather_ch=args.gather, asm=asm, postzero=args.postzero),
            weights_per_thread(args.bits, args.group, cfg))
     return 0
 

@@ -153,7 +153,7 @@ def qmm_kernel(
     CONST_ZERO: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
     perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH: tl.constexpr = 0,
-    ASM: tl.constexpr = False,
+    ASM: tl.constexpr = False, POSTZERO: tl.constexpr = 0, xsum_ptr=None, stride_xsum=0,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -170,6 +170,15 @@ def qmm_kernel(
     SCALE_END: tl.constexpr = GS == -1
     SCALE_POST: tl.constexpr = (not SCALE_END) and ALIGNED and (BLOCK_M * 4 <= SPAN)
     SPG: tl.constexpr = SPAN // S if SCALE_POST else 1  # sub-tiles per scale load
+    # Zero point after the MMA (opt-in, ops.POSTZERO; fp16 MODE 0 with the scale after the MMA):
+    # the magic value 1024 + q goes into the MMA as it is (products exact in fp32), and
+    # (1024 + zero) * sum_k x_k of the group is taken off the fp32 group sum: PZ 1 by a second
+    # MMA of the constant tile -(1024 + zero) with the same x tile, PZ 2 by a tl.sum of x per
+    # sub-tile and one FFMA per output and group, PZ 3 by the per-group fp32 sums of x that
+    # the launcher computed (xsum [K / SPAN, M rounded up to BLOCK_M], no mask)
+    # and one FFMA per output and group. No per-pair
+    # HSUB2 in the main loop.
+    PZ: tl.constexpr = POSTZERO if (MODE == 0 and not IEEE_DOT and (SCALE_POST or SCALE_END)) else 0
     XT: tl.constexpr = x_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -186,6 +195,10 @@ def qmm_kernel(
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     if SCALE_END:
         s, zz = _group_params(sc_ptr, zr_ptr, 0, offs_n, n_mask, N_PAD, BITS, CONST_ZERO, MODE, True)
+        if PZ == 1:
+            zt = tl.broadcast_to(-zz, (BLOCK_N, S))
+        if PZ == 2:
+            xs_g = tl.full((BLOCK_M,), 0.0, tl.float32)
 
     if GATHER_CH > 0:
         # Act-order decode without a second launch: this program's K range of x (at most
@@ -213,8 +226,14 @@ def qmm_kernel(
                                           BITS, CONST_ZERO, MODE, SCALE_POST)
                     if SCALE_POST:
                         acc_g = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+                        if PZ == 1:
+                            zt = tl.broadcast_to(-zz, (BLOCK_N, S))
+                        if PZ == 2:
+                            xs_g = tl.full((BLOCK_M,), 0.0, tl.float32)
             v = _sub_tile(words, words_b, high, j, BITS, MODE, ASM)
-            if SCALE_POST or SCALE_END:
+            if PZ != 0:
+                w = v  # 1024 + q: the zero point comes off after the MMA
+            elif SCALE_POST or SCALE_END:
                 w = v - zz  # q - zero: exact
             elif MODE == 2:
                 w = (v - zz).to(tl.float32) * s
@@ -232,13 +251,30 @@ def qmm_kernel(
             xt = tl.load(x_cols + offs_k[:, None], mask=x_mask, other=0.0)  # [S, BM]
             if IEEE_DOT:
                 xt = xt.to(tl.float32)
+            if PZ == 2:
+                xs_g += tl.sum(xt.to(tl.float32), axis=0)
             if SCALE_POST:
                 acc_g = _dot(w, xt, acc_g, IEEE_DOT)
+                if PZ == 1:
+                    acc_g = _dot(zt, xt, acc_g, IEEE_DOT)
                 if j % SPG == SPG - 1:
+                    if PZ == 2:
+                        acc_g -= zz.to(tl.float32) * xs_g[None, :]
+                    if PZ == 3:
+                        # sums over SPAN channels (a group, or one tile of a larger group)
+                        xs_g = tl.load(xsum_ptr + (k0 // SPAN) * stride_xsum + offs_m)
+                        acc_g -= zz.to(tl.float32) * xs_g[None, :]
                     acc += acc_g * s
             else:
                 acc = _dot(w, xt, acc, IEEE_DOT)
+                if PZ == 1:
+                    acc = _dot(zt, xt, acc, IEEE_DOT)
     if SCALE_END:
+        if PZ == 2:
+            acc -= zz.to(tl.float32) * xs_g[None, :]
+        if PZ == 3:
+            # one "group" per K split (the launcher sums x over each program's K range)
+            acc -= zz.to(tl.float32) * tl.load(xsum_ptr + pid_k * stride_xsum + offs_m)[None, :]
         acc = acc * s
 
     out_mask = m_mask[:, None] & (offs_n < N)[None, :]

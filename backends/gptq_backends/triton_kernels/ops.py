@@ -158,6 +158,21 @@ GATHER_BLOCK = 1024
 #: 19.6; same float64 error. ``ASM`` is a constexpr of ``qmm_kernel`` (its own compiled
 #: variant) and part of the in-process choice key and of tuned entries (``"asm"``).
 ASM_LOP3 = _env_flag("GPTQ_TRITON_ASM", "1")
+#: Off by default (opt-in ``GPTQ_TRITON_POSTZERO=1``, not yet measured on a GPU): the zero
+#: point comes off after the MMA. The fused kernel feeds the magic value 1024 + q into the MMA
+#: (no HSUB2 per register pair) and takes (1024 + zero) * sum(x over the group) off the fp32
+#: group sum. ``1`` / ``pre``: the launcher computes the per-group fp32 sums of x first (one
+#: ``torch.sum``, one extra small kernel), the kernel loads them once per group (POSTZERO=3;
+#: SASS 4-bit 16x64 4.09 -> 3.94 instructions per weight, 16x128 3.25 -> 2.91). ``dot``: a
+#: second MMA of the constant tile -(1024 + zero) per sub-tile (POSTZERO=1: 4.28, ptxas
+#: re-materializes the constant A fragments). ``sum``: a ``tl.sum`` of the x tile (POSTZERO=2:
+#: 7.36, shuffles and shared memory). fp16 (MODE 0) only, where the scale is applied after the
+#: MMA (``_postzero_applies``); CUDA and the interpreter (which checks its arithmetic), not ROCm.
+#: Part of the in-process choice key and recorded per tuned entry (``"postzero"``).
+#: NOTES/perf-triton.md "Zero point after the MMA".
+POSTZERO_MODES = {"": 0, "0": 0, "false": 0, "no": 0, "off": 0, "1": 3, "on": 3, "true": 3,
+                  "yes": 3, "pre": 3, "dot": 1, "sum": 2}
+POSTZERO = POSTZERO_MODES.get(os.environ.get("GPTQ_TRITON_POSTZERO", "0").strip().lower(), 0)
 FUSED_GATHER_CH = 1024
 FUSED_GATHER_MAX_M = 2
 
@@ -180,6 +195,48 @@ def _use_asm(x: torch.Tensor, mode: int, bits: int | None = None) -> bool:
     return ASM_LOP3 and mode == 0 and bits != 3 and x.is_cuda and torch.version.hip is None and not _interpreting()
 
 
+def _use_postzero(x: torch.Tensor, mode: int) -> int:
+    """The POSTZERO setting for this call: 0 (zero point per pair before the MMA), 1, 2 or 3.
+    The kernel ignores it where the scale is applied before the MMA (``_postzero_applies``)."""
+    if not POSTZERO or mode != 0 or torch.version.hip is not None:
+        return 0
+    return POSTZERO if (x.is_cuda or _interpreting()) else 0
+
+
+def _postzero_span(bits: int, sub: int, group_size: int, block_m: int) -> int:
+    """The channels over which ``qmm_kernel`` sums one scale's products before scaling them
+    (its SPAN: the group, or one tile of a group larger than a tile) where the scale is applied
+    after the MMA and POSTZERO can take effect; -1 over all of K (group -1); 0 where the scale
+    is applied before the MMA (POSTZERO ignored). Same rule as in the kernel."""
+    bkp = tile_k(bits, sub)
+    if group_size == -1:
+        return -1
+    span = bkp if group_size >= bkp else group_size
+    aligned = group_size % bkp == 0 or bkp % group_size == 0
+    return span if aligned and block_m * 4 <= span else 0
+
+
+def _postzero_applies(bits: int, sub: int, group_size: int, block_m: int) -> bool:
+    """Whether POSTZERO takes effect (the scale is applied after the MMA)."""
+    return _postzero_span(bits, sub, group_size, block_m) != 0
+
+
+def group_sums(x: torch.Tensor, group_size: int, block_m: int, k_pad: int = 0) -> torch.Tensor:
+    """fp32 sums of x over each group of ``group_size`` input channels (x zero-padded to
+    ``k_pad`` channels: the kernel reads every group of its whole tiles), as [groups, M rounded
+    up to block_m] (on the GPU the rows beyond M are left unwritten: they only reach output
+    rows that are never stored; the interpreter gets zeros, to keep numpy quiet)."""
+    M, K = x.shape
+    gs = group_size
+    groups = math.ceil(max(K, k_pad) / gs)
+    if groups * gs != K:
+        x = torch.nn.functional.pad(x, (0, groups * gs - K))
+    alloc = torch.zeros if _interpreting() else torch.empty
+    out = alloc(groups, math.ceil(M / block_m) * block_m, dtype=torch.float32, device=x.device)
+    torch.sum(x.view(M, groups, gs), -1, dtype=torch.float32, out=out.T[:M])
+    return out
+
+
 def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
            cfg: KernelConfig) -> torch.Tensor:
     """Run one configuration: ``x @ dequant(W) (+ bias)`` for x [M, K] with unit column stride."""
@@ -200,13 +257,23 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         tk = tile_k(p.bits, p.sub)
         span = math.ceil(p.tiles / split) * tk
         if (GATHER == "fused" and M <= FUSED_GATHER_MAX_M and span <= FUSED_GATHER_CH
-                and tk % 64 == 0):
+                and tk % 64 == 0 and _use_postzero(x, mode_for(x.dtype, p.bits)) != 3):
             gather_ch = FUSED_GATHER_CH
             # rows of k_pad and ranges of whole tiles, multiples of 64 channels (128 bytes of
             # fp16): no cache line holds parts of two programs' ranges
             xs = torch.empty(M, p.k_pad, dtype=x.dtype, device=dev)
         else:
             x = gather_columns(x, p.perm)
+    postzero = _use_postzero(x, mode_for(x.dtype, p.bits))
+    if not _postzero_applies(p.bits, p.sub, p.group_size, cfg.block_m):
+        postzero = 0
+    xsum = None
+    if postzero == 3:
+        # sums over the kernel's SPAN; one group (-1): over each program's K range (split)
+        span = _postzero_span(p.bits, p.sub, p.group_size, cfg.block_m)
+        if span == -1:
+            span = math.ceil(p.tiles / split) * tile_k(p.bits, p.sub)
+        xsum = group_sums(x, span, cfg.block_m, p.tiles * tile_k(p.bits, p.sub))
     # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
     out_dtype = torch.float32 if x.dtype == torch.bfloat16 and _interpreting() else x.dtype
     out = torch.empty(M, N, dtype=out_dtype, device=dev)
@@ -231,6 +298,7 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         perm_ptr=p.perm if gather_ch else None, xs_ptr=xs,
         stride_xs=xs.stride(0) if gather_ch else 0, GATHER_CH=gather_ch,
         ASM=_use_asm(x, mode_for(x.dtype, p.bits), p.bits),
+        POSTZERO=postzero, xsum_ptr=xsum, stride_xsum=xsum.stride(0) if xsum is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype)  # no kernel when the dtypes match (it returns ``out`` itself)
@@ -289,12 +357,15 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     return best, timings
 
 
-def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str, bool]:
-    """(GPU name, tuned-file key, asm dequant on): the in-process choice key. The tuned files
-    are keyed by the first two and record the third (``"asm"``) per entry."""
+def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str, bool, int]:
+    """(GPU name, tuned-file key, asm dequant on, postzero): the in-process choice key. The
+    tuned files are keyed by the first two and record the others (``"asm"``, ``"postzero"``)
+    per entry."""
     gpu, _ = device_props(x.device)
-    return gpu, configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features, p.out_features,
-                                  x.shape[0]), _use_asm(x, mode_for(x.dtype, p.bits), p.bits)
+    mode = mode_for(x.dtype, p.bits)
+    return (gpu, configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features,
+                                   p.out_features, x.shape[0]),
+            _use_asm(x, mode, p.bits), _use_postzero(x, mode))
 
 
 def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
@@ -306,13 +377,13 @@ def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
         return cfg
     if not x.is_cuda:
         return configs.default_config(M, p.bits)
-    gpu, key, asm = ck
+    gpu, key, asm, postzero = ck
     table = configs.table_for(gpu)
-    cfg = table.lookup(key, asm)
+    cfg = table.lookup(key, asm, postzero)
     if cfg is None:
         if configs.autotune_enabled() and not _capturing(x):
             cfg, timings = tune(x, p, None)
-            table.store(key, cfg, timings, asm)
+            table.store(key, cfg, timings, asm, postzero)
         else:
             return configs.default_config(M, p.bits)
     _chosen[ck] = cfg
