@@ -200,3 +200,79 @@ def simulate_gemm(x: torch.Tensor, W: torch.Tensor, workers: int,
     assert not slots, f"slots never reduced: {sorted(slots)}"
     assert not any(counters), counters
     return out, stats
+
+
+def simulate_gemm_scalefold(x: torch.Tensor, U: torch.Tensor, S: torch.Tensor, group_shift: int,
+                            workers: int) -> torch.Tensor:
+    """The scale-fold kernels' schedule (gemm_body with FOLD), stage by stage, in float64.
+
+    ``U`` [K, N] holds the unscaled weights (n - zero), ``S`` [G, N] the scales; the product
+    is ``x @ (U * S[k >> group_shift])`` (group_shift -1: one group). Per worker, like the
+    kernel: ``part`` collects the unscaled sums of the stages since the last fold (the first
+    stage after a fold overwrites it: FRESH); a fold (acc += S[group] * part) follows the last
+    stage of each group inside a tile, and every tile end (k_tiles - 1 or the worker's last
+    iteration) folds before the tile is stored or parked in a slot. Slot reduction as in
+    :func:`simulate_gemm`, in worker order.
+    """
+    M, K = x.shape
+    N = U.shape[1]
+    k_tiles = K // TILE_K
+    n_tiles = -(-(N // WARP_N) // WARPS)
+    total = n_tiles * k_tiles
+    fold_mask = 0x7FFFFFFF if group_shift < 0 else (1 << (group_shift - 6)) - 1
+    out = torch.full((M, N), float("nan"), dtype=torch.float64)
+    parts: dict[int, dict[tuple[int, int], torch.Tensor]] = {}
+
+    def fold(acc, part, nt, kt):
+        cols = slice(nt * TILE_N, min(N, (nt + 1) * TILE_N))
+        g = 0 if group_shift < 0 else (kt * TILE_K) >> group_shift
+        return acc + part * S[g, cols]
+
+    for worker in range(workers):
+        it0, it1 = worker * total // workers, (worker + 1) * total // workers
+        n_iters = it1 - it0
+        width = lambda nt: min(N, (nt + 1) * TILE_N) - nt * TILE_N  # noqa: E731
+        nt0 = it0 // k_tiles if n_iters else 0
+        acc = torch.zeros(M, width(nt0), dtype=torch.float64)
+        part, fresh = None, True
+        seg_first = 0
+        for i in range(n_iters):
+            nt, kt = divmod(it0 + i, k_tiles)
+            cols = slice(nt * TILE_N, min(N, (nt + 1) * TILE_N))
+            rows = slice(kt * TILE_K, (kt + 1) * TILE_K)
+            stage = x[:, rows] @ U[rows, cols]
+            part = stage if fresh else part + stage
+            fresh = False
+            tile_end = kt == k_tiles - 1 or i == n_iters - 1
+            if ((kt + 1) & fold_mask) == 0 and not tile_end:
+                acc, fresh = fold(acc, part, nt, kt), True
+            if not tile_end:
+                continue
+            acc = fold(acc, part, nt, kt)
+            part, fresh = torch.zeros_like(part), True
+            kt_first = kt - (i - seg_first)
+            if kt_first == 0 and kt == k_tiles - 1:
+                out[:, cols] = acc
+            else:
+                parts.setdefault(nt, {})[(worker, 0 if seg_first == 0 else 1)] = acc
+                # every contributor's iterations counted: the tile's sum is complete
+                if sum(1 for _ in parts[nt]) and _covered(parts, nt, k_tiles, total, workers):
+                    lo, hi = nt * k_tiles, nt * k_tiles + k_tiles - 1
+                    w_lo = ((lo + 1) * workers + total - 1) // total - 1
+                    w_hi = ((hi + 1) * workers + total - 1) // total - 1
+                    s = parts[nt].pop((w_lo, 1 if w_lo * total // workers < lo else 0)).clone()
+                    for w in range(w_lo + 1, w_hi + 1):
+                        s += parts[nt].pop((w, 0))
+                    out[:, cols] = s
+            nxt = (it0 + i + 1) // k_tiles
+            acc = torch.zeros(M, width(nxt) if nxt < n_tiles else 1, dtype=torch.float64)
+            seg_first = i + 1
+    return out
+
+
+def _covered(parts, nt, k_tiles, total, workers) -> bool:
+    """All contributors of tile nt have parked their slot (workers run in order here)."""
+    lo, hi = nt * k_tiles, nt * k_tiles + k_tiles - 1
+    w_lo = ((lo + 1) * workers + total - 1) // total - 1
+    w_hi = ((hi + 1) * workers + total - 1) // total - 1
+    return len(parts[nt]) == w_hi - w_lo + 1

@@ -17,6 +17,8 @@ import pytest
 
 from gptq_backend_marlin import build
 
+import sass_tools
+
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA toolkit is not installed")
 # The macros torch.utils.cpp_extension passes to nvcc, so the code is the JIT build's.
@@ -33,17 +35,32 @@ def _cuobjdump() -> str | None:
     return found
 
 
-def _compile(path, out_dir):
-    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", *TORCH_NVCC_DEFINES, "--resource-usage", "-c",
-           str(path), "-o", str(out_dir / (path.stem + ".o"))]
+def _compile(path, out_dir, *extra):
+    cmd = [NVCC, "-arch=sm_90", "-O3", "-std=c++17", *TORCH_NVCC_DEFINES, *extra, "--resource-usage",
+           "-c", str(path), "-o", str(out_dir / (path.stem + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return path.name, proc.returncode, proc.stdout + proc.stderr
 
 
-def test_cuda_sources_compile_for_sm90_without_spills(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every .cu file compiled once for the tests of this module: (object folder, results)."""
+    out = tmp_path_factory.mktemp("marlin_sm90")
     cu_files = [p for p in build.sources() if p.suffix == ".cu"]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda p: _compile(p, tmp_path), cu_files))
+        results = list(pool.map(lambda p: _compile(p, out), cu_files))
+    return out, results
+
+
+def _sass(obj) -> str:
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found: the SASS checks need it")
+    return subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+
+
+def test_cuda_sources_compile_for_sm90_without_spills(built):
+    tmp_path, results = built
     for name, code, log in results:
         assert code == 0, f"{name} failed to compile:\n{log[-3000:]}"
         assert "warning" not in log.lower(), f"{name}:\n{log[-3000:]}"
@@ -53,7 +70,7 @@ def test_cuda_sources_compile_for_sm90_without_spills(tmp_path):
         # Variants of at most 2 row blocks must keep two blocks (8 warps each) per SM: <= 128
         # registers (v3's finalizer raised them above that until __launch_bounds__ capped it).
         for kernel, regs in re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", log, re.S):
-            mb = re.search(r"gemm_kernelILi\d+E\w+?Li(\d)ELb", kernel)
+            mb = re.search(r"gemm_kernel(?:_fold)?ILi\d+E\w+?Li(\d)ELb", kernel)
             if mb and int(mb.group(1)) <= 2:
                 assert int(regs) <= 128, f"{name}: {kernel} uses {regs} registers (> 128: one block per SM)"
     assert len(results) == 6  # dispatch, 4 gemm variants, the act-order gather
@@ -76,3 +93,66 @@ def test_cuda_sources_compile_for_sm90_without_spills(tmp_path):
                 seg = body[body.find("LDG.E.U16"):]
                 stop = min((i for i in (seg.find("BRA"), seg.find("STG")) if i >= 0), default=len(seg))
                 assert seg[:stop].count("LDG.E.U16") >= 32, f"{body.split()[0]}: gathered loads not batched"
+
+
+# ------------------------------------------------------------------------------------------
+# The opt-in scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1; NOTES/perf-marlin.md, v5).
+FOLD_FILES = ("marlin_f16_b4", "marlin_bf16_b4")
+
+
+def test_scalefold_kernels_exist_4bit_only_and_keep_two_blocks(built):
+    """8 fold kernels (1..4 row blocks x sym/asym) per 4-bit file, none for 8-bit; spills are
+    checked for every kernel above, the <= 128 registers of <= 2 row blocks too; here also
+    that the variant spends no local memory at all (no stack frame)."""
+    _, results = built
+    logs = {name.removesuffix(".cu"): log for name, _, log in results}
+    for stem, log in logs.items():
+        entries = re.findall(r"Compiling entry function '(\w*gemm_kernel_fold\w*)'(.*?)Used (\d+) registers",
+                             log, re.S)
+        if stem in FOLD_FILES:
+            assert len(entries) == 8, f"{stem}: expected 8 scale-fold kernels, got {len(entries)}"
+            for kernel, info, regs in entries:
+                assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", info), \
+                    f"{stem}: {kernel} uses local memory:{info}"
+        else:
+            assert not entries, f"{stem}: scale-fold kernels in a file that should have none"
+
+
+def test_default_kernels_unchanged_by_the_scalefold_variant(built, tmp_path):
+    """The default kernels' SASS is byte-identical whether or not the scale-fold variant is
+    compiled in (-DGPTQ_MARLIN_NO_SCALEFOLD drops it): the opt-in cannot perturb them."""
+    obj_dir, _ = built
+    srcs = [p for p in build.sources() if p.stem in FOLD_FILES]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda p: _compile(p, tmp_path, "-DGPTQ_MARLIN_NO_SCALEFOLD"), srcs))
+    for name, code, log in results:
+        assert code == 0, f"{name} (no scale fold) failed:\n{log[-3000:]}"
+    for stem in FOLD_FILES:
+        with_fold = sass_tools.kernels(_sass(obj_dir / f"{stem}.o"))
+        without = sass_tools.kernels(_sass(tmp_path / f"{stem}.o"))
+        assert not any("fold" in k for k in without), f"{stem}: fold kernels without the variant"
+        defaults = [k for k in with_fold if "gemm_kernelI" in k]
+        assert len(defaults) == 8
+        for k in defaults:
+            assert with_fold[k] == without[k], f"{stem}: {k} differs once the scale fold is compiled in"
+
+
+def test_scalefold_main_loop_has_no_per_pair_scale_multiply(built):
+    """Per k stage (hot path of the main loop): the fold kernels issue the same HMMAs, no
+    HMUL2 (the default: 32, one per dequantized pair), and fewer instructions; their fold block
+    (once per group) is 16 FFMA per row block plus one 16-byte scale load."""
+    obj_dir, _ = built
+    for stem in FOLD_FILES:
+        ks = sass_tools.kernels(_sass(obj_dir / f"{stem}.o"))
+        for name, ins in ks.items():
+            if "gemm_kernel_fold" not in name:
+                continue
+            mb = int(re.search(r"Li(\d)ELb", name).group(1))
+            hot, fold = sass_tools.hot_path(ins)
+            base, base_fold = sass_tools.hot_path(ks[name.replace("16gemm_kernel_fold", "11gemm_kernel")])
+            assert not base_fold and base["HMUL2"] == 32, f"{stem}: default {name} changed shape"
+            assert hot["HMMA"] == base["HMMA"] == 16 * mb, f"{stem}: {name} HMMA {hot['HMMA']}"
+            assert hot["HMUL2"] == 0 and hot["FFMA"] == 0, f"{stem}: {name} scales per pair: {hot}"
+            assert fold["FFMA"] == 16 * mb and fold["LDS"] == 1, f"{stem}: {name} fold block {fold}"
+            assert sum(hot.values()) < sum(base.values()), \
+                f"{stem}: {name} hot path {sum(hot.values())} >= default {sum(base.values())}"

@@ -169,3 +169,20 @@ def test_v3_finalizer_covers_every_valid_slot_element_once(m_blocks):
                         seen[e:e + 4] += 1
             want = (torch.arange(rows * tile_n) % tile_n < n_cols).long()
             assert torch.equal(seen, want), (rows, n_cols)
+
+
+@pytest.mark.parametrize("group_shift", [-1, 6, 7, 8])
+@pytest.mark.parametrize("workers", [1, 3, 7, 10, 20])
+def test_scalefold_schedule_matches_the_scaled_product(group_shift, workers):
+    """The scale-fold kernels' fold points (group ends inside a tile, every tile end, FRESH
+    restarts) give x @ (U * scale) on a stream-K partition whose segments start mid-group."""
+    K, N, M = 640, 320, 3  # 10 k tiles, 2 n tiles (the second partial): 20 iterations
+    g = torch.Generator().manual_seed(group_shift + 100 * workers)
+    U = torch.randint(-8, 8, (K, N), generator=g).double()
+    G = 1 if group_shift < 0 else -(-K // (1 << group_shift))
+    S = torch.rand(G, N, generator=g, dtype=torch.float64) + 0.5
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    rows = torch.zeros(K, dtype=torch.long) if group_shift < 0 else torch.arange(K) >> group_shift
+    want = x @ (U * S[rows])
+    got = km.simulate_gemm_scalefold(x, U, S, group_shift, workers)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-9), (got - want).abs().max()

@@ -35,6 +35,7 @@ struct GemmArgs {
   int workers;         // blocks per slice; the striped partition splits n_tiles * k_tiles
   int evict_first;     // stream weights with an L2 evict-first hint
   int finalizer;       // stream-K finalizer: 0 unrolled (v3), 1 the v2 loop (A/B timing only)
+  int scalefold;       // 1: the scale-fold variant (4-bit, group size >= 64 or -1; opt-in)
 };
 
 struct DequantArgs {

@@ -174,7 +174,9 @@ struct Group {
 
 // One 4-bit word -> b0, b1 of fragment 0 (b[0], b[1]) and of fragment 1 (b[2], b[3]).
 // Word fields (nibbles) i and i+4 become one pair; see layout.py.
-template <typename T>
+// SCALE=false (the scale-fold variant) leaves out the multiply: b = n - zero, exact; the scale
+// is applied to the fp32 accumulator once per group instead (fold_scales).
+template <typename T, bool SCALE = true>
 __device__ __forceinline__ void dequant4(uint32_t q, const Group<T>& g0, const Group<T>& g1,
                                          uint32_t (&b)[4]) {
   using T2 = typename Act<T>::T2;
@@ -189,20 +191,34 @@ __device__ __forceinline__ void dequant4(uint32_t q, const Group<T>& g0, const G
     const T2 v2 = as_t2<T2>(and_or(q8, kLo, Act<T>::kMagic));
     const T2 v3 = as_t2<T2>(and_or(q8, kHi, Act<T>::kMagic));
     const T2 sixteenth = __float2half2_rn(0.0625f);
-    b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
-    b[1] = as_u32(__hmul2(__hfma2(v1, sixteenth, g0.off16), g0.sc));
-    b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
-    b[3] = as_u32(__hmul2(__hfma2(v3, sixteenth, g1.off16), g1.sc));
+    if constexpr (SCALE) {
+      b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
+      b[1] = as_u32(__hmul2(__hfma2(v1, sixteenth, g0.off16), g0.sc));
+      b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
+      b[3] = as_u32(__hmul2(__hfma2(v3, sixteenth, g1.off16), g1.sc));
+    } else {
+      b[0] = as_u32(__hsub2(v0, g0.off));
+      b[1] = as_u32(__hfma2(v1, sixteenth, g0.off16));
+      b[2] = as_u32(__hsub2(v2, g1.off));
+      b[3] = as_u32(__hfma2(v3, sixteenth, g1.off16));
+    }
   } else {
     // bf16 has 7 mantissa bits: 128 + n only, so every field is shifted down first.
     const T2 v0 = as_t2<T2>(and_or(q, kLo, Act<T>::kMagic));
     const T2 v1 = as_t2<T2>(and_or(q >> 4, kLo, Act<T>::kMagic));
     const T2 v2 = as_t2<T2>(and_or(q >> 8, kLo, Act<T>::kMagic));
     const T2 v3 = as_t2<T2>(and_or(q >> 12, kLo, Act<T>::kMagic));
-    b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
-    b[1] = as_u32(__hmul2(__hsub2(v1, g0.off), g0.sc));
-    b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
-    b[3] = as_u32(__hmul2(__hsub2(v3, g1.off), g1.sc));
+    if constexpr (SCALE) {
+      b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
+      b[1] = as_u32(__hmul2(__hsub2(v1, g0.off), g0.sc));
+      b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
+      b[3] = as_u32(__hmul2(__hsub2(v3, g1.off), g1.sc));
+    } else {
+      b[0] = as_u32(__hsub2(v0, g0.off));
+      b[1] = as_u32(__hsub2(v1, g0.off));
+      b[2] = as_u32(__hsub2(v2, g1.off));
+      b[3] = as_u32(__hsub2(v3, g1.off));
+    }
   }
 }
 
@@ -252,7 +268,12 @@ __device__ __forceinline__ void load_groups(Group<T> (&out)[4], const uint8_t* s
 
 // ---------------------------------------------------------------------------------------------
 // One pipeline stage of one warp: 64 k rows x 32 columns into acc.
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+// FOLD (4-bit, one group row per stage: group size >= 64 or -1): the weights enter the mma
+// unscaled (n - zero, exact in fp16/bf16) and acc collects the unscaled sums of the current
+// group in fp32; fold_scales applies the scale (no HMUL2 per dequantized pair).
+// FRESH (FOLD only): the first stage of a group; its first mma per fragment starts from zero
+// instead of acc (no separate zeroing after a fold).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD = false, bool FRESH = false>
 __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], const uint8_t* stage,
                                               int warp, int lane, bool two_group_rows) {
   using L = Layout<BITS>;
@@ -267,8 +288,16 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
   Group<T> grp[2][4];
   const int col = warp * 64;  // byte offset of this warp's 32 columns in a row of scales
   load_groups<T, BITS, HAS_ZEROS>(grp[0], ss + col, ss + S::kS + col, g);
-  const int row1 = two_group_rows ? 512 : 0;
-  load_groups<T, BITS, HAS_ZEROS>(grp[1], ss + row1 + col, ss + S::kS + row1 + col, g);
+  if constexpr (FOLD) {
+    static_assert(BITS == 4, "the scale fold is 4-bit only");
+    grp[1][0] = grp[0][0];  // one group row per stage (group size >= 64)
+    grp[1][1] = grp[0][1];
+    grp[1][2] = grp[0][2];
+    grp[1][3] = grp[0][3];
+  } else {
+    const int row1 = two_group_rows ? 512 : 0;
+    load_groups<T, BITS, HAS_ZEROS>(grp[1], ss + row1 + col, ss + S::kS + row1 + col, g);
+  }
 
 #pragma unroll
   for (int c = 0; c < L::kChunks; c++) {
@@ -291,9 +320,14 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
       if constexpr (BITS == 4) {
         uint32_t b[4];
         // Both steps of a 4-bit chunk lie in the same 32-row half of the stage.
-        dequant4<T>(words[j], grp[c][j], grp[c][j], b);
+        dequant4<T, !FOLD>(words[j], grp[c][j], grp[c][j], b);
 #pragma unroll
         for (int mb = 0; mb < M_BLOCKS; mb++) {
+          if constexpr (FRESH) {
+            if (c == 0) {
+              acc[mb][j][0] = acc[mb][j][1] = acc[mb][j][2] = acc[mb][j][3] = 0.f;
+            }
+          }
           mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
           mma<T>(acc[mb][j], a[1][mb], b[2], b[3]);
         }
@@ -345,6 +379,30 @@ __device__ __forceinline__ void zero_acc(float (&acc)[M_BLOCKS][4][4]) {
     for (int j = 0; j < 4; j++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[mb][j][e] = 0.f;
+}
+
+// Scale fold: acc += scale(column) * part for the accumulator columns of this lane (2t and
+// 2t + 1 of each subtile j); the next stage overwrites part (compute_stage's FRESH). In the
+// permuted scale row (layout.py: position 4c + j holds column 8j + c) those are positions
+// 8t + j and 8t + 4 + j: one 16-byte load, 8 conversions to fp32, 16 FFMA per row block.
+template <typename T, int M_BLOCKS>
+__device__ __forceinline__ void fold_scales(float (&acc)[M_BLOCKS][4][4],
+                                            float (&part)[M_BLOCKS][4][4],
+                                            const uint8_t* scales_row, int lane) {
+  const uint4 sv = *reinterpret_cast<const uint4*>(scales_row + (lane & 3) * 16);
+  const T* s = reinterpret_cast<const T*>(&sv);
+  float sf[8];
+#pragma unroll
+  for (int i = 0; i < 8; i++) sf[i] = Act<T>::to_float(s[i]);
+#pragma unroll
+  for (int mb = 0; mb < M_BLOCKS; mb++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      acc[mb][j][0] = fmaf(sf[j], part[mb][j][0], acc[mb][j][0]);
+      acc[mb][j][1] = fmaf(sf[4 + j], part[mb][j][1], acc[mb][j][1]);
+      acc[mb][j][2] = fmaf(sf[j], part[mb][j][2], acc[mb][j][2]);
+      acc[mb][j][3] = fmaf(sf[4 + j], part[mb][j][3], acc[mb][j][3]);
+    }
 }
 
 // v3 stream-K finalizer of one block tile: the sum, in worker order, of the fp32 slots
@@ -402,8 +460,9 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
 }
 
 // ---------------------------------------------------------------------------------------------
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
-__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(const GemmArgs p) {
+// The main kernel's body; FOLD = the opt-in scale-fold variant (gemm_kernel_fold).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD>
+__device__ __forceinline__ void gemm_body(const GemmArgs& p) {
   using L = Layout<BITS>;
   using S = Smem<BITS, M_BLOCKS>;
   constexpr int kStages = Stages<BITS, M_BLOCKS>::value;
@@ -493,6 +552,12 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(c
 
   float acc[M_BLOCKS][4][4];
   zero_acc(acc);
+  // FOLD: part holds the unscaled sums since the last fold; a fold happens at the last stage of
+  // every group (stages whose kt + 1 is a multiple of fold_mask + 1) and at every tile end.
+  float part[FOLD ? M_BLOCKS : 1][4][4];
+  const int fold_mask = p.group_shift < 0 ? 0x7fffffff : (1 << (p.group_shift - 6)) - 1;
+  if constexpr (FOLD) zero_acc(part);
+  bool fresh = true;  // FOLD: the next stage starts a group (part is overwritten, not added to)
 #pragma unroll
   for (int s = 0; s < kStages - 1; s++) {
     if (s < n_iters) fetch();
@@ -508,9 +573,29 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(c
     cp_async_commit();
 
     const bool warp_ok = nt * kWarps + warp < nb32;
-    if (warp_ok)
-      compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS>(acc, smem + stage * S::kStage, warp, lane,
-                                                  two_group_rows);
+    // This stage's scale row (FOLD reads it at the group's last stage or the tile end).
+    const uint8_t* fold_row = smem + stage * S::kStage + S::kB + S::kA + warp * 64;
+    if constexpr (FOLD) {
+      if (warp_ok) {
+        if (fresh)
+          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, true, true>(part, smem + stage * S::kStage,
+                                                                  warp, lane, false);
+        else
+          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, true, false>(part, smem + stage * S::kStage,
+                                                                   warp, lane, false);
+      }
+      fresh = false;
+      // Group end inside the tile here; the tile end folds below (there part is then zeroed,
+      // so it is known to be zero through the finalizer: fewer registers live there).
+      if (((kt + 1) & fold_mask) == 0 && kt != k_tiles - 1 && i != n_iters - 1) {
+        if (warp_ok) fold_scales<T, M_BLOCKS>(acc, part, fold_row, lane);
+        fresh = true;
+      }
+    } else {
+      if (warp_ok)
+        compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS>(acc, smem + stage * S::kStage, warp, lane,
+                                                    two_group_rows);
+    }
     const int cur_nt = nt, cur_kt = kt;
     if (++stage == kStages) stage = 0;
     if (++kt == k_tiles) {
@@ -518,6 +603,11 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(c
       nt++;
     }
     if (cur_kt != k_tiles - 1 && i != n_iters - 1) continue;
+    if constexpr (FOLD) {
+      if (warp_ok) fold_scales<T, M_BLOCKS>(acc, part, fold_row, lane);
+      zero_acc(part);
+      fresh = true;
+    }
 
     // ------------------------------------------------------------ end of a block tile
     const int kt_first = cur_kt - (i - seg_first);
@@ -648,6 +738,18 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(c
   cp_async_wait<0>();
 }
 
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false>(p);
+}
+
+// Opt-in (GPTQ_MARLIN_SCALEFOLD=1): 4-bit, group size >= 64 or one group; see compute_stage.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
+    gemm_kernel_fold(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, true>(p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiles -> dense [n, k] weight in the activation dtype (the large-M path feeds it to cuBLAS).
 // One warp per warp tile, in storage order; the warp decodes its fragments into shared memory
@@ -739,6 +841,26 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The scale-fold variant: the shared-memory limit is set once per device, then launched.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+cudaError_t launch_variant_fold(const GemmArgs& args, cudaStream_t stream) {
+  constexpr int kSmem = Smem<BITS, M_BLOCKS>::kTotal;
+  static unsigned long long configured = 0;  // one bit per device (0..63)
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const unsigned long long bit = 1ull << (device & 63);
+  if (!(configured & bit)) {
+    err = cudaFuncSetAttribute(gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    configured |= bit;
+  }
+  gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>
+      <<<args.workers * args.slices, kThreads, kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
 #define GPTQ_MARLIN_M_SWITCH(BITS, M, Z, CALL)                       \
   if constexpr (BITS == 8) {                                         \
     switch ((M) * 2 + ((Z) ? 1 : 0)) {                               \
@@ -773,6 +895,16 @@ cudaError_t occupancy_t(int m_blocks, bool has_zeros, int* blocks_per_sm) {
 
 template <int BITS, typename T>
 cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
+#ifndef GPTQ_MARLIN_NO_SCALEFOLD
+  if constexpr (BITS == 4) {
+    // The caller (marlin_ops.cpp) sets scalefold only for 4-bit, group size >= 64 or -1.
+    if (args.scalefold != 0 && args.group_shift != 5) {
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant_fold<BITS, T, MB, Z>(args, stream)
+      GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+    }
+  }
+#endif
 #define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z>(args, stream)
   GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL

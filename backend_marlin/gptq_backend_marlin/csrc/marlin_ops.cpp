@@ -67,6 +67,15 @@ int finalizer_mode() {
   return (env != nullptr && std::strcmp(env, "loop") == 0) ? 1 : 0;
 }
 
+// GPTQ_MARLIN_SCALEFOLD=1 runs the scale-fold kernels (the group scale applied to the fp32
+// accumulator once per group instead of to every dequantized pair) where they exist: 4-bit,
+// group size >= 64 or -1 (a 64-row stage then holds one group). Opt-in, read per call like the
+// finalizer; results are not bit-identical to the default (the rounding moves to fp32).
+bool scalefold_mode() {
+  const char* env = std::getenv("GPTQ_MARLIN_SCALEFOLD");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 // GPTQ_MARLIN_GATHER=torch permutes act-order activations with at::index_select instead of
 // the gather kernel (side-by-side timing; same results). Read per call like the finalizer.
 bool torch_gather() {
@@ -268,6 +277,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   args.workers = static_cast<int>(workers);
   args.evict_first = slices == 1 ? 1 : 0;  // several slices re-read the weights from L2
   args.finalizer = finalizer_mode();
+  args.scalefold = (bits == 4 && args.group_shift != 5 && scalefold_mode()) ? 1 : 0;
   const cudaError_t err = gemm_launch(dtype, args, stream);
   TORCH_CHECK(err == cudaSuccess, "marlin: gemm launch failed: ", cudaGetErrorString(err));
   return out;
