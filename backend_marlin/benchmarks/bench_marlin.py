@@ -7,7 +7,7 @@ candidate time (> 1: faster than fp16), measured side by side in this one run.
     python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
 
 Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
-issue 5. `--finalizer-ab` / `--gather-ab` time only those A/B comparisons.
+issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` time only those A/B comparisons.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class Layer:
     """Rotated copies of one K x N layer in every candidate's format."""
 
     def __init__(self, K: int, N: int, bits: int = 4, act: bool = False, dtype=torch.float16,
-                 with_baselines: bool = True) -> None:
+                 with_baselines: bool = True, group_size: int = 128) -> None:
         self.K, self.N, self.bits, self.dtype = K, N, bits, dtype
-        packed = gpu_packed(bits, 128, True, act, K, N, seed=K * 7 + N)
+        packed = gpu_packed(bits, group_size, True, act, K, N, seed=K * 7 + N)
         p = prepare(packed, torch.device("cuda"), dtype)
         n = copies_for(p.tiles.numel() * 4 + p.scales.numel() * 2)
         self.marlin = [p] + [dataclasses.replace(p, tiles=p.tiles.clone(), scales=p.scales.clone())
@@ -161,6 +161,26 @@ def finalizer_ab(rows) -> None:
         torch.cuda.empty_cache()
 
 
+def scalefold_ab(rows) -> None:
+    """The scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1) against the default, interleaved on the
+    same weights, 4-bit fp16 sym, g128 on the three main shapes and per-channel (g-1, the most
+    the fold can save) on 8192x28672: `--scalefold-ab` runs only this (about 60 s)."""
+    for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1)):
+        layer = Layer(K, N, with_baselines=False, group_size=gs)
+        for m in (1, 2, 16, 32, 64):
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m, "group": gs, "scalefold_ab": 1}
+            for name, mode in (("default", ""), ("fold", "1"), ("default_again", ""), ("fold_again", "1")):
+                os.environ["GPTQ_MARLIN_SCALEFOLD"] = mode
+                row[name] = time_calls(layer.calls("marlin", x))
+            os.environ.pop("GPTQ_MARLIN_SCALEFOLD", None)
+            rows.append(row)
+            d, f = min(row["default"], row["default_again"]), min(row["fold"], row["fold_again"])
+            print(_fmt(row) + f" g{gs} default/fold={d / f:.3f}", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
 def gather_ab(rows) -> None:
     """Act-order gemm with the gather kernel against GPTQ_MARLIN_GATHER=torch (index_select),
     interleaved on the same weights, next to the plain (no act-order) layer and the bare
@@ -260,6 +280,8 @@ def main() -> int:
                         help="only time the v3 finalizer against v2's loop (about 40 s)")
     parser.add_argument("--gather-ab", action="store_true",
                         help="only time act-order with the gather kernel against index_select (about 30 s)")
+    parser.add_argument("--scalefold-ab", action="store_true",
+                        help="only time the scale-fold kernels against the default (about 60 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -272,11 +294,13 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    if args.finalizer_ab or args.gather_ab:
+    if args.finalizer_ab or args.gather_ab or args.scalefold_ab:
         if args.finalizer_ab:
             finalizer_ab(rows)
         if args.gather_ab:
             gather_ab(rows)
+        if args.scalefold_ab:
+            scalefold_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

@@ -181,6 +181,69 @@ def finalizer_ab() -> None:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
 
 
+def scalefold() -> None:
+    """The opt-in scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1: 4-bit, group size >= 64 or -1;
+    the scale multiplies the fp32 sums once per group). Each call runs with the flag and
+    without: the fold result must pass the float64 check on its own (it is not bit-identical to
+    the default: the rounding moves from the fp16 product to fp32); where the flag must be
+    ignored (group 32, 8-bit) both must be bit-identical; and the fold must have changed some
+    result (else the flag never reached the kernel). fp16/bf16 x sym/asym x groups x act-order
+    x M 1..65 (1-4 row blocks, several slices at 65), bias, shared tiles on the larger shapes,
+    1 or 2 blocks per SM."""
+
+    differed = {"n": 0}
+
+    def one(label, call, out_numel, ref, bound, dtype, expect_same):
+        ys = []
+        try:
+            for mode in ("1", ""):
+                os.environ["GPTQ_MARLIN_SCALEFOLD"] = mode
+                poison(out_numel, dtype)
+                ys.append(call())
+                torch.cuda.synchronize()
+                counts["calls"] += 1
+        finally:
+            os.environ.pop("GPTQ_MARLIN_SCALEFOLD", None)
+        res = check_close(ys[0], ref, bound, dtype)
+        if not res.ok:
+            failures.append(f"{label} scalefold: {res.message}")
+        same = torch.equal(ys[0], ys[1])
+        if expect_same and not same:
+            failures.append(f"{label}: GPTQ_MARLIN_SCALEFOLD=1 must be ignored here but changed the result")
+        differed["n"] += 0 if same else 1
+
+    configs = [(4, dtype, gs, sym, act, 1024, 800) for dtype in (torch.float16, torch.bfloat16)
+               for gs in (-1, 32, 64, 128, 256) for sym in (True, False) for act in (False, True)]
+    configs += [(4, torch.float16, 128, True, False, 4096, 4096), (4, torch.bfloat16, 128, False, True, 4096, 4096),
+                (4, torch.float16, 128, True, False, 8192, 28672), (4, torch.float16, -1, False, False, 4096, 14336),
+                (8, torch.float16, 128, True, False, 1024, 800)]
+    for i, (bits, dtype, gs, sym, act, K, N) in enumerate(configs):
+        label = f"scalefold b{bits} {str(dtype)[6:]} g{gs} {'sym' if sym else 'asym'}{' act' if act else ''} {K}x{N}"
+        try:
+            if K * N >= 4096 * 4096:
+                packed = gpu_packed(bits, gs, sym, act, K, N, seed=500 + i)
+            else:
+                packed = random_packed(bits, gs, sym, act, K, N, seed=500 + i)
+            p = prepare(packed, DEV, dtype)
+            w64 = packed.dequantize(torch.float64).to(DEV)
+            bias = (torch.randn(N, device=DEV) * 0.5).half() if i % 3 == 0 else None
+            expect_same = bits != 4 or gs == 32
+            for m in (1, 2, 7, 16, 17, 33, 48, 64, 65):
+                x = torch.randn(m, K, device=DEV).to(dtype)
+                ref, bound = reference(x, w64, bias)
+                for bps in ((0, 1) if m in (1, 16, 33) else (0,)):
+                    one(f"{label} M={m} bps={bps}",
+                        lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.bits,
+                                         p.group_size, N, -1, bps),
+                        m * N, ref, bound, dtype, expect_same)
+            counts["cases"] += 1
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+    if differed["n"] == 0:
+        failures.append("scalefold: no result changed with GPTQ_MARLIN_SCALEFOLD=1 (flag not read?)")
+    print(f"scalefold: {differed['n']} calls differed from the default (expected: the 4-bit g>=64 ones)")
+
+
 def cxx_check_in_subprocess() -> None:
     """The raw op's own C++ argument check must raise, not kill the process (s2run3: SIGSEGV).
 
