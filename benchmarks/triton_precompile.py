@@ -10,7 +10,8 @@ What is compiled is what the backend launches with this environment: the tuner's
 per bit width (``configs.candidates``, tiles that cannot fit left out) with the single-LOP3 asm
 dequant for fp16 (the default; ``GPTQ_TRITON_ASM=0`` compiles the plain variant instead), the
 dequant kernel (plain and act-order), and for act-order the Triton column gather
-(``GPTQ_TRITON_GATHER=triton``, the default) per dtype.
+(``GPTQ_TRITON_GATHER=triton``, the default) per dtype. With ``GPTQ_TRITON_POSTZERO=1`` the
+fp16 fused kernels are the zero-point-after-the-MMA variant (its own specialization).
 
     python benchmarks/triton_precompile.py --bits 2,3,4,8 --group-size 128 --act-order both
 """
@@ -94,6 +95,8 @@ def _compile(job: tuple) -> tuple[str, float, str]:
     except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: the tuner skips it
         status = f"{type(exc).__name__}: {str(exc)[:120]}"
     asm = " asm" if ops._use_asm(x, ops.mode_for(x.dtype, bits), bits) and cfg.path == "fused" else ""
+    if ops._use_postzero(x, ops.mode_for(x.dtype, bits)) and cfg.path == "fused":
+        asm += " postzero"
     return (f"b{bits} {dtype_name}{' act' if act else ''} {cfg.label()}{asm}",
             time.perf_counter() - t0, status)
 
