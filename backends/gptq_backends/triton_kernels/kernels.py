@@ -27,6 +27,8 @@ Dequantization: ``(word >> b*j) & mask | 0x64006400`` is two fp16 ``1024 + q`` a
 ``1024 + zero`` is exact and only the scale multiply rounds, once, like the reference.
 With ASM (the default for 2/4/8-bit fp16 on CUDA, ``ops.ASM_LOP3``) the shift's
 ``& mask | magic`` is one inline-PTX LOP3 instead of two (H100 8192x28672 M=1: 70.5 -> 66.2 us).
+Opt-in (``GPTQ_TRITON_POSTZERO``, POSTZERO > 0, fp16): ``1024 + q`` goes into the MMA as it
+is and ``(1024 + zero) * sum(x)`` comes off the fp32 group sum after it (see qmm_kernel).
 MODE: 0 fp16 all along; 1 bf16 (``0x4300`` is bf16 128, values < 128: bits <= 4); 2 the exact
 fp16 ``q - zero`` times an fp32 scale (8-bit bf16, fp32 activations, bf16 when interpreted).
 """
@@ -175,9 +177,9 @@ def qmm_kernel(
     # (1024 + zero) * sum_k x_k of the group is taken off the fp32 group sum: PZ 1 by a second
     # MMA of the constant tile -(1024 + zero) with the same x tile, PZ 2 by a tl.sum of x per
     # sub-tile and one FFMA per output and group, PZ 3 by the per-group fp32 sums of x that
-    # the launcher computed (xsum [K / SPAN, M rounded up to BLOCK_M], no mask)
-    # and one FFMA per output and group. No per-pair
-    # HSUB2 in the main loop.
+    # the launcher computed (xsum [K / SPAN, M rounded up to BLOCK_M], no mask) and one FFMA
+    # per output and group. No per-pair HSUB2 in the main loop. Only PZ 3 lowers the SASS count
+    # (4-bit 16x64 4.09 -> 3.94 per weight, 16x128 3.25 -> 2.91; NOTES/perf-triton.md).
     PZ: tl.constexpr = POSTZERO if (MODE == 0 and not IEEE_DOT and (SCALE_POST or SCALE_END)) else 0
     XT: tl.constexpr = x_ptr.dtype.element_ty
 
