@@ -142,43 +142,46 @@ def variants(rows) -> None:
         torch.cuda.empty_cache()
 
 
+def env_ab(rows, env: str, modes: tuple[tuple[str, str], tuple[str, str]], layers, tag: str) -> None:
+    """Time one layer with ``env`` set to each of two ``(name, value)`` modes, interleaved twice
+    (a, b, a, b) on the same weights at M 1/2/16/32/64; print the ratio of the best of each.
+
+    ``layers``: ``(Layer keyword arguments, label)`` pairs.
+    """
+    (a_name, a_val), (b_name, b_val) = modes
+    for kwargs, label in layers:
+        layer = Layer(with_baselines=False, **kwargs)
+        for m in (1, 2, 16, 32, 64):
+            x = torch.randn(m, layer.K, device="cuda", dtype=torch.float16)
+            row = {"K": layer.K, "N": layer.N, "M": m, tag: 1, "layer": label}
+            for name, mode in ((a_name, a_val), (b_name, b_val), (a_name + "_again", a_val),
+                               (b_name + "_again", b_val)):
+                os.environ[env] = mode
+                row[name] = time_calls(layer.calls("marlin", x))
+            os.environ.pop(env, None)
+            rows.append(row)
+            a = min(row[a_name], row[a_name + "_again"])
+            b = min(row[b_name], row[b_name + "_again"])
+            print(_fmt(row) + f" {label} {a_name}/{b_name}={a / b:.3f}", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
 def finalizer_ab(rows) -> None:
     """v3 (unrolled stream-K finalizer) against v2 (GPTQ_MARLIN_FINALIZER=loop), interleaved on
     the same weights, 4-bit (and 8-bit on 4096x4096): `--finalizer-ab` runs only this."""
-    for K, N, bits in ((4096, 4096, 4), (8192, 28672, 4), (4096, 14336, 4), (4096, 4096, 8)):
-        layer = Layer(K, N, bits=bits, with_baselines=False)
-        for m in (1, 2, 16, 32, 64):
-            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
-            row = {"K": K, "N": N, "M": m, "bits": bits, "finalizer_ab": 1}
-            for name, mode in (("v2_loop", "loop"), ("v3", ""), ("v2_loop_again", "loop"), ("v3_again", "")):
-                os.environ["GPTQ_MARLIN_FINALIZER"] = mode
-                row[name] = time_calls(layer.calls("marlin", x))
-            os.environ.pop("GPTQ_MARLIN_FINALIZER", None)
-            rows.append(row)
-            v2, v3 = min(row["v2_loop"], row["v2_loop_again"]), min(row["v3"], row["v3_again"])
-            print(_fmt(row) + f" b{bits} v2/v3={v2 / v3:.2f}", flush=True)
-        del layer
-        torch.cuda.empty_cache()
+    layers = [({"K": K, "N": N, "bits": bits}, f"b{bits}")
+              for K, N, bits in ((4096, 4096, 4), (8192, 28672, 4), (4096, 14336, 4), (4096, 4096, 8))]
+    env_ab(rows, "GPTQ_MARLIN_FINALIZER", (("v2_loop", "loop"), ("v3", "")), layers, "finalizer_ab")
 
 
 def scalefold_ab(rows) -> None:
     """The scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1) against the default, interleaved on the
     same weights, 4-bit fp16 sym, g128 on the three main shapes and per-channel (g-1, the most
     the fold can save) on 8192x28672: `--scalefold-ab` runs only this (about 60 s)."""
-    for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1)):
-        layer = Layer(K, N, with_baselines=False, group_size=gs)
-        for m in (1, 2, 16, 32, 64):
-            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
-            row = {"K": K, "N": N, "M": m, "group": gs, "scalefold_ab": 1}
-            for name, mode in (("default", ""), ("fold", "1"), ("default_again", ""), ("fold_again", "1")):
-                os.environ["GPTQ_MARLIN_SCALEFOLD"] = mode
-                row[name] = time_calls(layer.calls("marlin", x))
-            os.environ.pop("GPTQ_MARLIN_SCALEFOLD", None)
-            rows.append(row)
-            d, f = min(row["default"], row["default_again"]), min(row["fold"], row["fold_again"])
-            print(_fmt(row) + f" g{gs} default/fold={d / f:.3f}", flush=True)
-        del layer
-        torch.cuda.empty_cache()
+    layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
+              for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
+    env_ab(rows, "GPTQ_MARLIN_SCALEFOLD", (("default", ""), ("fold", "1")), layers, "scalefold_ab")
 
 
 def gather_ab(rows) -> None:
