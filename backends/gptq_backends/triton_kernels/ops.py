@@ -250,6 +250,8 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
     dev = x.device
     _, sms = device_props(dev)
     split = configs.resolve_split_k(cfg, M, N, p.tiles, sms)
+    mode = mode_for(x.dtype, p.bits)
+    postzero = _use_postzero(x, mode)  # x's device and dtype: the same after the gather
     gather_ch, xs = 0, None
     if p.perm is not None:
         # Act-order: x's columns into the weight's sorted order, once (see kernels.py): inside
@@ -257,14 +259,13 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         tk = tile_k(p.bits, p.sub)
         span = math.ceil(p.tiles / split) * tk
         if (GATHER == "fused" and M <= FUSED_GATHER_MAX_M and span <= FUSED_GATHER_CH
-                and tk % 64 == 0 and _use_postzero(x, mode_for(x.dtype, p.bits)) != 3):
+                and tk % 64 == 0 and postzero != 3):
             gather_ch = FUSED_GATHER_CH
             # rows of k_pad and ranges of whole tiles, multiples of 64 channels (128 bytes of
             # fp16): no cache line holds parts of two programs' ranges
             xs = torch.empty(M, p.k_pad, dtype=x.dtype, device=dev)
         else:
             x = gather_columns(x, p.perm)
-    postzero = _use_postzero(x, mode_for(x.dtype, p.bits))
     if not _postzero_applies(p.bits, p.sub, p.group_size, cfg.block_m):
         postzero = 0
     xsum = None
@@ -292,12 +293,12 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         out, part, lock,
         M, N, K, p.n_pad, p.tiles, x.stride(0), out.stride(0), split, int(bias is not None),
         BITS=p.bits, S=p.sub, GS=p.group_size,
-        CONST_ZERO=p.zeros is None, MODE=mode_for(x.dtype, p.bits),
+        CONST_ZERO=p.zeros is None, MODE=mode,
         EVEN_K=K % tile_k(p.bits, p.sub) == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
         perm_ptr=p.perm if gather_ch else None, xs_ptr=xs,
         stride_xs=xs.stride(0) if gather_ch else 0, GATHER_CH=gather_ch,
-        ASM=_use_asm(x, mode_for(x.dtype, p.bits), p.bits),
+        ASM=_use_asm(x, mode, p.bits),
         POSTZERO=postzero, xsum_ptr=xsum, stride_xsum=xsum.stride(0) if xsum is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
