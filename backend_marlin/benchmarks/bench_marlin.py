@@ -7,7 +7,7 @@ candidate time (> 1: faster than fp16), measured side by side in this one run.
     python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
 
 Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
-issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` time only those A/B comparisons.
+issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` time only those A/B comparisons.
 """
 
 from __future__ import annotations
@@ -184,6 +184,15 @@ def scalefold_ab(rows) -> None:
     env_ab(rows, "GPTQ_MARLIN_SCALEFOLD", (("default", ""), ("fold", "1")), layers, "scalefold_ab")
 
 
+def tma_ab(rows) -> None:
+    """The bulk-copy (TMA) pipeline against the cp.async one (GPTQ_MARLIN_TMA=0), interleaved
+    on the same weights: 4-bit g128 on the three main shapes and 8-bit on the largest
+    (`--tma-ab` runs only this, about 60 s)."""
+    layers = [({"K": K, "N": N, "bits": bits}, f"b{bits}")
+              for K, N, bits in ((4096, 4096, 4), (4096, 14336, 4), (8192, 28672, 4), (8192, 28672, 8))]
+    env_ab(rows, "GPTQ_MARLIN_TMA", (("cp_async", "0"), ("tma", "")), layers, "tma_ab")
+
+
 def gather_ab(rows) -> None:
     """Act-order gemm with the gather kernel against GPTQ_MARLIN_GATHER=torch (index_select),
     interleaved on the same weights, next to the plain (no act-order) layer and the bare
@@ -285,6 +294,8 @@ def main() -> int:
                         help="only time act-order with the gather kernel against index_select (about 30 s)")
     parser.add_argument("--scalefold-ab", action="store_true",
                         help="only time the scale-fold kernels against the default (about 60 s)")
+    parser.add_argument("--tma-ab", action="store_true",
+                        help="only time the bulk-copy (TMA) pipeline against cp.async (about 60 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -297,13 +308,15 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    if args.finalizer_ab or args.gather_ab or args.scalefold_ab:
+    if args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab:
         if args.finalizer_ab:
             finalizer_ab(rows)
         if args.gather_ab:
             gather_ab(rows)
         if args.scalefold_ab:
             scalefold_ab(rows)
+        if args.tma_ab:
+            tma_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

@@ -50,7 +50,7 @@ def child(code: str, env_extra: dict[str, str] | None = None) -> subprocess.Comp
 
 def main() -> int:
     bad = 0
-    for traces in ("0", "1"):
+    for traces in ("0",):
         for name, code in PROBES.items():
             proc, body = child(code, {"TORCH_SHOW_CPP_STACKTRACES": traces})
             result = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]

@@ -181,6 +181,44 @@ def finalizer_ab() -> None:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
 
 
+def tma_ab() -> None:
+    """The bulk-copy (TMA) pipeline, the default on compute capability >= 9.0, against the
+    cp.async pipeline (GPTQ_MARLIN_TMA=0): only the data movement differs, so the results must
+    be bit-identical, and the TMA result must pass the float64 check. 4- and 8-bit x fp16/bf16
+    x every group size x sym/asym x act-order on an awkward small shape at M 1..65 (1-4 row
+    blocks, partial column tiles, several slices at 65 for 8-bit), multi-slice M=200/300, and
+    the large shapes with shared tiles at 1 and 2 blocks per SM."""
+    if torch.cuda.get_device_capability(DEV)[0] < 9:
+        print("tma_ab: compute capability < 9.0, the TMA pipeline does not run here", flush=True)
+        return
+    configs = [(bits, dtype, gs, sym, act, 1024, 800) for bits in (4, 8)
+               for dtype in (torch.float16, torch.bfloat16) for gs in (-1, 32, 64, 128)
+               for sym in (True, False) for act in (False, True)]
+    configs += [(4, torch.float16, 128, True, False, 4096, 4096), (4, torch.bfloat16, 32, False, True, 4096, 4096),
+                (4, torch.float16, 128, True, False, 8192, 28672), (8, torch.float16, 128, True, False, 4096, 14336)]
+    for i, (bits, dtype, gs, sym, act, K, N) in enumerate(configs):
+        label = f"tma b{bits} {str(dtype)[6:]} g{gs} {'sym' if sym else 'asym'}{' act' if act else ''} {K}x{N}"
+        try:
+            packed = (gpu_packed(bits, gs, sym, act, K, N, seed=700 + i) if K * N >= 4096 * 4096
+                      else random_packed(bits, gs, sym, act, K, N, seed=700 + i))
+            p = prepare(packed, DEV, dtype)
+            w64 = packed.dequantize(torch.float64).to(DEV)
+            bias = (torch.randn(N, device=DEV) * 0.5).half() if i % 3 == 0 else None
+            for m in (1, 2, 7, 16, 17, 33, 48, 64, 65, 200, 300):
+                if K * N >= 4096 * 4096 and m in (2, 7, 17, 48, 200):
+                    continue
+                x = torch.randn(m, K, device=DEV).to(dtype)
+                ref, bound = reference(x, w64, bias)
+                for bps in ((0, 1) if m in (1, 16, 33) else (0,)):
+                    ab_check("GPTQ_MARLIN_TMA", ("", "0"), f"{label} M={m} bps={bps}",
+                             lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits,
+                                              gs, N, -1, bps),
+                             m * N, ref, bound, dtype)
+            counts["cases"] += 1
+        except Exception:
+            failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+
+
 def scalefold() -> None:
     """The opt-in scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1: 4-bit, group size >= 64 or -1;
     the scale multiplies the fp32 sums once per group). Each call runs with the flag and

@@ -70,7 +70,7 @@ def test_cuda_sources_compile_for_sm90_without_spills(built):
         # Variants of at most 2 row blocks must keep two blocks (8 warps each) per SM: <= 128
         # registers (v3's finalizer raised them above that until __launch_bounds__ capped it).
         for kernel, regs in re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", log, re.S):
-            mb = re.search(r"gemm_kernel(?:_fold)?ILi\d+E\w+?Li(\d)ELb", kernel)
+            mb = re.search(r"gemm_kernel(?:_fold|_tma)?ILi\d+E\w+?Li(\d)ELb", kernel)
             if mb and int(mb.group(1)) <= 2:
                 assert int(regs) <= 128, f"{name}: {kernel} uses {regs} registers (> 128: one block per SM)"
     assert len(results) == 6  # dispatch, 4 gemm variants, the act-order gather
@@ -118,19 +118,21 @@ def test_scalefold_kernels_exist_4bit_only_and_keep_two_blocks(built):
             assert not entries, f"{stem}: scale-fold kernels in a file that should have none"
 
 
-def test_default_kernels_unchanged_by_the_scalefold_variant(built, tmp_path):
-    """The default kernels' SASS is byte-identical whether or not the scale-fold variant is
-    compiled in (-DGPTQ_MARLIN_NO_SCALEFOLD drops it): the opt-in cannot perturb them."""
+def test_default_kernels_unchanged_by_the_other_variants(built, tmp_path):
+    """The cp.async kernels' SASS is byte-identical whether or not the scale-fold and TMA
+    variants are compiled in (-DGPTQ_MARLIN_NO_SCALEFOLD -DGPTQ_MARLIN_NO_TMA drop them): the
+    variants share gemm_body's source but cannot perturb the verified pipeline."""
     obj_dir, _ = built
     srcs = [p for p in build.sources() if p.stem in FOLD_FILES]
+    flags = ("-DGPTQ_MARLIN_NO_SCALEFOLD", "-DGPTQ_MARLIN_NO_TMA")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda p: _compile(p, tmp_path, "-DGPTQ_MARLIN_NO_SCALEFOLD"), srcs))
+        results = list(pool.map(lambda p: _compile(p, tmp_path, *flags), srcs))
     for name, code, log in results:
-        assert code == 0, f"{name} (no scale fold) failed:\n{log[-3000:]}"
+        assert code == 0, f"{name} (no variants) failed:\n{log[-3000:]}"
     for stem in FOLD_FILES:
         with_fold = sass_tools.kernels(_sass(obj_dir / f"{stem}.o"))
         without = sass_tools.kernels(_sass(tmp_path / f"{stem}.o"))
-        assert not any("fold" in k for k in without), f"{stem}: fold kernels without the variant"
+        assert not any("fold" in k or "tma" in k for k in without), f"{stem}: variant kernels left in"
         defaults = [k for k in with_fold if "gemm_kernelI" in k]
         assert len(defaults) == 8
         for k in defaults:
@@ -156,3 +158,34 @@ def test_scalefold_main_loop_has_no_per_pair_scale_multiply(built):
             assert fold["FFMA"] == 16 * mb and fold["LDS"] == 1, f"{stem}: {name} fold block {fold}"
             assert sum(hot.values()) < sum(base.values()), \
                 f"{stem}: {name} hot path {sum(hot.values())} >= default {sum(base.values())}"
+
+
+# ------------------------------------------------------------------------------------------
+# The bulk-copy (TMA) kernels: the default on compute capability >= 9.0 (NOTES/perf-marlin.md).
+GEMM_FILES = ("marlin_f16_b4", "marlin_bf16_b4", "marlin_f16_b8", "marlin_bf16_b8")
+
+
+def test_tma_kernels_move_every_stage_by_bulk_copies_without_local_memory(built):
+    """Every gemm file has its TMA kernels (4-bit: 1..4 row blocks, 8-bit: 1..2, x sym/asym),
+    each without a stack frame; they copy only with bulk copies (UBLKCP, no per-thread
+    LDGSTS), wait on an mbarrier phase (SYNCS.PHASECHK) instead of a cp.async group, and
+    announce bytes with arrive.expect_tx. The weights' copy keeps the evict-first policy."""
+    obj_dir, results = built
+    logs = {name.removesuffix(".cu"): log for name, _, log in results}
+    for stem in GEMM_FILES:
+        entries = re.findall(r"Compiling entry function '(\w*gemm_kernel_tma\w*)'(.*?)Used (\d+) registers",
+                             logs[stem], re.S)
+        assert len(entries) == (8 if "_b4" in stem else 4), f"{stem}: {len(entries)} TMA kernels"
+        for kernel, info, _ in entries:
+            assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", info), \
+                f"{stem}: {kernel} uses local memory:{info}"
+        for name, ins in sass_tools.kernels(_sass(obj_dir / f"{stem}.o")).items():
+            if "gemm_kernel_tma" not in name:
+                continue
+            ops = [sass_tools.opcode(t) for _, t in ins]
+            assert "LDGSTS" not in ops and "DEPBAR" not in ops, f"{stem}: {name} still uses cp.async"
+            assert ops.count("UBLKCP") >= 3, f"{stem}: {name} has {ops.count('UBLKCP')} bulk copies"
+            assert any("SYNCS.PHASECHK" in t for _, t in ins), f"{stem}: {name} never waits on an mbarrier"
+            assert any("SYNCS.ARRIVE.TRANS64" in t for _, t in ins), f"{stem}: {name} never announces bytes"
+            assert any("UBLKCP" in t and "desc[" in t for _, t in ins), \
+                f"{stem}: {name}: no bulk copy carries the L2 cache policy"

@@ -35,8 +35,12 @@ struct GemmArgs {
   int workers;         // blocks per slice; the striped partition splits n_tiles * k_tiles
   int evict_first;     // stream weights with an L2 evict-first hint
   int finalizer;       // stream-K finalizer: 0 unrolled (v3), 1 the v2 loop (A/B timing only)
-  int scalefold;       // 1: the scale-fold variant (4-bit, group size >= 64 or -1; opt-in)
+  int kind;            // KernelKind: which pipeline runs (marlin_ops.cpp decides)
 };
+
+// Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, its scale-fold variant, and the
+// bulk-copy (TMA) pipeline of compute capability >= 9.0.
+enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2 };
 
 struct DequantArgs {
   const void* b;
@@ -47,9 +51,9 @@ struct DequantArgs {
   int group_shift;
 };
 
-// Set the shared-memory limit of the variant on the current device and report how many
-// blocks of it fit on one multiprocessor.
-cudaError_t gemm_occupancy(int dtype, int bits, int m_blocks, bool has_zeros, int* blocks_per_sm);
+// Set the shared-memory limit of the variant (kind: KernelKind) on the current device and
+// report how many blocks of it fit on one multiprocessor.
+cudaError_t gemm_occupancy(int dtype, int bits, int m_blocks, bool has_zeros, int kind, int* blocks_per_sm);
 cudaError_t gemm_launch(int dtype, const GemmArgs& args, cudaStream_t stream);
 cudaError_t dequant_launch(int dtype, const DequantArgs& args, cudaStream_t stream);
 // out[r, c] = x[r, perm[c]] for 2-byte x [m, k] (contiguous) and perm [k] of int32 or int64;

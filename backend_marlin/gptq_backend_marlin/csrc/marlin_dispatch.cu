@@ -7,7 +7,7 @@
 namespace gptq_marlin {
 
 template <int BITS, typename T>
-cudaError_t occupancy_t(int m_blocks, bool has_zeros, int* blocks_per_sm);
+cudaError_t occupancy_t(int m_blocks, bool has_zeros, int kind, int* blocks_per_sm);
 template <int BITS, typename T>
 cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream);
 template <int BITS, typename T>
@@ -20,8 +20,8 @@ cudaError_t dequant_t(const DequantArgs& args, cudaStream_t stream);
   if ((DTYPE) == kBF16 && (BITS_) == 8) return CALL(8, __nv_bfloat16); \
   return cudaErrorInvalidValue;
 
-cudaError_t gemm_occupancy(int dtype, int bits, int m_blocks, bool has_zeros, int* blocks_per_sm) {
-#define CALL(B, T) occupancy_t<B, T>(m_blocks, has_zeros, blocks_per_sm)
+cudaError_t gemm_occupancy(int dtype, int bits, int m_blocks, bool has_zeros, int kind, int* blocks_per_sm) {
+#define CALL(B, T) occupancy_t<B, T>(m_blocks, has_zeros, kind, blocks_per_sm)
   GPTQ_MARLIN_DISPATCH(dtype, bits, CALL)
 #undef CALL
 }

@@ -41,10 +41,13 @@ struct Stages {
                                          : (M_BLOCKS == 1 ? 5 : 4);
 };
 
-template <int BITS, int M_BLOCKS>
+// PAD_A (the TMA variant): activation rows arrive by one bulk copy each, so they cannot be
+// XOR-swizzled; a 16-byte pad per row (144-byte stride) keeps ldmatrix conflict-free instead.
+template <int BITS, int M_BLOCKS, bool PAD_A = false>
 struct Smem {
   static constexpr int kB = kWarps * Layout<BITS>::kWarpTileBytes;
-  static constexpr int kA = M_BLOCKS * 16 * kTileK * 2;
+  static constexpr int kARow = kTileK * 2 + (PAD_A ? 16 : 0);  // bytes per activation row
+  static constexpr int kA = M_BLOCKS * 16 * kARow;
   static constexpr int kS = 2 * kTileN * 2;  // two group rows (group size 32) of one tile
   static constexpr int kStage = kB + kA + 2 * kS;  // scales, then zero points
   static constexpr int kTotal = kStage * Stages<BITS, M_BLOCKS>::value;
@@ -113,6 +116,70 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Hopper bulk copies (the TMA engine without a tensor map) completing on an mbarrier. The host
+// launches the kernels that use them only on devices of compute capability >= 9.0; older
+// targets compile them to a trap.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// The calling thread's arrival, announcing the bytes this phase's copies will deliver.
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes) : "memory");
+#else
+  __trap();
+#endif
+}
+
+// Spin until the phase of the given parity has completed (all its bytes have landed).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .pred ready;\n"
+      "MARLIN_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
+      "@!ready bra MARLIN_WAIT;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void bulk_copy_policy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                                 uint64_t policy) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, "
+      "[%3], %4;\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+#else
+  __trap();
+#endif
 }
 
 __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
@@ -273,11 +340,13 @@ __device__ __forceinline__ void load_groups(Group<T> (&out)[4], const uint8_t* s
 // group in fp32; fold_scales applies the scale (no HMUL2 per dequantized pair).
 // FRESH (FOLD only): the first stage of a group; its first mma per fragment starts from zero
 // instead of acc (no separate zeroing after a fold).
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD = false, bool FRESH = false>
+// PAD_A: the TMA variant's activation rows (padded, not swizzled; see Smem).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD = false, bool FRESH = false,
+          bool PAD_A = false>
 __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], const uint8_t* stage,
                                               int warp, int lane, bool two_group_rows) {
   using L = Layout<BITS>;
-  using S = Smem<BITS, M_BLOCKS>;
+  using S = Smem<BITS, M_BLOCKS, PAD_A>;
   const uint8_t* sb = stage + warp * L::kWarpTileBytes;
   const uint8_t* sa = stage + S::kB;
   const uint8_t* ss = sa + S::kA;
@@ -310,7 +379,10 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
       for (int mb = 0; mb < M_BLOCKS; mb++) {
         const int row = mb * 16 + (lane & 15);
         const int unit = 2 * step + (lane >> 4);  // 16-byte unit of the 128-byte row
-        ldmatrix_x4(a[h][mb], sa + row * 128 + ((unit ^ (row & 7)) << 4));
+        if constexpr (PAD_A)
+          ldmatrix_x4(a[h][mb], sa + row * S::kARow + (unit << 4));
+        else
+          ldmatrix_x4(a[h][mb], sa + row * 128 + ((unit ^ (row & 7)) << 4));
       }
     }
     const uint32_t words[4] = {static_cast<uint32_t>(q4.x), static_cast<uint32_t>(q4.y),
@@ -460,16 +532,22 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
 }
 
 // ---------------------------------------------------------------------------------------------
-// The main kernel's body; FOLD = the opt-in scale-fold variant (gemm_kernel_fold).
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD>
+// The main kernel's body; FOLD = the opt-in scale-fold variant (gemm_kernel_fold), TMA = the
+// Hopper variant (gemm_kernel_tma): warp 0 moves each stage with bulk copies that complete on
+// the stage's mbarrier (one for the weights, one per scale / zero-point row, one per valid
+// activation row) instead of every thread issuing 16-byte cp.async copies with their address
+// arithmetic (a third of the default's instructions per stage at small M).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD, bool TMA = false>
 __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
+  static_assert(!(FOLD && TMA), "the scale fold runs on the cp.async pipeline only");
   using L = Layout<BITS>;
-  using S = Smem<BITS, M_BLOCKS>;
+  using S = Smem<BITS, M_BLOCKS, TMA>;
   constexpr int kStages = Stages<BITS, M_BLOCKS>::value;
   constexpr int kBRounds = S::kB / 16 / kThreads;                   // 16-byte weight copies
   constexpr int kAUnits = M_BLOCKS * 16 * 8;                        // 16-byte activation units
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ int s_last;
+  __shared__ __align__(8) uint64_t bars[TMA ? kStages : 1];  // TMA: one mbarrier per stage
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int slice = blockIdx.x % p.slices;
@@ -502,11 +580,68 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     f_b_units = f_nw * (L::kWarpTileBytes / 16);
     f_b_step = static_cast<size_t>(f_nw) * L::kWarpTileBytes;
     f_b = b_base + static_cast<size_t>(f_nt) * k_tiles * kWarps * L::kWarpTileBytes +
-          f_kt * f_b_step + tid * 16;
+          f_kt * f_b_step + (TMA ? 0 : tid * 16);  // TMA: the tile's first byte
   };
   f_column();
 
-  auto fetch = [&]() {
+  // TMA: every stage is n_copies bulk copies: the weights, the scale (and zero-point) rows, and
+  // one per valid activation row of this slice. Copy j is issued by lane 0 of warp j % 8, which
+  // first adds the copy's bytes to the stage's mbarrier and arrives (so each byte count is
+  // announced before its copy can land); the phase completes after n_copies arrivals and all
+  // bytes. Activation rows past the valid ones are never copied: zeroed once here, per stage.
+  const int a_rows = min(M_BLOCKS * 16, p.m - row0);
+  const int s_copies = (two_group_rows ? 2 : 1) * (HAS_ZEROS ? 2 : 1);
+  const int n_copies = 1 + s_copies + a_rows;
+  if constexpr (TMA) {
+    if (tid == 0)
+#pragma unroll
+      for (int s = 0; s < kStages; s++) mbar_init(&bars[s], n_copies);
+    const int per_stage = (M_BLOCKS * 16 - a_rows) * (S::kARow / 16);
+    for (int u = tid; u < kStages * per_stage; u += kThreads) {
+      const int s = u / per_stage, r = u - s * per_stage;
+      *reinterpret_cast<uint4*>(smem + s * S::kStage + S::kB + a_rows * S::kARow + r * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+  }
+  auto fetch_tma = [&]() {
+    uint8_t* st = smem + f_stage * S::kStage;
+    uint64_t* bar = &bars[f_stage];
+#pragma unroll 1
+    for (int j = warp; j < n_copies; j += kWarps) {
+      if (lane != 0) continue;
+      if (j == 0) {
+        const uint32_t bytes = static_cast<uint32_t>(f_b_units) * 16;
+        mbar_expect(bar, bytes);
+        bulk_copy_policy(st, f_b, bytes, bar, policy);
+      } else if (j <= s_copies) {
+        // Scale rows first (j = 1, 2 with group size 32), then the zero-point rows.
+        const int r = HAS_ZEROS ? (j - 1) % (s_copies / 2) : j - 1;
+        const bool zero_row = HAS_ZEROS && j > s_copies / 2;
+        const int g = (p.group_shift < 0 ? 0 : (f_kt * kTileK) >> p.group_shift) + r;
+        const size_t off = (static_cast<size_t>(g) * p.n + static_cast<size_t>(f_nt) * kTileN) * 2;
+        const uint32_t bytes = static_cast<uint32_t>(f_nw) * kWarpN * 2;
+        mbar_expect(bar, bytes);
+        bulk_copy(st + S::kB + S::kA + (zero_row ? S::kS : 0) + r * 512,
+                  static_cast<const uint8_t*>(zero_row ? p.zeros : p.scales) + off, bytes, bar);
+      } else {
+        const int r = j - 1 - s_copies;
+        mbar_expect(bar, kTileK * 2);
+        bulk_copy(st + S::kB + r * S::kARow,
+                  static_cast<const T*>(p.a) + static_cast<size_t>(row0 + r) * p.k + f_kt * kTileK,
+                  kTileK * 2, bar);
+      }
+    }
+    if (++f_stage == kStages) f_stage = 0;
+    if (++f_kt == k_tiles) {
+      f_kt = 0;
+      f_nt++;
+      f_column();
+    } else {
+      f_b += f_b_step;
+    }
+  };
+  auto fetch_cp = [&]() {
     uint8_t* st = smem + f_stage * S::kStage;
 #pragma unroll
     for (int r = 0; r < kBRounds; r++) {
@@ -558,19 +693,29 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
   const int fold_mask = p.group_shift < 0 ? 0x7fffffff : (1 << (p.group_shift - 6)) - 1;
   if constexpr (FOLD) zero_acc(part);
   bool fresh = true;  // FOLD: the next stage starts a group (part is overwritten, not added to)
+  auto fetch = [&]() {
+    if constexpr (TMA)
+      fetch_tma();
+    else
+      fetch_cp();
+  };
 #pragma unroll
   for (int s = 0; s < kStages - 1; s++) {
     if (s < n_iters) fetch();
-    cp_async_commit();
+    if constexpr (!TMA) cp_async_commit();
   }
 
   int nt = static_cast<int>(it0 / k_tiles), kt = static_cast<int>(it0 % k_tiles), stage = 0;
+  uint32_t phase = 0;  // TMA: parity of the current pass over the stages
   int seg_first = 0;  // iteration at which the current block tile began
   for (int i = 0; i < n_iters; i++) {
-    cp_async_wait<kStages - 2>();
+    if constexpr (TMA)
+      mbar_wait(&bars[stage], phase);
+    else
+      cp_async_wait<kStages - 2>();
     __syncthreads();
     if (i + kStages - 1 < n_iters) fetch();
-    cp_async_commit();
+    if constexpr (!TMA) cp_async_commit();
 
     const bool warp_ok = nt * kWarps + warp < nb32;
     // This stage's scale row (FOLD reads it at the group's last stage or the tile end).
@@ -593,11 +738,14 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
       }
     } else {
       if (warp_ok)
-        compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS>(acc, smem + stage * S::kStage, warp, lane,
-                                                    two_group_rows);
+        compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, TMA>(acc, smem + stage * S::kStage,
+                                                                       warp, lane, two_group_rows);
     }
     const int cur_nt = nt, cur_kt = kt;
-    if (++stage == kStages) stage = 0;
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
     if (++kt == k_tiles) {
       kt = 0;
       nt++;
@@ -735,7 +883,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     zero_acc(acc);
     seg_first = i + 1;
   }
-  cp_async_wait<0>();
+  if constexpr (!TMA) cp_async_wait<0>();
 }
 
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
@@ -748,6 +896,13 @@ template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
     gemm_kernel_fold(const GemmArgs p) {
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, true>(p);
+}
+
+// Compute capability >= 9.0: the stages arrive by bulk copies (see gemm_body).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
+    gemm_kernel_tma(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, true>(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,40 +979,47 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
 }
 
 // ---------------------------------------------------------------------------------------------
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
-cudaError_t occupancy_variant(int* blocks_per_sm) {
-  constexpr int kSmem = Smem<BITS, M_BLOCKS>::kTotal;
-  auto kernel = gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, kThreads, kSmem);
-}
-
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
-cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
-  constexpr int kSmem = Smem<BITS, M_BLOCKS>::kTotal;
-  gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>
-      <<<args.workers * args.slices, kThreads, kSmem, stream>>>(args);
-  return cudaGetLastError();
-}
-
-// The scale-fold variant: the shared-memory limit is set once per device, then launched.
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
-cudaError_t launch_variant_fold(const GemmArgs& args, cudaStream_t stream) {
-  constexpr int kSmem = Smem<BITS, M_BLOCKS>::kTotal;
-  static unsigned long long configured = 0;  // one bit per device (0..63)
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const unsigned long long bit = 1ull << (device & 63);
-  if (!(configured & bit)) {
-    err = cudaFuncSetAttribute(gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    configured |= bit;
+// The kernel of each kind (kKernelDefault / kKernelFold / kKernelTma, marlin.h) and its
+// dynamic shared memory.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
+struct Variant {
+  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kKernelTma>::kTotal;
+  static auto kernel() {
+    if constexpr (KIND == kKernelTma)
+      return gemm_kernel_tma<BITS, T, M_BLOCKS, HAS_ZEROS>;
+    else if constexpr (KIND == kKernelFold)
+      return gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>;
+    else
+      return gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>;
   }
-  gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>
-      <<<args.workers * args.slices, kThreads, kSmem, stream>>>(args);
+  // Raise the kernel's shared-memory limit, once per device (bit per device 0..63).
+  static cudaError_t configure() {
+    static unsigned long long configured = 0;
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    const unsigned long long bit = 1ull << (device & 63);
+    if (configured & bit) return cudaSuccess;
+    err = cudaFuncSetAttribute(kernel(), cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err == cudaSuccess) configured |= bit;
+    return err;
+  }
+};
+
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
+cudaError_t occupancy_variant(int* blocks_per_sm) {
+  using V = Variant<BITS, T, M_BLOCKS, HAS_ZEROS, KIND>;
+  const cudaError_t err = V::configure();
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, V::kernel(), kThreads, V::kSmem);
+}
+
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
+cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
+  using V = Variant<BITS, T, M_BLOCKS, HAS_ZEROS, KIND>;
+  const cudaError_t err = V::configure();
+  if (err != cudaSuccess) return err;
+  V::kernel()<<<args.workers * args.slices, kThreads, V::kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -887,25 +1049,44 @@ cudaError_t launch_variant_fold(const GemmArgs& args, cudaStream_t stream) {
 // The per-(bits, dtype) entry points each instantiation file defines. 8-bit blocks take at
 // most kMaxMBlocks8 16-row blocks (more rows run as slices).
 template <int BITS, typename T>
-cudaError_t occupancy_t(int m_blocks, bool has_zeros, int* blocks_per_sm) {
-#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z>(blocks_per_sm)
+cudaError_t occupancy_t(int m_blocks, bool has_zeros, int kind, int* blocks_per_sm) {
+#ifndef GPTQ_MARLIN_NO_TMA
+  if (kind == kKernelTma) {
+#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelTma>(blocks_per_sm)
+    GPTQ_MARLIN_M_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+  }
+#endif
+  // The fold kernels use the default's shared memory and registers.
+#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelDefault>(blocks_per_sm)
   GPTQ_MARLIN_M_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
 }
 
+// args.kind picks the kernel (marlin_ops.cpp): the fold exists for 4-bit with one group row
+// per stage (group size >= 64 or -1) only.
 template <int BITS, typename T>
 cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
+  const int kind = args.kind;
+  if (kind == kKernelFold && (BITS != 4 || args.group_shift == 5)) return cudaErrorInvalidValue;
 #ifndef GPTQ_MARLIN_NO_SCALEFOLD
   if constexpr (BITS == 4) {
-    // The caller (marlin_ops.cpp) sets scalefold only for 4-bit, group size >= 64 or -1.
-    if (args.scalefold != 0 && args.group_shift != 5) {
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant_fold<BITS, T, MB, Z>(args, stream)
+    if (kind == kKernelFold) {
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelFold>(args, stream)
       GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
     }
   }
 #endif
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z>(args, stream)
+#ifndef GPTQ_MARLIN_NO_TMA
+  if (kind == kKernelTma) {
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelTma>(args, stream)
+    GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+  }
+#endif
+  if (kind != kKernelDefault) return cudaErrorInvalidValue;  // compiled out (GPTQ_MARLIN_NO_*)
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelDefault>(args, stream)
   GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
 }
@@ -920,7 +1101,7 @@ cudaError_t dequant_t(const DequantArgs& args, cudaStream_t stream) {
 }
 
 #define GPTQ_MARLIN_INSTANTIATE(BITS, T)                                                    \
-  template cudaError_t occupancy_t<BITS, T>(int, bool, int*);                                     \
+  template cudaError_t occupancy_t<BITS, T>(int, bool, int, int*);                                \
   template cudaError_t launch_t<BITS, T>(const GemmArgs&, cudaStream_t);                    \
   template cudaError_t dequant_t<BITS, T>(const DequantArgs&, cudaStream_t);
 

@@ -149,7 +149,8 @@ struct Workspace {
 };
 std::mutex g_mutex;
 std::map<std::pair<int, cudaStream_t>, Workspace> g_workspaces;
-std::map<std::tuple<int, int, int, int, bool>, int> g_occupancy;
+std::map<std::tuple<int, int, int, int, bool, int>, int> g_occupancy;
+std::map<int, int> g_cc_major;
 std::map<int, int> g_sm_count;
 
 int sm_count(int device) {
@@ -163,13 +164,36 @@ int sm_count(int device) {
   return sms;
 }
 
-int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros) {
+int cc_major(int device) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  const auto key = std::make_tuple(device, dtype, bits, m_blocks, zeros);
+  auto it = g_cc_major.find(device);
+  if (it != g_cc_major.end()) return it->second;
+  int major = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  MARLIN_CHECK(err == cudaSuccess, "marlin: cannot query the device: ", cudaGetErrorString(err));
+  g_cc_major[device] = major;
+  return major;
+}
+
+// The pipeline a call runs: the scale fold when asked for and possible (4-bit, group size >= 64
+// or -1), else the bulk-copy (TMA) pipeline on compute capability >= 9.0 unless
+// GPTQ_MARLIN_TMA=0, else the cp.async pipeline. Both environment switches are read per call
+// so a benchmark can compare the kernels between graph captures.
+int kernel_kind(int device, int64_t bits, int group_shift) {
+  if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
+  const char* env = std::getenv("GPTQ_MARLIN_TMA");
+  const bool tma_off = env != nullptr && std::strcmp(env, "0") == 0;
+  if (!tma_off && cc_major(device) >= 9) return kKernelTma;
+  return kKernelDefault;
+}
+
+int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kind) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const auto key = std::make_tuple(device, dtype, bits, m_blocks, zeros, kind);
   auto it = g_occupancy.find(key);
   if (it != g_occupancy.end()) return it->second;
   int blocks = 0;
-  const cudaError_t err = gemm_occupancy(dtype, bits, m_blocks, zeros, &blocks);
+  const cudaError_t err = gemm_occupancy(dtype, bits, m_blocks, zeros, kind, &blocks);
   MARLIN_CHECK(err == cudaSuccess, "marlin: cannot configure the kernel on this device: ",
               cudaGetErrorString(err));
   MARLIN_CHECK(blocks > 0, "marlin: the kernel does not fit on this device (shared memory)");
@@ -275,7 +299,8 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t slices = (M + slice_m - 1) / slice_m;
   MARLIN_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
-  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value());
+  const int kind = kernel_kind(device, bits, group_shift(group_size, K));
+  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
   const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
@@ -305,7 +330,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   args.workers = static_cast<int>(workers);
   args.evict_first = slices == 1 ? 1 : 0;  // several slices re-read the weights from L2
   args.finalizer = finalizer_mode();
-  args.scalefold = (bits == 4 && args.group_shift != 5 && scalefold_mode()) ? 1 : 0;
+  args.kind = kind;
   const cudaError_t err = gemm_launch(dtype, args, stream);
   MARLIN_CHECK(err == cudaSuccess, "marlin: gemm launch failed: ", cudaGetErrorString(err));
   return out;
