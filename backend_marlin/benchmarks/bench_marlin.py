@@ -185,12 +185,12 @@ def scalefold_ab(rows) -> None:
 
 
 def tma_ab(rows) -> None:
-    """The bulk-copy (TMA) pipeline against the cp.async one (GPTQ_MARLIN_TMA=0), interleaved
+    """The bulk-copy (TMA) pipeline (GPTQ_MARLIN_TMA=1) against cp.async (=0), interleaved
     on the same weights: 4-bit g128 on the three main shapes and 8-bit on the largest
     (`--tma-ab` runs only this, about 60 s)."""
     layers = [({"K": K, "N": N, "bits": bits}, f"b{bits}")
               for K, N, bits in ((4096, 4096, 4), (4096, 14336, 4), (8192, 28672, 4), (8192, 28672, 8))]
-    env_ab(rows, "GPTQ_MARLIN_TMA", (("cp_async", "0"), ("tma", "")), layers, "tma_ab")
+    env_ab(rows, "GPTQ_MARLIN_TMA", (("cp_async", "0"), ("tma", "1")), layers, "tma_ab")
 
 
 def gather_ab(rows) -> None:

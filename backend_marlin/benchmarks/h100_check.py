@@ -182,8 +182,8 @@ def finalizer_ab() -> None:
 
 
 def tma_ab() -> None:
-    """The bulk-copy (TMA) pipeline, the default on compute capability >= 9.0, against the
-    cp.async pipeline (GPTQ_MARLIN_TMA=0): only the data movement differs, so the results must
+    """The bulk-copy (TMA) pipeline (GPTQ_MARLIN_TMA=1; the default for 8-bit in one slice on
+    compute capability >= 9.0) against cp.async (=0): only the data movement differs, so the results must
     be bit-identical, and the TMA result must pass the float64 check. 4- and 8-bit x fp16/bf16
     x every group size x sym/asym x act-order on an awkward small shape at M 1..65 (1-4 row
     blocks, partial column tiles, several slices at 65 for 8-bit), multi-slice M=200/300, and
@@ -210,7 +210,7 @@ def tma_ab() -> None:
                 x = torch.randn(m, K, device=DEV).to(dtype)
                 ref, bound = reference(x, w64, bias)
                 for bps in ((0, 1) if m in (1, 16, 33) else (0,)):
-                    ab_check("GPTQ_MARLIN_TMA", ("", "0"), f"{label} M={m} bps={bps}",
+                    ab_check("GPTQ_MARLIN_TMA", ("1", "0"), f"{label} M={m} bps={bps}",
                              lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits,
                                               gs, N, -1, bps),
                              m * N, ref, bound, dtype)

@@ -176,15 +176,19 @@ int cc_major(int device) {
 }
 
 // The pipeline a call runs: the scale fold when asked for and possible (4-bit, group size >= 64
-// or -1), else the bulk-copy (TMA) pipeline on compute capability >= 9.0 unless
-// GPTQ_MARLIN_TMA=0, else the cp.async pipeline. Both environment switches are read per call
-// so a benchmark can compare the kernels between graph captures.
-int kernel_kind(int device, int64_t bits, int group_shift) {
+// or -1); else the bulk-copy (TMA) pipeline where it measured faster on the H100 (session 3,
+// bench_marlin.py --tma-ab): 8-bit weights in one slice (M <= 32: 1-3.5 % faster), not 4-bit
+// (0.93-0.99x at M <= 2, 0.5-0.85x from M = 16 on, where every activation row is one bulk
+// copy); else the cp.async pipeline. GPTQ_MARLIN_TMA=1 / =0 forces TMA on / off (on needs
+// compute capability >= 9.0). Both switches are read per call, so a benchmark can compare the
+// kernels between graph captures.
+int kernel_kind(int device, int64_t bits, int group_shift, int64_t slices) {
   if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
+  if (cc_major(device) < 9) return kKernelDefault;
   const char* env = std::getenv("GPTQ_MARLIN_TMA");
-  const bool tma_off = env != nullptr && std::strcmp(env, "0") == 0;
-  if (!tma_off && cc_major(device) >= 9) return kKernelTma;
-  return kKernelDefault;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return kKernelTma;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return kKernelDefault;
+  return (bits == 8 && slices == 1) ? kKernelTma : kKernelDefault;
 }
 
 int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kind) {
@@ -299,7 +303,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t slices = (M + slice_m - 1) / slice_m;
   MARLIN_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
-  const int kind = kernel_kind(device, bits, group_shift(group_size, K));
+  const int kind = kernel_kind(device, bits, group_shift(group_size, K), slices);
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
   const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int sms = sm_count(device);
