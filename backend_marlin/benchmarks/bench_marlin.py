@@ -7,7 +7,7 @@ candidate time (> 1: faster than fp16), measured side by side in this one run.
     python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
 
 Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
-issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` time only those A/B comparisons.
+issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` / `--wide-ab` time only those A/B comparisons.
 """
 
 from __future__ import annotations
@@ -193,6 +193,15 @@ def tma_ab(rows) -> None:
     env_ab(rows, "GPTQ_MARLIN_TMA", (("cp_async", "0"), ("tma", "1")), layers, "tma_ab")
 
 
+def wide_ab(rows) -> None:
+    """The wide kernels (128-row stages, the default for 4-bit at M <= 32) against the 64-row
+    ones (GPTQ_MARLIN_WIDE=0), interleaved on the same weights, 4-bit g128 on the three main
+    shapes and per-channel on the largest (`--wide-ab` runs only this, about 60 s)."""
+    layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
+              for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
+    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "")), layers, "wide_ab")
+
+
 def gather_ab(rows) -> None:
     """Act-order gemm with the gather kernel against GPTQ_MARLIN_GATHER=torch (index_select),
     interleaved on the same weights, next to the plain (no act-order) layer and the bare
@@ -296,6 +305,8 @@ def main() -> int:
                         help="only time the scale-fold kernels against the default (about 60 s)")
     parser.add_argument("--tma-ab", action="store_true",
                         help="only time the bulk-copy (TMA) pipeline against cp.async (about 60 s)")
+    parser.add_argument("--wide-ab", action="store_true",
+                        help="only time the 128-row-stage kernels against the 64-row ones (about 60 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -308,7 +319,7 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    if args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab:
+    if args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab or args.wide_ab:
         if args.finalizer_ab:
             finalizer_ab(rows)
         if args.gather_ab:
@@ -317,6 +328,8 @@ def main() -> int:
             scalefold_ab(rows)
         if args.tma_ab:
             tma_ab(rows)
+        if args.wide_ab:
+            wide_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

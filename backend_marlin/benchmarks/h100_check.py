@@ -181,23 +181,19 @@ def finalizer_ab() -> None:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
 
 
-def tma_ab() -> None:
-    """The bulk-copy (TMA) pipeline (GPTQ_MARLIN_TMA=1; the default for 8-bit in one slice on
-    compute capability >= 9.0) against cp.async (=0): only the data movement differs, so the results must
-    be bit-identical, and the TMA result must pass the float64 check. 4- and 8-bit x fp16/bf16
-    x every group size x sym/asym x act-order on an awkward small shape at M 1..65 (1-4 row
-    blocks, partial column tiles, several slices at 65 for 8-bit), multi-slice M=200/300, and
-    the large shapes with shared tiles at 1 and 2 blocks per SM."""
-    if torch.cuda.get_device_capability(DEV)[0] < 9:
-        print("tma_ab: compute capability < 9.0, the TMA pipeline does not run here", flush=True)
-        return
-    configs = [(bits, dtype, gs, sym, act, 1024, 800) for bits in (4, 8)
+def pipeline_ab(env: str, modes: tuple[str, str], bits_list, tag: str) -> None:
+    """One kernel pipeline against another, chosen by ``env`` (the first mode must pass the
+    float64 check; only data movement or loop structure differs, so both results must be
+    bit-identical). bits x fp16/bf16 x group -1/32/64/128 x sym/asym x act-order on 1024x800
+    (partial column tiles) at M 1..300 (1-4 row blocks, several slices), 1 and 2 blocks per SM,
+    and the large shapes with shared tiles."""
+    configs = [(bits, dtype, gs, sym, act, 1024, 800) for bits in bits_list
                for dtype in (torch.float16, torch.bfloat16) for gs in (-1, 32, 64, 128)
                for sym in (True, False) for act in (False, True)]
     configs += [(4, torch.float16, 128, True, False, 4096, 4096), (4, torch.bfloat16, 32, False, True, 4096, 4096),
-                (4, torch.float16, 128, True, False, 8192, 28672), (8, torch.float16, 128, True, False, 4096, 14336)]
+                (4, torch.float16, 128, True, False, 8192, 28672), (bits_list[-1], torch.float16, 128, True, False, 4096, 14336)]
     for i, (bits, dtype, gs, sym, act, K, N) in enumerate(configs):
-        label = f"tma b{bits} {str(dtype)[6:]} g{gs} {'sym' if sym else 'asym'}{' act' if act else ''} {K}x{N}"
+        label = f"{tag} b{bits} {str(dtype)[6:]} g{gs} {'sym' if sym else 'asym'}{' act' if act else ''} {K}x{N}"
         try:
             packed = (gpu_packed(bits, gs, sym, act, K, N, seed=700 + i) if K * N >= 4096 * 4096
                       else random_packed(bits, gs, sym, act, K, N, seed=700 + i))
@@ -210,13 +206,29 @@ def tma_ab() -> None:
                 x = torch.randn(m, K, device=DEV).to(dtype)
                 ref, bound = reference(x, w64, bias)
                 for bps in ((0, 1) if m in (1, 16, 33) else (0,)):
-                    ab_check("GPTQ_MARLIN_TMA", ("1", "0"), f"{label} M={m} bps={bps}",
+                    ab_check(env, modes, f"{label} M={m} bps={bps}",
                              lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits,
                                               gs, N, -1, bps),
                              m * N, ref, bound, dtype)
             counts["cases"] += 1
         except Exception:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
+
+
+def tma_ab() -> None:
+    """The bulk-copy (TMA) pipeline (GPTQ_MARLIN_TMA=1; the default for 8-bit in one slice on
+    compute capability >= 9.0) against cp.async (=0), 4- and 8-bit (see pipeline_ab)."""
+    if torch.cuda.get_device_capability(DEV)[0] < 9:
+        print("tma_ab: compute capability < 9.0, the TMA pipeline does not run here", flush=True)
+        return
+    pipeline_ab("GPTQ_MARLIN_TMA", ("1", "0"), (4, 8), "tma")
+
+
+def wide_ab() -> None:
+    """The wide kernels (128-row stages; the default for 4-bit, K % 128 == 0, M <= 32) against
+    the 64-row ones (GPTQ_MARLIN_WIDE=0), 4-bit (see pipeline_ab); K=1024 and the large shapes
+    take the wide kernels, rows past 32 the default ones in both modes."""
+    pipeline_ab("GPTQ_MARLIN_WIDE", ("", "0"), (4,), "wide")
 
 
 def scalefold() -> None:

@@ -38,9 +38,10 @@ struct GemmArgs {
   int kind;            // KernelKind: which pipeline runs (marlin_ops.cpp decides)
 };
 
-// Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, its scale-fold variant, and the
-// bulk-copy (TMA) pipeline of compute capability >= 9.0.
-enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2 };
+// Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, its scale-fold variant, the
+// bulk-copy (TMA) pipeline of compute capability >= 9.0, and the cp.async pipeline with
+// 128-row stages (4-bit, at most 2 row blocks, K a multiple of 128).
+enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2, kKernelWide = 3 };
 
 struct DequantArgs {
   const void* b;

@@ -34,23 +34,28 @@ struct Layout {
 };
 
 // Pipeline depth: more stages where few rows leave shared memory to spare (small M is
-// bandwidth-bound and wants bytes in flight); two blocks per SM must still fit.
-template <int BITS, int M_BLOCKS>
+// bandwidth-bound and wants bytes in flight); two blocks per SM must still fit. KT = 64-row k
+// tiles per stage (2: the wide kernels, 4-bit with at most 2 row blocks): the same bytes in
+// flight in half as many stages.
+template <int BITS, int M_BLOCKS, int KT = 1>
 struct Stages {
-  static constexpr int value = BITS == 4 ? (M_BLOCKS == 1 ? 8 : M_BLOCKS == 2 ? 6 : 5)
-                                         : (M_BLOCKS == 1 ? 5 : 4);
+  static constexpr int value = (BITS == 4 ? (M_BLOCKS == 1 ? 8 : M_BLOCKS == 2 ? 6 : 5)
+                                          : (M_BLOCKS == 1 ? 5 : 4)) / KT;
+  static_assert(value >= 3, "the pipeline needs three stages");
 };
 
 // PAD_A (the TMA variant): activation rows arrive by one bulk copy each, so they cannot be
 // XOR-swizzled; a 16-byte pad per row (144-byte stride) keeps ldmatrix conflict-free instead.
-template <int BITS, int M_BLOCKS, bool PAD_A = false>
+// A stage of KT k tiles is KT sub-stages of this layout, one after the other.
+template <int BITS, int M_BLOCKS, bool PAD_A = false, int KT = 1>
 struct Smem {
   static constexpr int kB = kWarps * Layout<BITS>::kWarpTileBytes;
   static constexpr int kARow = kTileK * 2 + (PAD_A ? 16 : 0);  // bytes per activation row
   static constexpr int kA = M_BLOCKS * 16 * kARow;
   static constexpr int kS = 2 * kTileN * 2;  // two group rows (group size 32) of one tile
-  static constexpr int kStage = kB + kA + 2 * kS;  // scales, then zero points
-  static constexpr int kTotal = kStage * Stages<BITS, M_BLOCKS>::value;
+  static constexpr int kSub = kB + kA + 2 * kS;  // one 64-row k tile: scales, then zero points
+  static constexpr int kStage = KT * kSub;
+  static constexpr int kTotal = kStage * Stages<BITS, M_BLOCKS, KT>::value;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -537,12 +542,18 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
 // the stage's mbarrier (one for the weights, one per scale / zero-point row, one per valid
 // activation row) instead of every thread issuing 16-byte cp.async copies with their address
 // arithmetic (a third of the default's instructions per stage at small M).
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD, bool TMA = false>
+// KT = 2 (the wide kernels, gemm_kernel_wide): each stage holds two consecutive 64-row k
+// tiles, so the wait, the block barrier, the copy bookkeeping and the loop control are paid
+// once per 128 rows, and a warp has two tiles of independent loads and mmas between barriers
+// (the kernel is latency-bound at small M: ncu, session 3). Iterations, tiles, counters and the
+// stream-K split all count stages, so K must be a multiple of 128.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD, bool TMA = false, int KT = 1>
 __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
   static_assert(!(FOLD && TMA), "the scale fold runs on the cp.async pipeline only");
+  static_assert(KT == 1 || (!FOLD && !TMA), "wide stages run on the plain cp.async pipeline only");
   using L = Layout<BITS>;
-  using S = Smem<BITS, M_BLOCKS, TMA>;
-  constexpr int kStages = Stages<BITS, M_BLOCKS>::value;
+  using S = Smem<BITS, M_BLOCKS, TMA, KT>;
+  constexpr int kStages = Stages<BITS, M_BLOCKS, KT>::value;
   constexpr int kBRounds = S::kB / 16 / kThreads;                   // 16-byte weight copies
   constexpr int kAUnits = M_BLOCKS * 16 * 8;                        // 16-byte activation units
   extern __shared__ __align__(128) uint8_t smem[];
@@ -552,7 +563,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int slice = blockIdx.x % p.slices;
   const int worker = blockIdx.x / p.slices;
-  const int k_tiles = p.k / kTileK;
+  const int k_tiles = p.k / (kTileK * KT);  // stages per column of tiles
   const int nb32 = p.n / kWarpN;
   const int n_tiles = (nb32 + kWarps - 1) / kWarps;
   const long long total = static_cast<long long>(n_tiles) * k_tiles;
@@ -579,8 +590,8 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     f_nw = min(kWarps, nb32 - f_nt * kWarps);
     f_b_units = f_nw * (L::kWarpTileBytes / 16);
     f_b_step = static_cast<size_t>(f_nw) * L::kWarpTileBytes;
-    f_b = b_base + static_cast<size_t>(f_nt) * k_tiles * kWarps * L::kWarpTileBytes +
-          f_kt * f_b_step + (TMA ? 0 : tid * 16);  // TMA: the tile's first byte
+    f_b = b_base + static_cast<size_t>(f_nt) * k_tiles * KT * kWarps * L::kWarpTileBytes +
+          f_kt * KT * f_b_step + (TMA ? 0 : tid * 16);  // TMA: the tile's first byte
   };
   f_column();
 
@@ -642,37 +653,43 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     }
   };
   auto fetch_cp = [&]() {
-    uint8_t* st = smem + f_stage * S::kStage;
 #pragma unroll
-    for (int r = 0; r < kBRounds; r++) {
-      if (r * kThreads + tid < f_b_units) {
-        // ptxas 13.0 gave some 8-bit variants an odd uniform register pair for the cache-policy
-        // descriptor of LDGSTS (illegal instruction on sm_90): 8-bit copies go without the hint.
-        if constexpr (BITS == 4)
-          cp_async16_policy(st + (r * kThreads + tid) * 16, f_b + r * kThreads * 16, policy);
-        else
-          cp_async16(st + (r * kThreads + tid) * 16, f_b + r * kThreads * 16);
-      }
-    }
-    uint8_t* sa = st + S::kB;
+    for (int h = 0; h < KT; h++) {
+      uint8_t* st = smem + f_stage * S::kStage + h * S::kSub;
+      const uint8_t* fb = f_b + h * f_b_step;
+      const int kt64 = f_kt * KT + h;  // the 64-row k tile of this sub-stage
 #pragma unroll
-    for (int r = 0; r < (kAUnits + kThreads - 1) / kThreads; r++) {
-      const int row = a_row + r * (kThreads / 8);
-      if (kAUnits % kThreads == 0 || row < M_BLOCKS * 16) {
-        const int grow = row0 + row;
-        const bool ok = grow < p.m;
-        const T* src = static_cast<const T*>(p.a) + static_cast<size_t>(ok ? grow : 0) * p.k +
-                       f_kt * kTileK + a_unit * 8;
-        cp_async16_zfill(sa + row * 128 + ((a_unit ^ (row & 7)) << 4), src, ok);
+      for (int r = 0; r < kBRounds; r++) {
+        if (r * kThreads + tid < f_b_units) {
+          // ptxas 13.0 gave some variants an odd uniform register pair for the cache-policy
+          // descriptor of LDGSTS (illegal instruction on sm_90): 8-bit copies and those of the
+          // wide 2-row-block kernels go without the hint (test_marlin_compile checks every build).
+          if constexpr (BITS == 4 && !(KT == 2 && M_BLOCKS == 2))
+            cp_async16_policy(st + (r * kThreads + tid) * 16, fb + r * kThreads * 16, policy);
+          else
+            cp_async16(st + (r * kThreads + tid) * 16, fb + r * kThreads * 16);
+        }
       }
-    }
-    if (tid < 64 && (s_row == 0 || two_group_rows) && s_unit < f_nw * 4) {
-      const int g = (p.group_shift < 0 ? 0 : (f_kt * kTileK) >> p.group_shift) + s_row;
-      const size_t off =
-          (static_cast<size_t>(g) * p.n + static_cast<size_t>(f_nt) * kTileN) * 2 + s_unit * 16;
-      uint8_t* ss = sa + S::kA + s_row * 512 + s_unit * 16;
-      cp_async16(ss, static_cast<const uint8_t*>(p.scales) + off);
-      if constexpr (HAS_ZEROS) cp_async16(ss + S::kS, static_cast<const uint8_t*>(p.zeros) + off);
+      uint8_t* sa = st + S::kB;
+#pragma unroll
+      for (int r = 0; r < (kAUnits + kThreads - 1) / kThreads; r++) {
+        const int row = a_row + r * (kThreads / 8);
+        if (kAUnits % kThreads == 0 || row < M_BLOCKS * 16) {
+          const int grow = row0 + row;
+          const bool ok = grow < p.m;
+          const T* src = static_cast<const T*>(p.a) + static_cast<size_t>(ok ? grow : 0) * p.k +
+                         kt64 * kTileK + a_unit * 8;
+          cp_async16_zfill(sa + row * 128 + ((a_unit ^ (row & 7)) << 4), src, ok);
+        }
+      }
+      if (tid < 64 && (s_row == 0 || two_group_rows) && s_unit < f_nw * 4) {
+        const int g = (p.group_shift < 0 ? 0 : (kt64 * kTileK) >> p.group_shift) + s_row;
+        const size_t off =
+            (static_cast<size_t>(g) * p.n + static_cast<size_t>(f_nt) * kTileN) * 2 + s_unit * 16;
+        uint8_t* ss = sa + S::kA + s_row * 512 + s_unit * 16;
+        cp_async16(ss, static_cast<const uint8_t*>(p.scales) + off);
+        if constexpr (HAS_ZEROS) cp_async16(ss + S::kS, static_cast<const uint8_t*>(p.zeros) + off);
+      }
     }
     // Step the cursor.
     if (++f_stage == kStages) f_stage = 0;
@@ -681,7 +698,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
       f_nt++;
       f_column();
     } else {
-      f_b += f_b_step;
+      f_b += KT * f_b_step;
     }
   };
 
@@ -737,9 +754,12 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
         fresh = true;
       }
     } else {
-      if (warp_ok)
-        compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, TMA>(acc, smem + stage * S::kStage,
-                                                                       warp, lane, two_group_rows);
+      if (warp_ok) {
+#pragma unroll
+        for (int h = 0; h < KT; h++)
+          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, TMA>(
+              acc, smem + stage * S::kStage + h * S::kSub, warp, lane, two_group_rows);
+      }
     }
     const int cur_nt = nt, cur_kt = kt;
     if (++stage == kStages) {
@@ -898,6 +918,13 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, true>(p);
 }
 
+// 4-bit, at most 2 row blocks, K a multiple of 128: 128-row stages (see gemm_body).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
+    gemm_kernel_wide(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 2>(p);
+}
+
 // Compute capability >= 9.0: the stages arrive by bulk copies (see gemm_body).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
@@ -979,14 +1006,16 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kernel of each kind (kKernelDefault / kKernelFold / kKernelTma, marlin.h) and its
-// dynamic shared memory.
+// The kernel of each kind (KernelKind, marlin.h) and its dynamic shared memory.
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
 struct Variant {
-  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kKernelTma>::kTotal;
+  static constexpr int kSmem =
+      Smem<BITS, M_BLOCKS, KIND == kKernelTma, KIND == kKernelWide ? 2 : 1>::kTotal;
   static auto kernel() {
     if constexpr (KIND == kKernelTma)
       return gemm_kernel_tma<BITS, T, M_BLOCKS, HAS_ZEROS>;
+    else if constexpr (KIND == kKernelWide)
+      return gemm_kernel_wide<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelFold)
       return gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else
@@ -1046,10 +1075,31 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
     }                                                                \
   }
 
+// The wide kernels exist for 4-bit weights and 1-2 row blocks only.
+#define GPTQ_MARLIN_WIDE_SWITCH(BITS, M, Z, CALL)                  \
+  if constexpr (BITS == 4) {                                       \
+    switch ((M) * 2 + ((Z) ? 1 : 0)) {                             \
+      case 2: return CALL(1, false);                               \
+      case 3: return CALL(1, true);                                \
+      case 4: return CALL(2, false);                               \
+      case 5: return CALL(2, true);                                \
+      default: return cudaErrorInvalidValue;                       \
+    }                                                              \
+  } else {                                                         \
+    return cudaErrorInvalidValue;                                  \
+  }
+
 // The per-(bits, dtype) entry points each instantiation file defines. 8-bit blocks take at
 // most kMaxMBlocks8 16-row blocks (more rows run as slices).
 template <int BITS, typename T>
 cudaError_t occupancy_t(int m_blocks, bool has_zeros, int kind, int* blocks_per_sm) {
+#ifndef GPTQ_MARLIN_NO_WIDE
+  if (kind == kKernelWide) {
+#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelWide>(blocks_per_sm)
+    GPTQ_MARLIN_WIDE_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+  }
+#endif
 #ifndef GPTQ_MARLIN_NO_TMA
   if (kind == kKernelTma) {
 #define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelTma>(blocks_per_sm)
@@ -1076,6 +1126,13 @@ cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
       GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
     }
+  }
+#endif
+#ifndef GPTQ_MARLIN_NO_WIDE
+  if (kind == kKernelWide) {
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelWide>(args, stream)
+    GPTQ_MARLIN_WIDE_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
   }
 #endif
 #ifndef GPTQ_MARLIN_NO_TMA
