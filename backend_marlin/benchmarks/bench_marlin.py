@@ -142,16 +142,17 @@ def variants(rows) -> None:
         torch.cuda.empty_cache()
 
 
-def env_ab(rows, env: str, modes: tuple[tuple[str, str], tuple[str, str]], layers, tag: str) -> None:
+def env_ab(rows, env: str, modes: tuple[tuple[str, str], tuple[str, str]], layers, tag: str,
+           ms: tuple[int, ...] = (1, 2, 16, 32, 64)) -> None:
     """Time one layer with ``env`` set to each of two ``(name, value)`` modes, interleaved twice
-    (a, b, a, b) on the same weights at M 1/2/16/32/64; print the ratio of the best of each.
+    (a, b, a, b) on the same weights at each M of ``ms``; print the ratio of the best of each.
 
     ``layers``: ``(Layer keyword arguments, label)`` pairs.
     """
     (a_name, a_val), (b_name, b_val) = modes
     for kwargs, label in layers:
         layer = Layer(with_baselines=False, **kwargs)
-        for m in (1, 2, 16, 32, 64):
+        for m in ms:
             x = torch.randn(m, layer.K, device="cuda", dtype=torch.float16)
             row = {"K": layer.K, "N": layer.N, "M": m, tag: 1, "layer": label}
             for name, mode in ((a_name, a_val), (b_name, b_val), (a_name + "_again", a_val),
@@ -194,12 +195,13 @@ def tma_ab(rows) -> None:
 
 
 def wide_ab(rows) -> None:
-    """The wide kernels (128-row stages, the default for 4-bit at M <= 32) against the 64-row
+    """The wide kernels (128-row stages, the default for 4-bit) against the 64-row
     ones (GPTQ_MARLIN_WIDE=0), interleaved on the same weights, 4-bit g128 on the three main
     shapes and per-channel on the largest (`--wide-ab` runs only this, about 60 s)."""
     layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
               for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
-    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "")), layers, "wide_ab")
+    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "")), layers, "wide_ab",
+           ms=(1, 2, 16, 32, 48, 64, 128, 256))
 
 
 def gather_ab(rows) -> None:

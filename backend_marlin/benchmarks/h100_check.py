@@ -50,9 +50,10 @@ def reference(x: torch.Tensor, w64: torch.Tensor, bias: torch.Tensor | None):
 
 
 def ab_check(env: str, modes: tuple[str, str], label: str, call, out_numel: int, ref, bound,
-             dtype) -> None:
+             dtype, identical: bool = True) -> None:
     """``call()`` once with ``env`` set to each of two modes: the first result must pass the
-    float64 check, and both must be bit-identical (A/B variants compute the same sums)."""
+    float64 check, and both must be bit-identical (A/B variants compute the same sums); with
+    ``identical=False`` (variants that split the k sum differently) both must pass the check."""
     ys = []
     try:
         for mode in modes:
@@ -63,10 +64,11 @@ def ab_check(env: str, modes: tuple[str, str], label: str, call, out_numel: int,
             counts["calls"] += 1
     finally:
         os.environ.pop(env, None)
-    res = check_close(ys[0], ref, bound, dtype)
-    if not res.ok:
-        failures.append(f"{label} {modes[0] or 'default'}: {res.message}")
-    if not torch.equal(ys[0], ys[1]):
+    for y, mode in zip(ys, modes if not identical else modes[:1]):
+        res = check_close(y, ref, bound, dtype)
+        if not res.ok:
+            failures.append(f"{label} {env}={mode or 'default'}: {res.message}")
+    if identical and not torch.equal(ys[0], ys[1]):
         failures.append(f"{label}: {env}={modes[0] or 'default'} and ={modes[1]} differ")
 
 
@@ -181,10 +183,9 @@ def finalizer_ab() -> None:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
 
 
-def pipeline_ab(env: str, modes: tuple[str, str], bits_list, tag: str) -> None:
-    """One kernel pipeline against another, chosen by ``env`` (the first mode must pass the
-    float64 check; only data movement or loop structure differs, so both results must be
-    bit-identical). bits x fp16/bf16 x group -1/32/64/128 x sym/asym x act-order on 1024x800
+def pipeline_ab(env: str, modes: tuple[str, str], bits_list, tag: str, identical: bool = True) -> None:
+    """One kernel pipeline against another, chosen by ``env``: see ab_check (``identical``:
+    the two split the k sum the same way, so the results must be bit-identical). bits x fp16/bf16 x group -1/32/64/128 x sym/asym x act-order on 1024x800
     (partial column tiles) at M 1..300 (1-4 row blocks, several slices), 1 and 2 blocks per SM,
     and the large shapes with shared tiles."""
     configs = [(bits, dtype, gs, sym, act, 1024, 800) for bits in bits_list
@@ -209,7 +210,7 @@ def pipeline_ab(env: str, modes: tuple[str, str], bits_list, tag: str) -> None:
                     ab_check(env, modes, f"{label} M={m} bps={bps}",
                              lambda: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, bits,
                                               gs, N, -1, bps),
-                             m * N, ref, bound, dtype)
+                             m * N, ref, bound, dtype, identical)
             counts["cases"] += 1
         except Exception:
             failures.append(f"{label}: {traceback.format_exc(limit=3)}")
@@ -225,10 +226,12 @@ def tma_ab() -> None:
 
 
 def wide_ab() -> None:
-    """The wide kernels (128-row stages; the default for 4-bit, K % 128 == 0, M <= 32) against
-    the 64-row ones (GPTQ_MARLIN_WIDE=0), 4-bit (see pipeline_ab); K=1024 and the large shapes
-    take the wide kernels, rows past 32 the default ones in both modes."""
-    pipeline_ab("GPTQ_MARLIN_WIDE", ("", "0"), (4,), "wide")
+    """The wide kernels (128-row stages; the default for 4-bit with K % 128 == 0) against the
+    64-row ones (GPTQ_MARLIN_WIDE=0), 4-bit (see pipeline_ab); K=1024 and the large shapes
+    take the wide kernels at every M. The stream-K split
+    counts 128-row stages instead of 64-row tiles, so partial sums meet in other places and the
+    last bits may differ (session 3: they do): both results must pass the float64 check."""
+    pipeline_ab("GPTQ_MARLIN_WIDE", ("", "0"), (4,), "wide", identical=False)
 
 
 def scalefold() -> None:

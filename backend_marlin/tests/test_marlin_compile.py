@@ -192,16 +192,16 @@ def test_tma_kernels_move_every_stage_by_bulk_copies_without_local_memory(built)
 
 
 def test_wide_kernels_pay_the_stage_overhead_once_per_128_rows(built):
-    """The wide kernels (4-bit, 1-2 row blocks x sym/asym) exist without local memory; one
+    """The wide kernels (4-bit, 1-4 row blocks x sym/asym) exist without local memory; one
     iteration of their main loop runs two 64-row tiles (twice the HMMAs of the default's) and
     issues fewer instructions per 64 rows than the default (measured: 260 against 323 at one
-    row block, fp16 sym, nvcc 13.0)."""
+    row block, fp16 sym, nvcc 13.0; 319 against 364 at four)."""
     obj_dir, results = built
     logs = {name.removesuffix(".cu"): log for name, _, log in results}
     for stem in FOLD_FILES:  # the 4-bit files
         entries = re.findall(r"Compiling entry function '(\w*gemm_kernel_wide\w*)'(.*?)Used (\d+) registers",
                              logs[stem], re.S)
-        assert len(entries) == 4, f"{stem}: {len(entries)} wide kernels"
+        assert len(entries) == 8, f"{stem}: {len(entries)} wide kernels"
         for kernel, info, _ in entries:
             assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", info), \
                 f"{stem}: {kernel} uses local memory:{info}"

@@ -35,12 +35,15 @@ struct Layout {
 
 // Pipeline depth: more stages where few rows leave shared memory to spare (small M is
 // bandwidth-bound and wants bytes in flight); two blocks per SM must still fit. KT = 64-row k
-// tiles per stage (2: the wide kernels, 4-bit with at most 2 row blocks): the same bytes in
-// flight in half as many stages.
+// tiles per stage (2: the wide kernels, 4-bit): at 1-2 row blocks the same bytes in flight in
+// half as many stages.
 template <int BITS, int M_BLOCKS, int KT = 1>
 struct Stages {
-  static constexpr int value = (BITS == 4 ? (M_BLOCKS == 1 ? 8 : M_BLOCKS == 2 ? 6 : 5)
-                                          : (M_BLOCKS == 1 ? 5 : 4)) / KT;
+  static constexpr int value = KT == 1 ? (BITS == 4 ? (M_BLOCKS == 1 ? 8 : M_BLOCKS == 2 ? 6 : 5)
+                                                    : (M_BLOCKS == 1 ? 5 : 4))
+                                       // wide (4-bit): 3-4 row blocks run one block per SM
+                                       // (registers), so 5 stages of 32-36 KB still fit
+                                       : (M_BLOCKS == 1 ? 4 : M_BLOCKS == 2 ? 3 : 5);
   static_assert(value >= 3, "the pipeline needs three stages");
 };
 
@@ -542,7 +545,7 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
 // the stage's mbarrier (one for the weights, one per scale / zero-point row, one per valid
 // activation row) instead of every thread issuing 16-byte cp.async copies with their address
 // arithmetic (a third of the default's instructions per stage at small M).
-// KT = 2 (the wide kernels, gemm_kernel_wide): each stage holds two consecutive 64-row k
+// KT = 2 (the wide kernels, gemm_kernel_wide, 4-bit): each stage holds two consecutive 64-row k
 // tiles, so the wait, the block barrier, the copy bookkeeping and the loop control are paid
 // once per 128 rows, and a warp has two tiles of independent loads and mmas between barriers
 // (the kernel is latency-bound at small M: ncu, session 3). Iterations, tiles, counters and the
@@ -663,8 +666,9 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
         if (r * kThreads + tid < f_b_units) {
           // ptxas 13.0 gave some variants an odd uniform register pair for the cache-policy
           // descriptor of LDGSTS (illegal instruction on sm_90): 8-bit copies and those of the
-          // wide 2-row-block kernels go without the hint (test_marlin_compile checks every build).
-          if constexpr (BITS == 4 && !(KT == 2 && M_BLOCKS == 2))
+          // wide kernels above one row block go without the hint (test_marlin_compile checks
+          // every build for odd descriptors).
+          if constexpr (BITS == 4 && !(KT == 2 && M_BLOCKS >= 2))
             cp_async16_policy(st + (r * kThreads + tid) * 16, fb + r * kThreads * 16, policy);
           else
             cp_async16(st + (r * kThreads + tid) * 16, fb + r * kThreads * 16);
@@ -918,7 +922,7 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, true>(p);
 }
 
-// 4-bit, at most 2 row blocks, K a multiple of 128: 128-row stages (see gemm_body).
+// 4-bit, K a multiple of 128: 128-row stages (see gemm_body).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
     gemm_kernel_wide(const GemmArgs p) {
@@ -1075,7 +1079,7 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
     }                                                                \
   }
 
-// The wide kernels exist for 4-bit weights and 1-2 row blocks only.
+// The wide kernels exist for 4-bit weights only.
 #define GPTQ_MARLIN_WIDE_SWITCH(BITS, M, Z, CALL)                  \
   if constexpr (BITS == 4) {                                       \
     switch ((M) * 2 + ((Z) ? 1 : 0)) {                             \
@@ -1083,6 +1087,10 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
       case 3: return CALL(1, true);                                \
       case 4: return CALL(2, false);                               \
       case 5: return CALL(2, true);                                \
+      case 6: return CALL(3, false);                               \
+      case 7: return CALL(3, true);                                \
+      case 8: return CALL(4, false);                               \
+      case 9: return CALL(4, true);                                \
       default: return cudaErrorInvalidValue;                       \
     }                                                              \
   } else {                                                         \

@@ -180,20 +180,21 @@ int cc_major(int device) {
 // bench_marlin.py --tma-ab): 8-bit weights in one slice (M <= 32: 1-3.5 % faster), not 4-bit
 // (0.93-0.99x at M <= 2, 0.5-0.85x from M = 16 on, where every activation row is one bulk
 // copy); else the cp.async pipeline. GPTQ_MARLIN_TMA=1 / =0 forces TMA on / off (on needs
-// compute capability >= 9.0). Otherwise 4-bit layers with K a multiple of 128 at up to 2 row
-// blocks run the wide kernels (128-row stages) unless GPTQ_MARLIN_WIDE=0. The switches are read
-// per call, so a benchmark can compare the kernels between graph captures.
+// compute capability >= 9.0). Otherwise 4-bit layers with K a multiple of 128 run the wide
+// kernels (128-row stages; H100, session 3: 1.15-1.19x at M <= 2 and 1.07-1.16x at M = 16-32
+// on the large shapes) unless GPTQ_MARLIN_WIDE=0. The switches are read per call, so a
+// benchmark can compare the kernels between graph captures.
 bool env_is(const char* name, const char* value) {
   const char* env = std::getenv(name);
   return env != nullptr && std::strcmp(env, value) == 0;
 }
 
-int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int m_blocks, int64_t slices) {
+int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t slices) {
   if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
   if (cc_major(device) >= 9 && !env_is("GPTQ_MARLIN_TMA", "0") &&
       (env_is("GPTQ_MARLIN_TMA", "1") || (bits == 8 && slices == 1)))
     return kKernelTma;
-  if (bits == 4 && m_blocks <= 2 && k % (2 * kTileK) == 0 && !env_is("GPTQ_MARLIN_WIDE", "0"))
+  if (bits == 4 && k % (2 * kTileK) == 0 && !env_is("GPTQ_MARLIN_WIDE", "0"))
     return kKernelWide;
   return kKernelDefault;
 }
@@ -310,7 +311,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t slices = (M + slice_m - 1) / slice_m;
   MARLIN_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
-  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, m_blocks, slices);
+  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, slices);
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
   const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int sms = sm_count(device);
