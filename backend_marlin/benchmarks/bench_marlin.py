@@ -200,8 +200,22 @@ def wide_ab(rows) -> None:
     shapes and per-channel on the largest (`--wide-ab` runs only this, about 60 s)."""
     layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
               for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
-    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "")), layers, "wide_ab",
-           ms=(1, 2, 16, 32, 48, 64, 128, 256))
+    ms = (1, 2, 16, 32, 48, 64, 96, 128, 192, 256)
+    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "")), layers, "wide_ab", ms=ms)
+    # The per-call dequantize + cuBLAS path at the same M: where the kernel stops winning
+    # (prepare.DEQUANT_THRESHOLDS).
+    for kwargs, label in layers[:3]:
+        layer = Layer(**kwargs)
+        for m in ms[2:]:
+            x = torch.randn(m, layer.K, device="cuda", dtype=torch.float16)
+            row = {"K": layer.K, "N": layer.N, "M": m, "wide_ab": 1, "layer": label,
+                   "kernel": time_calls(layer.calls("marlin", x)),
+                   "dequant": time_calls(layer.calls("marlin", x, threshold=0)),
+                   "fp16": time_calls(layer.calls("fp16", x))}
+            rows.append(row)
+            print(_fmt(row) + f" {label} dequant/kernel={row['dequant'] / row['kernel']:.2f}", flush=True)
+        del layer
+        torch.cuda.empty_cache()
 
 
 def gather_ab(rows) -> None:
