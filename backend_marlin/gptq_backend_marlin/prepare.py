@@ -24,12 +24,17 @@ ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 #: Rows above which each call dequantizes the layer into a scratch weight and calls cuBLAS
 #: (the mma.sync kernel cannot match Hopper's cuBLAS once the work is compute-bound), by layer
-#: size K * N: small layers leave SMs idle in the kernel and switch early. Break-even points
-#: measured on an H100 (NOTES/perf-marlin.md). GPTQ_MARLIN_DEQUANT_M overrides, -1 disables.
-DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 24), (1 << 26, 192), (None, 240))
+#: size K * N. Break-even points of the 4-bit wide kernels on an H100 (session 3,
+#: `bench_marlin.py --wide-ab`; NOTES/perf-marlin.md): 4096x4096 kernel/dequant 28.6/31.0 us
+#: at M=192, 34.7/33.2 at 256; 4096x14336 100.9/109.7 and 8192x28672 375.9/415.6 at 256.
+#: GPTQ_MARLIN_DEQUANT_M overrides, -1 disables.
+DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (1 << 26, 256), (None, 256))
 #: With a dense cache (GPTQ_MARLIN_DENSE_CACHE_MB), rows above which the cached fp16/bf16 weight
-#: goes straight to cuBLAS, by K * N likewise. GPTQ_MARLIN_DENSE_M overrides.
-DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 8), (1 << 26, 48), (None, 96))
+#: goes straight to cuBLAS (about fp16's time), by K * N likewise: the kernel against fp16 in
+#: the same run was 13.7/16.7 us at M=16 and 17.9/14.1 at 32 (4096x4096), 32.4/42.6 at 64 and
+#: 52.8/43.2 at 96 (4096x14336), 99.4/161.0 at 64 and 181.3/161.0 at 96 (8192x28672).
+#: GPTQ_MARLIN_DENSE_M overrides.
+DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 16), (1 << 26, 64), (None, 64))
 DEQUANT_THRESHOLD = DEQUANT_THRESHOLDS[-1][1]  # the largest layers'
 DENSE_THRESHOLD = DENSE_THRESHOLDS[-1][1]
 
