@@ -99,12 +99,20 @@ def test_large_batch_thresholds_follow_layer_size(monkeypatch):
     from gptq_backend_marlin import prepare
 
     monkeypatch.delenv("GPTQ_MARLIN_DEQUANT_M", raising=False)
-    assert prepare.dequant_threshold(4096 * 4096) == 24
-    assert prepare.dequant_threshold(4096 * 14336) == 192
-    assert prepare.dequant_threshold(8192 * 28672) == 240
-    assert prepare.dense_threshold(8192 * 28672) == 96
+    monkeypatch.delenv("GPTQ_MARLIN_DENSE_M", raising=False)
+    for table, lookup in ((prepare.DEQUANT_THRESHOLDS, prepare.dequant_threshold),
+                          (prepare.DENSE_THRESHOLDS, prepare.dense_threshold)):
+        limits = [limit for limit, _ in table[:-1]]
+        assert limits == sorted(limits) and table[-1][0] is None, "ascending sizes, then a catch-all"
+        rows = [r for _, r in table]
+        assert rows == sorted(rows), "a larger layer never switches to cuBLAS earlier"
+        for (limit, r), (_, r_next) in zip(table, table[1:]):
+            assert lookup(limit) == r and lookup(limit + 1) == r_next  # a limit is inclusive
+        assert lookup(1) == rows[0] and lookup(1 << 40) == rows[-1]
     monkeypatch.setenv("GPTQ_MARLIN_DEQUANT_M", "-1")
     assert prepare.dequant_threshold(4096 * 4096) == -1
+    monkeypatch.setenv("GPTQ_MARLIN_DENSE_M", "7")
+    assert prepare.dense_threshold(1 << 40) == 7
 
 
 def test_dense_cache_is_off_by_default_and_bounded(monkeypatch):
