@@ -7,7 +7,7 @@ candidate time (> 1: faster than fp16), measured side by side in this one run.
     python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
 
 Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
-issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` / `--wide-ab` time only those A/B comparisons.
+issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` / `--wide-ab` / `--workers-ab` time only those A/B comparisons.
 """
 
 from __future__ import annotations
@@ -218,6 +218,29 @@ def wide_ab(rows) -> None:
         torch.cuda.empty_cache()
 
 
+def workers_ab(rows) -> None:
+    """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 2, 3, 4),
+    interleaved twice on the same weights: fewer contributors per tile for the finalizer
+    against fewer SMs streaming weights (`--workers-ab`, about 60 s)."""
+    values = ("1", "2", "3", "4")
+    for K, N in ((4096, 4096), (4096, 14336), (11008, 4096), (8192, 28672)):
+        layer = Layer(K, N, with_baselines=False)
+        for m in (1, 4, 16, 32, 64):
+            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
+            row = {"K": K, "N": N, "M": m, "workers_ab": 1}
+            for rep in ("", "_again"):
+                for v in values:
+                    os.environ["GPTQ_MARLIN_MIN_STAGES"] = v
+                    row[f"s{v}{rep}"] = time_calls(layer.calls("marlin", x))
+            os.environ.pop("GPTQ_MARLIN_MIN_STAGES", None)
+            rows.append(row)
+            best = {v: min(row[f"s{v}"], row[f"s{v}_again"]) for v in values}
+            print(f"{K:>5}x{N:<5} M={m:<4} " + " ".join(f"min{v}={t:.1f}" for v, t in best.items())
+                  + f" best={min(best, key=best.get)} gain={best['1'] / min(best.values()):.3f}", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
 def gather_ab(rows) -> None:
     """Act-order gemm with the gather kernel against GPTQ_MARLIN_GATHER=torch (index_select),
     interleaved on the same weights, next to the plain (no act-order) layer and the bare
@@ -323,6 +346,8 @@ def main() -> int:
                         help="only time the bulk-copy (TMA) pipeline against cp.async (about 60 s)")
     parser.add_argument("--wide-ab", action="store_true",
                         help="only time the 128-row-stage kernels against the 64-row ones (about 60 s)")
+    parser.add_argument("--workers-ab", action="store_true",
+                        help="only time fewer stream-K workers (GPTQ_MARLIN_MIN_STAGES 1-4, about 60 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -335,7 +360,8 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    if args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab or args.wide_ab:
+    if (args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab or args.wide_ab
+            or args.workers_ab):
         if args.finalizer_ab:
             finalizer_ab(rows)
         if args.gather_ab:
@@ -346,6 +372,8 @@ def main() -> int:
             tma_ab(rows)
         if args.wide_ab:
             wide_ab(rows)
+        if args.workers_ab:
+            workers_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

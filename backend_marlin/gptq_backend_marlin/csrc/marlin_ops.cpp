@@ -184,6 +184,12 @@ int cc_major(int device) {
 // kernels (128-row stages; H100, session 3: 1.15-1.19x at M <= 2 and 1.07-1.16x at M = 16-32
 // on the large shapes) unless GPTQ_MARLIN_WIDE=0. The switches are read per call, so a
 // benchmark can compare the kernels between graph captures.
+int64_t min_stages_per_worker() {
+  const char* env = std::getenv("GPTQ_MARLIN_MIN_STAGES");
+  const long v = env != nullptr ? std::strtol(env, nullptr, 10) : 1;
+  return v >= 1 ? v : 1;
+}
+
 bool env_is(const char* name, const char* value) {
   const char* env = std::getenv(name);
   return env != nullptr && std::strcmp(env, value) == 0;
@@ -318,7 +324,9 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
   const int64_t total = n_tiles * (K / kTileK) / (kind == kKernelWide ? 2 : 1);  // stages
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
-  workers = std::min<int64_t>(workers, total);
+  // At least min_stages stages per worker (GPTQ_MARLIN_MIN_STAGES, default 1): fewer workers
+  // means fewer contributors per shared tile for the finalizer to add up.
+  workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / min_stages_per_worker()));
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Workspace& ws = workspace(a.device(), stream, workers * slices * 2 * kSlotFloats, slices * n_tiles);
