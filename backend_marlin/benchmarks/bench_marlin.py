@@ -219,11 +219,12 @@ def wide_ab(rows) -> None:
 
 
 def workers_ab(rows) -> None:
-    """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 2, 3, 4),
-    interleaved twice on the same weights: fewer contributors per tile for the finalizer
-    against fewer SMs streaming weights (`--workers-ab`, about 60 s)."""
-    values = ("1", "2", "3", "4")
-    for K, N in ((4096, 4096), (4096, 14336), (11008, 4096), (8192, 28672)):
+    """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 4 (the
+    default), 6, 8), interleaved twice on the same weights: fewer contributors per tile for
+    the finalizer against fewer SMs streaming weights (`--workers-ab`, about 60 s). Session 3
+    measured 1-4: 4 best on 4096x4096, no difference on the larger layers."""
+    values = ("1", "4", "6", "8")
+    for K, N in ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)):
         layer = Layer(K, N, with_baselines=False)
         for m in (1, 4, 16, 32, 64):
             x = torch.randn(m, K, device="cuda", dtype=torch.float16)

@@ -184,9 +184,15 @@ int cc_major(int device) {
 // kernels (128-row stages; H100, session 3: 1.15-1.19x at M <= 2 and 1.07-1.16x at M = 16-32
 // on the large shapes) unless GPTQ_MARLIN_WIDE=0. The switches are read per call, so a
 // benchmark can compare the kernels between graph captures.
+// Stream-K workers get at least this many stages each (GPTQ_MARLIN_MIN_STAGES overrides):
+// fewer contributors per shared tile for the finalizer against fewer SMs streaming weights.
+// H100, session 3 (bench_marlin.py --workers-ab): only small layers are affected; 4096x4096
+// at M=16 / 32 went from 13.6 / 17.1 us (1 stage) to 11.1 / 13.2 (4), M=1 9.2 -> 9.0.
+constexpr long kMinStagesPerWorker = 4;
+
 int64_t min_stages_per_worker() {
   const char* env = std::getenv("GPTQ_MARLIN_MIN_STAGES");
-  const long v = env != nullptr ? std::strtol(env, nullptr, 10) : 1;
+  const long v = env != nullptr ? std::strtol(env, nullptr, 10) : kMinStagesPerWorker;
   return v >= 1 ? v : 1;
 }
 
@@ -324,8 +330,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
   const int64_t total = n_tiles * (K / kTileK) / (kind == kKernelWide ? 2 : 1);  // stages
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
-  // At least min_stages stages per worker (GPTQ_MARLIN_MIN_STAGES, default 1): fewer workers
-  // means fewer contributors per shared tile for the finalizer to add up.
+  // At least min_stages_per_worker() stages per worker.
   workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / min_stages_per_worker()));
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
