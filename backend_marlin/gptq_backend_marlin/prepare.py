@@ -29,6 +29,10 @@ ACT_DTYPES = (torch.float16, torch.bfloat16)
 #: at M=192, 34.7/33.2 at 256; 4096x14336 100.9/109.7 and 8192x28672 375.9/415.6 at 256.
 #: GPTQ_MARLIN_DEQUANT_M overrides, -1 disables.
 DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (1 << 26, 256), (None, 256))
+#: The same for 8-bit weights (64-row kernels of at most 2 row blocks: slower per row). H100,
+#: session 3: 8192x28672 kernel 147.7 us at M=64, 541.0 at 256, dequantize + cuBLAS ~415 at
+#: 256 (4-bit's); 4096x4096 kernel 22.8 at 64 (dequantize + cuBLAS ~26).
+DEQUANT_THRESHOLDS_8BIT: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (None, 160))
 #: With a dense cache (GPTQ_MARLIN_DENSE_CACHE_MB), rows above which the cached fp16/bf16 weight
 #: goes straight to cuBLAS (about fp16's time), by K * N likewise: the kernel against fp16 in
 #: the same run was 13.7/16.7 us at M=16 and 17.9/14.1 at 32 (4096x4096), 32.4/42.6 at 64 and
@@ -45,9 +49,10 @@ def _by_size(table, size: int) -> int:
     return next(rows for limit, rows in table if limit is None or size <= limit)
 
 
-def dequant_threshold(size: int = 1 << 62) -> int:
+def dequant_threshold(size: int = 1 << 62, bits: int = 4) -> int:
     raw = os.environ.get("GPTQ_MARLIN_DEQUANT_M")
-    return _by_size(DEQUANT_THRESHOLDS, size) if raw in (None, "") else int(raw)
+    table = DEQUANT_THRESHOLDS_8BIT if bits == 8 else DEQUANT_THRESHOLDS
+    return _by_size(table, size) if raw in (None, "") else int(raw)
 
 
 def dense_threshold(size: int = 1 << 62) -> int:
@@ -135,7 +140,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype) 
         group_size=w.group_size,
         size_k=K,
         size_n=N,
-        dequant_threshold=dequant_threshold(K * N),
+        dequant_threshold=dequant_threshold(K * N, bits),
         dense_threshold=dense_threshold(K * N),
     )
     if device.type == "cuda" and take_dense_budget(K * N * 2):
