@@ -218,6 +218,13 @@ def wide_ab(rows) -> None:
         torch.cuda.empty_cache()
 
 
+def wide4_ab(rows) -> None:
+    """The opt-in 256-row kernels (GPTQ_MARLIN_WIDE=4, double-buffered) against the default
+    128-row ones, interleaved (`--wide4-ab`, about 40 s)."""
+    layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (8192, 28672))]
+    env_ab(rows, "GPTQ_MARLIN_WIDE", (("wide", ""), ("wide4", "4")), layers, "wide4_ab", ms=(1, 2, 8, 16, 32))
+
+
 def workers_ab(rows) -> None:
     """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 4 (the
     default), 6, 8), interleaved twice on the same weights: fewer contributors per tile for
@@ -347,6 +354,8 @@ def main() -> int:
                         help="only time the bulk-copy (TMA) pipeline against cp.async (about 60 s)")
     parser.add_argument("--wide-ab", action="store_true",
                         help="only time the 128-row-stage kernels against the 64-row ones (about 60 s)")
+    parser.add_argument("--wide4-ab", action="store_true",
+                        help="only time the 256-row kernels against the 128-row ones (about 40 s)")
     parser.add_argument("--workers-ab", action="store_true",
                         help="only time fewer stream-K workers (GPTQ_MARLIN_MIN_STAGES 1-4, about 60 s)")
     parser.add_argument("--triton-budget", type=float, default=60.0,
@@ -362,7 +371,7 @@ def main() -> int:
     del src, dst
     rows: list[dict] = []
     if (args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab or args.wide_ab
-            or args.workers_ab):
+            or args.workers_ab or args.wide4_ab):
         if args.finalizer_ab:
             finalizer_ab(rows)
         if args.gather_ab:
@@ -375,6 +384,8 @@ def main() -> int:
             wide_ab(rows)
         if args.workers_ab:
             workers_ab(rows)
+        if args.wide4_ab:
+            wide4_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

@@ -234,6 +234,12 @@ def wide_ab() -> None:
     pipeline_ab("GPTQ_MARLIN_WIDE", ("", "0"), (4,), "wide", identical=False)
 
 
+def wide4_ab() -> None:
+    """The opt-in 256-row kernels (GPTQ_MARLIN_WIDE=4: 4-bit, 1-2 row blocks, K % 256 == 0)
+    against the default wide ones; both against float64 (see pipeline_ab)."""
+    pipeline_ab("GPTQ_MARLIN_WIDE", ("4", ""), (4,), "wide4", identical=False)
+
+
 def scalefold() -> None:
     """The opt-in scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1: 4-bit, group size >= 64 or -1;
     the scale multiplies the fp32 sums once per group). Each call runs with the flag and

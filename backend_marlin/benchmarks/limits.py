@@ -6,7 +6,8 @@
    not its limit; the SM side (instruction issue, a pipe, latency) is.
 2. Nsight Compute, when `ncu` is installed and may read the counters: one launch of the M=1
    and the M=16 kernel on 8192x28672, with the speed-of-light, warp-state, scheduler,
-   instruction and compute-pipe sections.
+   instruction and compute-pipe sections and the stall reasons per issued instruction (the
+   kernel the environment selects, e.g. GPTQ_MARLIN_WIDE=0; --tag names the reports).
 
     python backend_marlin/benchmarks/limits.py [--out DIR]
 """
@@ -63,7 +64,7 @@ def one(K: int, N: int, m: int) -> None:
     torch.cuda.synchronize()
 
 
-def profile(out: str) -> None:
+def profile(out: str, tag: str = "") -> None:
     ncu = shutil.which("ncu") or next((p for p in ("/usr/local/cuda/bin/ncu",) if os.path.exists(p)), None)
     if ncu is None:
         print("ncu: not installed here", flush=True)
@@ -71,19 +72,21 @@ def profile(out: str) -> None:
     sections = ["SpeedOfLight", "WarpStateStats", "SchedulerStats", "InstructionStats",
                 "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy"]
     for m in (1, 16):
-        cmd = [ncu, "-k", "regex:gemm_kernel", "--launch-skip", "3", "--launch-count", "1"]
+        cmd = [ncu, "-k", "regex:gemm_kernel", "--launch-skip", "3", "--launch-count", "1",
+               "--metrics", "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"]
         for s in sections:
             cmd += ["--section", s]
         cmd += [sys.executable, __file__, "--one", "8192", "28672", str(m)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         text = proc.stdout + proc.stderr
-        path = os.path.join(out, f"ncu-8192x28672-m{m}.txt")
+        path = os.path.join(out, f"ncu-8192x28672-m{m}{tag}.txt")
         with open(path, "w") as f:
             f.write(text)
         print(f"ncu M={m}: exit {proc.returncode}, {len(text)} characters -> {path}", flush=True)
         print("\n".join(ln for ln in text.splitlines() if any(
-            key in ln for key in ("Throughput", "Stall", "Issue", "Pipe", "Warp Cycles", "Eligible",
-                                  "Executed Ipc", "ERR", "Bandwidth", "L2 Hit", "Achieved Occ")))[:6000],
+            key in ln for key in ("Throughput", "Stall", "stalled", "Issue", "Pipe", "Warp Cycles",
+                                  "Eligible", "Executed Ipc", "ERR", "Bandwidth", "L2 Hit",
+                                  "Achieved Occ", "Duration")))[:8000],
               flush=True)
 
 
@@ -91,14 +94,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--one", nargs=3, type=int, metavar=("K", "N", "M"))
+    parser.add_argument("--ncu-only", action="store_true", help="skip the L2 hot/cold timing")
+    parser.add_argument("--tag", default="", help="suffix of the ncu report files")
     args = parser.parse_args()
     build.load()
     if args.one:
         one(*args.one)
         return 0
     os.makedirs(args.out, exist_ok=True)
-    hot_cold()
-    profile(args.out)
+    if not args.ncu_only:
+        hot_cold()
+    profile(args.out, args.tag)
     return 0
 
 

@@ -41,10 +41,12 @@ template <int BITS, int M_BLOCKS, int KT = 1>
 struct Stages {
   static constexpr int value = KT == 1 ? (BITS == 4 ? (M_BLOCKS == 1 ? 8 : M_BLOCKS == 2 ? 6 : 5)
                                                     : (M_BLOCKS == 1 ? 5 : 4))
-                                       // wide (4-bit): 3-4 row blocks run one block per SM
-                                       // (registers), so 5 stages of 32-36 KB still fit
-                                       : (M_BLOCKS == 1 ? 4 : M_BLOCKS == 2 ? 3 : 5);
-  static_assert(value >= 3, "the pipeline needs three stages");
+                               // wide (4-bit): 3-4 row blocks run one block per SM
+                               // (registers), so 5 stages of 32-36 KB still fit
+                               : KT == 2 ? (M_BLOCKS == 1 ? 4 : M_BLOCKS == 2 ? 3 : 5)
+                                         // KT = 4 (opt-in, 1-2 row blocks): double buffering
+                                         : 2;
+  static_assert(value >= 2, "the pipeline needs two stages");
 };
 
 // PAD_A (the TMA variant): activation rows arrive by one bulk copy each, so they cannot be
@@ -668,7 +670,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
           // descriptor of LDGSTS (illegal instruction on sm_90): 8-bit copies and those of the
           // wide kernels above one row block go without the hint (test_marlin_compile checks
           // every build for odd descriptors).
-          if constexpr (BITS == 4 && !(KT == 2 && M_BLOCKS >= 2))
+          if constexpr (BITS == 4 && !(KT >= 2 && M_BLOCKS >= 2))
             cp_async16_policy(st + (r * kThreads + tid) * 16, fb + r * kThreads * 16, policy);
           else
             cp_async16(st + (r * kThreads + tid) * 16, fb + r * kThreads * 16);
@@ -929,6 +931,12 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 2>(p);
 }
 
+// Opt-in (GPTQ_MARLIN_WIDE=4): 256-row stages, double-buffered; 4-bit, 1-2 row blocks.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide4(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 4>(p);
+}
+
 // Compute capability >= 9.0: the stages arrive by bulk copies (see gemm_body).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
@@ -1014,10 +1022,12 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
 struct Variant {
   static constexpr int kSmem =
-      Smem<BITS, M_BLOCKS, KIND == kKernelTma, KIND == kKernelWide ? 2 : 1>::kTotal;
+      Smem<BITS, M_BLOCKS, KIND == kKernelTma, KIND == kKernelWide ? 2 : KIND == kKernelWide4 ? 4 : 1>::kTotal;
   static auto kernel() {
     if constexpr (KIND == kKernelTma)
       return gemm_kernel_tma<BITS, T, M_BLOCKS, HAS_ZEROS>;
+    else if constexpr (KIND == kKernelWide4)
+      return gemm_kernel_wide4<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelWide)
       return gemm_kernel_wide<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelFold)
@@ -1079,6 +1089,20 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
     }                                                                \
   }
 
+// The 256-row kernels: 4-bit, 1-2 row blocks.
+#define GPTQ_MARLIN_WIDE4_SWITCH(BITS, M, Z, CALL)                 \
+  if constexpr (BITS == 4) {                                       \
+    switch ((M) * 2 + ((Z) ? 1 : 0)) {                             \
+      case 2: return CALL(1, false);                               \
+      case 3: return CALL(1, true);                                \
+      case 4: return CALL(2, false);                               \
+      case 5: return CALL(2, true);                                \
+      default: return cudaErrorInvalidValue;                       \
+    }                                                              \
+  } else {                                                         \
+    return cudaErrorInvalidValue;                                  \
+  }
+
 // The wide kernels exist for 4-bit weights only.
 #define GPTQ_MARLIN_WIDE_SWITCH(BITS, M, Z, CALL)                  \
   if constexpr (BITS == 4) {                                       \
@@ -1105,6 +1129,11 @@ cudaError_t occupancy_t(int m_blocks, bool has_zeros, int kind, int* blocks_per_
   if (kind == kKernelWide) {
 #define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelWide>(blocks_per_sm)
     GPTQ_MARLIN_WIDE_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+  }
+  if (kind == kKernelWide4) {
+#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelWide4>(blocks_per_sm)
+    GPTQ_MARLIN_WIDE4_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
   }
 #endif
@@ -1140,6 +1169,11 @@ cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
   if (kind == kKernelWide) {
 #define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelWide>(args, stream)
     GPTQ_MARLIN_WIDE_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
+#undef GPTQ_MARLIN_CALL
+  }
+  if (kind == kKernelWide4) {
+#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelWide4>(args, stream)
+    GPTQ_MARLIN_WIDE4_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
 #undef GPTQ_MARLIN_CALL
   }
 #endif

@@ -201,11 +201,13 @@ bool env_is(const char* name, const char* value) {
   return env != nullptr && std::strcmp(env, value) == 0;
 }
 
-int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t slices) {
+int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int m_blocks, int64_t slices) {
   if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
   if (cc_major(device) >= 9 && !env_is("GPTQ_MARLIN_TMA", "0") &&
       (env_is("GPTQ_MARLIN_TMA", "1") || (bits == 8 && slices == 1)))
     return kKernelTma;
+  if (bits == 4 && m_blocks <= 2 && k % (4 * kTileK) == 0 && env_is("GPTQ_MARLIN_WIDE", "4"))
+    return kKernelWide4;  // opt-in: 256-row stages, double-buffered
   if (bits == 4 && k % (2 * kTileK) == 0 && !env_is("GPTQ_MARLIN_WIDE", "0"))
     return kKernelWide;
   return kKernelDefault;
@@ -323,12 +325,13 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t slices = (M + slice_m - 1) / slice_m;
   MARLIN_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
-  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, slices);
+  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, m_blocks, slices);
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
   const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
-  const int64_t total = n_tiles * (K / kTileK) / (kind == kKernelWide ? 2 : 1);  // stages
+  const int64_t total =
+      n_tiles * (K / kTileK) / (kind == kKernelWide ? 2 : kind == kKernelWide4 ? 4 : 1);  // stages
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
   // At least min_stages_per_worker() stages per worker.
   workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / min_stages_per_worker()));
