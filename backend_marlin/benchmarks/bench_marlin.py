@@ -195,13 +195,13 @@ def tma_ab(rows) -> None:
 
 
 def wide_ab(rows) -> None:
-    """The wide kernels (128-row stages, the default for 4-bit) against the 64-row
+    """The 128-row-stage kernels (GPTQ_MARLIN_WIDE=2) against the 64-row
     ones (GPTQ_MARLIN_WIDE=0), interleaved on the same weights, 4-bit g128 on the three main
     shapes and per-channel on the largest (`--wide-ab` runs only this, about 60 s)."""
     layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
               for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
     ms = (1, 2, 16, 32, 48, 64, 96, 128, 192, 256)
-    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "")), layers, "wide_ab", ms=ms)
+    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "2")), layers, "wide_ab", ms=ms)
     # The per-call dequantize + cuBLAS path at the same M: where the kernel stops winning
     # (prepare.DEQUANT_THRESHOLDS).
     for kwargs, label in layers[:3]:
@@ -219,10 +219,10 @@ def wide_ab(rows) -> None:
 
 
 def wide4_ab(rows) -> None:
-    """The opt-in 256-row kernels (GPTQ_MARLIN_WIDE=4, double-buffered) against the default
-    128-row ones, interleaved (`--wide4-ab`, about 40 s)."""
+    """The 256-row kernels (GPTQ_MARLIN_WIDE=4, double-buffered; the default on large layers)
+    against the 128-row ones (=2), interleaved (`--wide4-ab`, about 40 s)."""
     layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (8192, 28672))]
-    env_ab(rows, "GPTQ_MARLIN_WIDE", (("wide", ""), ("wide4", "4")), layers, "wide4_ab", ms=(1, 2, 8, 16, 32))
+    env_ab(rows, "GPTQ_MARLIN_WIDE", (("wide", "2"), ("wide4", "4")), layers, "wide4_ab", ms=(1, 2, 8, 16, 32))
 
 
 def workers_ab(rows) -> None:

@@ -226,18 +226,17 @@ def tma_ab() -> None:
 
 
 def wide_ab() -> None:
-    """The wide kernels (128-row stages; the default for 4-bit with K % 128 == 0) against the
-    64-row ones (GPTQ_MARLIN_WIDE=0), 4-bit (see pipeline_ab); K=1024 and the large shapes
-    take the wide kernels at every M. The stream-K split
+    """The 128-row-stage kernels (GPTQ_MARLIN_WIDE=2; 4-bit, K % 128 == 0) against the 64-row
+    ones (=0), 4-bit (see pipeline_ab); K=1024 and the large shapes take them at every M. The stream-K split
     counts 128-row stages instead of 64-row tiles, so partial sums meet in other places and the
     last bits may differ (session 3: they do): both results must pass the float64 check."""
-    pipeline_ab("GPTQ_MARLIN_WIDE", ("", "0"), (4,), "wide", identical=False)
+    pipeline_ab("GPTQ_MARLIN_WIDE", ("2", "0"), (4,), "wide", identical=False)
 
 
 def wide4_ab() -> None:
-    """The opt-in 256-row kernels (GPTQ_MARLIN_WIDE=4: 4-bit, 1-2 row blocks, K % 256 == 0)
-    against the default wide ones; both against float64 (see pipeline_ab)."""
-    pipeline_ab("GPTQ_MARLIN_WIDE", ("4", ""), (4,), "wide4", identical=False)
+    """The 256-row kernels (GPTQ_MARLIN_WIDE=4: 4-bit, 1-2 row blocks, K % 256 == 0; the
+    default on large layers) against the 128-row ones (=2); both against float64."""
+    pipeline_ab("GPTQ_MARLIN_WIDE", ("4", "2"), (4,), "wide4", identical=False)
 
 
 def scalefold() -> None:

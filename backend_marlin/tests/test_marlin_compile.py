@@ -192,7 +192,7 @@ def test_tma_kernels_move_every_stage_by_bulk_copies_without_local_memory(built)
 
 
 def test_wide_kernels_pay_the_stage_overhead_once_per_128_rows(built):
-    """The wide kernels (4-bit, 1-4 row blocks x sym/asym; the opt-in 256-row ones at 1-2) exist
+    """The wide kernels (4-bit, 1-4 row blocks x sym/asym; the 256-row ones at 1-2) exist
     without local memory; one
     iteration of their main loop runs two 64-row tiles (twice the HMMAs of the default's) and
     issues fewer instructions per 64 rows than the default (measured: 260 against 323 at one

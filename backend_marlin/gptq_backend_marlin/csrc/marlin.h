@@ -40,7 +40,7 @@ struct GemmArgs {
 
 // Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, its scale-fold variant, the
 // bulk-copy (TMA) pipeline of compute capability >= 9.0, and the cp.async pipeline with
-// 128-row stages (4-bit, K a multiple of 128), and with 256-row stages (opt-in).
+// 128-row stages (4-bit, K a multiple of 128), and with 256-row stages (large layers).
 enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2, kKernelWide = 3,
                         kKernelWide4 = 4 };
 

@@ -44,7 +44,7 @@ struct Stages {
                                // wide (4-bit): 3-4 row blocks run one block per SM
                                // (registers), so 5 stages of 32-36 KB still fit
                                : KT == 2 ? (M_BLOCKS == 1 ? 4 : M_BLOCKS == 2 ? 3 : 5)
-                                         // KT = 4 (opt-in, 1-2 row blocks): double buffering
+                                         // KT = 4 (1-2 row blocks): double buffering
                                          : 2;
   static_assert(value >= 2, "the pipeline needs two stages");
 };
@@ -931,7 +931,7 @@ __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 2>(p);
 }
 
-// Opt-in (GPTQ_MARLIN_WIDE=4): 256-row stages, double-buffered; 4-bit, 1-2 row blocks.
+// 256-row stages, double-buffered (4-bit, 1-2 row blocks, K % 256 == 0): large layers.
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide4(const GemmArgs p) {
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 4>(p);

@@ -175,15 +175,6 @@ int cc_major(int device) {
   return major;
 }
 
-// The pipeline a call runs: the scale fold when asked for and possible (4-bit, group size >= 64
-// or -1); else the bulk-copy (TMA) pipeline where it measured faster on the H100 (session 3,
-// bench_marlin.py --tma-ab): 8-bit weights in one slice (M <= 32: 1-3.5 % faster), not 4-bit
-// (0.93-0.99x at M <= 2, 0.5-0.85x from M = 16 on, where every activation row is one bulk
-// copy); else the cp.async pipeline. GPTQ_MARLIN_TMA=1 / =0 forces TMA on / off (on needs
-// compute capability >= 9.0). Otherwise 4-bit layers with K a multiple of 128 run the wide
-// kernels (128-row stages; H100, session 3: 1.15-1.19x at M <= 2 and 1.07-1.16x at M = 16-32
-// on the large shapes) unless GPTQ_MARLIN_WIDE=0. The switches are read per call, so a
-// benchmark can compare the kernels between graph captures.
 // Stream-K workers get at least this many stages each (GPTQ_MARLIN_MIN_STAGES overrides):
 // fewer contributors per shared tile for the finalizer against fewer SMs streaming weights.
 // H100, session 3 (bench_marlin.py --workers-ab): only small layers are affected; 4096x4096
@@ -201,16 +192,31 @@ bool env_is(const char* name, const char* value) {
   return env != nullptr && std::strcmp(env, value) == 0;
 }
 
-int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int m_blocks, int64_t slices) {
+// The pipeline a call runs, by measurements on the H100 (session 3, bench_marlin.py A/Bs):
+// * the scale fold when asked for (GPTQ_MARLIN_SCALEFOLD=1) and possible (4-bit, group size
+//   >= 64 or -1);
+// * the bulk-copy (TMA) pipeline for 8-bit weights in one slice (M <= 32: 1-3.5 % faster; for
+//   4-bit it was 0.93-0.99x at M <= 2 and 0.5-0.85x from M = 16, one bulk copy per activation
+//   row); GPTQ_MARLIN_TMA=1 / =0 forces it on / off (on needs compute capability >= 9.0);
+// * 4-bit: 256-row stages (double-buffered) for large layers at up to 2 row blocks (K % 256 ==
+//   0 and at least two such stages per block slot: 8192x28672 1.06-1.08x, 4096x14336
+//   1.05-1.11x over 128-row stages at M <= 16; 4096x4096, too few stages, 0.77-0.91x); else
+//   128-row stages (K % 128 == 0: 1.07-1.18x over 64-row ones from M = 1 to 256 on the large
+//   shapes); else 64-row stages. GPTQ_MARLIN_WIDE=0 / 2 / 4 forces 64 / 128 / 256 rows where
+//   the shape allows.
+// The switches are read per call, so a benchmark can compare the kernels between captures.
+int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_tiles, int m_blocks,
+                int64_t slices, int sms) {
   if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
   if (cc_major(device) >= 9 && !env_is("GPTQ_MARLIN_TMA", "0") &&
       (env_is("GPTQ_MARLIN_TMA", "1") || (bits == 8 && slices == 1)))
     return kKernelTma;
-  if (bits == 4 && m_blocks <= 2 && k % (4 * kTileK) == 0 && env_is("GPTQ_MARLIN_WIDE", "4"))
-    return kKernelWide4;  // opt-in: 256-row stages, double-buffered
-  if (bits == 4 && k % (2 * kTileK) == 0 && !env_is("GPTQ_MARLIN_WIDE", "0"))
-    return kKernelWide;
-  return kKernelDefault;
+  if (bits != 4 || env_is("GPTQ_MARLIN_WIDE", "0") || k % (2 * kTileK) != 0) return kKernelDefault;
+  const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
+  const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{2} * 2 * sms;  // 2 blocks per SM
+  if (fits4 && (env_is("GPTQ_MARLIN_WIDE", "4") || (large && !env_is("GPTQ_MARLIN_WIDE", "2"))))
+    return kKernelWide4;
+  return kKernelWide;
 }
 
 int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kind) {
@@ -325,11 +331,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int64_t slices = (M + slice_m - 1) / slice_m;
   MARLIN_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
-  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, m_blocks, slices);
-  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
-  const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
+  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, n_tiles, m_blocks, slices, sms);
+  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
+  const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int64_t total =
       n_tiles * (K / kTileK) / (kind == kKernelWide ? 2 : kind == kKernelWide4 ? 4 : 1);  // stages
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
