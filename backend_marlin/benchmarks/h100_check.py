@@ -466,8 +466,10 @@ def opcheck() -> None:
     try:
         torch.library.opcheck(ops.gemm, (x, p.tiles, p.scales, p.zeros, p.perm, bias, 4, 64, 96, -1, 0))
         torch.library.opcheck(ops.dequantize, (p.tiles, p.scales, p.zeros, 4, 64, 256, 96))
-        torch.library.opcheck(ops.gather_cols, (x, p.perm))
-        torch.library.opcheck(ops.gather_cols, (x[:, :100].contiguous().bfloat16(), p.perm[:100].int().remainder(100)))
+        # ops.gather_cols is the checking Python wrapper; opcheck wants the op itself.
+        gather = torch.ops.gptq_marlin.gather_cols.default
+        torch.library.opcheck(gather, (x, p.perm))
+        torch.library.opcheck(gather, (x[:, :100].contiguous().bfloat16(), p.perm[:100].int().remainder(100)))
     except Exception:
         failures.append(f"opcheck: {traceback.format_exc(limit=4)}")
 
