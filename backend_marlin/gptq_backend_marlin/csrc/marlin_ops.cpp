@@ -199,8 +199,9 @@ bool env_is(const char* name, const char* value) {
 //   4-bit it was 0.93-0.99x at M <= 2 and 0.5-0.85x from M = 16, one bulk copy per activation
 //   row); GPTQ_MARLIN_TMA=1 / =0 forces it on / off (on needs compute capability >= 9.0);
 // * 4-bit: 256-row stages (double-buffered) for large layers at up to 2 row blocks (K % 256 ==
-//   0 and at least two such stages per block slot: 8192x28672 1.06-1.08x, 4096x14336
-//   1.05-1.11x over 128-row stages at M <= 16; 4096x4096, too few stages, 0.77-0.91x); else
+//   0 and at least three such stages per block slot, 792 on an H100: 8192x28672 (3584)
+//   1.05-1.10x, 4096x14336 and 14336x4096 (896) 1.00-1.10x over 128-row stages at M <= 32;
+//   4096x11008 and 11008x4096 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x); else
 //   128-row stages (K % 128 == 0: 1.07-1.18x over 64-row ones from M = 1 to 256 on the large
 //   shapes); else 64-row stages. GPTQ_MARLIN_WIDE=0 / 2 / 4 forces 64 / 128 / 256 rows where
 //   the shape allows.
@@ -213,7 +214,7 @@ int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_
     return kKernelTma;
   if (bits != 4 || env_is("GPTQ_MARLIN_WIDE", "0") || k % (2 * kTileK) != 0) return kKernelDefault;
   const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
-  const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{2} * 2 * sms;  // 2 blocks per SM
+  const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{3} * 2 * sms;  // 2 blocks per SM
   if (fits4 && (env_is("GPTQ_MARLIN_WIDE", "4") || (large && !env_is("GPTQ_MARLIN_WIDE", "2"))))
     return kKernelWide4;
   return kKernelWide;
