@@ -276,6 +276,18 @@ def gather_ab(rows) -> None:
         torch.cuda.empty_cache()
 
 
+#: `--<flag>`: one A/B comparison only (function, what it times for --help).
+AB_RUNS = {
+    "finalizer-ab": (finalizer_ab, "the v3 finalizer against v2's loop (about 40 s)"),
+    "gather-ab": (gather_ab, "act-order with the gather kernel against index_select (about 30 s)"),
+    "scalefold-ab": (scalefold_ab, "the scale-fold kernels against the default (about 60 s)"),
+    "tma-ab": (tma_ab, "the bulk-copy (TMA) pipeline against cp.async (about 60 s)"),
+    "wide-ab": (wide_ab, "the 128-row-stage kernels against the 64-row ones (about 90 s)"),
+    "wide4-ab": (wide4_ab, "the 256-row kernels against the 128-row ones (about 40 s)"),
+    "workers-ab": (workers_ab, "fewer stream-K workers, GPTQ_MARLIN_MIN_STAGES 1/4/6/8 (about 60 s)"),
+}
+
+
 def _fmt(row: dict) -> str:
     head = f"{row['K']:>5}x{row['N']:<5} M={row['M']:<4}"
     parts = [f"{k}={v:.1f}" for k, v in row.items() if isinstance(v, float)]
@@ -344,20 +356,8 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="main shapes only, fewer M")
     parser.add_argument("--no-variants", action="store_true")
-    parser.add_argument("--finalizer-ab", action="store_true",
-                        help="only time the v3 finalizer against v2's loop (about 40 s)")
-    parser.add_argument("--gather-ab", action="store_true",
-                        help="only time act-order with the gather kernel against index_select (about 30 s)")
-    parser.add_argument("--scalefold-ab", action="store_true",
-                        help="only time the scale-fold kernels against the default (about 60 s)")
-    parser.add_argument("--tma-ab", action="store_true",
-                        help="only time the bulk-copy (TMA) pipeline against cp.async (about 60 s)")
-    parser.add_argument("--wide-ab", action="store_true",
-                        help="only time the 128-row-stage kernels against the 64-row ones (about 60 s)")
-    parser.add_argument("--wide4-ab", action="store_true",
-                        help="only time the 256-row kernels against the 128-row ones (about 40 s)")
-    parser.add_argument("--workers-ab", action="store_true",
-                        help="only time fewer stream-K workers (GPTQ_MARLIN_MIN_STAGES 1-4, about 60 s)")
+    for flag, (_, what) in AB_RUNS.items():
+        parser.add_argument(f"--{flag}", action="store_true", help=f"only time {what}")
     parser.add_argument("--triton-budget", type=float, default=60.0,
                         help="seconds for the comparison with the triton backend (0: skip)")
     args = parser.parse_args()
@@ -370,22 +370,10 @@ def main() -> int:
     print(f"# device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)", flush=True)
     del src, dst
     rows: list[dict] = []
-    if (args.finalizer_ab or args.gather_ab or args.scalefold_ab or args.tma_ab or args.wide_ab
-            or args.workers_ab or args.wide4_ab):
-        if args.finalizer_ab:
-            finalizer_ab(rows)
-        if args.gather_ab:
-            gather_ab(rows)
-        if args.scalefold_ab:
-            scalefold_ab(rows)
-        if args.tma_ab:
-            tma_ab(rows)
-        if args.wide_ab:
-            wide_ab(rows)
-        if args.workers_ab:
-            workers_ab(rows)
-        if args.wide4_ab:
-            wide4_ab(rows)
+    chosen = [run for flag, (run, _) in AB_RUNS.items() if getattr(args, flag.replace("-", "_"))]
+    if chosen:
+        for run_ab in chosen:
+            run_ab(rows)
         args.no_variants, args.triton_budget = True, 0.0
         shapes, ms = [], ()
     else:

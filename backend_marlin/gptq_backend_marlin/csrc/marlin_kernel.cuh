@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "marlin.h"
 
@@ -1066,128 +1067,79 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-#define GPTQ_MARLIN_M_SWITCH(BITS, M, Z, CALL)                       \
-  if constexpr (BITS == 8) {                                         \
-    switch ((M) * 2 + ((Z) ? 1 : 0)) {                               \
-      case 2: return CALL(1, false);                                 \
-      case 3: return CALL(1, true);                                  \
-      case 4: return CALL(2, false);                                 \
-      case 5: return CALL(2, true);                                  \
-      default: return cudaErrorInvalidValue;                         \
-    }                                                                \
-  } else {                                                           \
-    switch ((M) * 2 + ((Z) ? 1 : 0)) {                               \
-      case 2: return CALL(1, false);                                 \
-      case 3: return CALL(1, true);                                  \
-      case 4: return CALL(2, false);                                 \
-      case 5: return CALL(2, true);                                  \
-      case 6: return CALL(3, false);                                 \
-      case 7: return CALL(3, true);                                  \
-      case 8: return CALL(4, false);                                 \
-      case 9: return CALL(4, true);                                  \
-      default: return cudaErrorInvalidValue;                         \
-    }                                                                \
-  }
+// The row blocks each kernel kind is built for (0: not built): 8-bit blocks take at most
+// kMaxMBlocks8 16-row blocks (more rows run as slices); the scale fold and the wide kernels are
+// 4-bit only, the 256-row ones at 1-2 row blocks; GPTQ_MARLIN_NO_<VARIANT> compiles one out.
+template <int BITS, int KIND>
+constexpr int kRowBlocks = [] {
+  const int all = BITS == 8 ? kMaxMBlocks8 : kMaxMBlocks;
+#ifdef GPTQ_MARLIN_NO_SCALEFOLD
+  if (KIND == kKernelFold) return 0;
+#endif
+#ifdef GPTQ_MARLIN_NO_TMA
+  if (KIND == kKernelTma) return 0;
+#endif
+#ifdef GPTQ_MARLIN_NO_WIDE
+  if (KIND == kKernelWide || KIND == kKernelWide4) return 0;
+#endif
+  if (BITS != 4 && (KIND == kKernelFold || KIND == kKernelWide || KIND == kKernelWide4)) return 0;
+  return KIND == kKernelWide4 ? 2 : all;
+}();
 
-// The 256-row kernels: 4-bit, 1-2 row blocks.
-#define GPTQ_MARLIN_WIDE4_SWITCH(BITS, M, Z, CALL)                 \
-  if constexpr (BITS == 4) {                                       \
-    switch ((M) * 2 + ((Z) ? 1 : 0)) {                             \
-      case 2: return CALL(1, false);                               \
-      case 3: return CALL(1, true);                                \
-      case 4: return CALL(2, false);                               \
-      case 5: return CALL(2, true);                                \
-      default: return cudaErrorInvalidValue;                       \
-    }                                                              \
-  } else {                                                         \
-    return cudaErrorInvalidValue;                                  \
-  }
+// The compile-time value of a std::integral_constant argument of a generic lambda.
+#define GPTQ_MARLIN_VALUE(x) std::decay_t<decltype(x)>::value
 
-// The wide kernels exist for 4-bit weights only.
-#define GPTQ_MARLIN_WIDE_SWITCH(BITS, M, Z, CALL)                  \
-  if constexpr (BITS == 4) {                                       \
-    switch ((M) * 2 + ((Z) ? 1 : 0)) {                             \
-      case 2: return CALL(1, false);                               \
-      case 3: return CALL(1, true);                                \
-      case 4: return CALL(2, false);                               \
-      case 5: return CALL(2, true);                                \
-      case 6: return CALL(3, false);                               \
-      case 7: return CALL(3, true);                                \
-      case 8: return CALL(4, false);                               \
-      case 9: return CALL(4, true);                                \
-      default: return cudaErrorInvalidValue;                       \
-    }                                                              \
-  } else {                                                         \
-    return cudaErrorInvalidValue;                                  \
+// f(std::integral_constant<int, KIND>, std::integral_constant<int, M_BLOCKS>, std::bool_constant
+// <HAS_ZEROS>) for the run-time kind, row blocks and zero-point flag, over the variants that
+// exist; cudaErrorInvalidValue for any other combination.
+template <int BITS, typename F>
+cudaError_t with_variant(int kind, int m_blocks, bool has_zeros, F&& f) {
+  auto rows = [&](auto k) -> cudaError_t {
+    auto pick = [&](auto mb) -> cudaError_t {
+      if constexpr (GPTQ_MARLIN_VALUE(mb) <= kRowBlocks<BITS, GPTQ_MARLIN_VALUE(k)>) {
+        return has_zeros ? f(k, mb, std::true_type{}) : f(k, mb, std::false_type{});
+      } else {
+        return cudaErrorInvalidValue;
+      }
+    };
+    switch (m_blocks) {
+      case 1: return pick(std::integral_constant<int, 1>{});
+      case 2: return pick(std::integral_constant<int, 2>{});
+      case 3: return pick(std::integral_constant<int, 3>{});
+      case 4: return pick(std::integral_constant<int, 4>{});
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (kind) {
+    case kKernelDefault: return rows(std::integral_constant<int, kKernelDefault>{});
+    case kKernelFold: return rows(std::integral_constant<int, kKernelFold>{});
+    case kKernelTma: return rows(std::integral_constant<int, kKernelTma>{});
+    case kKernelWide: return rows(std::integral_constant<int, kKernelWide>{});
+    case kKernelWide4: return rows(std::integral_constant<int, kKernelWide4>{});
+    default: return cudaErrorInvalidValue;
   }
+}
 
-// The per-(bits, dtype) entry points each instantiation file defines. 8-bit blocks take at
-// most kMaxMBlocks8 16-row blocks (more rows run as slices).
+// The per-(bits, dtype) entry points each instantiation file defines. The fold kernels use the
+// default's shared memory and registers, so its occupancy stands for them.
 template <int BITS, typename T>
 cudaError_t occupancy_t(int m_blocks, bool has_zeros, int kind, int* blocks_per_sm) {
-#ifndef GPTQ_MARLIN_NO_WIDE
-  if (kind == kKernelWide) {
-#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelWide>(blocks_per_sm)
-    GPTQ_MARLIN_WIDE_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-  }
-  if (kind == kKernelWide4) {
-#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelWide4>(blocks_per_sm)
-    GPTQ_MARLIN_WIDE4_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-  }
-#endif
-#ifndef GPTQ_MARLIN_NO_TMA
-  if (kind == kKernelTma) {
-#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelTma>(blocks_per_sm)
-    GPTQ_MARLIN_M_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-  }
-#endif
-  // The fold kernels use the default's shared memory and registers.
-#define GPTQ_MARLIN_CALL(MB, Z) occupancy_variant<BITS, T, MB, Z, kKernelDefault>(blocks_per_sm)
-  GPTQ_MARLIN_M_SWITCH(BITS, m_blocks, has_zeros, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
+  const int measured = kind == kKernelFold ? kKernelDefault : kind;
+  return with_variant<BITS>(measured, m_blocks, has_zeros, [&](auto k, auto mb, auto z) {
+    return occupancy_variant<BITS, T, GPTQ_MARLIN_VALUE(mb), GPTQ_MARLIN_VALUE(z), GPTQ_MARLIN_VALUE(k)>(
+        blocks_per_sm);
+  });
 }
 
 // args.kind picks the kernel (marlin_ops.cpp): the fold exists for 4-bit with one group row
 // per stage (group size >= 64 or -1) only.
 template <int BITS, typename T>
 cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
-  const int kind = args.kind;
-  if (kind == kKernelFold && (BITS != 4 || args.group_shift == 5)) return cudaErrorInvalidValue;
-#ifndef GPTQ_MARLIN_NO_SCALEFOLD
-  if constexpr (BITS == 4) {
-    if (kind == kKernelFold) {
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelFold>(args, stream)
-      GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-    }
-  }
-#endif
-#ifndef GPTQ_MARLIN_NO_WIDE
-  if (kind == kKernelWide) {
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelWide>(args, stream)
-    GPTQ_MARLIN_WIDE_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-  }
-  if (kind == kKernelWide4) {
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelWide4>(args, stream)
-    GPTQ_MARLIN_WIDE4_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-  }
-#endif
-#ifndef GPTQ_MARLIN_NO_TMA
-  if (kind == kKernelTma) {
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelTma>(args, stream)
-    GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
-  }
-#endif
-  if (kind != kKernelDefault) return cudaErrorInvalidValue;  // compiled out (GPTQ_MARLIN_NO_*)
-#define GPTQ_MARLIN_CALL(MB, Z) launch_variant<BITS, T, MB, Z, kKernelDefault>(args, stream)
-  GPTQ_MARLIN_M_SWITCH(BITS, args.m_blocks, args.zeros != nullptr, GPTQ_MARLIN_CALL)
-#undef GPTQ_MARLIN_CALL
+  if (args.kind == kKernelFold && args.group_shift == 5) return cudaErrorInvalidValue;
+  return with_variant<BITS>(args.kind, args.m_blocks, args.zeros != nullptr, [&](auto k, auto mb, auto z) {
+    return launch_variant<BITS, T, GPTQ_MARLIN_VALUE(mb), GPTQ_MARLIN_VALUE(z), GPTQ_MARLIN_VALUE(k)>(
+        args, stream);
+  });
 }
 
 template <int BITS, typename T>

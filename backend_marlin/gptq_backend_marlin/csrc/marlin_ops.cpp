@@ -153,27 +153,20 @@ std::map<std::tuple<int, int, int, int, bool, int>, int> g_occupancy;
 std::map<int, int> g_cc_major;
 std::map<int, int> g_sm_count;
 
-int sm_count(int device) {
+// A device attribute, queried once per device.
+int cached_attribute(std::map<int, int>& cache, int device, cudaDeviceAttr attr) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_sm_count.find(device);
-  if (it != g_sm_count.end()) return it->second;
-  int sms = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int value = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&value, attr, device);
   MARLIN_CHECK(err == cudaSuccess, "marlin: cannot query the device: ", cudaGetErrorString(err));
-  g_sm_count[device] = sms;
-  return sms;
+  cache[device] = value;
+  return value;
 }
 
-int cc_major(int device) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  auto it = g_cc_major.find(device);
-  if (it != g_cc_major.end()) return it->second;
-  int major = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  MARLIN_CHECK(err == cudaSuccess, "marlin: cannot query the device: ", cudaGetErrorString(err));
-  g_cc_major[device] = major;
-  return major;
-}
+int sm_count(int device) { return cached_attribute(g_sm_count, device, cudaDevAttrMultiProcessorCount); }
+int cc_major(int device) { return cached_attribute(g_cc_major, device, cudaDevAttrComputeCapabilityMajor); }
 
 // Stream-K workers get at least this many stages each (GPTQ_MARLIN_MIN_STAGES overrides):
 // fewer contributors per shared tile for the finalizer against fewer SMs streaming weights.
