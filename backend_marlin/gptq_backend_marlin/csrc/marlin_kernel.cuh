@@ -621,6 +621,17 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     }
     __syncthreads();
   }
+  // Step the fetch cursor to the next stage.
+  auto advance = [&]() {
+    if (++f_stage == kStages) f_stage = 0;
+    if (++f_kt == k_tiles) {
+      f_kt = 0;
+      f_nt++;
+      f_column();
+    } else {
+      f_b += KT * f_b_step;
+    }
+  };
   auto fetch_tma = [&]() {
     uint8_t* st = smem + f_stage * S::kStage;
     uint64_t* bar = &bars[f_stage];
@@ -649,14 +660,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
                   kTileK * 2, bar);
       }
     }
-    if (++f_stage == kStages) f_stage = 0;
-    if (++f_kt == k_tiles) {
-      f_kt = 0;
-      f_nt++;
-      f_column();
-    } else {
-      f_b += f_b_step;
-    }
+    advance();
   };
   auto fetch_cp = [&]() {
 #pragma unroll
@@ -698,15 +702,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
         if constexpr (HAS_ZEROS) cp_async16(ss + S::kS, static_cast<const uint8_t*>(p.zeros) + off);
       }
     }
-    // Step the cursor.
-    if (++f_stage == kStages) f_stage = 0;
-    if (++f_kt == k_tiles) {
-      f_kt = 0;
-      f_nt++;
-      f_column();
-    } else {
-      f_b += KT * f_b_step;
-    }
+    advance();
   };
 
   float acc[M_BLOCKS][4][4];
