@@ -68,23 +68,23 @@ void check_weights(const at::Tensor& b, const at::Tensor& scales,
                    int64_t k, int64_t n) {
   MARLIN_CHECK(bits == 4 || bits == 8, "marlin: bits must be 4 or 8, got ", bits);
   MARLIN_CHECK(k > 0 && k % kTileK == 0, "marlin: K=", k, " must be a positive multiple of ",
-              kTileK);
+               kTileK);
   MARLIN_CHECK(n > 0 && n % kWarpN == 0, "marlin: N=", n, " must be a positive multiple of ",
-              kWarpN);
+               kWarpN);
   MARLIN_CHECK(b.is_cuda() && b.scalar_type() == at::kInt && b.is_contiguous(),
-              "marlin: tiles must be a contiguous int32 CUDA tensor (from gptq_backend_marlin."
-              "layout.repack)");
+               "marlin: tiles must be a contiguous int32 CUDA tensor (from gptq_backend_marlin."
+               "layout.repack)");
   MARLIN_CHECK(b.numel() * 32 == k * n * bits, "marlin: ", b.numel(), " tile words cannot hold a ",
-              k, " x ", n, " ", bits, "-bit weight");
+               k, " x ", n, " ", bits, "-bit weight");
   const int64_t groups = group_size == -1 ? 1 : (k + group_size - 1) / group_size;
   MARLIN_CHECK(scales.dim() == 2 && scales.size(0) == groups && scales.size(1) == n &&
-                  scales.is_contiguous() && scales.device() == b.device(),
-              "marlin: scales must be a contiguous [", groups, ", ", n, "] tensor on ",
-              b.device(), ", got ", scales.sizes(), " on ", scales.device());
+                   scales.is_contiguous() && scales.device() == b.device(),
+               "marlin: scales must be a contiguous [", groups, ", ", n, "] tensor on ",
+               b.device(), ", got ", scales.sizes(), " on ", scales.device());
   if (zeros.has_value()) {
     MARLIN_CHECK(zeros->sizes() == scales.sizes() && zeros->scalar_type() == scales.scalar_type() &&
-                    zeros->is_contiguous() && zeros->device() == b.device(),
-                "marlin: zeros must match scales in shape, dtype and device");
+                     zeros->is_contiguous() && zeros->device() == b.device(),
+                 "marlin: zeros must match scales in shape, dtype and device");
   }
 }
 
@@ -114,25 +114,25 @@ bool torch_gather() {
 // x [M, K] fp16/bf16 (made contiguous here), perm [K] int32/int64 on x's device -> [M, K].
 at::Tensor gather_cols_impl(const at::Tensor& x_in, const at::Tensor& perm) {
   MARLIN_CHECK(x_in.is_cuda() && x_in.dim() == 2,
-              "gather_cols: x must be a 2-D CUDA tensor, got ", x_in.sizes(), " on ", x_in.device());
+               "gather_cols: x must be a 2-D CUDA tensor, got ", x_in.sizes(), " on ", x_in.device());
   MARLIN_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
-              "gather_cols: x must be float16 or bfloat16, got ", x_in.scalar_type());
+               "gather_cols: x must be float16 or bfloat16, got ", x_in.scalar_type());
   MARLIN_CHECK(perm.dim() == 1 && perm.size(0) == x_in.size(1),
-              "gather_cols: perm must be a 1-D tensor of K=", x_in.size(1), " indices, got ",
-              perm.sizes());
+               "gather_cols: perm must be a 1-D tensor of K=", x_in.size(1), " indices, got ",
+               perm.sizes());
   MARLIN_CHECK(perm.scalar_type() == at::kInt || perm.scalar_type() == at::kLong,
-              "gather_cols: perm must be int32 or int64, got ", perm.scalar_type());
+               "gather_cols: perm must be int32 or int64, got ", perm.scalar_type());
   MARLIN_CHECK(perm.device() == x_in.device(), "gather_cols: perm is on ", perm.device(),
-              " but x on ", x_in.device());
+               " but x on ", x_in.device());
   MARLIN_CHECK(x_in.size(0) < (int64_t{1} << 31) && x_in.size(1) < (int64_t{1} << 30),
-              "gather_cols: x of ", x_in.sizes(), " is too large");
+               "gather_cols: x of ", x_in.sizes(), " is too large");
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor p = perm.contiguous();
   auto out = at::empty(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   MARLIN_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
-              "gather_cols: output not 16-byte aligned");
+               "gather_cols: output not 16-byte aligned");
   const uint16_t nan_bits = x.scalar_type() == at::kHalf ? 0x7e00 : 0x7fc0;
   const cudaError_t err = gather_cols_launch(
       x.data_ptr(), p.data_ptr(), p.scalar_type() == at::kLong, out.data_ptr(),
@@ -221,7 +221,7 @@ int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kin
   int blocks = 0;
   const cudaError_t err = gemm_occupancy(dtype, bits, m_blocks, zeros, kind, &blocks);
   MARLIN_CHECK(err == cudaSuccess, "marlin: cannot configure the kernel on this device: ",
-              cudaGetErrorString(err));
+               cudaGetErrorString(err));
   MARLIN_CHECK(blocks > 0, "marlin: the kernel does not fit on this device (shared memory)");
   g_occupancy[key] = blocks;
   return blocks;
@@ -282,24 +282,24 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
                 const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
                 int64_t size_n, int64_t dequant_threshold, int64_t blocks_per_sm) {
   MARLIN_CHECK(a.is_cuda() && a.dim() == 2, "marlin: a must be a 2-D CUDA tensor, got ",
-              a.sizes(), " on ", a.device());
+               a.sizes(), " on ", a.device());
   MARLIN_CHECK(a.device() == b.device(), "marlin: activations on ", a.device(),
-              " but weights on ", b.device());
+               " but weights on ", b.device());
   const int dtype = dtype_code(a.scalar_type());
   MARLIN_CHECK(scales.scalar_type() == a.scalar_type(), "marlin: the weights were prepared for ",
-              scales.scalar_type(), " activations but got ", a.scalar_type(),
-              "; bind the layer for this dtype");
+               scales.scalar_type(), " activations but got ", a.scalar_type(),
+               "; bind the layer for this dtype");
   const int64_t M = a.size(0), K = a.size(1), N = size_n;
   check_weights(b, scales, zeros, bits, group_size, K, N);
   if (perm.has_value()) {
     MARLIN_CHECK(perm->dim() == 1 && perm->size(0) == K && perm->device() == a.device() &&
-                    (perm->scalar_type() == at::kLong || perm->scalar_type() == at::kInt),
-                "marlin: perm must be a [K] int64 or int32 tensor on the activations' device");
+                     (perm->scalar_type() == at::kLong || perm->scalar_type() == at::kInt),
+                 "marlin: perm must be a [K] int64 or int32 tensor on the activations' device");
   }
   if (bias.has_value()) {
     MARLIN_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == a.device(),
-                "marlin: bias must be a [N] tensor on the activations' device, got ",
-                bias->sizes());
+                 "marlin: bias must be a [N] tensor on the activations' device, got ",
+                 bias->sizes());
   }
   c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({M, N}, a.options());
