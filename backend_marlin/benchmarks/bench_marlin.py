@@ -225,6 +225,12 @@ def wide4_ab(rows) -> None:
     env_ab(rows, "GPTQ_MARLIN_WIDE", (("wide", "2"), ("wide4", "4")), layers, "wide4_ab", ms=(1, 2, 8, 16, 32))
 
 
+def swap_ab(rows) -> None:
+    """The swapped mma (GPTQ_MARLIN_SWAP=1, M <= 8) against the default, interleaved."""
+    layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (11008, 4096), (8192, 28672))]
+    env_ab(rows, "GPTQ_MARLIN_SWAP", (("mma", "0"), ("swap", "1")), layers, "swap_ab", ms=(1, 2, 4, 8))
+
+
 def workers_ab(rows) -> None:
     """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 4 (the
     default), 6, 8), interleaved twice on the same weights: fewer contributors per tile for
@@ -284,6 +290,7 @@ AB_RUNS = {
     "tma-ab": (tma_ab, "the bulk-copy (TMA) pipeline against cp.async (about 60 s)"),
     "wide-ab": (wide_ab, "the 128-row-stage kernels against the 64-row ones (about 90 s)"),
     "wide4-ab": (wide4_ab, "the 256-row kernels against the 128-row ones (about 40 s)"),
+    "swap-ab": (swap_ab, "the swapped mma (weights as the A operand) against the default at M <= 8 (about 40 s)"),
     "workers-ab": (workers_ab, "fewer stream-K workers, GPTQ_MARLIN_MIN_STAGES 1/4/6/8 (about 60 s)"),
 }
 

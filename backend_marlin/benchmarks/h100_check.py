@@ -239,6 +239,13 @@ def wide4_ab() -> None:
     pipeline_ab("GPTQ_MARLIN_WIDE", ("4", "2"), (4,), "wide4", identical=False)
 
 
+def swap_ab() -> None:
+    """The swapped mma (GPTQ_MARLIN_SWAP=1: weights as the A operand, 4-bit, M <= 8, on the
+    128- and 256-row kernels) against the default; both against float64 (see pipeline_ab;
+    M 1, 2 and 7 take the swapped kernels)."""
+    pipeline_ab("GPTQ_MARLIN_SWAP", ("1", "0"), (4,), "swap", identical=False)
+
+
 def scalefold() -> None:
     """The opt-in scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1: 4-bit, group size >= 64 or -1;
     the scale multiplies the fp32 sums once per group). Each call runs with the flag and

@@ -40,9 +40,10 @@ struct GemmArgs {
 
 // Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, its scale-fold variant, the
 // bulk-copy (TMA) pipeline of compute capability >= 9.0, and the cp.async pipeline with
-// 128-row stages (4-bit, K a multiple of 128), and with 256-row stages (large layers).
+// 128-row stages (4-bit, K a multiple of 128), and with 256-row stages (large layers); the
+// last two also with the weights as the mma's A operand (at most 8 rows).
 enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2, kKernelWide = 3,
-                        kKernelWide4 = 4 };
+                        kKernelWide4 = 4, kKernelWideSwap = 5, kKernelWide4Swap = 6 };
 
 struct DequantArgs {
   const void* b;

@@ -352,10 +352,17 @@ __device__ __forceinline__ void load_groups(Group<T> (&out)[4], const uint8_t* s
 // FRESH (FOLD only): the first stage of a group; its first mma per fragment starts from zero
 // instead of acc (no separate zeroing after a fold).
 // PAD_A: the TMA variant's activation rows (padded, not swizzled; see Smem).
+// SWAP (4-bit, one row block, at most 8 rows): the weights are the mma's A operand and the
+// activations its B operand, so one m16n8k16 covers 16 output columns x 8 rows instead of 8
+// columns x 16 rows: half the mmas. The dequantized registers of subtiles 2i and 2i+1 are
+// already the A fragment of output columns 16i..16i+15 (b0 of 2i, b0 of 2i+1, b1 of 2i, b1 of
+// 2i+1), so the layout does not change. acc[0][i] (i = 0, 1) then holds, for lane (g, t),
+// columns 16i + g and 16i + 8 + g of rows 2t and 2t + 1 (see store_tile_swap).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD = false, bool FRESH = false,
-          bool PAD_A = false>
+          bool PAD_A = false, bool SWAP = false>
 __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], const uint8_t* stage,
                                               int warp, int lane, bool two_group_rows) {
+  static_assert(!SWAP || (BITS == 4 && M_BLOCKS == 1 && !FOLD), "the swapped mma: 4-bit, one row block");
   using L = Layout<BITS>;
   using S = Smem<BITS, M_BLOCKS, PAD_A>;
   const uint8_t* sb = stage + warp * L::kWarpTileBytes;
@@ -379,6 +386,35 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
     load_groups<T, BITS, HAS_ZEROS>(grp[1], ss + row1 + col, ss + S::kS + row1 + col, g);
   }
 
+  if constexpr (SWAP) {
+#pragma unroll
+    for (int c = 0; c < L::kChunks; c++) {
+      const int4 q4 = *reinterpret_cast<const int4*>(sb + c * 512 + lane * 16);
+      // Rows 0..7 of the chunk's 32 k (4 units of 8): register q = unit 4c + q, so steps 2c and
+      // 2c + 1 take (x[0], x[1]) and (x[2], x[3]) as their B fragments.
+      uint32_t x[4];
+      {
+        const int row = lane & 7, unit = 4 * c + (lane >> 3);
+        if constexpr (PAD_A)
+          ldmatrix_x4(x, sa + row * S::kARow + (unit << 4));
+        else
+          ldmatrix_x4(x, sa + row * 128 + ((unit ^ (row & 7)) << 4));
+      }
+      const uint32_t words[4] = {static_cast<uint32_t>(q4.x), static_cast<uint32_t>(q4.y),
+                                 static_cast<uint32_t>(q4.z), static_cast<uint32_t>(q4.w)};
+      uint32_t b[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) dequant4<T>(words[j], grp[c][j], grp[c][j], b[j]);
+#pragma unroll
+      for (int i = 0; i < 2; i++) {
+        const uint32_t w0[4] = {b[2 * i][0], b[2 * i + 1][0], b[2 * i][1], b[2 * i + 1][1]};
+        const uint32_t w1[4] = {b[2 * i][2], b[2 * i + 1][2], b[2 * i][3], b[2 * i + 1][3]};
+        mma<T>(acc[0][i], w0, x[0], x[1]);
+        mma<T>(acc[0][i], w1, x[2], x[3]);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int c = 0; c < L::kChunks; c++) {
     const int4 q4 = *reinterpret_cast<const int4*>(sb + c * 512 + lane * 16);
@@ -452,6 +488,28 @@ __device__ __forceinline__ void store_tile(const float (&acc)[M_BLOCKS][4][4], c
       }
     }
   }
+}
+
+// The swapped accumulators (compute_stage's SWAP) (+ bias) -> output rows row0 + 2t, + 1 of
+// columns col0 + 16i + g (+ 8), for rows < m.
+template <typename T>
+__device__ __forceinline__ void store_tile_swap(const float (&acc)[1][4][4], const GemmArgs& p,
+                                                int row0, int col0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  T* out = static_cast<T*>(p.c);
+  const half* bias = static_cast<const half*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int col = col0 + 16 * i + 8 * h + g;
+      const float b = bias != nullptr ? __half2float(bias[col]) : 0.f;
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int r = row0 + 2 * t + e;
+        if (r < p.m) out[static_cast<size_t>(r) * p.n + col] = Act<T>::from_float(acc[0][i][2 * h + e] + b);
+      }
+    }
 }
 
 template <int M_BLOCKS>
@@ -553,7 +611,9 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
 // once per 128 rows, and a warp has two tiles of independent loads and mmas between barriers
 // (the kernel is latency-bound at small M: ncu, session 3). Iterations, tiles, counters and the
 // stream-K split all count stages, so K must be a multiple of 128.
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD, bool TMA = false, int KT = 1>
+// SWAP: the swapped mma at up to 8 rows (compute_stage), on the wide pipelines.
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD, bool TMA = false, int KT = 1,
+          bool SWAP = false>
 __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
   static_assert(!(FOLD && TMA), "the scale fold runs on the cp.async pipeline only");
   static_assert(KT == 1 || (!FOLD && !TMA), "wide stages run on the plain cp.async pipeline only");
@@ -760,7 +820,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
       if (warp_ok) {
 #pragma unroll
         for (int h = 0; h < KT; h++)
-          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, TMA>(
+          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, TMA, SWAP>(
               acc, smem + stage * S::kStage + h * S::kSub, warp, lane, two_group_rows);
       }
     }
@@ -784,7 +844,11 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     const int kt_first = cur_kt - (i - seg_first);
     const int col0 = cur_nt * kTileN + warp * kWarpN;
     if (kt_first == 0 && cur_kt == k_tiles - 1) {
-      if (warp_ok) store_tile<T, M_BLOCKS>(acc, p, row0, col0, lane);
+      if constexpr (SWAP) {
+        if (warp_ok) store_tile_swap<T>(acc, p, row0, col0, lane);
+      } else {
+        if (warp_ok) store_tile<T, M_BLOCKS>(acc, p, row0, col0, lane);
+      }
     } else {
       // Shared tile: park the partial sums of the valid rows in this worker's slot (0: its
       // first tile, 1: its last), row-major [rows][kTileN] fp32; the last contributor to
@@ -793,7 +857,18 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
       float* slot = p.slots + (static_cast<size_t>(slice * p.workers + worker) * 2 +
                                (seg_first == 0 ? 0 : 1)) *
                                   kSlotFloats;
-      if (warp_ok) {
+      if (warp_ok && SWAP) {
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+          for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+              const int r = 2 * t + e, c = warp * kWarpN + 16 * i + 8 * h + g;
+              if (r < rows) slot[r * kTileN + c] = acc[0][i][2 * h + e];
+            }
+      } else if (warp_ok) {
         const int g = lane >> 2, t = lane & 3;
 #pragma unroll
         for (int mb = 0; mb < M_BLOCKS; mb++)
@@ -934,6 +1009,16 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide4(const GemmArgs 
   gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 4>(p);
 }
 
+// The wide kernels with the swapped mma (at most 8 rows; see compute_stage).
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide_swap(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 2, true>(p);
+}
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
+__global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide4_swap(const GemmArgs p) {
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 4, true>(p);
+}
+
 // Compute capability >= 9.0: the stages arrive by bulk copies (see gemm_body).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
@@ -1018,13 +1103,18 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
 // The kernel of each kind (KernelKind, marlin.h) and its dynamic shared memory.
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
 struct Variant {
-  static constexpr int kSmem =
-      Smem<BITS, M_BLOCKS, KIND == kKernelTma, KIND == kKernelWide ? 2 : KIND == kKernelWide4 ? 4 : 1>::kTotal;
+  static constexpr int kKT =
+      KIND == kKernelWide || KIND == kKernelWideSwap ? 2 : KIND == kKernelWide4 || KIND == kKernelWide4Swap ? 4 : 1;
+  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kKernelTma, kKT>::kTotal;
   static auto kernel() {
     if constexpr (KIND == kKernelTma)
       return gemm_kernel_tma<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelWide4)
       return gemm_kernel_wide4<BITS, T, M_BLOCKS, HAS_ZEROS>;
+    else if constexpr (KIND == kKernelWideSwap)
+      return gemm_kernel_wide_swap<BITS, T, M_BLOCKS, HAS_ZEROS>;
+    else if constexpr (KIND == kKernelWide4Swap)
+      return gemm_kernel_wide4_swap<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelWide)
       return gemm_kernel_wide<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelFold)
@@ -1075,10 +1165,13 @@ constexpr int kRowBlocks = [] {
 #ifdef GPTQ_MARLIN_NO_TMA
   if (KIND == kKernelTma) return 0;
 #endif
+  const bool wide = KIND == kKernelWide || KIND == kKernelWide4 || KIND == kKernelWideSwap ||
+                    KIND == kKernelWide4Swap;
 #ifdef GPTQ_MARLIN_NO_WIDE
-  if (KIND == kKernelWide || KIND == kKernelWide4) return 0;
+  if (wide) return 0;
 #endif
-  if (BITS != 4 && (KIND == kKernelFold || KIND == kKernelWide || KIND == kKernelWide4)) return 0;
+  if (BITS != 4 && (KIND == kKernelFold || wide)) return 0;
+  if (KIND == kKernelWideSwap || KIND == kKernelWide4Swap) return 1;
   return KIND == kKernelWide4 ? 2 : all;
 }();
 
@@ -1112,6 +1205,8 @@ cudaError_t with_variant(int kind, int m_blocks, bool has_zeros, F&& f) {
     case kKernelTma: return rows(std::integral_constant<int, kKernelTma>{});
     case kKernelWide: return rows(std::integral_constant<int, kKernelWide>{});
     case kKernelWide4: return rows(std::integral_constant<int, kKernelWide4>{});
+    case kKernelWideSwap: return rows(std::integral_constant<int, kKernelWideSwap>{});
+    case kKernelWide4Swap: return rows(std::integral_constant<int, kKernelWide4Swap>{});
     default: return cudaErrorInvalidValue;
   }
 }

@@ -197,10 +197,11 @@ bool env_is(const char* name, const char* value) {
 //   4096x11008 and 11008x4096 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x); else
 //   128-row stages (K % 128 == 0: 1.07-1.18x over 64-row ones from M = 1 to 256 on the large
 //   shapes); else 64-row stages. GPTQ_MARLIN_WIDE=0 / 2 / 4 forces 64 / 128 / 256 rows where
-//   the shape allows.
+//   the shape allows. At most 8 rows, GPTQ_MARLIN_SWAP=1 runs the 128/256-row kernels with the
+//   weights as the mma's A operand (half the mmas; opt-in until measured).
 // The switches are read per call, so a benchmark can compare the kernels between captures.
-int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_tiles, int m_blocks,
-                int64_t slices, int sms) {
+int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_tiles, int64_t m,
+                int m_blocks, int64_t slices, int sms) {
   if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
   if (cc_major(device) >= 9 && !env_is("GPTQ_MARLIN_TMA", "0") &&
       (env_is("GPTQ_MARLIN_TMA", "1") || (bits == 8 && slices == 1)))
@@ -208,9 +209,10 @@ int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_
   if (bits != 4 || env_is("GPTQ_MARLIN_WIDE", "0") || k % (2 * kTileK) != 0) return kKernelDefault;
   const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
   const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{3} * 2 * sms;  // 2 blocks per SM
+  const bool swap = m <= 8 && env_is("GPTQ_MARLIN_SWAP", "1");
   if (fits4 && (env_is("GPTQ_MARLIN_WIDE", "4") || (large && !env_is("GPTQ_MARLIN_WIDE", "2"))))
-    return kKernelWide4;
-  return kKernelWide;
+    return swap ? kKernelWide4Swap : kKernelWide4;
+  return swap ? kKernelWideSwap : kKernelWide;
 }
 
 int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kind) {
@@ -327,11 +329,14 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int device = a.device().index();
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
-  const int kind = kernel_kind(device, bits, group_shift(group_size, K), K, n_tiles, m_blocks, slices, sms);
+  const int kind =
+      kernel_kind(device, bits, group_shift(group_size, K), K, n_tiles, M, m_blocks, slices, sms);
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
   const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
-  const int64_t total =
-      n_tiles * (K / kTileK) / (kind == kKernelWide ? 2 : kind == kKernelWide4 ? 4 : 1);  // stages
+  const int kt = kind == kKernelWide || kind == kKernelWideSwap     ? 2
+                 : kind == kKernelWide4 || kind == kKernelWide4Swap ? 4
+                                                                    : 1;  // 64-row tiles per stage
+  const int64_t total = n_tiles * (K / kTileK) / kt;  // stages
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
   // At least min_stages_per_worker() stages per worker.
   workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / min_stages_per_worker()));
