@@ -226,7 +226,8 @@ def wide4_ab(rows) -> None:
 
 
 def swap_ab(rows) -> None:
-    """The swapped mma (GPTQ_MARLIN_SWAP=1, M <= 8) against the default, interleaved."""
+    """The swapped mma (the default at M <= 8) against the plain one (GPTQ_MARLIN_SWAP=0),
+    interleaved (`--swap-ab`, about 40 s)."""
     layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (11008, 4096), (8192, 28672))]
     env_ab(rows, "GPTQ_MARLIN_SWAP", (("mma", "0"), ("swap", "1")), layers, "swap_ab", ms=(1, 2, 4, 8))
 

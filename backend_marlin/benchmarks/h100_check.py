@@ -240,10 +240,10 @@ def wide4_ab() -> None:
 
 
 def swap_ab() -> None:
-    """The swapped mma (GPTQ_MARLIN_SWAP=1: weights as the A operand, 4-bit, M <= 8, on the
-    128- and 256-row kernels) against the default; both against float64 (see pipeline_ab;
-    M 1, 2 and 7 take the swapped kernels)."""
-    pipeline_ab("GPTQ_MARLIN_SWAP", ("1", "0"), (4,), "swap", identical=False)
+    """The swapped mma (weights as the A operand: 4-bit, M <= 8, on the 128- and 256-row
+    kernels; the default) against the plain one (GPTQ_MARLIN_SWAP=0); both against float64
+    (see pipeline_ab; M 1, 2 and 7 take the swapped kernels)."""
+    pipeline_ab("GPTQ_MARLIN_SWAP", ("", "0"), (4,), "swap", identical=False)
 
 
 def scalefold() -> None:

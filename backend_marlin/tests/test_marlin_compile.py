@@ -217,3 +217,31 @@ def test_wide_kernels_pay_the_stage_overhead_once_per_128_rows(built):
                 f"{stem}: {name}: {sum(hot.values()) / 2:.0f} instructions per 64 rows, default {sum(base.values())}"
     for stem in ("marlin_f16_b8", "marlin_bf16_b8"):
         assert "gemm_kernel_wide" not in logs[stem], f"{stem}: wide kernels are 4-bit only"
+
+
+def test_swapped_mma_kernels_halve_the_mmas(built):
+    """The swapped-mma kernels (weights as the A operand, M <= 8: 128- and 256-row stages x
+    sym/asym, one row block, 4-bit only) exist without local memory and issue half the HMMAs of
+    the same pipeline without the swap, and fewer instructions in all."""
+    obj_dir, results = built
+    logs = {name.removesuffix(".cu"): log for name, _, log in results}
+    for stem in FOLD_FILES:  # the 4-bit files
+        entries = re.findall(r"Compiling entry function '(\w*gemm_kernel_wide4?_swap\w*)'(.*?)Used (\d+) registers",
+                             logs[stem], re.S)
+        assert len(entries) == 4, f"{stem}: {len(entries)} swapped-mma kernels"
+        for kernel, info, regs in entries:
+            assert re.search(r"\b0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", info), \
+                f"{stem}: {kernel} uses local memory:{info}"
+            assert int(regs) <= 128, f"{stem}: {kernel} uses {regs} registers"
+        ks = sass_tools.kernels(_sass(obj_dir / f"{stem}.o"))
+        for name, ins in ks.items():
+            if "_swap" not in name:
+                continue
+            plain = name.replace("21gemm_kernel_wide_swap", "16gemm_kernel_wide").replace(
+                "22gemm_kernel_wide4_swap", "17gemm_kernel_wide4")
+            hot, _ = sass_tools.hot_path(ins)
+            base, _ = sass_tools.hot_path(ks[plain])
+            assert 2 * hot["HMMA"] == base["HMMA"], f"{stem}: {name}: {hot['HMMA']} HMMA vs {base['HMMA']}"
+            assert sum(hot.values()) < sum(base.values()), f"{stem}: {name}: no fewer instructions"
+    for stem in ("marlin_f16_b8", "marlin_bf16_b8"):
+        assert "_swap" not in logs[stem], f"{stem}: the swapped mma is 4-bit only"

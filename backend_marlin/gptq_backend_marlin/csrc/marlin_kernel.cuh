@@ -413,48 +413,48 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
         mma<T>(acc[0][i], w1, x[2], x[3]);
       }
     }
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int c = 0; c < L::kChunks; c++) {
-    const int4 q4 = *reinterpret_cast<const int4*>(sb + c * 512 + lane * 16);
-    uint32_t a[L::kStepsPerChunk][M_BLOCKS][4];
+    for (int c = 0; c < L::kChunks; c++) {
+      const int4 q4 = *reinterpret_cast<const int4*>(sb + c * 512 + lane * 16);
+      uint32_t a[L::kStepsPerChunk][M_BLOCKS][4];
 #pragma unroll
-    for (int h = 0; h < L::kStepsPerChunk; h++) {
-      const int step = c * L::kStepsPerChunk + h;
-#pragma unroll
-      for (int mb = 0; mb < M_BLOCKS; mb++) {
-        const int row = mb * 16 + (lane & 15);
-        const int unit = 2 * step + (lane >> 4);  // 16-byte unit of the 128-byte row
-        if constexpr (PAD_A)
-          ldmatrix_x4(a[h][mb], sa + row * S::kARow + (unit << 4));
-        else
-          ldmatrix_x4(a[h][mb], sa + row * 128 + ((unit ^ (row & 7)) << 4));
-      }
-    }
-    const uint32_t words[4] = {static_cast<uint32_t>(q4.x), static_cast<uint32_t>(q4.y),
-                               static_cast<uint32_t>(q4.z), static_cast<uint32_t>(q4.w)};
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      if constexpr (BITS == 4) {
-        uint32_t b[4];
-        // Both steps of a 4-bit chunk lie in the same 32-row half of the stage.
-        dequant4<T, !FOLD>(words[j], grp[c][j], grp[c][j], b);
+      for (int h = 0; h < L::kStepsPerChunk; h++) {
+        const int step = c * L::kStepsPerChunk + h;
 #pragma unroll
         for (int mb = 0; mb < M_BLOCKS; mb++) {
-          if constexpr (FRESH) {
-            if (c == 0) {
-              acc[mb][j][0] = acc[mb][j][1] = acc[mb][j][2] = acc[mb][j][3] = 0.f;
-            }
-          }
-          mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
-          mma<T>(acc[mb][j], a[1][mb], b[2], b[3]);
+          const int row = mb * 16 + (lane & 15);
+          const int unit = 2 * step + (lane >> 4);  // 16-byte unit of the 128-byte row
+          if constexpr (PAD_A)
+            ldmatrix_x4(a[h][mb], sa + row * S::kARow + (unit << 4));
+          else
+            ldmatrix_x4(a[h][mb], sa + row * 128 + ((unit ^ (row & 7)) << 4));
         }
-      } else {
-        uint32_t b[2];
-        dequant8<T>(words[j], grp[c >> 1][j], b);
+      }
+      const uint32_t words[4] = {static_cast<uint32_t>(q4.x), static_cast<uint32_t>(q4.y),
+                                 static_cast<uint32_t>(q4.z), static_cast<uint32_t>(q4.w)};
 #pragma unroll
-        for (int mb = 0; mb < M_BLOCKS; mb++) mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
+      for (int j = 0; j < 4; j++) {
+        if constexpr (BITS == 4) {
+          uint32_t b[4];
+          // Both steps of a 4-bit chunk lie in the same 32-row half of the stage.
+          dequant4<T, !FOLD>(words[j], grp[c][j], grp[c][j], b);
+#pragma unroll
+          for (int mb = 0; mb < M_BLOCKS; mb++) {
+            if constexpr (FRESH) {
+              if (c == 0) {
+                acc[mb][j][0] = acc[mb][j][1] = acc[mb][j][2] = acc[mb][j][3] = 0.f;
+              }
+            }
+            mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
+            mma<T>(acc[mb][j], a[1][mb], b[2], b[3]);
+          }
+        } else {
+          uint32_t b[2];
+          dequant8<T>(words[j], grp[c >> 1][j], b);
+#pragma unroll
+          for (int mb = 0; mb < M_BLOCKS; mb++) mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
+        }
       }
     }
   }

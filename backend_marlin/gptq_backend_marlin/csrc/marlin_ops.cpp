@@ -197,8 +197,9 @@ bool env_is(const char* name, const char* value) {
 //   4096x11008 and 11008x4096 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x); else
 //   128-row stages (K % 128 == 0: 1.07-1.18x over 64-row ones from M = 1 to 256 on the large
 //   shapes); else 64-row stages. GPTQ_MARLIN_WIDE=0 / 2 / 4 forces 64 / 128 / 256 rows where
-//   the shape allows. At most 8 rows, GPTQ_MARLIN_SWAP=1 runs the 128/256-row kernels with the
-//   weights as the mma's A operand (half the mmas; opt-in until measured).
+//   the shape allows. At most 8 rows, those kernels take the weights as the mma's A operand
+//   (half the mmas; 1.03-1.10x at M = 1-8 on four shapes, session 3 run 12) unless
+//   GPTQ_MARLIN_SWAP=0.
 // The switches are read per call, so a benchmark can compare the kernels between captures.
 int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_tiles, int64_t m,
                 int m_blocks, int64_t slices, int sms) {
@@ -209,7 +210,7 @@ int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_
   if (bits != 4 || env_is("GPTQ_MARLIN_WIDE", "0") || k % (2 * kTileK) != 0) return kKernelDefault;
   const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
   const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{3} * 2 * sms;  // 2 blocks per SM
-  const bool swap = m <= 8 && env_is("GPTQ_MARLIN_SWAP", "1");
+  const bool swap = m <= 8 && !env_is("GPTQ_MARLIN_SWAP", "0");
   if (fits4 && (env_is("GPTQ_MARLIN_WIDE", "4") || (large && !env_is("GPTQ_MARLIN_WIDE", "2"))))
     return swap ? kKernelWide4Swap : kKernelWide4;
   return swap ? kKernelWideSwap : kKernelWide;
