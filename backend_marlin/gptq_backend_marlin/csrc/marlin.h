@@ -45,6 +45,13 @@ struct GemmArgs {
 enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2, kKernelWide = 3,
                         kKernelWide4 = 4, kKernelWideSwap = 5, kKernelWide4Swap = 6 };
 
+// 64-row k tiles per pipeline stage of each kind (the stream-K split counts stages).
+constexpr int stage_tiles(int kind) {
+  return kind == kKernelWide || kind == kKernelWideSwap ? 2
+         : kind == kKernelWide4 || kind == kKernelWide4Swap ? 4
+                                                            : 1;
+}
+
 struct DequantArgs {
   const void* b;
   const void* scales;

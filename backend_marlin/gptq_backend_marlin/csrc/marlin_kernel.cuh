@@ -1103,9 +1103,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
 // The kernel of each kind (KernelKind, marlin.h) and its dynamic shared memory.
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
 struct Variant {
-  static constexpr int kKT =
-      KIND == kKernelWide || KIND == kKernelWideSwap ? 2 : KIND == kKernelWide4 || KIND == kKernelWide4Swap ? 4 : 1;
-  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kKernelTma, kKT>::kTotal;
+  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kKernelTma, stage_tiles(KIND)>::kTotal;
   static auto kernel() {
     if constexpr (KIND == kKernelTma)
       return gemm_kernel_tma<BITS, T, M_BLOCKS, HAS_ZEROS>;

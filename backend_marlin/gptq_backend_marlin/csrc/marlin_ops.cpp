@@ -88,11 +88,16 @@ void check_weights(const at::Tensor& b, const at::Tensor& scales,
   }
 }
 
+// The value of an environment switch ("" when unset).
+const char* env_or_empty(const char* name) {
+  const char* env = std::getenv(name);
+  return env != nullptr ? env : "";
+}
+
 // GPTQ_MARLIN_FINALIZER=loop selects the v2 finalizer (side-by-side timing); read per call so
 // a benchmark can switch it between graph captures.
 int finalizer_mode() {
-  const char* env = std::getenv("GPTQ_MARLIN_FINALIZER");
-  return (env != nullptr && std::strcmp(env, "loop") == 0) ? 1 : 0;
+  return std::strcmp(env_or_empty("GPTQ_MARLIN_FINALIZER"), "loop") == 0 ? 1 : 0;
 }
 
 // GPTQ_MARLIN_SCALEFOLD=1 runs the scale-fold kernels (the group scale applied to the fp32
@@ -100,15 +105,13 @@ int finalizer_mode() {
 // group size >= 64 or -1 (a 64-row stage then holds one group). Opt-in, read per call like the
 // finalizer; results are not bit-identical to the default (the rounding moves to fp32).
 bool scalefold_mode() {
-  const char* env = std::getenv("GPTQ_MARLIN_SCALEFOLD");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return std::strcmp(env_or_empty("GPTQ_MARLIN_SCALEFOLD"), "1") == 0;
 }
 
 // GPTQ_MARLIN_GATHER=torch permutes act-order activations with at::index_select instead of
 // the gather kernel (side-by-side timing; same results). Read per call like the finalizer.
 bool torch_gather() {
-  const char* env = std::getenv("GPTQ_MARLIN_GATHER");
-  return env != nullptr && std::strcmp(env, "torch") == 0;
+  return std::strcmp(env_or_empty("GPTQ_MARLIN_GATHER"), "torch") == 0;
 }
 
 // x [M, K] fp16/bf16 (made contiguous here), perm [K] int32/int64 on x's device -> [M, K].
@@ -180,10 +183,6 @@ int64_t min_stages_per_worker() {
   return v >= 1 ? v : 1;
 }
 
-bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
 
 // The pipeline a call runs, by measurements on the H100 (session 3, bench_marlin.py A/Bs):
 // * the scale fold when asked for (GPTQ_MARLIN_SCALEFOLD=1) and possible (4-bit, group size
@@ -204,14 +203,16 @@ bool env_is(const char* name, const char* value) {
 int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_tiles, int64_t m,
                 int m_blocks, int64_t slices, int sms) {
   if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
-  if (cc_major(device) >= 9 && !env_is("GPTQ_MARLIN_TMA", "0") &&
-      (env_is("GPTQ_MARLIN_TMA", "1") || (bits == 8 && slices == 1)))
+  const char* tma = env_or_empty("GPTQ_MARLIN_TMA");
+  if (cc_major(device) >= 9 && std::strcmp(tma, "0") != 0 &&
+      (std::strcmp(tma, "1") == 0 || (bits == 8 && slices == 1)))
     return kKernelTma;
-  if (bits != 4 || env_is("GPTQ_MARLIN_WIDE", "0") || k % (2 * kTileK) != 0) return kKernelDefault;
+  const char* wide = env_or_empty("GPTQ_MARLIN_WIDE");
+  if (bits != 4 || std::strcmp(wide, "0") == 0 || k % (2 * kTileK) != 0) return kKernelDefault;
   const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
   const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{3} * 2 * sms;  // 2 blocks per SM
-  const bool swap = m <= 8 && !env_is("GPTQ_MARLIN_SWAP", "0");
-  if (fits4 && (env_is("GPTQ_MARLIN_WIDE", "4") || (large && !env_is("GPTQ_MARLIN_WIDE", "2"))))
+  const bool swap = m <= 8 && std::strcmp(env_or_empty("GPTQ_MARLIN_SWAP"), "0") != 0;
+  if (fits4 && (std::strcmp(wide, "4") == 0 || (large && std::strcmp(wide, "2") != 0)))
     return swap ? kKernelWide4Swap : kKernelWide4;
   return swap ? kKernelWideSwap : kKernelWide;
 }
@@ -330,14 +331,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int device = a.device().index();
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
-  const int kind =
-      kernel_kind(device, bits, group_shift(group_size, K), K, n_tiles, M, m_blocks, slices, sms);
+  const int shift = group_shift(group_size, K);
+  const int kind = kernel_kind(device, bits, shift, K, n_tiles, M, m_blocks, slices, sms);
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
   const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
-  const int kt = kind == kKernelWide || kind == kKernelWideSwap     ? 2
-                 : kind == kKernelWide4 || kind == kKernelWide4Swap ? 4
-                                                                    : 1;  // 64-row tiles per stage
-  const int64_t total = n_tiles * (K / kTileK) / kt;  // stages
+  const int64_t total = n_tiles * (K / kTileK) / stage_tiles(kind);  // stages
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
   // At least min_stages_per_worker() stages per worker.
   workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / min_stages_per_worker()));
@@ -358,7 +356,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   args.n = static_cast<int>(N);
   args.k = static_cast<int>(K);
   args.bits = static_cast<int>(bits);
-  args.group_shift = group_shift(group_size, K);
+  args.group_shift = shift;
   args.m_blocks = m_blocks;
   args.slices = static_cast<int>(slices);
   args.workers = static_cast<int>(workers);
