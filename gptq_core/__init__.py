@@ -22,6 +22,8 @@ from .errors import (
 )
 from .format import PackedWeight, pack_weight
 from .hookspecs import ENTRY_POINT_GROUP, hookimpl
+from .options import BackendOptions, OptionsError, option
+from .policy import DispatchPolicy, Route
 from .quant_linear import QuantLinear
 from .registry import Registry, get_registry
 from .rtn import quantize_rtn
@@ -30,6 +32,11 @@ from .spec import LayerSpec
 from .auto import AutoGPTQForCausalLM
 
 __all__ = [
+    "BackendOptions",
+    "OptionsError",
+    "option",
+    "DispatchPolicy",
+    "Route",
     "ENTRY_POINT_GROUP",
     "AutoGPTQForCausalLM",
     "Backend",

@@ -141,9 +141,15 @@ class AutoGPTQForCausalLM:
         backend: str | None = "auto",
         torch_dtype: torch.dtype | str = "auto",
         trust_remote_code: bool = False,
+        backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> AutoGPTQForCausalLM:
-        """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend."""
-        model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code)
+        """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend.
+
+        ``backend_options`` tunes backends by name, e.g. ``{"marlin": {"dense_cache_mb": 512}}``
+        (``gptq backends list --options`` lists them); unknown names are an error.
+        """
+        model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code,
+                               backend_options=backend_options)
         return cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
 
     # ------------------------------------------------------------------ quantization
@@ -257,11 +263,13 @@ def load_for_inference(
     backend: str | None = "auto",
     torch_dtype: torch.dtype | str = "auto",
     trust_remote_code: bool = False,
+    backend_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a GPTQ checkpoint, or of a float model folder for comparison."""
     dev = resolve_device(device)
     if is_quantized_checkpoint(model_dir):
-        model = load_quantized(model_dir, dev, backend, torch_dtype, trust_remote_code)
+        model = load_quantized(model_dir, dev, backend, torch_dtype, trust_remote_code,
+                               backend_options=backend_options)
     else:
         model = load_float_model(model_dir, resolve_dtype(torch_dtype, dev), trust_remote_code).to(dev).eval()
     return model, load_tokenizer(model_dir, trust_remote_code)

@@ -15,6 +15,8 @@ import torch
 
 from .device import DeviceInfo
 from .errors import NotSupportedError
+from .options import BackendOptions
+from .policy import DispatchPolicy
 from .spec import LayerSpec
 
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -109,6 +111,8 @@ class BackendInfo:
     capabilities: Capabilities
     priority: Mapping[str, int] = field(default_factory=dict)
     description: str = ""
+    #: The backend's typed options (docs/DESIGN.md §12); the base class has none.
+    options: type[BackendOptions] = BackendOptions
 
     def priority_for(self, device: DeviceInfo) -> int:
         return int(self.priority.get(device.kind, self.priority.get("*", 0)))
@@ -130,6 +134,8 @@ class Backend:
     probe_fn: Callable[..., list[str]] | None
     pack_fn: Callable[..., Any]
     qmatmul: QMatmul
+    #: Whether ``pack_fn`` takes the ``options`` argument (the parameter is optional).
+    pack_takes_options: bool = False
 
     @property
     def name(self) -> str:
@@ -154,7 +160,12 @@ class Backend:
                 reasons = [f"probe failed: {type(exc).__name__}: {exc}"]
         return reasons
 
-    def prepare(self, weight, device: DeviceInfo, spec: LayerSpec) -> Any:
+    def default_options(self) -> BackendOptions:
+        """The options a layer gets when the user set none (environment fallbacks applied)."""
+        return self.info.options.parse(None, self.name)
+
+    def prepare(self, weight, device: DeviceInfo, spec: LayerSpec,
+                options: BackendOptions | None = None) -> Any:
         """Check, then run the backend's ``gptq_pack``; raise NotSupportedError with reasons."""
         reasons = self.reasons(device, spec)
         if reasons:
@@ -163,4 +174,14 @@ class Backend:
                 + "; ".join(reasons),
                 reasons,
             )
-        return self.pack_fn(weight=weight, device=device, spec=spec)
+        if not self.pack_takes_options:
+            return self.pack_fn(weight=weight, device=device, spec=spec)
+        if options is None:
+            options = self.default_options()
+        return self.pack_fn(weight=weight, device=device, spec=spec, options=options)
+
+
+def policy_of(backend: Backend, prepared: Any) -> DispatchPolicy:
+    """The prepared weight's dispatch policy, or one path named after the backend."""
+    policy = getattr(prepared, "policy", None)
+    return policy if isinstance(policy, DispatchPolicy) else DispatchPolicy.single(backend.name)

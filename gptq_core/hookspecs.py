@@ -25,6 +25,7 @@ import torch
 from .backend import BackendInfo
 from .device import DeviceInfo
 from .format import PackedWeight
+from .options import BackendOptions
 from .spec import LayerSpec
 
 PROJECT = "gptq"
@@ -82,12 +83,22 @@ def gptq_probe(device: DeviceInfo, spec: LayerSpec | None) -> list[str]:
 
 
 @hookspec
-def gptq_pack(weight: PackedWeight, device: DeviceInfo, spec: LayerSpec) -> Any:
+def gptq_pack(
+    weight: PackedWeight, device: DeviceInfo, spec: LayerSpec, options: BackendOptions
+) -> Any:
     """Turn a :class:`PackedWeight` into this backend's prepared form, on ``device`` (required).
 
     Runs once per layer at load. Must not modify ``weight``'s tensors; may return any object
     (a dataclass of tensors is usual). Raise :class:`~gptq_core.errors.NotSupportedError` for
     anything the declared capabilities let through but the kernel cannot take.
+
+    ``options`` is this backend's :attr:`BackendInfo.options` instance, parsed and validated
+    by the core (leave the parameter out if the backend has none). Decide here, once, which
+    kernel serves which batch size, and keep that decision on the prepared object as
+    ``policy`` (a :class:`~gptq_core.policy.DispatchPolicy`): ``gptq backends explain`` shows
+    it, and ``gptq_qmatmul`` follows it without re-deciding per call (docs/DESIGN.md §12).
+    Everything a call needs (workspaces, scratch buffers) belongs to the prepared object too,
+    so that calls allocate nothing that outlives them and CUDA graphs can capture them.
 
     Example::
 

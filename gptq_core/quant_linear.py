@@ -8,7 +8,7 @@ asks the selector once for a backend and keeps the prepared weight and the backe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from . import selector
 from .device import DeviceInfo
 from .errors import FormatError, GPTQError, NotSupportedError
 from .format import PackedWeight, ZeroFormat, default_g_idx, num_groups
+from .options import BackendOptions
 from .packing import check_bits, packed_length
 from .spec import LayerSpec, Mode
 
@@ -45,6 +46,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.sym, self.desc_act, self.zero_format = sym, desc_act, zero_format
         self.backend = backend
+        #: Parsed options per backend name (``selector.parse_backend_options``), used at bind.
+        self.backend_options: Mapping[str, BackendOptions] = {}
         self.mode: Mode = "inference"
         K, N, G = in_features, out_features, num_groups(in_features, group_size)
         kw = {"device": device}
@@ -56,6 +59,11 @@ class QuantLinear(nn.Module):
         self._bindings: dict[torch.dtype, selector.Binding] = {}
         self._binding: selector.Binding | None = None
         self._binding_dtype: torch.dtype | None = None
+        # The hot path's three things, copied out of the binding so ``forward`` reads plain
+        # attributes (docs/DESIGN.md §3: nothing of the selector runs per call).
+        self._qmatmul = None
+        self._prepared = None
+        self._trainable = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -106,10 +114,13 @@ class QuantLinear(nn.Module):
         act_dtype: torch.dtype = torch.float16,
         backend: str | Sequence[str] | None = None,
         mode: Mode | None = None,
+        options: Mapping[str, BackendOptions] | None = None,
     ) -> selector.Binding:
         """Select a backend for this layer on its current device and prepare the weight."""
         if backend is not None:
             self.backend = backend
+        if options is not None:
+            self.backend_options = options
         if mode is not None and mode != self.mode:
             self.mode = mode
             self.unbind()
@@ -117,16 +128,23 @@ class QuantLinear(nn.Module):
             raise GPTQError("QuantLinear has no weights yet (meta device); load a state dict first")
         weight = self.packed()
         binding = selector.bind(
-            weight, DeviceInfo.of(self.qweight.device), self.spec(act_dtype), self.backend
+            weight, DeviceInfo.of(self.qweight.device), self.spec(act_dtype), self.backend,
+            options=self.backend_options,
         )
         self._bindings[act_dtype] = binding
-        self._binding, self._binding_dtype = binding, act_dtype
+        self._use(binding, act_dtype)
         return binding
+
+    def _use(self, binding: selector.Binding | None, act_dtype: torch.dtype | None) -> None:
+        self._binding, self._binding_dtype = binding, act_dtype
+        self._qmatmul = binding.qmatmul if binding is not None else None
+        self._prepared = binding.prepared if binding is not None else None
+        self._trainable = binding is not None and binding.backend.info.capabilities.training
 
     def unbind(self) -> None:
         """Forget prepared weights (after the buffers changed device or content)."""
         self._bindings.clear()
-        self._binding, self._binding_dtype = None, None
+        self._use(None, None)
 
     @property
     def binding(self) -> selector.Binding | None:
@@ -141,14 +159,15 @@ class QuantLinear(nn.Module):
                     f"QuantLinear input has dtype {x.dtype}; use float16, bfloat16 or float32"
                 )
             binding = self.bind(act_dtype=x.dtype)
-        self._binding, self._binding_dtype = binding, x.dtype
+        self._use(binding, x.dtype)
         return binding
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        binding = self._binding
-        if binding is None or x.dtype != self._binding_dtype:
-            binding = self._binding_for(x)
+        # Every check is a plain attribute comparison: this runs once per layer per decode
+        # step, and eager decode pays for each microsecond here (docs/DESIGN.md §11).
+        if x.dtype != self._binding_dtype or self._qmatmul is None:
+            self._binding_for(x)
         if x.shape[-1] != self.in_features:
             raise NotSupportedError(
                 f"input has {x.shape[-1]} features in its last dimension, this layer takes "
@@ -159,13 +178,15 @@ class QuantLinear(nn.Module):
                 f"input is on {x.device} but this layer's weights are on {self.qweight.device}; "
                 "move the input or the model"
             )
-        if x.requires_grad and not binding.backend.info.capabilities.training:
+        if x.requires_grad and not self._trainable:
             raise NotSupportedError(
-                f"backend '{binding.backend.name}' has no backward pass; bind the model with "
-                "mode='training' to pick a backend that has one"
+                f"backend '{self._binding.backend.name}' has no backward pass; bind the model "
+                "with mode='training' to pick a backend that has one"
             )
+        if x.dim() == 2:
+            return self._qmatmul(x if x.is_contiguous() else x.contiguous(), self._prepared, self.bias)
         lead = x.shape[:-1]
-        y = binding.qmatmul(x.reshape(-1, self.in_features).contiguous(), binding.prepared, self.bias)
+        y = self._qmatmul(x.reshape(-1, self.in_features).contiguous(), self._prepared, self.bias)
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------ nn.Module plumbing

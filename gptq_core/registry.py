@@ -148,6 +148,7 @@ class Registry:
                 probe_fn=impls.get("gptq_probe"),
                 pack_fn=impls["gptq_pack"],
                 qmatmul=impls["gptq_qmatmul"],
+                pack_takes_options="options" in inspect.signature(impls["gptq_pack"]).parameters,
             )
         except Exception:
             self.pm.unregister(plugin)

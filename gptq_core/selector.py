@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import Backend
+from .backend import Backend, policy_of
 from .device import DeviceInfo
 from .errors import GPTQError, NoBackendError, NotSupportedError
+from .options import BackendOptions, check_backend_names
+from .policy import DispatchPolicy
 from .registry import Registry, get_registry
 from .spec import LayerSpec
 
@@ -90,11 +92,37 @@ class Binding:
     def qmatmul(self):
         return self.backend.qmatmul
 
+    @property
+    def policy(self) -> DispatchPolicy:
+        """Which path of the backend serves which batch size (decided when it was prepared)."""
+        return policy_of(self.backend, self.prepared)
+
     def explain(self) -> str:
         text = self.plan.explain()
         for name, error in self.failures.items():
             text += f"\n  failed: {name}: {error}"
-        return text + f"\n  => {self.backend.name}"
+        text += f"\n  => {self.backend.name}"
+        policy = self.policy
+        if policy != DispatchPolicy.single(self.backend.name):
+            text += f"\n  paths: {policy.describe()}"
+        return text
+
+
+def parse_backend_options(
+    values: Mapping[str, Mapping[str, object]] | None, registry: Registry | None = None
+) -> dict[str, BackendOptions]:
+    """``{"marlin": {"dense_cache_mb": "512"}}`` -> each named backend's typed options.
+
+    Parsed once per load; an unknown backend or option is one clear :class:`OptionsError`.
+    """
+    registry = registry or get_registry()
+    check_backend_names(values, set(registry.backends) | set(registry.broken))
+    parsed = {}
+    for name, fields in (values or {}).items():
+        if name in registry.backends:
+            backend = registry.backends[name]
+            parsed[name] = backend.info.options.parse(fields, name)
+    return parsed
 
 
 _plan_cache: dict[tuple, Plan] = {}
@@ -151,16 +179,22 @@ def bind(
     spec: LayerSpec,
     backend: str | Sequence[str] | None = None,
     registry: Registry | None = None,
+    options: Mapping[str, BackendOptions] | None = None,
 ) -> Binding:
-    """Prepare ``weight`` with the first backend of the chain that succeeds."""
+    """Prepare ``weight`` with the first backend of the chain that succeeds.
+
+    ``options`` maps backend names to their parsed options (:func:`parse_backend_options`);
+    a backend not named gets its defaults.
+    """
     chosen = plan(spec, device, backend, registry)
+    options = options or {}
     failures: dict[str, str] = {}
     for b in chosen.ranked:
         if (id(chosen), b.name) in _failed:
             failures[b.name] = _failed[(id(chosen), b.name)]
             continue
         try:
-            prepared = b.prepare(weight, device, spec)
+            prepared = b.prepare(weight, device, spec, options.get(b.name))
         except NotSupportedError as exc:
             failures[b.name] = "; ".join(exc.reasons) or str(exc)
             continue

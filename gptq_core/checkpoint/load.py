@@ -11,7 +11,9 @@ Nothing is unpickled and no checkpoint code runs unless ``trust_remote_code=True
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -203,15 +205,20 @@ def load_quantized(
     torch_dtype: torch.dtype | str = "auto",
     trust_remote_code: bool = False,
     quantize_config: QuantizeConfig | None = None,
+    backend_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> nn.Module:
     """Load a GPTQ checkpoint folder as a transformers causal LM whose linears are QuantLinear.
 
     ``backend`` is "auto" (the selector ranks every backend), a name, or "a,b" as an ordered
     preference. ``torch_dtype`` sets the activation dtype and that of the non-quantized
-    weights ("auto": fp16 on GPUs, fp32 on the CPU). Every layer is bound before returning.
+    weights ("auto": fp16 on GPUs, fp32 on the CPU). ``backend_options`` maps a backend name
+    to its typed options (``{"marlin": {"dense_cache_mb": 512}}``; docs/DESIGN.md §12),
+    checked before any weight is read. Every layer is bound before returning.
     """
     from ..models import replace_with_quant_linear
+    from ..selector import parse_backend_options
 
+    options = parse_backend_options(backend_options)
     path = check_model_dir(model_dir)
     qcfg = quantize_config or read_quantize_config(path)
     dev = resolve_device(device)
@@ -261,7 +268,7 @@ def load_quantized(
 
     model.to(dev)
     for layer in layers.values():
-        layer.bind(act_dtype=dtype, backend=backend)
+        layer.bind(act_dtype=dtype, backend=backend, options=options)
     model.eval()
     if (path / GENERATION_CONFIG_FILE).is_file():
         from transformers import GenerationConfig
