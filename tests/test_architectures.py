@@ -37,7 +37,8 @@ from gptq_core.models import (
     uncovered_linears,
 )
 from gptq_core.models.layers import LINEAR_TYPES, get_module, sibling_modules
-from gptq_core.models.tiny import single_thread, tiny_config, tiny_model, with_dequantized_weights
+from gptq_core.testing import tiny_config, tiny_model, with_dequantized_weights
+from gptq_core.threads import single_thread
 
 ALL_TYPES = sorted(ARCHITECTURES)
 MOE_TYPES = sorted(t for t, a in ARCHITECTURES.items() if a.moe is not None)

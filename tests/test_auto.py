@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptq_core import AutoGPTQForCausalLM, CheckpointError, QuantizeConfig
-from gptq_core.models.tiny import single_thread
+from gptq_core.threads import single_thread
 from gptq_core.quant_linear import QuantLinear
 
 

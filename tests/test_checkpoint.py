@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from gptq_core import CheckpointError, QuantizeConfig, quantize_rtn
 from gptq_core.checkpoint import load_quantized, read_quantize_config, save_quantized
-from gptq_core.models.tiny import single_thread
+from gptq_core.threads import single_thread
 from gptq_core.quant_linear import QuantLinear
 from gptq_core.testing import random_packed
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptq_core.cli.main import main
-from gptq_core.models.tiny import single_thread
+from gptq_core.threads import single_thread
 from gptq_core.quantize import driver
 from gptq_core.quantize.workdir import WorkDir
 from gptq_core.registry import get_registry

@@ -23,7 +23,9 @@ from gptq_core.models import (
     quantized_linear_names,
     sequential_groups,
 )
-from gptq_core.models.tiny import VOCAB, single_thread, tiny_model, with_dequantized_weights
+from gptq_core.testing import TINY_VOCAB as VOCAB
+from gptq_core.testing import tiny_model, with_dequantized_weights
+from gptq_core.threads import single_thread
 from gptq_core.quantize.driver import quantize_model
 
 ALL_TYPES = sorted(ARCHITECTURES)

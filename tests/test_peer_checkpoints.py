@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptq_core import QuantizeConfig, quantize_rtn
 from gptq_core.checkpoint import load_quantized, save_quantized
-from gptq_core.models.tiny import single_thread
+from gptq_core.threads import single_thread
 from gptq_core.quant_linear import QuantLinear
 
 

@@ -56,7 +56,7 @@ def rtn_model(model: nn.Module, names: list[str], config) -> nn.Module:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..models.tiny import single_thread
+    from ..threads import single_thread
 
     # stories260K's matrices are 64 x 172: threads cost more than they give, and on a busy
     # machine OpenMP threads spin against each other (measured: 10x slower with 2 threads)
