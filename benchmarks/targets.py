@@ -4,8 +4,8 @@ The targets are the H100 tables of the Triton and Marlin issues (4-bit g128 sym,
 activations, ratio over fp16 cuBLAS measured in the same run). A cell reads "2.46 (3.5 !)":
 the measured ratio, the target, and "!" where it is missed or "ok" where it is met.
 
-    python benchmarks/targets.py benchmarks/results/h100-s2run1-bench-4bit.csv
-    python benchmarks/targets.py RUN.csv --backend marlin --markdown
+    python benchmarks/targets.py benchmarks/results/h100-bench-4bit-g128.csv
+    python benchmarks/targets.py BENCH.csv --backend marlin --markdown
 
 Act-order, 2/3/8-bit and bf16 rows of other CSVs are summarized as plain ratios by
 ``--compare``, and act-order as its cost over the same shape without it by ``--act-cost``
