@@ -1,6 +1,6 @@
 """``gptq bench``: every available backend side by side with fp16 cuBLAS and PyTorch's tinygemm.
 
-For each shape (K x N) and batch size M of DESIGN.md section 9 it builds random GPTQ layers,
+For each shape (K x N) and batch size M of docs/DESIGN.md §9 it builds random GPTQ layers,
 checks every implementation against the float64 reference on fresh random inputs, and only
 then times it (CUDA events around CUDA-graph replays of calls rotating over several weight
 copies, so the weights come from memory and not from the L2 cache; median of many). The

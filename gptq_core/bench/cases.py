@@ -1,4 +1,4 @@
-"""What to benchmark: the shapes and batch sizes of DESIGN.md section 9, and parsing of choices."""
+"""What to benchmark: the shapes and batch sizes of docs/DESIGN.md §9, and parsing of choices."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def parse_shapes(text: str) -> list[tuple[str, int, int]]:
 
 
 def parse_m(text: str) -> list[int]:
-    """``"1,16,64"`` or ``all`` (DESIGN.md's M values)."""
+    """``"1,16,64"`` or ``all`` (the M values of docs/DESIGN.md §9)."""
     if text.strip() == "all":
         return list(DESIGN_M)
     try:

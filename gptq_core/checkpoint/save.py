@@ -1,4 +1,4 @@
-"""Writing a quantized model as a GPTQ checkpoint (DESIGN.md section 2), atomically.
+"""Writing a quantized model as a GPTQ checkpoint (docs/DESIGN.md §2), atomically.
 
 The folder holds safetensors weights (sharded with ``model.safetensors.index.json`` above
 ``max_shard_size``), ``config.json`` with ``quantization_config``, ``quantize_config.json``,
