@@ -8,6 +8,7 @@ backends before they are imported.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import threading
@@ -43,6 +44,24 @@ def disabled_backends() -> set[str]:
     """Names listed in ``GPTQ_DISABLED_BACKENDS`` (comma separated)."""
     raw = os.environ.get("GPTQ_DISABLED_BACKENDS", "")
     return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _hook_callers(pm: pluggy.PluginManager) -> dict[str, pluggy.HookCaller]:
+    return {name: caller for name, caller in vars(pm.hook).items() if not name.startswith("_")}
+
+
+def _unknown_hook_message(pm: pluggy.PluginManager, plugin: object) -> str:
+    """"unknown hook 'gptq_prob' (did you mean gptq_probe?)" for each of ``plugin``'s
+    implementations that matches no hook of the spec."""
+    callers = _hook_callers(pm)
+    known = sorted(name for name, caller in callers.items() if caller.has_spec())
+    parts = []
+    for name, caller in sorted(callers.items()):
+        if caller.has_spec() or all(impl.plugin is not plugin for impl in caller.get_hookimpls()):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"unknown hook {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return "; ".join(parts) + f" (the hooks are {', '.join(known)})"
 
 
 def _own_impls(pm: pluggy.PluginManager, plugin: object) -> dict[str, object]:
@@ -116,6 +135,12 @@ class Registry:
         except (ValueError, pluggy.PluginValidationError) as exc:
             raise GPTQError(f"plugin {name!r} could not be registered: {exc}") from exc
         try:
+            # pluggy accepts an implementation of a hook it has no spec for (it might be
+            # declared later); every hook is declared up front here, so one is a misspelling.
+            try:
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                raise GPTQError(_unknown_hook_message(self.pm, plugin)) from exc
             impls = _own_impls(self.pm, plugin)
             missing = [h for h in REQUIRED_HOOKS if h not in impls]
             if missing:

@@ -61,13 +61,38 @@ _DUPE_SOURCE = """
 """
 
 
+_TYPO_SOURCE = """
+    import torch
+    from gptq_core import BackendInfo, Capabilities, hookimpl
+
+    @hookimpl
+    def gptq_backend_info():
+        return BackendInfo(name="typo", version="1.2.3", distribution="gptq-typo-plugin",
+                           capabilities=Capabilities(device_kinds=frozenset({"cpu"}), bits=(4,)))
+
+    @hookimpl
+    def gptq_prob(device, spec):  # misspelled: pluggy alone would never call it
+        return ["never asked"]
+
+    @hookimpl
+    def gptq_pack(weight, device, spec):
+        return weight
+
+    @hookimpl
+    def gptq_qmatmul(x, prepared, bias):
+        return x @ prepared.dequantize(x.dtype)
+"""
+
+
 @pytest.fixture(scope="module")
 def installed_plugins(tmp_path_factory) -> Path:
-    """A --target folder holding three real distributions: one broken, two claiming 'dupe'."""
+    """A --target folder holding four real distributions: one broken, one with a misspelled
+    hook, two claiming 'dupe'."""
     root = tmp_path_factory.mktemp("plugins")
     projects = [
         _distribution(root, "gptq-broken-plugin", "gptq_broken_plugin", "broken",
                       'raise RuntimeError("this plugin is broken on purpose")\n'),
+        _distribution(root, "gptq-typo-plugin", "gptq_typo_plugin", "typo", _TYPO_SOURCE),
         _distribution(root, "gptq-dupe-one", "gptq_dupe_one", "dupe",
                       _DUPE_SOURCE.format(dist="gptq-dupe-one")),
         _distribution(root, "gptq-dupe-two", "gptq_dupe_two", "dupe",
@@ -103,6 +128,9 @@ def test_broken_and_conflicting_plugins_are_isolated(installed_plugins):
     assert broken["distribution"] == "gptq-broken-plugin" and broken["version"] == "1.2.3"
     assert "this plugin is broken on purpose" in broken["reasons"][0]
     assert "RuntimeError" in broken["reasons"][0]
+    typo = by_name["typo"]
+    assert typo["status"] == "broken" and typo["distribution"] == "gptq-typo-plugin"
+    assert "unknown hook 'gptq_prob' (did you mean gptq_probe?)" in typo["reasons"][0]
     dupe = by_name["dupe"]
     assert dupe["status"] == "broken"
     assert "gptq-dupe-one" in dupe["reasons"][0] and "gptq-dupe-two" in dupe["reasons"][0]
@@ -162,6 +190,27 @@ def test_registration_rejects_incomplete_plugins():
 
     with pytest.raises(GPTQError, match="expected BackendInfo"):
         Registry().register(WrongInfo("info", CPU4))
+
+
+def test_misspelled_hook_is_an_error_naming_it():
+    class Misspelled(StubBackend):
+        @hookimpl
+        def gptq_prob(self, device, spec):
+            return ["never asked"]
+
+        @hookimpl
+        def gptq_qmatmull(self, x, prepared, bias):
+            return x
+
+    reg = Registry()
+    with pytest.raises(GPTQError) as info:
+        reg.register(Misspelled("typo", CPU4))
+    text = str(info.value)
+    assert "unknown hook 'gptq_prob' (did you mean gptq_probe?)" in text
+    assert "unknown hook 'gptq_qmatmull' (did you mean gptq_qmatmul?)" in text
+    assert "typo" not in reg.backends and not reg.pm.get_plugins()
+    reg.register(StubBackend("fine", CPU4))  # the refused plugin leaves nothing pending behind
+    assert set(reg.backends) == {"fine"}
 
 
 def test_get_unknown_backend_lists_installed():
