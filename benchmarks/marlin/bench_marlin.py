@@ -4,7 +4,7 @@ Each weight is rotated over enough copies to stay out of the 50 MB L2; every can
 replayed from a CUDA graph and timed with CUDA events (median). Ratios are fp16 time over
 candidate time (> 1: faster than fp16), measured side by side in this one run.
 
-    python backend_marlin/benchmarks/bench_marlin.py --out DIR [--quick]
+    python benchmarks/marlin/bench_marlin.py --out DIR [--quick]
 
 Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
 issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` / `--wide-ab` / `--workers-ab` time only those A/B comparisons.
@@ -235,8 +235,9 @@ def swap_ab(rows) -> None:
 def workers_ab(rows) -> None:
     """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 4 (the
     default), 6, 8), interleaved twice on the same weights: fewer contributors per tile for
-    the finalizer against fewer SMs streaming weights (`--workers-ab`, about 60 s). Session 3
-    measured 1-4: 4 best on 4096x4096, no difference on the larger layers."""
+    the finalizer against fewer SMs streaming weights (`--workers-ab`, about 60 s). Measured:
+    4 best on 4096x4096, no difference on the larger layers (NOTES/perf-marlin.md "Fewer
+    stream-K workers")."""
     values = ("1", "4", "6", "8")
     for K, N in ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)):
         layer = Layer(K, N, with_baselines=False)

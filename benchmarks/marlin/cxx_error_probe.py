@@ -1,12 +1,12 @@
 """Does a C++ argument check of the marlin extension raise, or kill the process? (GPU only.)
 
-Session 2 saw SIGSEGV where `torch.ops.gptq_marlin.gather_cols` should have raised a
-RuntimeError from its TORCH_CHECK. Each probe below runs in its own child process, so one crash
+`torch.ops.gptq_marlin.gather_cols` once died with SIGSEGV where it should have raised a
+RuntimeError from its TORCH_CHECK (NOTES/perf-marlin.md "The SIGSEGV on a bad argument"). Each probe below runs in its own child process, so one crash
 does not hide the others: bad arguments to each op (the first check of an op, a later check,
 another op), the same with C++ stack traces on, and a torch built-in error as the control.
 A probe that dies is re-run under gdb, when gdb is installed, and its backtrace printed.
 
-    python backend_marlin/benchmarks/cxx_error_probe.py
+    python benchmarks/marlin/cxx_error_probe.py
 
 Exit code 1 if any probe crashed or did not raise (marlin's own checks: RuntimeError).
 """

@@ -5,7 +5,7 @@ shapes over many M, the kernel path and the dequantize + cuBLAS path, large laye
 determinism, the QuantLinear route, opcheck and torch.compile. Fresh random data per case;
 freed memory is poisoned with NaN before each call so an unwritten output element shows.
 
-    python backend_marlin/benchmarks/h100_check.py [--quick]
+    python benchmarks/marlin/h100_check.py [--quick]
 
 Prints one line per failure and a summary; exit code 1 if anything failed.
 """
@@ -229,7 +229,7 @@ def wide_ab() -> None:
     """The 128-row-stage kernels (GPTQ_MARLIN_WIDE=2; 4-bit, K % 128 == 0) against the 64-row
     ones (=0), 4-bit (see pipeline_ab); K=1024 and the large shapes take them at every M. The stream-K split
     counts 128-row stages instead of 64-row tiles, so partial sums meet in other places and the
-    last bits may differ (session 3: they do): both results must pass the float64 check."""
+    last bits may differ (on the H100 they do): both results must pass the float64 check."""
     pipeline_ab("GPTQ_MARLIN_WIDE", ("2", "0"), (4,), "wide", identical=False)
 
 
@@ -310,7 +310,8 @@ def scalefold() -> None:
 
 
 def cxx_check_in_subprocess() -> None:
-    """The raw op's own C++ argument check must raise, not kill the process (s2run3: SIGSEGV).
+    """The raw op's own C++ argument check must raise, not kill the process (it once died with
+    SIGSEGV: NOTES/perf-marlin.md "The SIGSEGV on a bad argument").
 
     Run in a child so a crash is reported as one failure and the sweep goes on.
     """

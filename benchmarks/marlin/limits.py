@@ -9,7 +9,7 @@
    instruction and compute-pipe sections and the stall reasons per issued instruction (the
    kernel the environment selects, e.g. GPTQ_MARLIN_WIDE=0; --tag names the reports).
 
-    python backend_marlin/benchmarks/limits.py [--out DIR]
+    python benchmarks/marlin/limits.py [--out DIR]
 """
 
 from __future__ import annotations
