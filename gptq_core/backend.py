@@ -96,19 +96,25 @@ class Capabilities:
         return reasons
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendInfo:
-    """Who a backend is. Returned by its ``gptq_backend_info`` hook.
+    """Who a backend is and what it can do. Returned by its ``gptq_backend_info`` hook.
+
+    ``name``, ``version`` and ``distribution`` come from the entry point that found the plugin
+    and its distribution's metadata (docs/DESIGN.md §3), so a plugin does not re-type them;
+    ``name`` may be set to differ from the entry point's name. ``version`` and
+    ``distribution`` are filled in by the registry: what a plugin declares there is used only
+    when it is registered by hand, without an entry point.
 
     ``priority`` maps a device kind ("cuda", "rocm", "cpu", "hpu", or "*" for any) to a rank:
     higher serves first. Defaults that ship with this project: marlin 100, exllama 80,
     cuda 60, triton 40, torch 0.
     """
 
-    name: str
-    version: str
-    distribution: str
     capabilities: Capabilities
+    name: str | None = None
+    version: str | None = None
+    distribution: str | None = None
     priority: Mapping[str, int] = field(default_factory=dict)
     description: str = ""
     #: The backend's typed options (docs/DESIGN.md §12); the base class has none.

@@ -38,16 +38,17 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def gptq_backend_info() -> BackendInfo:
-    """Say who this backend is and what it can do (required).
+    """Say what this backend can do (required).
+
+    Its name is the entry point's name, its version and distribution those of the
+    distribution that declares the entry point; set ``name=`` only to differ from the entry
+    point (docs/DESIGN.md §3).
 
     Example::
 
         @hookimpl
         def gptq_backend_info():
             return BackendInfo(
-                name="mykernel",
-                version="0.1.0",
-                distribution="my-gptq-kernel",
                 priority={"cuda": 50},
                 capabilities=Capabilities(
                     device_kinds=frozenset({"cuda"}),

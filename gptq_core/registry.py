@@ -13,7 +13,7 @@ import inspect
 import os
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
@@ -26,6 +26,8 @@ from .errors import BackendConflictError, GPTQError
 INSTALL_EXTRAS = ("cuda", "marlin", "exllama", "rocm", "hpu")
 REQUIRED_HOOKS = ("gptq_backend_info", "gptq_pack", "gptq_qmatmul")
 QMATMUL_PARAMS = ("x", "prepared", "bias")
+#: Version or distribution of a plugin registered by hand that declares none.
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,13 @@ def disabled_backends() -> set[str]:
     """Names listed in ``GPTQ_DISABLED_BACKENDS`` (comma separated)."""
     raw = os.environ.get("GPTQ_DISABLED_BACKENDS", "")
     return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _metadata(ep: EntryPoint) -> tuple[str | None, str | None]:
+    """(distribution name, version) of the distribution declaring ``ep``, when known."""
+    if ep.dist is None:
+        return None, None
+    return ep.dist.metadata["Name"], ep.dist.version
 
 
 def _hook_callers(pm: pluggy.PluginManager) -> dict[str, pluggy.HookCaller]:
@@ -98,8 +107,7 @@ class Registry:
         return reg
 
     def _load_entry_point(self, ep: EntryPoint) -> None:
-        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
-        version = ep.dist.version if ep.dist is not None else "?"
+        dist, version = _metadata(ep)
         try:
             plugin = ep.load()
         except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything on import
@@ -109,14 +117,16 @@ class Registry:
             self._mark_broken(ep.name, dist, version, ep.value, f"import failed: {detail}")
             return
         try:
-            self.register(plugin, name=ep.name, distribution=dist, entry_point=ep.value)
+            self.register(plugin, name=ep.name, distribution=dist, version=version,
+                          entry_point=ep.value)
         except BackendConflictError:
             pass  # already recorded as broken on both sides
         except Exception as exc:  # noqa: BLE001
             self._mark_broken(ep.name, dist, version, ep.value, f"registration failed: {exc}")
 
     def _mark_broken(self, name, dist, version, entry_point, error, conflict=False) -> None:
-        self.broken[name] = BrokenBackend(name, dist, version, entry_point, error, conflict)
+        self.broken[name] = BrokenBackend(name, dist or UNKNOWN, version or UNKNOWN,
+                                          entry_point, error, conflict)
         self.generation += 1
 
     def register(
@@ -124,9 +134,16 @@ class Registry:
         plugin: object,
         name: str | None = None,
         distribution: str | None = None,
+        version: str | None = None,
         entry_point: str = "",
     ) -> Backend:
-        """Register one plugin object (module or instance) as a backend and return it."""
+        """Register one plugin object (module or instance) as a backend and return it.
+
+        ``name``, ``distribution`` and ``version`` are those of the entry point that found the
+        plugin (:meth:`discover` passes them); the plugin's :class:`BackendInfo` may override
+        the name only. Registered by hand without them, the plugin's declared values are kept,
+        "unknown" where it declares none.
+        """
         # Unique per plugin object: two distributions may use one entry-point name, and that
         # conflict must surface as a name conflict naming both, not as a pluggy error.
         pm_name = f"gptq-backend-{name or 'plugin'}-{id(plugin)}"
@@ -145,26 +162,36 @@ class Registry:
             missing = [h for h in REQUIRED_HOOKS if h not in impls]
             if missing:
                 raise GPTQError(f"does not implement the required hooks {missing}")
-            info = impls["gptq_backend_info"]()
-            if not isinstance(info, BackendInfo):
+            declared = impls["gptq_backend_info"]()
+            if not isinstance(declared, BackendInfo):
                 raise GPTQError(
-                    f"gptq_backend_info returned {type(info).__name__}, expected BackendInfo"
+                    f"gptq_backend_info returned {type(declared).__name__}, expected BackendInfo"
                 )
+            if not (declared.name or name):
+                raise GPTQError(
+                    "the plugin has no name: it was registered without an entry point and its "
+                    "BackendInfo sets no name; pass BackendInfo(name=...) or register(..., name=...)"
+                )
+            info = replace(
+                declared,
+                name=declared.name or name,
+                distribution=distribution or declared.distribution or UNKNOWN,
+                version=version or declared.version or UNKNOWN,
+            )
             params = tuple(inspect.signature(impls["gptq_qmatmul"]).parameters)
             if params != QMATMUL_PARAMS:
                 raise GPTQError(
                     f"gptq_qmatmul must take parameters {QMATMUL_PARAMS} in that order, has {params}"
                 )
-            distribution = distribution or info.distribution
             if info.name in self.backends or info.name in self._sources:
-                other = self._sources.get(info.name, "?")
+                other = self._sources.get(info.name, UNKNOWN)
                 message = (
                     f"backend name '{info.name}' is registered by two distributions: "
-                    f"'{other}' and '{distribution}'; uninstall one of them or disable one "
+                    f"'{other}' and '{info.distribution}'; uninstall one of them or disable one "
                     f"with GPTQ_DISABLED_BACKENDS"
                 )
                 self.backends.pop(info.name, None)
-                self._mark_broken(info.name, f"{other} + {distribution}", info.version,
+                self._mark_broken(info.name, f"{other} + {info.distribution}", info.version,
                                   entry_point, message, conflict=True)
                 raise BackendConflictError(message)
             backend = Backend(
@@ -178,7 +205,7 @@ class Registry:
         except Exception:
             self.pm.unregister(plugin)
             raise
-        self._sources[info.name] = distribution
+        self._sources[info.name] = info.distribution
         self.backends[info.name] = backend
         self.generation += 1
         return backend

@@ -11,11 +11,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
-from gptq_core import Capabilities, GPTQError, Registry, get_registry, hookimpl
+from gptq_core import BackendInfo, Capabilities, GPTQError, Registry, get_registry, hookimpl
 from gptq_core.errors import BackendConflictError
 from gptq_core.testing import StubBackend
 
@@ -84,15 +85,39 @@ _TYPO_SOURCE = """
 """
 
 
+_IDENTITY_SOURCE = """
+    from gptq_core import BackendInfo, Capabilities, hookimpl
+
+    @hookimpl
+    def gptq_backend_info():
+        return BackendInfo({declared}
+                           capabilities=Capabilities(device_kinds=frozenset({{"cpu"}}), bits=(4,)))
+
+    @hookimpl
+    def gptq_pack(weight, device, spec):
+        return weight
+
+    @hookimpl
+    def gptq_qmatmul(x, prepared, bias):
+        return x @ prepared.dequantize(x.dtype)
+"""
+
+
 @pytest.fixture(scope="module")
 def installed_plugins(tmp_path_factory) -> Path:
-    """A --target folder holding four real distributions: one broken, one with a misspelled
-    hook, two claiming 'dupe'."""
+    """A --target folder holding real distributions: one broken, one with a misspelled hook,
+    two claiming 'dupe', one declaring no identity, one renaming itself and mis-declaring its
+    version and distribution."""
     root = tmp_path_factory.mktemp("plugins")
     projects = [
         _distribution(root, "gptq-broken-plugin", "gptq_broken_plugin", "broken",
                       'raise RuntimeError("this plugin is broken on purpose")\n'),
         _distribution(root, "gptq-typo-plugin", "gptq_typo_plugin", "typo", _TYPO_SOURCE),
+        _distribution(root, "gptq-minimal-plugin", "gptq_minimal_plugin", "minimal",
+                      _IDENTITY_SOURCE.format(declared="")),
+        _distribution(root, "gptq-renamed-plugin", "gptq_renamed_plugin", "alias",
+                      _IDENTITY_SOURCE.format(
+                          declared='name="renamed", version="9.9.9", distribution="wrong",')),
         _distribution(root, "gptq-dupe-one", "gptq_dupe_one", "dupe",
                       _DUPE_SOURCE.format(dist="gptq-dupe-one")),
         _distribution(root, "gptq-dupe-two", "gptq_dupe_two", "dupe",
@@ -137,6 +162,21 @@ def test_broken_and_conflicting_plugins_are_isolated(installed_plugins):
     torch_row = by_name["torch"]
     assert torch_row["status"] == "available" and torch_row["bits"] == [2, 3, 4, 8]
     assert "example" not in by_name  # GPTQ_DISABLED_BACKENDS hides it
+
+
+def test_identity_comes_from_the_entry_point_and_its_distribution(installed_plugins):
+    code, rows, stderr = _backends_list(installed_plugins)
+    assert code == 0, stderr
+    by_name = {r["name"]: r for r in rows}
+    minimal = by_name["minimal"]  # declares nothing: all three from the entry point
+    assert (minimal["status"], minimal["distribution"], minimal["version"]) == (
+        "available", "gptq-minimal-plugin", "1.2.3")
+    renamed = by_name["renamed"]  # the name may be overridden; version and distribution not
+    assert (renamed["status"], renamed["distribution"], renamed["version"]) == (
+        "available", "gptq-renamed-plugin", "1.2.3")
+    assert "alias" not in by_name
+    assert (by_name["torch"]["distribution"], by_name["torch"]["version"]) == (
+        "gptq-backends", version("gptq-backends"))
 
 
 def test_disabling_the_broken_plugin_hides_it(installed_plugins):
@@ -211,6 +251,23 @@ def test_misspelled_hook_is_an_error_naming_it():
     assert "typo" not in reg.backends and not reg.pm.get_plugins()
     reg.register(StubBackend("fine", CPU4))  # the refused plugin leaves nothing pending behind
     assert set(reg.backends) == {"fine"}
+
+
+def test_plugin_registered_by_hand_keeps_its_declared_identity():
+    reg = Registry()
+    stub = reg.register(StubBackend("declared", CPU4, distribution="dist-declared"))
+    assert (stub.info.distribution, stub.info.version) == ("dist-declared", "0.0.0")
+
+    class Anonymous(StubBackend):
+        @hookimpl
+        def gptq_backend_info(self):
+            return BackendInfo(capabilities=CPU4)
+
+    with pytest.raises(GPTQError, match=r"no name.*BackendInfo\(name=\.\.\.\)"):
+        reg.register(Anonymous("ignored", CPU4))
+    named = reg.register(Anonymous("ignored", CPU4), name="anonymous")
+    assert (named.name, named.info.distribution, named.info.version) == (
+        "anonymous", "unknown", "unknown")
 
 
 def test_get_unknown_backend_lists_installed():

@@ -4,5 +4,3 @@
 (act-order rows sorted by group), computed group by group in float32 through the custom op
 ``gptq_example::grouped_matmul``.
 """
-
-__version__ = "0.1.0"

@@ -8,7 +8,6 @@ import torch
 
 from gptq_core import BackendInfo, Capabilities, hookimpl
 
-from . import __version__
 from .ops import grouped_matmul
 
 #: Expected conformance failures, item-name pattern -> reason (none: this backend passes all).
@@ -28,10 +27,9 @@ class ExamplePrepared:
 
 @hookimpl
 def gptq_backend_info() -> BackendInfo:
+    # The name ("example"), version and distribution come from the entry point in
+    # pyproject.toml and the distribution's metadata; nothing here repeats them.
     return BackendInfo(
-        name="example",
-        version=__version__,
-        distribution="gptq-backend-example",
         # Below torch's 0: installing the example never changes what models use by default;
         # choose it with backend="example" or GPTQ_BACKEND=example.
         priority={"cpu": -10},
