@@ -6,12 +6,9 @@ cache from several processes at once (one small launch per configuration), so th
 and the tuner find every kernel already built. Shapes here have K, N and strides divisible by
 16, like the benchmark's, so the compiled specializations are the same ones.
 
-What is compiled is what the backend launches with this environment: the tuner's candidates
-per bit width (``configs.candidates``, tiles that cannot fit left out) with the single-LOP3 asm
-dequant for fp16 (the default; ``GPTQ_TRITON_ASM=0`` compiles the plain variant instead), the
-dequant kernel (plain and act-order), and for act-order the Triton column gather
-(``GPTQ_TRITON_GATHER=triton``, the default) per dtype. With ``GPTQ_TRITON_POSTZERO=1`` the
-fp16 fused kernels are the zero-point-after-the-MMA variant (its own specialization).
+What is compiled is what the backend launches: the tuner's candidates per bit width
+(``configs.candidates``, tiles that cannot fit left out) with the single-LOP3 asm dequant for
+fp16, the dequant kernel (plain and act-order), and for act-order the column gather per dtype.
 
     python benchmarks/triton_precompile.py --bits 2,3,4,8 --group-size 128 --act-order both
 """
@@ -79,12 +76,12 @@ def _compile(job: tuple) -> tuple[str, float, str]:
         x = torch.randn(1, K, device=dev).to(dtype)
         t0 = time.perf_counter()
         try:
-            ops.gather_columns(x, p.perm, "triton")
+            ops.gather_columns(x, p.perm)
             torch.cuda.synchronize()
             status = "ok"
         except Exception as exc:  # noqa: BLE001
             status = f"{type(exc).__name__}: {str(exc)[:120]}"
-        return f"{dtype_name} act gather (triton)", time.perf_counter() - t0, status
+        return f"{dtype_name} act gather", time.perf_counter() - t0, status
     cfg = KernelConfig(**{**cfg_dict, "split_k": split})
     x = torch.randn(max(1, cfg.block_m // 2), K, device=dev).to(dtype)
     t0 = time.perf_counter()
@@ -94,9 +91,7 @@ def _compile(job: tuple) -> tuple[str, float, str]:
         status = "ok"
     except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: the tuner skips it
         status = f"{type(exc).__name__}: {str(exc)[:120]}"
-    asm = " asm" if ops._use_asm(x, ops.mode_for(x.dtype, bits), bits) and cfg.path == "fused" else ""
-    if ops._use_postzero(x, ops.mode_for(x.dtype, bits)) and cfg.path == "fused":
-        asm += " postzero"
+    asm = " asm" if ops.use_asm(x, ops.mode_for(x.dtype, bits), bits) and cfg.path == "fused" else ""
     return (f"b{bits} {dtype_name}{' act' if act else ''} {cfg.label()}{asm}",
             time.perf_counter() - t0, status)
 

@@ -47,7 +47,7 @@ def nvdisasm() -> str:
 
 
 def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *, const_zero=True,
-                arch: int = 90, gather_ch: int = 0, asm: bool = False, postzero: int = 0):
+                arch: int = 90, asm: bool = False):
     xt = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     mode = {"fp16": 0, "bf16": 1 if bits <= 4 else 2, "fp32": 2}[dtype]
     signature, attrs = {}, {}
@@ -61,23 +61,7 @@ def compile_qmm(bits: int, group: int, dtype: str, cfg: configs.KernelConfig, *,
     )
     if cfg.split_k == 1:  # Triton specializes an argument equal to 1 into a constant
         constexprs["SPLIT_K"] = 1
-    if gather_ch:  # act-order with the gather inside the kernel (ops.GATHER == "fused")
-        names = kernels.qmm_kernel.arg_names
-        signature.update(perm_ptr="*i32", xs_ptr=xt, stride_xs="i32")
-        for name in ("perm_ptr", "xs_ptr", "stride_xs"):
-            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-        constexprs["GATHER_CH"] = gather_ch
-    else:
-        constexprs.update(perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH=0)
     constexprs["ASM"] = asm
-    constexprs["POSTZERO"] = postzero
-    if postzero == 3:
-        names = kernels.qmm_kernel.arg_names
-        signature.update(xsum_ptr="*fp32", stride_xsum="i32")
-        for name in ("xsum_ptr", "stride_xsum"):
-            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-    else:
-        constexprs.update(xsum_ptr=None, stride_xsum=0)
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(kernels.qmm_kernel, signature, constexprs=constexprs, attrs=attrs)
@@ -162,23 +146,16 @@ def main(argv=None) -> int:
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--asm", action=argparse.BooleanOptionalAction, default=None,
                     help="the inline-PTX single-LOP3 dequant (default: as the backend, on for "
-                         "fp16 unless GPTQ_TRITON_ASM=0)")
-    ap.add_argument("--postzero", type=int, default=0, choices=(0, 1, 2, 3),
-                    help="zero point after the MMA (GPTQ_TRITON_POSTZERO): 1 a second MMA of "
-                         "the zero tile, 2 a tl.sum of x per sub-tile, 3 the launcher's per-group "
-                         "sums of x (fp16 only)")
-    ap.add_argument("--gather", type=int, default=0,
-                    help="act-order with the in-kernel gather of this many channels (1024)")
+                         "fp16 2/4/8-bit)")
     ap.add_argument("--all", action="store_true", help="compile every tuner candidate")
     ap.add_argument("--all-bits", default="4,2,3,8", help="bit widths for --all")
     args = ap.parse_args(argv)
     args.all_bits = [int(b) for b in args.all_bits.split(",")]
-    from gptq_backends.triton_kernels import ops  # noqa: PLC0415
 
     def use_asm(dtype: str, bits: int) -> bool:
         if bits == 3:
             return False  # 3-bit has its own dequant sequence (ASM is ignored there)
-        return args.asm if args.asm is not None else (ops.ASM_LOP3 and dtype == "fp16")
+        return args.asm if args.asm is not None else dtype == "fp16"
 
     if args.all:
         seen, failed = set(), 0
@@ -204,11 +181,9 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     cfg = configs.KernelConfig("fused", args.bm, args.bn, args.sk, args.warps, args.stages)
     asm = use_asm(args.dtype, args.bits)
-    pz = f" postzero{args.postzero}" if args.postzero else ""
-    report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}{' asm' if asm else ''}{pz}"
+    report(f"b{args.bits} g{args.group} {args.dtype} {cfg.label()}{' asm' if asm else ''}"
            f"{' asym' if args.asym else ''}",
-           compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym,
-                       gather_ch=args.gather, asm=asm, postzero=args.postzero),
+           compile_qmm(args.bits, args.group, args.dtype, cfg, const_zero=not args.asym, asm=asm),
            weights_per_thread(args.bits, args.group, cfg))
     return 0
 

@@ -141,26 +141,26 @@ def layout_version(key: str) -> int:
     return LAYOUT_VERSIONS.get(int(m.group(1)), 1) if m else 1
 
 
-def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict], dict[str, tuple]]:
-    """(configurations, the timings that chose them, (asm dequant on, postzero) when tuned) of
-    a tuned file; empty if unreadable.
+def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict], dict[str, bool]]:
+    """(configurations, the timings that chose them, whether the asm dequant was on when they
+    were tuned) of a tuned file; empty if unreadable.
 
-    Entries measured on another layout version than today's (no "layout" field: version 1)
-    are left out."""
+    Entries measured on another layout version than today's (no "layout" field: version 1), or
+    with a kernel variant since removed (``"postzero"``), are left out."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}, {}, {}
     configs, timings, asm = {}, {}, {}
     for key, entry in data.get("entries", {}).items():
-        if entry.get("layout", 1) != layout_version(key):
-            continue  # measured on an older layout of this bit width
+        if entry.get("layout", 1) != layout_version(key) or entry.get("postzero", 0):
+            continue  # measured on an older layout of this bit width, or a removed variant
         try:
             configs[key] = KernelConfig(**entry["config"])
         except (TypeError, KeyError):
             continue  # an entry from another version of this file: ignore it
         timings[key] = entry.get("timings_us", {})
-        asm[key] = (bool(entry.get("asm", False)), int(entry.get("postzero", 0)))
+        asm[key] = bool(entry.get("asm", False))
     return configs, timings, asm
 
 
@@ -176,21 +176,22 @@ class ConfigTable:
         self.user, self.timings, self.asm = _read_table(user_cache_dir() / self.file_name)
         self.lock = threading.Lock()
 
-    def lookup(self, key: str, asm: bool = False, postzero: int = 0) -> KernelConfig | None:
-        """The user's entry if it was tuned with the same asm and postzero settings, else the
-        shipped one (tuned with both off)."""
+    def lookup(self, key: str, asm: bool = False) -> KernelConfig | None:
+        """The user's entry if it was tuned with the same asm setting, else the shipped one
+        (tuned without the asm dequant, and used either way: the asm dequant was faster on
+        every tile it ran, NOTES/perf-triton.md)."""
         cfg = self.user.get(key)
-        if cfg is not None and self.asm.get(key, (False, 0)) == (bool(asm), int(postzero)):
+        if cfg is not None and self.asm.get(key, False) == bool(asm):
             return cfg
         return self.shipped.get(key)
 
     def store(self, key: str, cfg: KernelConfig, timings: dict[str, float],
-              asm: bool = False, postzero: int = 0) -> None:
+              asm: bool = False) -> None:
         """Remember a tuned entry in-process and in the user's file (best effort)."""
         with self.lock:
             self.user[key] = cfg
             self.timings[key] = timings
-            self.asm[key] = (bool(asm), int(postzero))
+            self.asm[key] = bool(asm)
             path = user_cache_dir() / self.file_name
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +202,7 @@ class ConfigTable:
     def save(self, path: Path) -> None:
         """Write every user-tuned entry (with the timings that chose it) as JSON."""
         entries = {
-            k: {"config": asdict(v), "layout": layout_version(k),
-                "asm": self.asm.get(k, (False, 0))[0], "postzero": self.asm.get(k, (False, 0))[1],
+            k: {"config": asdict(v), "layout": layout_version(k), "asm": self.asm.get(k, False),
                 "timings_us": self.timings.get(k, {})}
             for k, v in sorted(self.user.items())
         }

@@ -15,20 +15,15 @@ split launch is still one launch and deterministic.
 "dequantize once + cuBLAS" path of large M.
 
 Act-order: ``qmm_kernel`` reads x with its columns already in the weight's sorted order (the
-launcher gathers them once with ``gather_cols_kernel``, the default, or ``index_select``);
-gathering them per tile inside the main loop measured 2.3x slower on the H100 (the gather's
-latency is not pipelined). Opt-in (``GPTQ_TRITON_GATHER=fused``, small M and short K ranges):
-each program gathers its own K range once before the loop (GATHER_CH > 0), one launch instead
-of two, measured slower on the H100 (4096x4096 M=1: 23.9 us vs 12.2 with the Triton gather).
-``dequant_kernel`` scatters the sorted rows back to their original channels.
+launcher gathers them once with ``gather_cols_kernel``); gathering them per tile inside the
+main loop, or once per program before it, measured slower on the H100 (NOTES/perf-triton.md,
+"Variants removed"). ``dequant_kernel`` scatters the sorted rows back to their original channels.
 
 Dequantization: ``(word >> b*j) & mask | 0x64006400`` is two fp16 ``1024 + q`` at once (the
 "magic number"; never an integer-to-float conversion, slow on Hopper); subtracting
 ``1024 + zero`` is exact and only the scale multiply rounds, once, like the reference.
-With ASM (the default for 2/4/8-bit fp16 on CUDA, ``ops.ASM_LOP3``) the shift's
-``& mask | magic`` is one inline-PTX LOP3 instead of two (H100 8192x28672 M=1: 70.5 -> 66.2 us).
-Opt-in (``GPTQ_TRITON_POSTZERO``, POSTZERO > 0, fp16): ``1024 + q`` goes into the MMA as it
-is and ``(1024 + zero) * sum(x)`` comes off the fp32 group sum after it (see qmm_kernel).
+With ASM (2/4/8-bit fp16 on CUDA, see ``ops.use_asm``) the shift's ``& mask | magic`` is one
+inline-PTX LOP3 instead of two (H100 8192x28672 M=1: 70.5 -> 66.2 us, NOTES/perf-triton.md).
 MODE: 0 fp16 all along; 1 bf16 (``0x4300`` is bf16 128, values < 128: bits <= 4); 2 the exact
 fp16 ``q - zero`` times an fp32 scale (8-bit bf16, fp32 activations, bf16 when interpreted).
 """
@@ -154,8 +149,7 @@ def qmm_kernel(
     BITS: tl.constexpr, S: tl.constexpr, GS: tl.constexpr,
     CONST_ZERO: tl.constexpr, MODE: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
-    perm_ptr=None, xs_ptr=None, stride_xs=0, GATHER_CH: tl.constexpr = 0,
-    ASM: tl.constexpr = False, POSTZERO: tl.constexpr = 0, xsum_ptr=None, stride_xsum=0,
+    ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -172,15 +166,6 @@ def qmm_kernel(
     SCALE_END: tl.constexpr = GS == -1
     SCALE_POST: tl.constexpr = (not SCALE_END) and ALIGNED and (BLOCK_M * 4 <= SPAN)
     SPG: tl.constexpr = SPAN // S if SCALE_POST else 1  # sub-tiles per scale load
-    # Zero point after the MMA (opt-in, ops.POSTZERO; fp16 MODE 0 with the scale after the MMA):
-    # the magic value 1024 + q goes into the MMA as it is (products exact in fp32), and
-    # (1024 + zero) * sum_k x_k of the group is taken off the fp32 group sum: PZ 1 by a second
-    # MMA of the constant tile -(1024 + zero) with the same x tile, PZ 2 by a tl.sum of x per
-    # sub-tile and one FFMA per output and group, PZ 3 by the per-group fp32 sums of x that
-    # the launcher computed (xsum [K / SPAN, M rounded up to BLOCK_M], no mask) and one FFMA
-    # per output and group. No per-pair HSUB2 in the main loop. Only PZ 3 lowers the SASS count
-    # (4-bit 16x64 4.09 -> 3.94 per weight, 16x128 3.25 -> 2.91; NOTES/perf-triton.md).
-    PZ: tl.constexpr = POSTZERO if (MODE == 0 and not IEEE_DOT and (SCALE_POST or SCALE_END)) else 0
     XT: tl.constexpr = x_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,26 +182,8 @@ def qmm_kernel(
     acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     if SCALE_END:
         s, zz = _group_params(sc_ptr, zr_ptr, 0, offs_n, n_mask, N_PAD, BITS, CONST_ZERO, MODE, True)
-        if PZ == 1:
-            zt = tl.broadcast_to(-zz, (BLOCK_N, S))
-        if PZ == 2:
-            xs_g = tl.full((BLOCK_M,), 0.0, tl.float32)
 
-    if GATHER_CH > 0:
-        # Act-order decode without a second launch: this program's K range of x (at most
-        # GATHER_CH channels, checked by the launcher) is gathered through perm into xs once,
-        # then read back by the pipelined loop below like plain x. Programs sharing a range
-        # write identical values; the barrier orders this program's writes before its reads.
-        offs_g = t_begin * BKP + tl.arange(0, GATHER_CH)
-        g_mask = offs_g < tl.minimum(t_end * BKP, K)
-        idx = tl.load(perm_ptr + offs_g, mask=g_mask, other=0)
-        for m in range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, M)):
-            xv = tl.load(x_ptr + m * stride_xm + idx, mask=g_mask, other=0.0)
-            tl.store(xs_ptr + m * stride_xs + offs_g, xv, mask=g_mask)
-        tl.debug_barrier()
-        x_cols = xs_ptr + offs_m[None, :] * stride_xs
-    else:
-        x_cols = x_ptr + offs_m[None, :] * stride_xm
+    x_cols = x_ptr + offs_m[None, :] * stride_xm
     for t in range(t_begin, t_end):
         words, words_b, high = _load_tile(qw_ptr, qh_ptr, t, offs_r, offs_n, n_mask, N_PAD,
                                           BITS, S)
@@ -228,14 +195,8 @@ def qmm_kernel(
                                           BITS, CONST_ZERO, MODE, SCALE_POST)
                     if SCALE_POST:
                         acc_g = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-                        if PZ == 1:
-                            zt = tl.broadcast_to(-zz, (BLOCK_N, S))
-                        if PZ == 2:
-                            xs_g = tl.full((BLOCK_M,), 0.0, tl.float32)
             v = _sub_tile(words, words_b, high, j, BITS, MODE, ASM)
-            if PZ != 0:
-                w = v  # 1024 + q: the zero point comes off after the MMA
-            elif SCALE_POST or SCALE_END:
+            if SCALE_POST or SCALE_END:
                 w = v - zz  # q - zero: exact
             elif MODE == 2:
                 w = (v - zz).to(tl.float32) * s
@@ -253,30 +214,13 @@ def qmm_kernel(
             xt = tl.load(x_cols + offs_k[:, None], mask=x_mask, other=0.0)  # [S, BM]
             if IEEE_DOT:
                 xt = xt.to(tl.float32)
-            if PZ == 2:
-                xs_g += tl.sum(xt.to(tl.float32), axis=0)
             if SCALE_POST:
                 acc_g = _dot(w, xt, acc_g, IEEE_DOT)
-                if PZ == 1:
-                    acc_g = _dot(zt, xt, acc_g, IEEE_DOT)
                 if j % SPG == SPG - 1:
-                    if PZ == 2:
-                        acc_g -= zz.to(tl.float32) * xs_g[None, :]
-                    if PZ == 3:
-                        # sums over SPAN channels (a group, or one tile of a larger group)
-                        xs_g = tl.load(xsum_ptr + (k0 // SPAN) * stride_xsum + offs_m)
-                        acc_g -= zz.to(tl.float32) * xs_g[None, :]
                     acc += acc_g * s
             else:
                 acc = _dot(w, xt, acc, IEEE_DOT)
-                if PZ == 1:
-                    acc = _dot(zt, xt, acc, IEEE_DOT)
     if SCALE_END:
-        if PZ == 2:
-            acc -= zz.to(tl.float32) * xs_g[None, :]
-        if PZ == 3:
-            # one "group" per K split (the launcher sums x over each program's K range)
-            acc -= zz.to(tl.float32) * tl.load(xsum_ptr + pid_k * stride_xsum + offs_m)[None, :]
         acc = acc * s
 
     out_mask = m_mask[:, None] & (offs_n < N)[None, :]

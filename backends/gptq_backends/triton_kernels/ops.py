@@ -135,106 +135,24 @@ def dequantize(p: TritonPrepared, dtype: torch.dtype, block_n: int = 128) -> tor
     return out
 
 
-def _env_flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "no", "off")
-
-
-#: How act-order permutes x's columns for the fused kernel: "triton" (default:
-#: ``kernels.gather_cols_kernel``, one Triton kernel of a fixed config before it), "torch"
-#: (``index_select``, one ATen kernel before it) or "fused" (inside the fused kernel, one launch
-#: in all, where M <= FUSED_GATHER_MAX_M and each program's K range is at most FUSED_GATHER_CH
-#: channels, as in split-K decode; otherwise the triton gather). Measured on the H100 (s2run2,
-#: 4-bit g128 fp16, us): 4096x4096 M=1 plain 10.2, act torch 16.8, triton 12.2, fused 23.9;
-#: 8192x28672 M=1 torch 77.6, triton 72.7, fused 78.3 (plain 70.5). ``fused`` is slower: every
-#: program of a K range repeats the same gather and its loads sit unpipelined before the main
-#: loop, behind a barrier. benchmarks/triton_variants.py times all three.
-GATHER = os.environ.get("GPTQ_TRITON_GATHER", "triton").strip().lower()
+#: Columns of x one program of ``gather_cols_kernel`` permutes (act-order).
 GATHER_BLOCK = 1024
-#: On by default (``GPTQ_TRITON_ASM=0`` switches it off): 2/4/8-bit fp16 dequantization with one
-#: inline-PTX LOP3 per register pair instead of two, on CUDA only (the interpreter, ROCm, bf16
-#: and fp32 keep the plain code; 3-bit has its own sequence). SASS, 4-bit 16x64 split-K: 4.61 ->
-#: 4.09 instructions per weight. H100 (s2run2, same config both ways): 8192x28672 M=1 70.5 ->
-#: 66.2 us, M=16 75.8 -> 72.8, M=64 118.2 -> 117.1; 4096x4096 M=1 10.2 -> 9.9, M=64 22.3 ->
-#: 19.6; same float64 error. ``ASM`` is a constexpr of ``qmm_kernel`` (its own compiled
-#: variant) and part of the in-process choice key and of tuned entries (``"asm"``).
-ASM_LOP3 = _env_flag("GPTQ_TRITON_ASM", "1")
-#: Off by default (opt-in ``GPTQ_TRITON_POSTZERO=1``, not yet measured on a GPU): the zero
-#: point comes off after the MMA. The fused kernel feeds the magic value 1024 + q into the MMA
-#: (no HSUB2 per register pair) and takes (1024 + zero) * sum(x over the group) off the fp32
-#: group sum. ``1`` / ``pre``: the launcher computes the per-group fp32 sums of x first (one
-#: ``torch.sum``, one extra small kernel), the kernel loads them once per group (POSTZERO=3;
-#: SASS 4-bit 16x64 4.09 -> 3.94 instructions per weight, 16x128 3.25 -> 2.91). ``dot``: a
-#: second MMA of the constant tile -(1024 + zero) per sub-tile (POSTZERO=1: 4.28, ptxas
-#: re-materializes the constant A fragments). ``sum``: a ``tl.sum`` of the x tile (POSTZERO=2:
-#: 7.36, shuffles and shared memory). fp16 (MODE 0) only, where the scale is applied after the
-#: MMA (``_postzero_applies``); CUDA and the interpreter (which checks its arithmetic), not ROCm.
-#: Part of the in-process choice key and recorded per tuned entry (``"postzero"``).
-#: NOTES/perf-triton.md "Zero point after the MMA".
-POSTZERO_MODES = {"": 0, "0": 0, "false": 0, "no": 0, "off": 0, "1": 3, "on": 3, "true": 3,
-                  "yes": 3, "pre": 3, "dot": 1, "sum": 2}
-POSTZERO = POSTZERO_MODES.get(os.environ.get("GPTQ_TRITON_POSTZERO", "0").strip().lower(), 0)
-FUSED_GATHER_CH = 1024
-FUSED_GATHER_MAX_M = 2
 
 
-def gather_columns(x: torch.Tensor, perm: torch.Tensor, how: str | None = None) -> torch.Tensor:
+def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """x [M, K] with its columns in the act-order weight's sorted order: ``x[:, perm[:K]]``,
-    by ``index_select`` ("torch") or ``gather_cols_kernel`` (otherwise, the default)."""
+    by one Triton kernel (faster than ``index_select``, NOTES/perf-triton.md "Variants removed")."""
     M, K = x.shape
-    if (how or GATHER) == "torch":
-        return x.index_select(1, perm[:K])  # int32 index, a view of perm: one kernel, no copy
     out = torch.empty(M, K, dtype=x.dtype, device=x.device)
     _kernels().gather_cols_kernel[(M, math.ceil(K / GATHER_BLOCK))](
         x, perm, out, K, x.stride(0), out.stride(0), BLOCK=GATHER_BLOCK, num_warps=4)
     return out
 
 
-def _use_asm(x: torch.Tensor, mode: int, bits: int | None = None) -> bool:
-    """Whether this call's fused kernel dequantizes through the single-LOP3 inline PTX (3-bit
-    has its own sequence: no asm variant compiled for it)."""
-    return ASM_LOP3 and mode == 0 and bits != 3 and x.is_cuda and torch.version.hip is None and not _interpreting()
-
-
-def _use_postzero(x: torch.Tensor, mode: int) -> int:
-    """The POSTZERO setting for this call: 0 (zero point per pair before the MMA), 1, 2 or 3.
-    The kernel ignores it where the scale is applied before the MMA (``_postzero_applies``)."""
-    if not POSTZERO or mode != 0 or torch.version.hip is not None:
-        return 0
-    return POSTZERO if (x.is_cuda or _interpreting()) else 0
-
-
-def _postzero_span(bits: int, sub: int, group_size: int, block_m: int) -> int:
-    """The channels over which ``qmm_kernel`` sums one scale's products before scaling them
-    (its SPAN: the group, or one tile of a group larger than a tile) where the scale is applied
-    after the MMA and POSTZERO can take effect; -1 over all of K (group -1); 0 where the scale
-    is applied before the MMA (POSTZERO ignored). Same rule as in the kernel."""
-    bkp = tile_k(bits, sub)
-    if group_size == -1:
-        return -1
-    span = bkp if group_size >= bkp else group_size
-    aligned = group_size % bkp == 0 or bkp % group_size == 0
-    return span if aligned and block_m * 4 <= span else 0
-
-
-def _postzero_applies(bits: int, sub: int, group_size: int, block_m: int) -> bool:
-    """Whether POSTZERO takes effect (the scale is applied after the MMA)."""
-    return _postzero_span(bits, sub, group_size, block_m) != 0
-
-
-def group_sums(x: torch.Tensor, group_size: int, block_m: int, k_pad: int = 0) -> torch.Tensor:
-    """fp32 sums of x over each group of ``group_size`` input channels (x zero-padded to
-    ``k_pad`` channels: the kernel reads every group of its whole tiles), as [groups, M rounded
-    up to block_m] (on the GPU the rows beyond M are left unwritten: they only reach output
-    rows that are never stored; the interpreter gets zeros, to keep numpy quiet)."""
-    M, K = x.shape
-    gs = group_size
-    groups = math.ceil(max(K, k_pad) / gs)
-    if groups * gs != K:
-        x = torch.nn.functional.pad(x, (0, groups * gs - K))
-    alloc = torch.zeros if _interpreting() else torch.empty
-    out = alloc(groups, math.ceil(M / block_m) * block_m, dtype=torch.float32, device=x.device)
-    torch.sum(x.view(M, groups, gs), -1, dtype=torch.float32, out=out.T[:M])
-    return out
+def use_asm(x: torch.Tensor, mode: int, bits: int | None = None) -> bool:
+    """Whether the fused kernel dequantizes through the single-LOP3 inline PTX: fp16 (mode 0)
+    on CUDA, 2/4/8-bit (3-bit has its own sequence); never under the interpreter or on ROCm."""
+    return mode == 0 and bits != 3 and x.is_cuda and torch.version.hip is None and not _interpreting()
 
 
 def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
@@ -251,30 +169,8 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
     _, sms = device_props(dev)
     split = configs.resolve_split_k(cfg, M, N, p.tiles, sms)
     mode = mode_for(x.dtype, p.bits)
-    postzero = _use_postzero(x, mode)  # x's device and dtype: the same after the gather
-    gather_ch, xs = 0, None
     if p.perm is not None:
-        # Act-order: x's columns into the weight's sorted order, once (see kernels.py): inside
-        # the kernel where opted in and each program's K range is short, else a kernel before.
-        tk = tile_k(p.bits, p.sub)
-        span = math.ceil(p.tiles / split) * tk
-        if (GATHER == "fused" and M <= FUSED_GATHER_MAX_M and span <= FUSED_GATHER_CH
-                and tk % 64 == 0 and postzero != 3):
-            gather_ch = FUSED_GATHER_CH
-            # rows of k_pad and ranges of whole tiles, multiples of 64 channels (128 bytes of
-            # fp16): no cache line holds parts of two programs' ranges
-            xs = torch.empty(M, p.k_pad, dtype=x.dtype, device=dev)
-        else:
-            x = gather_columns(x, p.perm)
-    if not _postzero_applies(p.bits, p.sub, p.group_size, cfg.block_m):
-        postzero = 0
-    xsum = None
-    if postzero == 3:
-        # sums over the kernel's SPAN; one group (-1): over each program's K range (split)
-        span = _postzero_span(p.bits, p.sub, p.group_size, cfg.block_m)
-        if span == -1:
-            span = math.ceil(p.tiles / split) * tile_k(p.bits, p.sub)
-        xsum = group_sums(x, span, cfg.block_m, p.tiles * tile_k(p.bits, p.sub))
+        x = gather_columns(x, p.perm)  # act-order: x's columns into the weight's sorted order
     # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
     out_dtype = torch.float32 if x.dtype == torch.bfloat16 and _interpreting() else x.dtype
     out = torch.empty(M, N, dtype=out_dtype, device=dev)
@@ -296,10 +192,7 @@ def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
         CONST_ZERO=p.zeros is None, MODE=mode,
         EVEN_K=K % tile_k(p.bits, p.sub) == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
-        perm_ptr=p.perm if gather_ch else None, xs_ptr=xs,
-        stride_xs=xs.stride(0) if gather_ch else 0, GATHER_CH=gather_ch,
-        ASM=_use_asm(x, mode, p.bits),
-        POSTZERO=postzero, xsum_ptr=xsum, stride_xsum=xsum.stride(0) if xsum is not None else 0,
+        ASM=use_asm(x, mode, p.bits),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.to(x.dtype)  # no kernel when the dtypes match (it returns ``out`` itself)
@@ -358,15 +251,11 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     return best, timings
 
 
-def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str, bool, int]:
-    """(GPU name, tuned-file key, asm dequant on, postzero): the in-process choice key. The
-    tuned files are keyed by the first two and record the others (``"asm"``, ``"postzero"``)
-    per entry."""
+def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str]:
+    """(GPU name, tuned-file key): the in-process choice key."""
     gpu, _ = device_props(x.device)
-    mode = mode_for(x.dtype, p.bits)
     return (gpu, configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features,
-                                   p.out_features, x.shape[0]),
-            _use_asm(x, mode, p.bits), _use_postzero(x, mode))
+                                   p.out_features, x.shape[0]))
 
 
 def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
@@ -378,13 +267,14 @@ def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
         return cfg
     if not x.is_cuda:
         return configs.default_config(M, p.bits)
-    gpu, key, asm, postzero = ck
+    gpu, key = ck
+    asm = use_asm(x, mode_for(x.dtype, p.bits), p.bits)
     table = configs.table_for(gpu)
-    cfg = table.lookup(key, asm, postzero)
+    cfg = table.lookup(key, asm)
     if cfg is None:
         if configs.autotune_enabled() and not _capturing(x):
             cfg, timings = tune(x, p, None)
-            table.store(key, cfg, timings, asm, postzero)
+            table.store(key, cfg, timings, asm)
         else:
             return configs.default_config(M, p.bits)
     _chosen[ck] = cfg

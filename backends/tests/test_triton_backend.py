@@ -355,51 +355,23 @@ def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
     assert configs.default_config(256, 4) == configs.default_config(256)
 
 
-@pytest.mark.parametrize("how", ["torch", "triton", "fused"])
-def test_act_order_gather(how, monkeypatch):
-    """Both ways of permuting x for act-order give x[:, perm[:K]] and the right product."""
-    w = random_weight(1100, 24, 4, 128, sym=True, act=True, seed=9)  # K > one gather block
+def test_act_order_gather():
+    """The act-order gather gives x[:, perm[:K]] and the right product, K over one gather block."""
+    w = random_weight(1100, 24, 4, 128, sym=True, act=True, seed=9)
     p = layout.prepare(w, DEVICE)
     x = torch.randn(3, 1100, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
-    if how != "fused":
-        xs = ops.gather_columns(x, p.perm, how)
-        assert torch.equal(xs, x[:, p.perm[:1100].long()])
-    monkeypatch.setattr(ops, "GATHER", how)
-    real, gathered = ops.gather_columns, []
-    monkeypatch.setattr(ops, "gather_columns", lambda *a: gathered.append(1) or real(*a))
-    ops.launch(x[:1], p, None, KernelConfig("fused", 16, 32, 2, 4, 2))
-    assert len(gathered) == (0 if how == "fused" else 1)  # fused: one launch in all
-    # split 2 (fused gather: 640-channel ranges), then split 1 (1152 > 1024: gathered before)
+    assert torch.equal(ops.gather_columns(x, p.perm), x[:, p.perm[:1100].long()])
     check(w, torch.float16, ms=(1, 2, 3), cfg=KernelConfig("fused", 16, 32, 2, 4, 2))
     check(w, torch.float16, ms=(2,), cfg=KernelConfig("fused", 16, 32, 1, 4, 2))
     w = random_weight(160, 40, 4, 32, sym=False, act=True, bias=True, seed=4)  # K % tile != 0
     check(w, torch.float16, ms=(1, 2), cfg=KernelConfig("fused", 16, 32, 0, 4, 2))
 
 
-def test_asm_dequant_is_cuda_only(monkeypatch):
-    """GPTQ_TRITON_ASM's inline PTX never reaches the interpreter (or a CPU tensor)."""
-    monkeypatch.setattr(ops, "ASM_LOP3", True)
+def test_asm_dequant_is_cuda_fp16_only():
+    """The inline-PTX dequant never reaches the interpreter, a CPU tensor, bf16/fp32 or 3-bit."""
     x = torch.zeros(1, 8, dtype=torch.float16, device=DEVICE)
-    assert ops._use_asm(x, 0) == ON_GPU and not ops._use_asm(x, 1) and not ops._use_asm(x, 2)
-    assert not ops._use_asm(x, 0, 3)  # 3-bit has its own dequant sequence
-    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=12)
-    check(w, torch.float16, ms=(1, 16))
-
-
-def test_measured_defaults_asm_and_triton_gather():
-    """Defaults are the H100 s2run2 winners: single-LOP3 asm dequant (CUDA fp16 only) and the
-    Triton act-order gather; GPTQ_TRITON_ASM=0 / GPTQ_TRITON_GATHER=torch|fused still select."""
-    if "GPTQ_TRITON_ASM" not in os.environ:
-        assert ops.ASM_LOP3
-    if "GPTQ_TRITON_GATHER" not in os.environ:
-        assert ops.GATHER == "triton"
-    assert ops._env_flag("GPTQ_TRITON_TEST_UNSET", "1")
-    assert not ops._env_flag("GPTQ_TRITON_TEST_UNSET", "0")
-    # the in-process choice key tells asm on from off
-    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=12)
-    p = layout.prepare(w, DEVICE)
-    x = torch.zeros(1, 128, dtype=torch.float16, device=DEVICE)
-    assert ops._cache_key(x, p)[2] == ops._use_asm(x, 0)
+    assert ops.use_asm(x, 0) == ON_GPU and not ops.use_asm(x, 1) and not ops.use_asm(x, 2)
+    assert not ops.use_asm(x, 0, 3)  # 3-bit has its own dequant sequence
 
 
 def test_asm_recorded_in_tuned_entries(tmp_path, monkeypatch):
@@ -442,65 +414,3 @@ def test_candidates_fit_shared_memory():
     assert configs.candidates(256, 4096, 4096, 3) == [KernelConfig("dequant")]
     assert KernelConfig("fused", 64, 128, 0, 4, 2) in configs.candidates(64, 4096, 4096, 3)
     assert KernelConfig("fused", 256, 128, 1, 8, 3) in configs.candidates(256, 4096, 4096, 4)
-
-
-POSTZERO_GRID = [  # (bits, group, sym, act, K, cfg)
-    (4, 128, True, False, 256, KernelConfig("fused", 16, 64, 0, 4, 3)),
-    (4, 128, False, False, 256, KernelConfig("fused", 16, 64, 0, 4, 3)),
-    (4, 64, False, True, 320, KernelConfig("fused", 16, 32, 2, 4, 2)),   # split-K, act-order
-    (4, -1, True, False, 320, KernelConfig("fused", 16, 64, 3, 4, 2)),   # one group, split-K
-    (4, -1, False, False, 160, KernelConfig("fused", 16, 32, 1, 4, 2)),  # K % tile != 0
-    (3, 128, True, False, 172, KernelConfig("fused", 16, 32, 0, 4, 2)),  # groups beyond K
-    (8, 128, False, False, 256, KernelConfig("fused", 16, 64, 0, 4, 3)),
-    (8, 64, True, False, 192, KernelConfig("fused", 16, 64, 0, 4, 3)),
-    (2, 128, False, False, 256, KernelConfig("fused", 16, 64, 0, 4, 3)),
-    (3, 128, True, False, 512, KernelConfig("fused", 16, 32, 0, 4, 2)),
-]
-
-
-@pytest.mark.parametrize("mode", (3, 1))
-@pytest.mark.parametrize("bits,group,sym,act,K,cfg", POSTZERO_GRID,
-                         ids=[f"b{b}-g{g}-{'sym' if s else 'asym'}{'-act' if a else ''}-K{k}-"
-                              f"{c.label().replace(' ', '-')}" for b, g, s, a, k, c in POSTZERO_GRID])
-def test_postzero_matches_reference(mode, bits, group, sym, act, K, cfg, monkeypatch):
-    """GPTQ_TRITON_POSTZERO: 1024 + q into the MMA, (1024 + zero) * sum(x) taken off after it
-    (3: sums by the launcher, 1: a second MMA of the zero tile), against the float64
-    reference; the interpreter runs it on the CPU. The variant must really run (sums used)."""
-    monkeypatch.setattr(ops, "POSTZERO", mode)
-    calls = []
-    real = ops.group_sums
-    monkeypatch.setattr(ops, "group_sums", lambda *a: calls.append(a) or real(*a))
-    w = random_weight(K, 48, bits, group, sym=sym, act=act, bias=True, seed=40 + bits)
-    x = torch.zeros(1, K, dtype=torch.float16, device=DEVICE)
-    applies = ops._postzero_applies(bits, layout.sub_tile(group), group, cfg.block_m)
-    assert applies and ops._use_postzero(x, 0) == mode
-    check(w, torch.float16, ms=(1, 16), cfg=cfg, seed=7)
-    assert bool(calls) == (mode == 3)
-
-
-def test_postzero_is_opt_in_and_keyed(tmp_path, monkeypatch):
-    """Off by default; fp16 only; its setting is part of the in-process choice key and of tuned
-    entries; where the scale is applied before the MMA the plain path runs."""
-    if "GPTQ_TRITON_POSTZERO" not in os.environ:
-        assert ops.POSTZERO == 0
-    assert ops.POSTZERO_MODES["1"] == 3 and ops.POSTZERO_MODES["dot"] == 1
-    w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=12)
-    p = layout.prepare(w, DEVICE)
-    x = torch.zeros(1, 128, dtype=torch.float16, device=DEVICE)
-    monkeypatch.setattr(ops, "POSTZERO", 0)
-    off = ops._cache_key(x, p)
-    monkeypatch.setattr(ops, "POSTZERO", 3)
-    on = ops._cache_key(x, p)
-    assert off[:3] == on[:3] and off[3] == 0 and on[3] == 3
-    assert ops._use_postzero(x, 1) == 0 and ops._use_postzero(x, 2) == 0
-    assert not ops._postzero_applies(4, 32, 32, 16)  # group 32 in 4-bit tiles of 128: pre-scaled
-    # scale per weight (BLOCK_M 64 too large to post-scale): plain path, still right
-    check(w, torch.float16, ms=(1,), cfg=KernelConfig("fused", 64, 32, 1, 4, 2))
-    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
-    key = configs.shape_key(4, 128, torch.float16, 4096, 4096, 1)
-    cfg = KernelConfig("fused", 16, 128, 0, 4, 3)
-    configs.ConfigTable("Pz GPU").store(key, cfg, {}, asm=True, postzero=0)
-    raw = json.loads((tmp_path / "Pz_GPU.json").read_text())
-    assert raw["entries"][key]["postzero"] == 0 and raw["entries"][key]["asm"] is True
-    table = configs.ConfigTable("Pz GPU")
-    assert table.lookup(key, asm=True) == cfg and table.lookup(key, asm=True, postzero=3) is None
