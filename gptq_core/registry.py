@@ -2,8 +2,11 @@
 
 Loading is isolated: a plugin whose import or registration fails is recorded as broken with its
 error, and every other backend keeps working. Two plugins claiming one backend name are both
-marked broken with an error naming both distributions. ``GPTQ_DISABLED_BACKENDS=a,b`` hides
-backends before they are imported.
+marked broken with an error naming both distributions. ``GPTQ_DISABLED_BACKENDS=a,b`` turns
+backends off before they are imported; they stay listed, with status "disabled".
+
+``GPTQ_BACKEND`` and ``GPTQ_DISABLED_BACKENDS`` are the only global switches
+(docs/DESIGN.md §12); both are lists of backend names read by :func:`names_from_env`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pluggy
 from . import hookspecs
 from .backend import Backend, BackendInfo
 from .errors import BackendConflictError, GPTQError
+from .options import parse_value
 
 #: Backends that ``pip install gptq-core[NAME]`` brings (the extras of the root pyproject).
 INSTALL_EXTRAS = ("cuda", "marlin", "exllama", "rocm", "hpu")
@@ -28,6 +32,10 @@ REQUIRED_HOOKS = ("gptq_backend_info", "gptq_pack", "gptq_qmatmul")
 QMATMUL_PARAMS = ("x", "prepared", "bias")
 #: Version or distribution of a plugin registered by hand that declares none.
 UNKNOWN = "unknown"
+#: The ordered backend preference (docs/DESIGN.md §4), e.g. ``marlin,triton``.
+BACKEND_ENV = "GPTQ_BACKEND"
+#: Backends not to import at all, e.g. ``triton,example``.
+DISABLED_ENV = "GPTQ_DISABLED_BACKENDS"
 
 
 @dataclass(frozen=True)
@@ -42,10 +50,29 @@ class BrokenBackend:
     conflict: bool = False
 
 
+@dataclass(frozen=True)
+class DisabledBackend:
+    """A plugin turned off by ``GPTQ_DISABLED_BACKENDS``: listed, never imported."""
+
+    name: str
+    distribution: str
+    version: str
+    entry_point: str
+    reason: str = f"disabled by {DISABLED_ENV}"
+
+
+def names_from_env(variable: str) -> tuple[str, ...]:
+    """The backend names listed in environment ``variable`` ("a,b"; blanks ignored), in order.
+
+    Read with the options' own parser (:func:`gptq_core.options.parse_value`), so a list means
+    the same in every variable and option.
+    """
+    return parse_value(tuple, os.environ.get(variable, ""), variable)
+
+
 def disabled_backends() -> set[str]:
-    """Names listed in ``GPTQ_DISABLED_BACKENDS`` (comma separated)."""
-    raw = os.environ.get("GPTQ_DISABLED_BACKENDS", "")
-    return {n.strip() for n in raw.split(",") if n.strip()}
+    """Names listed in ``GPTQ_DISABLED_BACKENDS``."""
+    return set(names_from_env(DISABLED_ENV))
 
 
 def _metadata(ep: EntryPoint) -> tuple[str | None, str | None]:
@@ -91,6 +118,7 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.backends: dict[str, Backend] = {}
         self.broken: dict[str, BrokenBackend] = {}
+        self.disabled: dict[str, DisabledBackend] = {}
         self.generation = 0
         self._sources: dict[str, str] = {}  # backend name -> distribution
 
@@ -99,14 +127,15 @@ class Registry:
     def discover(cls, group: str = hookspecs.ENTRY_POINT_GROUP) -> Registry:
         """Load every entry point of ``group``, isolating failures."""
         reg = cls()
-        hidden = disabled_backends()
+        off = disabled_backends()
         for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-            if ep.name in hidden:
-                continue
-            reg._load_entry_point(ep)
+            if ep.name in off:
+                reg._mark_disabled(ep.name, *_metadata(ep), ep.value)
+            else:
+                reg._load_entry_point(ep, off)
         return reg
 
-    def _load_entry_point(self, ep: EntryPoint) -> None:
+    def _load_entry_point(self, ep: EntryPoint, off: set[str]) -> None:
         dist, version = _metadata(ep)
         try:
             plugin = ep.load()
@@ -117,12 +146,20 @@ class Registry:
             self._mark_broken(ep.name, dist, version, ep.value, f"import failed: {detail}")
             return
         try:
-            self.register(plugin, name=ep.name, distribution=dist, version=version,
-                          entry_point=ep.value)
+            backend = self.register(plugin, name=ep.name, distribution=dist, version=version,
+                                    entry_point=ep.value)
         except BackendConflictError:
-            pass  # already recorded as broken on both sides
+            return  # already recorded as broken on both sides
         except Exception as exc:  # noqa: BLE001
             self._mark_broken(ep.name, dist, version, ep.value, f"registration failed: {exc}")
+            return
+        if backend.name in off:  # disabled by the name it gave itself, not its entry point's
+            self.unregister(backend.name)
+            self._mark_disabled(backend.name, dist, version, ep.value)
+
+    def _mark_disabled(self, name, dist, version, entry_point) -> None:
+        self.disabled[name] = DisabledBackend(name, dist or UNKNOWN, version or UNKNOWN, entry_point)
+        self.generation += 1
 
     def _mark_broken(self, name, dist, version, entry_point, error, conflict=False) -> None:
         self.broken[name] = BrokenBackend(name, dist or UNKNOWN, version or UNKNOWN,
@@ -226,6 +263,11 @@ class Registry:
             broken = self.broken[name]
             cls = BackendConflictError if broken.conflict else GPTQError
             raise cls(f"backend '{name}' is broken: {broken.error}")
+        if name in self.disabled:
+            raise GPTQError(
+                f"backend '{name}' is {self.disabled[name].reason}; remove it from that "
+                "variable to use it"
+            )
         known = ", ".join(sorted(self.backends)) or "none"
         hint = (
             f"`pip install gptq-core[{name}]` installs it"

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from typing import Any
 from .backend import Backend, policy_of
 from .device import DeviceInfo
 from .errors import GPTQError, NoBackendError, NotSupportedError
-from .options import BackendOptions, check_backend_names
+from .options import BackendOptions, check_backend_names, parse_value
 from .policy import DispatchPolicy
-from .registry import Registry, get_registry
+from .registry import BACKEND_ENV, Registry, get_registry, names_from_env
 from .spec import LayerSpec
 
 INSTALL_HINT = (
@@ -34,12 +33,10 @@ INSTALL_HINT = (
 def parse_preference(backend: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """``"auto"``/None -> GPTQ_BACKEND or None (automatic); ``"a,b"`` or [a, b] -> ("a", "b")."""
     if backend is None or backend == "auto":
-        backend = os.environ.get("GPTQ_BACKEND", "") or None
-        if backend is None or backend == "auto":
-            return None
-    names = backend.split(",") if isinstance(backend, str) else list(backend)
-    names = tuple(n.strip() for n in names if n.strip())
-    return names or None
+        names = names_from_env(BACKEND_ENV)
+    else:
+        names = parse_value(tuple, backend, "backend")
+    return None if names in ((), ("auto",)) else names
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def parse_backend_options(
     Parsed once per load; an unknown backend or option is one clear :class:`OptionsError`.
     """
     registry = registry or get_registry()
-    check_backend_names(values, set(registry.backends) | set(registry.broken))
+    check_backend_names(values, set(registry.backends) | set(registry.broken) | set(registry.disabled))
     parsed = {}
     for name, fields in (values or {}).items():
         if name in registry.backends:
@@ -167,6 +164,8 @@ def plan(
                 accepted.append(b)
         for name, broken in sorted(registry.broken.items()):
             rejected[name] = [f"broken: {broken.error}"]
+        for name, disabled in sorted(registry.disabled.items()):
+            rejected[name] = [disabled.reason]
         accepted.sort(key=lambda b: (-b.info.priority_for(device), b.name))
     result = Plan(device, spec, preference, tuple(accepted), rejected)
     _plan_cache[key] = result

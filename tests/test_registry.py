@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from gptq_core import BackendInfo, Capabilities, GPTQError, Registry, get_registry, hookimpl
+from gptq_core import (BackendInfo, Capabilities, DeviceInfo, GPTQError, LayerSpec, Registry,
+                       get_registry, hookimpl, selector)
 from gptq_core.errors import BackendConflictError
+from gptq_core.registry import names_from_env
 from gptq_core.testing import StubBackend
 
 CPU4 = Capabilities(device_kinds=frozenset({"cpu"}), bits=(4,))
+SPEC = LayerSpec(bits=4, group_size=32, in_features=64, out_features=16)
 
 
 def _distribution(root: Path, dist: str, package: str, entry: str, module_source: str) -> Path:
@@ -161,7 +164,9 @@ def test_broken_and_conflicting_plugins_are_isolated(installed_plugins):
     assert "gptq-dupe-one" in dupe["reasons"][0] and "gptq-dupe-two" in dupe["reasons"][0]
     torch_row = by_name["torch"]
     assert torch_row["status"] == "available" and torch_row["bits"] == [2, 3, 4, 8]
-    assert "example" not in by_name  # GPTQ_DISABLED_BACKENDS hides it
+    example = by_name["example"]  # GPTQ_DISABLED_BACKENDS turns it off; it stays listed
+    assert (example["status"], example["distribution"]) == ("disabled", "gptq-backend-example")
+    assert example["reasons"] == ["disabled by GPTQ_DISABLED_BACKENDS"]
 
 
 def test_identity_comes_from_the_entry_point_and_its_distribution(installed_plugins):
@@ -179,11 +184,19 @@ def test_identity_comes_from_the_entry_point_and_its_distribution(installed_plug
         "gptq-backends", version("gptq-backends"))
 
 
-def test_disabling_the_broken_plugin_hides_it(installed_plugins):
-    code, rows, _ = _backends_list(installed_plugins, GPTQ_DISABLED_BACKENDS=" broken , dupe")
-    assert code == 0
-    names = {r["name"] for r in rows}
-    assert "broken" not in names and "dupe" not in names and "torch" in names
+def test_disabled_plugins_are_listed_and_never_imported(installed_plugins):
+    code, rows, stderr = _backends_list(installed_plugins,
+                                        GPTQ_DISABLED_BACKENDS=" broken , dupe,renamed")
+    assert code == 0, stderr
+    by_name = {r["name"]: r for r in rows}
+    # importing 'broken' raises: listed as disabled, not broken, proves it was not imported
+    for name, dist in (("broken", "gptq-broken-plugin"), ("dupe", "gptq-dupe-"),
+                       ("renamed", "gptq-renamed-plugin")):
+        row = by_name[name]
+        assert (row["status"], row["version"]) == ("disabled", "1.2.3")
+        assert row["distribution"].startswith(dist)
+        assert row["reasons"] == ["disabled by GPTQ_DISABLED_BACKENDS"]
+    assert by_name["torch"]["status"] == "available"
 
 
 # ---------------------------------------------------------------------- in-process registry
@@ -288,13 +301,29 @@ def test_unregister_allows_registering_the_name_again():
 
 
 def test_discover_honours_disabled_backends(monkeypatch):
-    monkeypatch.setenv("GPTQ_DISABLED_BACKENDS", "example,triton")
+    monkeypatch.setenv("GPTQ_DISABLED_BACKENDS", "example;triton")
     reg = Registry.discover()
     assert "torch" in reg.backends
     assert "example" not in reg.backends and "triton" not in reg.backends
-    assert "example" not in reg.broken
+    assert set(reg.disabled) == {"example", "triton"} and "example" not in reg.broken
+    with pytest.raises(GPTQError, match="'example' is disabled by GPTQ_DISABLED_BACKENDS; remove"):
+        reg.get("example")
+    plan = selector.plan(SPEC, DeviceInfo.of("cpu"), registry=reg)
+    assert plan.rejected["example"] == ["disabled by GPTQ_DISABLED_BACKENDS"]
     monkeypatch.setenv("GPTQ_DISABLED_BACKENDS", "")
-    assert "example" in Registry.discover().backends
+    reg = Registry.discover()
+    assert "example" in reg.backends and not reg.disabled
+
+
+def test_environment_lists_share_one_reading(monkeypatch):
+    monkeypatch.setenv("GPTQ_BACKEND", " marlin, ;triton ,")
+    assert names_from_env("GPTQ_BACKEND") == ("marlin", "triton")
+    assert selector.parse_preference(None) == ("marlin", "triton")
+    assert selector.parse_preference("torch ; example") == ("torch", "example")
+    monkeypatch.setenv("GPTQ_BACKEND", "auto")
+    assert selector.parse_preference(None) is None
+    monkeypatch.delenv("GPTQ_BACKEND")
+    assert names_from_env("GPTQ_BACKEND") == () and selector.parse_preference("auto") is None
 
 
 def test_global_registry_has_the_installed_backends():

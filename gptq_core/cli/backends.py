@@ -14,7 +14,7 @@ def _fmt_group_sizes(group_sizes) -> str:
 
 
 def backend_rows(device: DeviceInfo) -> list[dict]:
-    """One dict per backend (loaded or broken) describing it on ``device``."""
+    """One dict per backend (loaded, broken or disabled) describing it on ``device``."""
     reg = get_registry()
     rows = []
     for name in sorted(reg.backends):
@@ -42,23 +42,28 @@ def backend_rows(device: DeviceInfo) -> list[dict]:
                 "reasons": reasons,
             }
         )
-    for name, broken in sorted(reg.broken.items()):
-        rows.append(
-            {
-                "name": name,
-                "distribution": broken.distribution,
-                "version": broken.version,
-                "status": "broken",
-                "device": device.describe(),
-                "device_kinds": [],
-                "bits": [],
-                "group_sizes": [],
-                "priority": None,
-                "entry_point": broken.entry_point,
-                "reasons": [broken.error],
-            }
-        )
+    for _, broken in sorted(reg.broken.items()):
+        rows.append(_unloaded_row(broken, "broken", broken.error, device))
+    for _, disabled in sorted(reg.disabled.items()):
+        rows.append(_unloaded_row(disabled, "disabled", disabled.reason, device))
     return rows
+
+
+def _unloaded_row(record, status: str, reason: str, device: DeviceInfo) -> dict:
+    """A backend that was not loaded (broken or disabled): who it is and why."""
+    return {
+        "name": record.name,
+        "distribution": record.distribution,
+        "version": record.version,
+        "status": status,
+        "device": device.describe(),
+        "device_kinds": [],
+        "bits": [],
+        "group_sizes": [],
+        "priority": None,
+        "entry_point": record.entry_point,
+        "reasons": [reason],
+    }
 
 
 def _table(rows: list[dict]) -> str:
@@ -72,7 +77,7 @@ def _table(rows: list[dict]) -> str:
                 r["status"],
                 ",".join(r["device_kinds"]) or "-",
                 ",".join(map(str, r["bits"])) or "-",
-                _fmt_group_sizes(r["group_sizes"]) if r["status"] != "broken" else "-",
+                _fmt_group_sizes(r["group_sizes"]) if r["device_kinds"] else "-",
                 "-" if r["priority"] is None else str(r["priority"]),
                 "usable" if not r["reasons"] else "; ".join(r["reasons"]),
             )
