@@ -121,6 +121,11 @@ class Registry:
         self.disabled: dict[str, DisabledBackend] = {}
         self.generation = 0
         self._sources: dict[str, str] = {}  # backend name -> distribution
+        # Imported here: selector.py imports this module for get_registry and the env names.
+        from .selector import Selector
+
+        #: Chooses backends for layers; its caches belong to this registry.
+        self.selector = Selector(self)
 
     # ------------------------------------------------------------------ loading
     @classmethod

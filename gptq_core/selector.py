@@ -122,9 +122,110 @@ def parse_backend_options(
     return parsed
 
 
-_plan_cache: dict[tuple, Plan] = {}
-# (plan id, backend name) -> error: a backend that failed to build for a plan is not retried.
-_failed: dict[tuple[int, str], str] = {}
+#: What a plan depends on besides the registry: equal requests share one plan.
+PlanKey = tuple[DeviceInfo, LayerSpec, "tuple[str, ...] | None"]
+
+
+class Selector:
+    """Chooses backends for one :class:`Registry` (its ``selector``), remembering its choices.
+
+    Plans, and the backends that failed to build for a plan (not retried for the next layer),
+    are kept by value: (device, layer spec, preference). A change to the registry (a backend
+    registered or removed) forgets both.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._generation = registry.generation
+        self._plans: dict[PlanKey, Plan] = {}
+        self._failed: dict[tuple[PlanKey, str], str] = {}
+
+    def clear(self) -> None:
+        """Forget every plan and failure (after installing backends at run time)."""
+        self._plans.clear()
+        self._failed.clear()
+        self._generation = self.registry.generation
+
+    def _key(self, spec: LayerSpec, device: DeviceInfo, backend) -> PlanKey:
+        if self.registry.generation != self._generation:
+            self.clear()
+        return (device, spec, parse_preference(backend))
+
+    def plan(self, spec: LayerSpec, device: DeviceInfo,
+             backend: str | Sequence[str] | None = None) -> Plan:
+        """Rank the backends able to serve ``spec`` on ``device``."""
+        return self._plan(self._key(spec, device, backend))
+
+    def _plan(self, key: PlanKey) -> Plan:
+        cached = self._plans.get(key)
+        if cached is None:
+            cached = self._plans[key] = self._rank(*key)
+        return cached
+
+    def _rank(self, device: DeviceInfo, spec: LayerSpec,
+              preference: tuple[str, ...] | None) -> Plan:
+        registry = self.registry
+        rejected: dict[str, list[str]] = {}
+        accepted: list[Backend] = []
+        if preference is not None:
+            for name in preference:
+                try:
+                    b = registry.get(name)
+                except GPTQError as exc:
+                    rejected[name] = [str(exc)]
+                    continue
+                reasons = b.reasons(device, spec)
+                if reasons:
+                    rejected[name] = reasons
+                else:
+                    accepted.append(b)
+        else:
+            for name in sorted(registry.backends):
+                b = registry.backends[name]
+                reasons = b.reasons(device, spec)
+                if reasons:
+                    rejected[name] = reasons
+                else:
+                    accepted.append(b)
+            for name, broken in sorted(registry.broken.items()):
+                rejected[name] = [f"broken: {broken.error}"]
+            for name, disabled in sorted(registry.disabled.items()):
+                rejected[name] = [disabled.reason]
+            accepted.sort(key=lambda b: (-b.info.priority_for(device), b.name))
+        return Plan(device, spec, preference, tuple(accepted), rejected)
+
+    def bind(
+        self,
+        weight,
+        device: DeviceInfo,
+        spec: LayerSpec,
+        backend: str | Sequence[str] | None = None,
+        options: Mapping[str, BackendOptions] | None = None,
+    ) -> Binding:
+        """Prepare ``weight`` with the first backend of the chain that succeeds.
+
+        ``options`` maps backend names to their parsed options (:func:`parse_backend_options`);
+        a backend not named gets its defaults.
+        """
+        key = self._key(spec, device, backend)
+        chosen = self._plan(key)
+        options = options or {}
+        failures: dict[str, str] = {}
+        for b in chosen.ranked:
+            if (key, b.name) in self._failed:
+                failures[b.name] = self._failed[(key, b.name)]
+                continue
+            try:
+                prepared = b.prepare(weight, device, spec, options.get(b.name))
+            except NotSupportedError as exc:
+                failures[b.name] = "; ".join(exc.reasons) or str(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a JIT build or pack failure falls back
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                failures[b.name] = self._failed[(key, b.name)] = detail
+                continue
+            return Binding(b, prepared, chosen, failures)
+        raise chosen.no_backend_error(failures)
 
 
 def plan(
@@ -133,43 +234,8 @@ def plan(
     backend: str | Sequence[str] | None = None,
     registry: Registry | None = None,
 ) -> Plan:
-    """Rank the backends able to serve ``spec`` on ``device`` (cached per device and spec)."""
-    registry = registry or get_registry()
-    preference = parse_preference(backend)
-    key = (id(registry), registry.generation, device, spec, preference)
-    cached = _plan_cache.get(key)
-    if cached is not None:
-        return cached
-    rejected: dict[str, list[str]] = {}
-    accepted: list[Backend] = []
-    if preference is not None:
-        for name in preference:
-            try:
-                b = registry.get(name)
-            except GPTQError as exc:
-                rejected[name] = [str(exc)]
-                continue
-            reasons = b.reasons(device, spec)
-            if reasons:
-                rejected[name] = reasons
-            else:
-                accepted.append(b)
-    else:
-        for name in sorted(registry.backends):
-            b = registry.backends[name]
-            reasons = b.reasons(device, spec)
-            if reasons:
-                rejected[name] = reasons
-            else:
-                accepted.append(b)
-        for name, broken in sorted(registry.broken.items()):
-            rejected[name] = [f"broken: {broken.error}"]
-        for name, disabled in sorted(registry.disabled.items()):
-            rejected[name] = [disabled.reason]
-        accepted.sort(key=lambda b: (-b.info.priority_for(device), b.name))
-    result = Plan(device, spec, preference, tuple(accepted), rejected)
-    _plan_cache[key] = result
-    return result
+    """:meth:`Selector.plan` of ``registry`` (default: the process-wide one)."""
+    return (registry or get_registry()).selector.plan(spec, device, backend)
 
 
 def bind(
@@ -180,32 +246,10 @@ def bind(
     registry: Registry | None = None,
     options: Mapping[str, BackendOptions] | None = None,
 ) -> Binding:
-    """Prepare ``weight`` with the first backend of the chain that succeeds.
-
-    ``options`` maps backend names to their parsed options (:func:`parse_backend_options`);
-    a backend not named gets its defaults.
-    """
-    chosen = plan(spec, device, backend, registry)
-    options = options or {}
-    failures: dict[str, str] = {}
-    for b in chosen.ranked:
-        if (id(chosen), b.name) in _failed:
-            failures[b.name] = _failed[(id(chosen), b.name)]
-            continue
-        try:
-            prepared = b.prepare(weight, device, spec, options.get(b.name))
-        except NotSupportedError as exc:
-            failures[b.name] = "; ".join(exc.reasons) or str(exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a JIT build or pack failure falls back
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            failures[b.name] = _failed[(id(chosen), b.name)] = detail
-            continue
-        return Binding(b, prepared, chosen, failures)
-    raise chosen.no_backend_error(failures)
+    """:meth:`Selector.bind` of ``registry`` (default: the process-wide one)."""
+    return (registry or get_registry()).selector.bind(weight, device, spec, backend, options)
 
 
-def clear_cache() -> None:
-    """Forget cached plans (after installing or registering backends at run time)."""
-    _plan_cache.clear()
-    _failed.clear()
+def clear_cache(registry: Registry | None = None) -> None:
+    """Forget the plans of ``registry`` (default: the process-wide one)."""
+    (registry or get_registry()).selector.clear()

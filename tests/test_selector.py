@@ -58,6 +58,27 @@ def test_plans_are_cached_until_the_registry_changes():
     assert selector.plan(SPEC, CPU, registry=reg).ranked[0].name == "newcomer"
 
 
+def test_plans_and_failures_are_kept_by_value_per_registry():
+    def broken_build(weight, device, spec):
+        raise RuntimeError("JIT build failed")
+
+    regs = [registry(StubBackend("failing", ANY, {"cpu": 9}, pack=broken_build),
+                     StubBackend("steady", ANY)) for _ in range(2)]
+    first = selector.plan(SPEC, CPU, registry=regs[0])
+    # an equal device and spec built afresh; one preference spelled two ways
+    assert regs[0].selector.plan(replace(SPEC), DeviceInfo.of("cpu")) is first
+    assert selector.plan(SPEC, CPU, "steady, failing", regs[0]) is \
+        selector.plan(SPEC, CPU, ["steady", "failing"], regs[0])
+    for reg in regs:  # each registry's selector remembers its own failures
+        for _ in range(2):
+            assert selector.bind(WEIGHT, CPU, SPEC, registry=reg).backend.name == "steady"
+        assert reg.backends["failing"].plugin.pack_calls == 1
+    regs[0].selector.clear()
+    selector.bind(WEIGHT, CPU, SPEC, registry=regs[0])
+    assert regs[0].backends["failing"].plugin.pack_calls == 2
+    assert regs[1].backends["failing"].plugin.pack_calls == 1
+
+
 @pytest.mark.parametrize(
     ("preference", "ranked"),
     [("slow", ["slow"]), ("slow,fast", ["slow", "fast"]), (["anywhere", "slow"], ["anywhere", "slow"]),
