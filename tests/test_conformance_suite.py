@@ -24,6 +24,14 @@ TINY = Capabilities(
 )
 
 
+def _branches_on_values(tp, x, p, b):
+    """Right numbers, but the path is picked by reading the data: a host sync, and a graph
+    break that torch.compile(fullgraph=True) refuses."""
+    if bool(x.isfinite().all()):
+        return tp.gptq_qmatmul(x, p, b)
+    return tp.gptq_qmatmul(x.clone(), p, b)  # as if non-finite rows took a safer path
+
+
 BUGS = {
     # name -> qmatmul(torch_plugin, x, prepared, bias) with that bug; None: no bug
     None: lambda tp, x, p, b: tp.gptq_qmatmul(x, p, b),
@@ -33,7 +41,9 @@ BUGS = {
     "mutates-input": lambda tp, x, p, b: tp.gptq_qmatmul(x.index_fill_(1, torch.tensor([0]), 0.5),
                                                           p, b),
     "probe-refuses-g128": lambda tp, x, p, b: tp.gptq_qmatmul(x, p, b),  # see the probe
+    "branches-on-values": _branches_on_values,
 }
+COMPILABLE = replace(TINY, compile=True)
 
 
 def meta_backend(name: str, caps: Capabilities = TINY, bug: str | None = None,
@@ -76,6 +86,8 @@ def torch_warm() -> None:
                           (x, b.prepared.qweight, b.prepared.zeros, b.prepared.scales,
                            b.prepared.g_idx, None, 4))
     torch.compile(layer, fullgraph=True, backend="aot_eager")(x.detach())
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True)(x.detach())  # inductor, as test_compile_replay
     torch._dynamo.reset()
 
 
@@ -140,6 +152,26 @@ def test_suite_catches_bug(suite, bug, failing):
     assert result.ret != 0
     failed = [line for line in result.outlines if line.startswith("FAILED")]
     assert any(failing in line for line in failed), result.stdout.str()
+
+
+def test_compilable_backend_gets_compiled_replay_and_a_reasoned_graph_skip(suite):
+    result = suite(meta_backend("meta_compilable", caps=COMPILABLE), "-v", "-rs")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0, result.stdout.str()
+    collected = item_names(result)
+    assert "test_compile_replay[b4-g128-sym-noact-fp32-K172xN32-bias]" in collected
+    assert "test_cuda_graph_capture[not-applicable]" in collected
+    assert "test_declared_limit[limit-compile]" not in collected
+    result.stdout.fnmatch_lines(["*test_compile_replay*PASSED*",
+                                 "*SKIPPED*torch.cuda.graph capture needs a CUDA*"])
+
+
+def test_compiled_replay_catches_a_branch_on_values(suite):
+    result = suite(meta_backend("meta_branches", caps=COMPILABLE, bug="branches-on-values"),
+                   "-rf", "-v")
+    assert result.ret != 0
+    failed = [line for line in result.outlines if line.startswith("FAILED")]
+    assert any("test_compile_replay" in line for line in failed), result.stdout.str()
 
 
 def test_declared_xfail_with_reason_turns_failure_into_xfail(suite):
@@ -265,3 +297,40 @@ def test_limit_cases_of_the_tiny_backend():
     assert {"limit-bits2", "limit-bits3", "limit-bits8", "limit-bits5", "limit-group32",
             "limit-asym", "limit-desc_act", "limit-dtype-fp16", "limit-dtype-fp64",
             "limit-training", "limit-compile", "limit-device-cuda"} <= ids
+
+
+def test_capture_cases_follow_the_device():
+    """On CUDA: captures per bits x act-order, 4-bit first, with and without bias; elsewhere
+    only two small compiled cases, and the CUDA graph family says why it is empty."""
+    from gptq_conformance.cases import CAPTURE, CPU_COMPILED, build_plan
+
+    caps = get_registry().get("torch").info.capabilities
+    for quick in (False, True):
+        cuda = build_plan(caps, [], quick=quick, device_type="cuda")
+        graphs = cuda.families["cuda_graph"]
+        assert len(graphs) == CAPTURE["graph_limit"][quick]
+        assert graphs[0].bits == 4 and {c.desc_act for c in graphs[:2]} == {False, True}
+        assert {c.bias for c in graphs} == {False, True}
+        assert all(c.m_values == CAPTURE["m_values"] for c in graphs)
+        assert cuda.families["compile_replay"] == graphs[:CAPTURE["compiled_limit"][quick]]
+        assert "cuda_graph" not in cuda.reasons
+        cpu = build_plan(caps, [], quick=quick, device_type="cpu")
+        assert cpu.families["cuda_graph"] == [] and "CUDA" in cpu.reasons["cuda_graph"]
+        compiled = cpu.families["compile_replay"]
+        assert [(c.bits, c.group_size) for c in compiled] == [(4, 128), (3, -1)]
+        assert all(c.m_values == CPU_COMPILED["m_values"] for c in compiled)
+    refused = build_plan(TINY, [], quick=False, device_type="cuda")
+    assert refused.families["cuda_graph"] == refused.families["compile_replay"] == []
+    assert not refused.reasons  # compile=False: the declared limit explains it
+
+
+def test_capture_reaches_every_path_of_the_policy():
+    from gptq_conformance.graphs import MAX_CAPTURE_M, capture_ms
+    from gptq_core.policy import DispatchPolicy
+
+    policy = DispatchPolicy.from_thresholds((8, "gemv"), (256, "mma"), (65536, "wide"),
+                                            (None, "dequant"))
+    ms = capture_ms((0, 1, 7), policy)
+    assert ms == (1, 7, 8, 9, 256, 257, MAX_CAPTURE_M)
+    assert {policy.path_for(m) for m in ms} == {"gemv", "mma", "wide"}
+    assert capture_ms((1, 7), DispatchPolicy.single("torch")) == (1, 7)

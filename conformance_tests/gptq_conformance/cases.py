@@ -46,6 +46,22 @@ QUICK = {
 #: Group sizes tried as limits when a backend declares a fixed list.
 LIMIT_GROUP_SIZES = (-1, 16, 32, 48, 64, 128, 256)
 
+#: Capture checks (docs/DESIGN.md §11). On CUDA: one case per bits x act-order, the widths
+#: models ship first, at these batch sizes (the bounds of the backend's dispatch policy are
+#: added at run time, so every path it has is captured). On other devices only the compiled
+#: replay runs, with inductor: seconds per case on a 2-core CI machine, so two small cases.
+CAPTURE = {
+    "bits_first": (4, 8, 3, 2),
+    "m_values": (1, 7, 16, 64),
+    "graph_limit": {False: 8, True: 4},  # by quick
+    "compiled_limit": {False: 4, True: 2},
+}
+CPU_COMPILED = {
+    "picks": ((4, 128), (3, -1), (8, -1), (2, -1)),  # (bits, group size), first two declared
+    "count": 2,
+    "m_values": (1, 7),
+}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -105,6 +121,8 @@ class SuitePlan:
 
     families: dict[str, list] = field(default_factory=dict)
     device_reasons: list[str] = field(default_factory=list)
+    #: Why a family is empty on this device (families empty by declaration say so elsewhere).
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 def _mult(n: int, m: int) -> int:
@@ -239,8 +257,29 @@ def limit_cases(caps: Capabilities) -> list[LimitCase]:
     return out
 
 
-def build_plan(caps: Capabilities, device_reasons: list[str], quick: bool) -> SuitePlan:
-    """All families of cases for a backend; only ``device`` when the device is refused."""
+def capture_cases(qm: list[Case], quick: bool) -> list[Case]:
+    """CUDA capture cases: one per bits x act-order (4-bit first), bias on every other one."""
+    order = CAPTURE["bits_first"]
+    picked = sorted(sample(qm, key=lambda c: (c.bits, c.desc_act)),
+                    key=lambda c: order.index(c.bits) if c.bits in order else len(order))
+    return [replace(c, bias=i % 2 == 0, m_values=CAPTURE["m_values"])
+            for i, c in enumerate(picked[:CAPTURE["graph_limit"][quick]])]
+
+
+def cpu_compiled_cases(qm: list[Case]) -> list[Case]:
+    """The first declared of the preferred (bits, group size) pairs, one case each."""
+    out: list[Case] = []
+    for bits, group in CPU_COMPILED["picks"]:
+        found = next((c for c in qm if (c.bits, c.group_size) == (bits, group)), None)
+        if found is not None and len(out) < CPU_COMPILED["count"]:
+            out.append(replace(found, bias=not out, m_values=CPU_COMPILED["m_values"]))
+    return out
+
+
+def build_plan(caps: Capabilities, device_reasons: list[str], quick: bool,
+               device_type: str = "cpu") -> SuitePlan:
+    """All families of cases for a backend on a device of torch type ``device_type``; only
+    ``device`` when the device is refused."""
     plan = SuitePlan(device_reasons=list(device_reasons))
     if device_reasons:
         return plan
@@ -255,6 +294,19 @@ def build_plan(caps: Capabilities, device_reasons: list[str], quick: bool) -> Su
     plan.families["compile"] = (
         sample(qm, key=lambda c: c.dtype, limit=1 if quick else 3) if caps.compile else []
     )
+    on_cuda = device_type == "cuda"  # torch's type, ROCm included
+    captured = capture_cases(qm, quick) if caps.compile and on_cuda else []
+    plan.families["cuda_graph"] = captured
+    plan.families["compile_replay"] = (
+        [] if not caps.compile
+        else captured[:CAPTURE["compiled_limit"][quick]] if on_cuda
+        else cpu_compiled_cases(qm)
+    )
+    if caps.compile and not on_cuda:
+        plan.reasons["cuda_graph"] = (
+            f"torch.cuda.graph capture needs a CUDA or ROCm device and this run is on "
+            f"'{device_type}'; test_compile_replay compiles the layer here instead"
+        )
     plan.families["training"] = (
         sample(qm, key=lambda c: (c.bits, c.dtype), limit=2 if quick else 6)
         if caps.training else []

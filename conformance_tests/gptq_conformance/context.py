@@ -28,9 +28,12 @@ from gptq_core.spec import LayerSpec
 from .cases import SuitePlan, build_plan
 
 #: Why a family can have no cases, shown as the reason of its single skipped placeholder.
+_NOT_COMPILABLE = ("the backend declares compile=False; test_declared_limit[limit-compile] "
+                   "checks that torch.compile mode is refused")
 NOT_APPLICABLE = {
-    "compile": "the backend declares compile=False; test_declared_limit[limit-compile] "
-               "checks that torch.compile mode is refused",
+    "compile": _NOT_COMPILABLE,
+    "cuda_graph": _NOT_COMPILABLE,
+    "compile_replay": _NOT_COMPILABLE,
     "training": "the backend declares training=False; test_declared_limit[limit-training] "
                 "checks that training mode is refused",
     "limit": "the backend declares no limit this suite can probe",
@@ -127,7 +130,8 @@ class SuiteContext:
         if self.plan.device_reasons:
             return (f"backend '{self.name}' cannot run on {self.device.describe()} "
                     f"(see test_device_supported): {'; '.join(self.plan.device_reasons)}")
-        return NOT_APPLICABLE.get(family, "no case applies to this backend")
+        return self.plan.reasons.get(family) or NOT_APPLICABLE.get(
+            family, "no case applies to this backend")
 
 
 def _declarations(cls: type, backend: Backend, attr: str, option: str) -> dict[str, str]:
@@ -193,7 +197,7 @@ def suite_for(config: pytest.Config, cls: type) -> SuiteContext:
     if dev is None:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     device = DeviceInfo.of(dev)
-    plan = build_plan(backend.info.capabilities, backend.reasons(device), quick)
+    plan = build_plan(backend.info.capabilities, backend.reasons(device), quick, device.type)
     ctx = SuiteContext(
         cls=cls, name=backend.name, backend=backend, device=device,
         seed=config.getoption("gptq_seed"), quick=quick,
