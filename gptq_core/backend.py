@@ -17,13 +17,9 @@ from .device import DeviceInfo
 from .errors import NotSupportedError
 from .options import BackendOptions
 from .policy import DispatchPolicy
-from .spec import LayerSpec
+from .spec import LayerSpec, dtype_name
 
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @dataclass(frozen=True)
@@ -81,8 +77,8 @@ class Capabilities:
         if spec.desc_act and not self.desc_act:
             reasons.append("act-order (desc_act=True) is not supported")
         if spec.act_dtype not in self.act_dtypes:
-            names = ", ".join(_dtype_name(d) for d in self.act_dtypes)
-            reasons.append(f"activation dtype {_dtype_name(spec.act_dtype)} is not supported ({names})")
+            names = ", ".join(dtype_name(d) for d in self.act_dtypes)
+            reasons.append(f"activation dtype {dtype_name(spec.act_dtype)} is not supported ({names})")
         if spec.in_features % self.k_multiple:
             reasons.append(f"K={spec.in_features} is not divisible by {self.k_multiple}")
         if spec.out_features % self.n_multiple:

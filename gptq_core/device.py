@@ -11,6 +11,11 @@ import torch
 DEVICE_KINDS = ("cpu", "cuda", "rocm", "hpu", "xpu", "mps")
 
 
+def default_device() -> torch.device:
+    """Where models load and compute when no device is named: the GPU torch sees, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """A device as the selector sees it.
@@ -44,10 +49,8 @@ class DeviceInfo:
 
     @classmethod
     def of(cls, device: torch.device | str | None = None) -> DeviceInfo:
-        """Describe ``device`` (default: the current CUDA device if any, else the CPU)."""
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        """Describe ``device`` (default: :func:`default_device`)."""
+        device = default_device() if device is None else torch.device(device)
         interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()

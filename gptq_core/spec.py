@@ -11,6 +11,11 @@ Mode = Literal["inference", "training", "compile"]
 MODES: tuple[str, ...] = ("inference", "training", "compile")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> "float16": how messages, tables and JSON name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """bits, group size, sym, act-order, K x N, activation dtype and mode of one quantized linear.
@@ -31,10 +36,9 @@ class LayerSpec:
     def describe(self) -> str:
         order = ", act-order" if self.desc_act else ""
         sym = "sym" if self.sym else "asym"
-        dtype = str(self.act_dtype).replace("torch.", "")
         return (
             f"{self.bits}-bit g{self.group_size} {sym}{order}, K={self.in_features} "
-            f"N={self.out_features}, {dtype}, {self.mode}"
+            f"N={self.out_features}, {dtype_name(self.act_dtype)}, {self.mode}"
         )
 
     @classmethod

@@ -7,6 +7,7 @@ import json
 
 from ..device import DeviceInfo
 from ..registry import get_registry
+from ..spec import dtype_name
 
 
 def _fmt_group_sizes(group_sizes) -> str:
@@ -34,7 +35,7 @@ def backend_rows(device: DeviceInfo) -> list[dict]:
                 "sym": caps.sym,
                 "asym": caps.asym,
                 "desc_act": caps.desc_act,
-                "act_dtypes": [str(d).replace("torch.", "") for d in caps.act_dtypes],
+                "act_dtypes": [dtype_name(d) for d in caps.act_dtypes],
                 "priority": b.info.priority_for(device),
                 "training": caps.training,
                 "compile": caps.compile,
