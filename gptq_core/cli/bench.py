@@ -1,10 +1,14 @@
-"""``gptq bench``: time every available backend against fp16 cuBLAS and PyTorch's tinygemm."""
+"""``gptq bench``: time every available backend against fp16 cuBLAS and PyTorch's tinygemm;
+``gptq bench generate``: tokens per second of whole models, float against quantized, in every
+decode mode (docs/DESIGN.md §9, §11)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -68,6 +72,128 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+#: ``gptq bench generate`` defaults per device kind: (batches, prompt tokens, new tokens).
+GENERATE_DEFAULTS = {"cpu": ((1, 2), 16, 16), "gpu": ((1, 8, 32), 32, 128)}
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GPTQError(f"{what} {text!r} is not a comma-separated list of integers, e.g. 1,8,32") from None
+    if not values:
+        raise GPTQError(f"{what} is empty; give e.g. 1,8,32")
+    return values
+
+
+def _generate_models(args, device: torch.device, work: Path, log) -> tuple[list, dict]:
+    """The float/quantized folders to time, building or quantizing them when needed."""
+    from ..auto import is_quantized_checkpoint, load_for_inference  # noqa: PLC0415
+    from ..generation.benchmark import ModelEntry  # noqa: PLC0415
+    from ..synthetic import build_synthetic, float_model_of, write_rtn_checkpoint  # noqa: PLC0415
+
+    if args.synthetic:
+        pair = build_synthetic(args.synthetic, work, device=device, layers=args.layers, overwrite=True)
+        log(f"built {pair.name}: random float model and its RTN 4-bit g128 checkpoint in {pair.seconds:.1f} s under {work}")
+        return ([ModelEntry("float", pair.float_dir), ModelEntry("quantized", pair.quantized_dir)],
+                {"synthetic": pair.name, "build_s": pair.seconds})
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        raise GPTQError(f"{folder} is not a folder; give a model or GPTQ checkpoint folder, or --synthetic NAME")
+    if is_quantized_checkpoint(folder):
+        source = float_model_of(folder)
+        if source is None:
+            note = "its quantize_config.json records no float model (meta.float_model), so only it is timed"
+            log(f"{folder}: {note}")
+            return [ModelEntry("quantized", folder, note=note)], {}
+        return [ModelEntry("float", source), ModelEntry("quantized", folder)], {}
+    quantized = work / f"{folder.name}-gptq-4bit-g128-rtn"
+    model, tokenizer = load_for_inference(folder, device, "auto", args.dtype)
+    write_rtn_checkpoint(model, tokenizer, quantized, folder, overwrite=True)
+    del model
+    log(f"{folder} is a float model: wrote its RTN 4-bit g128 checkpoint to {quantized}")
+    return ([ModelEntry("float", folder), ModelEntry("quantized", quantized, note="RTN 4-bit g128 made by the bench")],
+            {"quantized_by_bench": True})
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import transformers  # noqa: PLC0415
+
+    from ..checkpoint.load import resolve_device  # noqa: PLC0415
+    from ..generation import benchmark, report  # noqa: PLC0415
+
+    if (args.model_dir is None) == (args.synthetic is None):
+        raise GPTQError("give a MODEL_DIR or --synthetic NAME (exactly one of them)")
+    if args.layers is not None and not args.synthetic:
+        raise GPTQError("--layers only applies to --synthetic models")
+    if args.plot:
+        report.check_plot_available()
+    device = resolve_device(args.device)
+    batches, prompt_len, new_tokens = GENERATE_DEFAULTS["cpu" if device.type == "cpu" else "gpu"]
+    cfg = benchmark.GenerateBenchConfig(
+        batches=_int_list(args.batch, "--batch") if args.batch else list(batches),
+        prompt_len=args.prompt_len or prompt_len, new_tokens=args.new_tokens or new_tokens,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()], device=device,
+        backend=args.backend, dtype=args.dtype, seconds=args.seconds,
+    )
+    cfg.check()
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    with ExitStack() as stack:
+        if args.work_dir:
+            work = Path(args.work_dir)
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gptq-bench-generate-")))
+        models, built = _generate_models(args, device, work, log)
+        rows = benchmark.run(models, cfg, log)
+    meta = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+            "command": " ".join(sys.argv), "batches": cfg.batches, "prompt_len": cfg.prompt_len,
+            "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": cfg.backend, **built}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    print(report.table(rows, models))
+    if args.json:
+        report.write_json(rows, models, args.json, meta)
+    if args.plot:
+        name = built.get("synthetic") or Path(args.model_dir or "").name
+        report.plot(rows, args.plot, f"{name} on {meta.get('gpu', device)}")
+    return 1 if any(r.status == "error" for r in rows) else 0
+
+
+def _register_generate(modes: argparse._SubParsersAction) -> None:
+    from ..synthetic import SHAPES  # noqa: PLC0415
+
+    g = modes.add_parser(
+        "generate",
+        help="tokens per second of a whole model, float against quantized, in every decode mode",
+        description=(
+            "Time generation end to end, side by side in one run: the float model and its GPTQ "
+            "checkpoint, each with transformers' eager generate, transformers' static cache (which "
+            "transformers compiles on GPUs) and gptq-core's fast path. Decode time is that of "
+            "tokens 2..N (prefill excluded); greedy tokens of every mode are checked against eager's."
+        ),
+    )
+    g.add_argument("model_dir", nargs="?", default=None,
+                   help="a float model folder (a 4-bit RTN checkpoint is made beside it in a temporary "
+                        "folder) or a GPTQ checkpoint (its float model is timed too if recorded)")
+    g.add_argument("--synthetic", choices=list(SHAPES),
+                   help="build a random-weight model of this real shape and its 4-bit checkpoint instead")
+    g.add_argument("--layers", type=int, default=None, help="decoder layers of the --synthetic model (default: the real count)")
+    g.add_argument("--batch", help="comma-separated batch sizes (default 1,8,32 on a GPU, 1,2 on the CPU)")
+    g.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 32 on a GPU, 16 on the CPU)")
+    g.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128 on a GPU, 16 on the CPU)")
+    g.add_argument("--modes", default="eager,static,fast", help="comma-separated modes: eager, static, fast (default all)")
+    g.add_argument("--device", help="device to run on (default: cuda if present, else cpu)")
+    g.add_argument("--backend", default="auto", help="backend name or 'a,b' preference for the quantized model")
+    g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
+    g.add_argument("--seconds", type=float, default=1.0, help="time budget of each timed measurement (default 1)")
+    g.add_argument("--work-dir", help="where synthetic/quantized models are written and kept (default: a temporary folder)")
+    g.add_argument("--json", help="write every number to this JSON file")
+    g.add_argument("--plot", help="write a PNG of tokens per second (needs matplotlib)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    g.set_defaults(func=_run_generate)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -99,3 +225,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", help="write a PNG of speed-up over fp16 against M")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=_run)
+    _register_generate(p.add_subparsers(dest="bench_mode", metavar="generate"))

@@ -1,0 +1,275 @@
+"""Measuring generation end to end: float against quantized, in each decode mode, one run.
+
+For each model (the float one and its GPTQ checkpoint), each batch size and each mode:
+
+- ``eager``: transformers' ``generate`` with its dynamic cache;
+- ``static``: ``generate(cache_implementation="static")``, which transformers compiles
+  (``torch.compile``, mode reduce-overhead: CUDA graphs) on GPUs and runs uncompiled on the CPU;
+- ``fast``: :class:`~gptq_core.generation.FastGenerator` (static cache, captured decode step).
+
+Each is run once to warm up (compilation, graph capture, autotuning: reported as ``warmup_s``),
+then timed generating N tokens (whose greedy tokens are compared with ``eager``'s) and 1 token,
+end-of-sequence ignored. The difference is the decode time of N-1 steps, so prefill
+never inflates the per-step figure (docs/DESIGN.md §9): ``ms_per_step = decode / (N-1)``,
+``tok_s = batch * (N-1) / decode``.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import GPTQError
+from .fast import FastGenerator
+
+#: Decode modes in the order they run (eager first: it is the reference for tokens_match).
+MODES = ("eager", "static", "fast")
+#: Text the prompts are cut from (real text, so prompts are real token sequences).
+PROMPT_TEXT = Path(__file__).resolve().parents[1] / "data" / "text" / "tinystories-sample.txt"
+#: Most timed repetitions of one measurement (the median is kept).
+MAX_REPEATS = 5
+
+
+@dataclass
+class GenerateBenchConfig:
+    batches: list[int]
+    prompt_len: int
+    new_tokens: int
+    modes: list[str]
+    device: torch.device
+    backend: str = "auto"
+    dtype: str = "auto"
+    seconds: float = 1.0  # time budget of one timed measurement (repeats fill it)
+    breakdown: bool = True  # profile one fast decode step (CUDA only)
+
+    def check(self) -> None:
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise GPTQError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+        if not self.batches or min(self.batches) < 1:
+            raise GPTQError(f"batch sizes must be >= 1, got {self.batches}")
+        if self.new_tokens < 2:
+            raise GPTQError("--new-tokens must be >= 2 (decode time is that of tokens 2..N)")
+        if self.prompt_len < 1:
+            raise GPTQError("--prompt-len must be >= 1")
+
+
+@dataclass
+class ModelEntry:
+    """A model to time: "float" or "quantized", its folder, and what loading it cost."""
+
+    label: str
+    folder: Path
+    load_s: float | None = None
+    weights_gb: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    status: str = "ok"  # ok, error
+    note: str = ""
+    tok_s: float | None = None
+    ms_per_step: float | None = None
+    prefill_ms: float | None = None
+    warmup_s: float | None = None
+    peak_gb: float | None = None
+    load_s: float | None = None
+    repeats: int = 0
+    path: str = ""  # how the mode ran: "eager", "compiled", "cuda-graph", "transformers" ...
+    compiled: bool | None = None
+    tokens_match: bool | None = None  # greedy tokens equal eager's (None for eager itself)
+    first_mismatch: int | None = None
+    breakdown: dict[str, float] | None = field(default=None)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prompt_ids(tokenizer, vocab: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """[batch, length] token ids of real text (random ids when there is no tokenizer)."""
+    if tokenizer is not None:
+        text = PROMPT_TEXT.read_text()[: 40 * batch * length + 1000]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= batch * length and max(ids) < vocab:
+            return torch.tensor(ids[: batch * length], dtype=torch.long).view(batch, length).to(device)
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)
+
+
+def _runner(mode: str, model, batch: int, max_len: int, pad: int, log) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    if mode == "fast":
+        fast = FastGenerator(model, max_batch=batch, max_len=max_len, log=log)
+
+        def call(ids: torch.Tensor, n: int) -> torch.Tensor:
+            return fast.generate(ids, max_new_tokens=n, do_sample=False, ignore_eos=True, pad_token_id=pad)
+
+        call.fast = fast
+        return call
+    extra = {"cache_implementation": "static"} if mode == "static" else {}
+
+    def call(ids: torch.Tensor, n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  do_sample=False, eos_token_id=None, pad_token_id=pad, **extra)
+
+    return call
+
+
+def _compiled_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def measure(call, ids: torch.Tensor, new_tokens: int, device: torch.device, seconds: float,
+            warmup_tokens: int) -> tuple[float, float, float, int, torch.Tensor]:
+    """(warm-up s, 1-token s, N-token s, repeats, output of N tokens) of ``call``; medians."""
+
+    def timed(n: int) -> tuple[float, torch.Tensor]:
+        _sync(device)
+        start = time.perf_counter()
+        out = call(ids, n)
+        _sync(device)
+        return time.perf_counter() - start, out
+
+    warm, _ = timed(warmup_tokens)
+    first, out = timed(new_tokens)
+    repeats = max(1, min(MAX_REPEATS, int(seconds / max(first, 1e-9))))
+    full = [first] + [timed(new_tokens)[0] for _ in range(repeats - 1)]
+    one = [timed(1)[0] for _ in range(repeats)]
+    return warm, statistics.median(one), statistics.median(full), repeats, out
+
+
+def warmup_tokens(mode: str, new_tokens: int) -> int:
+    """Tokens of the warm-up call: two (prefill and one decode step: compiled, captured and
+    autotuned) except for transformers' static cache, whose cache length (and so its compiled
+    graphs) depends on the number of new tokens."""
+    return new_tokens if mode == "static" else 2
+
+
+def _mismatch(out: torch.Tensor, ref: torch.Tensor, prompt_len: int) -> int | None:
+    """Index of the first generated token where any row differs, or None when all agree."""
+    a, b = out[:, prompt_len:].cpu(), ref[:, prompt_len:].cpu()
+    n = min(a.shape[1], b.shape[1])
+    differs = (a[:, :n] != b[:, :n]).any(dim=0).nonzero()
+    if differs.numel():
+        return int(differs[0])
+    return None if a.shape[1] == b.shape[1] else n
+
+
+def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str], None]) -> list[Row]:
+    """Every batch x mode row of one model (loaded once)."""
+    from ..auto import load_for_inference
+
+    dev = cfg.device
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
+    start = time.perf_counter()
+    model, tokenizer = load_for_inference(entry.folder, dev, cfg.backend, cfg.dtype)
+    _sync(dev)
+    entry.load_s = time.perf_counter() - start
+    if dev.type == "cuda":
+        entry.weights_gb = (torch.cuda.memory_allocated(dev) - before) / 2**30
+    log(f"{entry.label}: loaded {entry.folder} in {entry.load_s:.1f} s")
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    prompts = prompt_ids(tokenizer, vocab, max(cfg.batches), cfg.prompt_len, dev)
+    rows: list[Row] = []
+    try:
+        for batch in cfg.batches:
+            ids = prompts[:batch].contiguous()
+            reference = None
+            for mode in cfg.modes:
+                row = Row(entry.label, mode, batch, cfg.prompt_len, cfg.new_tokens, load_s=entry.load_s)
+                rows.append(row)
+                graphs = _compiled_graphs()
+                try:
+                    call = _runner(mode, model, batch, cfg.prompt_len + cfg.new_tokens, int(pad), log)
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    warm, one, full, repeats, out = measure(call, ids, cfg.new_tokens, dev, cfg.seconds,
+                                                            warmup_tokens(mode, cfg.new_tokens))
+                except Exception as exc:  # noqa: BLE001 - one failing mode must not stop the others
+                    row.status, row.note = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    log(f"{entry.label} {mode} batch {batch}: ERROR {row.note}")
+                    continue
+                steps = cfg.new_tokens - 1
+                decode = full - one
+                row.warmup_s, row.prefill_ms, row.repeats = warm, one * 1e3, repeats
+                if decode > 0:
+                    row.ms_per_step = decode / steps * 1e3
+                    row.tok_s = batch * steps / decode
+                else:
+                    row.note = "decode time below timing noise; raise --new-tokens"
+                if dev.type == "cuda":
+                    row.peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+                row.path = _path(mode, call, model, dev, _compiled_graphs() - graphs, row)
+                if mode == "eager":
+                    reference = out
+                elif reference is not None:
+                    row.first_mismatch = _mismatch(out, reference, cfg.prompt_len)
+                    row.tokens_match = row.first_mismatch is None
+                    if not row.tokens_match:
+                        log(f"MISMATCH: {entry.label} {mode} batch {batch}: greedy tokens differ from "
+                            f"eager's from generated token {row.first_mismatch}")
+                if mode == "fast" and cfg.breakdown and dev.type == "cuda" and call.fast.fallback_reason is None:
+                    try:
+                        row.breakdown = call.fast.step_breakdown(ids)
+                    except Exception as exc:  # noqa: BLE001 - a profile is a bonus, never a failure
+                        log(f"{entry.label} fast batch {batch}: no step breakdown ({type(exc).__name__}: {exc})")
+                log(f"{entry.label} {mode} batch {batch}: "
+                    + (f"{row.tok_s:.1f} tok/s, {row.ms_per_step:.2f} ms/step" if row.tok_s else row.note)
+                    + f", warm-up {warm:.1f} s")
+                del call
+    finally:
+        del model
+        gc.collect()
+        if dev.type == "cuda":
+            torch._dynamo.reset()  # compiled code of this model must not count against the next
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _path(mode: str, call, model, dev: torch.device, new_graphs: int, row: Row) -> str:
+    if mode == "fast":
+        return call.fast.last_path or ""
+    if mode == "eager":
+        return "eager"
+    row.compiled = getattr(model, "_compiled_call", None) is not None and new_graphs > 0
+    if row.compiled:
+        return f"compiled ({new_graphs} graphs)"
+    if dev.type == "cuda":
+        row.note = (row.note + "; " if row.note else "") + "transformers did not compile the static-cache decode"
+    return "static, not compiled" + (" (CPU)" if dev.type == "cpu" else "")
+
+
+def run(models: list[ModelEntry], cfg: GenerateBenchConfig, log: Callable[[str], None]) -> list[Row]:
+    cfg.check()
+    rows: list[Row] = []
+    for entry in models:
+        rows += bench_model(entry, cfg, log)
+    return rows
