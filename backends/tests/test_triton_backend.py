@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,19 @@ pytest.importorskip("triton")
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 from gptq_core import DeviceInfo, LayerSpec, NotSupportedError, QuantLinear, get_registry  # noqa: E402
 from gptq_core.format import PackedWeight, pack_weight  # noqa: E402
-from gptq_backends.triton_kernels import configs, layout, ops  # noqa: E402
+from gptq_backends.triton_kernels import configs, dispatch, launch, layout, ops, target  # noqa: E402
 from gptq_backends.triton_kernels.configs import KernelConfig  # noqa: E402
+from gptq_backends.triton_kernels.options import TritonOptions  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+#: The default rules whatever the machine: no tuning, no shipped table, no user table (a folder
+#: that cannot exist, so nothing is read or written).
+OPTIONS = TritonOptions(autotune=False, shipped_configs=False,
+                        cache_dir=Path(os.devnull) / "no-tuned-tables")
+
+
+def prepare(w: PackedWeight, dtype: torch.dtype = torch.float16):
+    return dispatch.prepare(w, DEVICE, OPTIONS, dtype)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,7 +88,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def check(w: PackedWeight, dtype: torch.dtype, ms=M_VALUES, cfg: KernelConfig | None = None,
           seed: int = 1) -> None:
     """Run qmatmul for each M on fresh random x and compare with the float64 reference."""
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w, dtype)
     gen = torch.Generator().manual_seed(seed)
     for m in ms:
         x = torch.randn(m, w.in_features, generator=gen).to(dtype).to(DEVICE)
@@ -130,14 +140,13 @@ def test_split_k_workspace_is_left_clean():
     w = random_weight(512, 32, 4, 32, sym=True, act=False, seed=11)
     cfg = KernelConfig("fused", 16, 32, 4, 4, 2)
     check(w, torch.float16, ms=(2,), cfg=cfg, seed=1)
-    _, lock = ops._workspace(DEVICE, 1, 1)
-    assert int(lock.abs().sum()) == 0
+    assert int(prepare(w).scratch.tickets.abs().sum()) == 0
     check(w, torch.float16, ms=(3,), cfg=cfg, seed=2)
 
 
 def test_nan_in_one_row_stays_in_that_row():
     w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=5)
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w)
     x = torch.randn(3, 128).half().to(DEVICE)
     x[1, 7] = float("nan")
     y = ops.qmatmul(x, p, None)
@@ -147,7 +156,7 @@ def test_nan_in_one_row_stays_in_that_row():
 
 def test_empty_batch():
     w = random_weight(128, 32, 4, 128, sym=True, act=False, seed=5)
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w)
     y = ops.qmatmul(torch.empty(0, 128, dtype=torch.float16, device=DEVICE), p, None)
     assert y.shape == (0, 32)
 
@@ -216,7 +225,8 @@ def test_custom_op_has_a_fake_implementation():
     x = torch.randn(5, 128, dtype=torch.float16, device="meta")
     meta = {f: getattr(p, f).to("meta") for f in ("qweight", "scales")}
     y = ops.qmatmul_op(x, meta["qweight"], None, meta["scales"], None, None, None, p.bits,
-                       p.group_size, p.sub, p.in_features, p.out_features, p.k_pad)
+                       p.group_size, p.sub, p.in_features, p.out_features, p.k_pad,
+                       True, True, "")
     assert y.shape == (5, 32) and y.device.type == "meta"
 
 
@@ -233,31 +243,29 @@ def test_config_rules():
         assert configs.default_config(configs.m_bucket(m)) in cands and len(set(cands)) == len(cands)
 
 
-def test_tuned_table_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
-    table = configs.ConfigTable("Test GPU 80GB")
+def test_tuned_table_round_trip(tmp_path):
+    table = configs.ConfigTable("Test GPU 80GB", user_dir=tmp_path)
     key = configs.shape_key(4, 128, torch.float16, 4096, 4096, 3)
     cfg = KernelConfig("fused", 16, 64, 2, 4, 3)
     table.store(key, cfg, {cfg.label(): 12.5})
-    again = configs.ConfigTable("Test GPU 80GB")
+    again = configs.ConfigTable("Test GPU 80GB", user_dir=tmp_path)
     assert again.lookup(key) == cfg
     assert again.timings[key] == {cfg.label(): 12.5}  # kept when another process rewrites it
     assert (tmp_path / "Test_GPU_80GB.json").exists()
 
 
-def test_shipped_h100_table_is_read(monkeypatch):
-    monkeypatch.delenv("GPTQ_TRITON_SHIPPED", raising=False)  # a re-tuning run may set it
-    table = configs.ConfigTable("NVIDIA H100 80GB HBM3")
+def test_shipped_h100_table_is_read():
+    table = configs.ConfigTable("NVIDIA H100 80GB HBM3", shipped=True)
     key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
     assert table.shipped[key].path == "fused"
     assert table.shipped[configs.shape_key(4, 128, torch.float16, 8192, 28672, 4096)].path == "dequant"
 
 
 def _patched_choice(monkeypatch, cfg: KernelConfig) -> None:
-    """Make every call of this test choose ``cfg`` first (the in-process choices are reset)."""
+    """Make every call of this test choose ``cfg`` (the in-process fallbacks are reset)."""
     ops.forget_choices()
-    monkeypatch.setattr(ops, "choose", lambda x, p: ops._chosen.get(ops._cache_key(x, p), cfg))
-    monkeypatch.setattr(ops, "_chosen", {})
+    monkeypatch.setattr(ops, "choose", lambda x, p: (cfg, True))
+    monkeypatch.setattr(ops, "_replaced", {})
 
 
 def test_a_config_that_cannot_compile_falls_back(monkeypatch):
@@ -266,18 +274,38 @@ def test_a_config_that_cannot_compile_falls_back(monkeypatch):
     bad = KernelConfig("fused", 16, 48, 0, 4, 3)
     _patched_choice(monkeypatch, bad)
     w = random_weight(256, 40, 4, 128, sym=True, act=True, seed=5)
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0)).half().to(DEVICE)
     with pytest.warns(RuntimeWarning, match="m16 n48") as rec:
         y = ops.qmatmul(x, p, None)
     assert len(rec) == 1 and "b4-g128-float16-K256-N40-M4" in str(rec[0].message)
     assert rel_err(y, reference(x, w)) < TOL[torch.float16]
-    assert ops._chosen[ops._cache_key(x, p)] == configs.default_config(3)
+    key = (p.gpu, "b4-g128-float16-K256-N40-M4", bad)
+    assert ops._replaced[key] == configs.default_config(3)
     import warnings  # noqa: PLC0415
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the second call neither retries nor warns
+        warnings.simplefilter("error")  # later calls, of this layer or another, neither retry nor warn
         y2 = ops.qmatmul(x, p, None)
-    assert torch.equal(y, y2)
+        y3 = ops.qmatmul(x, prepare(w), None)
+    assert torch.equal(y, y2) and torch.equal(y, y3)
+
+
+def _failing_plans(monkeypatch, fails) -> list[KernelConfig]:
+    """Plans whose first launch raises ``fails(cfg)`` (an exception, or None to run)."""
+    tried = []
+
+    class Failing(launch.Plan):
+        __slots__ = ()
+
+        def first(self, x, bias):
+            tried.append(self.cfg)
+            exc = fails(self.cfg)
+            if exc is not None:
+                raise exc
+            return super().first(x, bias)
+
+    monkeypatch.setattr(ops, "Plan", Failing)
+    return tried
 
 
 def test_out_of_resources_falls_back_to_fewer_stages(monkeypatch):
@@ -287,24 +315,19 @@ def test_out_of_resources_falls_back_to_fewer_stages(monkeypatch):
 
     big = KernelConfig("fused", 16, 64, 0, 4, 3)
     _patched_choice(monkeypatch, big)
-    real_launch, tried = ops.launch, []
-
-    def launch(x, p, bias, cfg):
-        tried.append(cfg)
-        if cfg == big:
-            raise OutOfResources(246016, 232448, "shared memory")
-        return real_launch(x, p, bias, cfg)
-
-    monkeypatch.setattr(ops, "launch", launch)
+    tried = _failing_plans(
+        monkeypatch, lambda c: OutOfResources(246016, 232448, "shared memory") if c == big else None)
     w = random_weight(256, 40, 3, 128, sym=False, act=False, bias=True, seed=6)
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1)).half().to(DEVICE)
     with pytest.warns(RuntimeWarning, match="OutOfResources"):
         y = ops.qmatmul(x, p, w.bias)
     assert rel_err(y, reference(x, w)) < TOL[torch.float16]
     assert tried == [big, KernelConfig("fused", 16, 64, 0, 4, 2)]
+    assert p.plans[(2, torch.float16, True)].cfg == KernelConfig("fused", 16, 64, 0, 4, 2)
+    p.plans.clear()  # a fresh first launch goes straight to the replacement
     ops.qmatmul(x, p, w.bias)
-    assert tried[-1] == KernelConfig("fused", 16, 64, 0, 4, 2)
+    assert tried[-1] == KernelConfig("fused", 16, 64, 0, 4, 2) and len(tried) == 3
 
 
 def test_fallback_order_and_nothing_works(monkeypatch):
@@ -313,42 +336,35 @@ def test_fallback_order_and_nothing_works(monkeypatch):
                                       KernelConfig("fused", 64, 128, 1, 4, 1),
                                       configs.default_config(64), KernelConfig("dequant")]
     _patched_choice(monkeypatch, cfg)
-
-    def launch(x, p, bias, c):
-        raise ValueError(f"broken {c.label()}")
-
-    monkeypatch.setattr(ops, "launch", launch)
+    tried = _failing_plans(monkeypatch, lambda c: ValueError(f"broken {c.label()}"))
     w = random_weight(128, 16, 4, 128, sym=True, act=False, seed=2)
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w)
     with pytest.raises(ValueError, match="broken m64 n128 sk1 w4 s3"):  # the first error
         ops.qmatmul(torch.zeros(1, 128, dtype=torch.float16, device=DEVICE), p, None)
+    assert tried == ops.fallbacks(cfg, 1, 4) and not p.plans
 
 
-def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
+def test_entries_of_an_older_layout_are_ignored(tmp_path):
     """Tuned entries carry their bit width's layout version; others (3-bit before its int32
     third-bit plane: no version field) are ignored, in users' files and the shipped table."""
-    monkeypatch.delenv("GPTQ_TRITON_SHIPPED", raising=False)
-    import json  # noqa: PLC0415
-
-    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
     cfg = {"path": "fused", "block_m": 64, "block_n": 128, "split_k": 1, "num_warps": 4,
            "num_stages": 3}
     k3 = configs.shape_key(3, 128, torch.float16, 4096, 4096, 64)
     k4 = configs.shape_key(4, 128, torch.float16, 4096, 4096, 64)
     (tmp_path / "Old_GPU.json").write_text(json.dumps({"gpu": "Old GPU", "entries": {
         k3: {"config": cfg}, k4: {"config": cfg}}}))
-    table = configs.ConfigTable("Old GPU")
+    table = configs.ConfigTable("Old GPU", user_dir=tmp_path)
     assert table.lookup(k3) is None and table.lookup(k4) == KernelConfig(**cfg)
     assert layout.LAYOUT_VERSIONS[3] >= 2
     table.store(k3, KernelConfig(**cfg), {})
-    assert configs.ConfigTable("Old GPU").lookup(k3) == KernelConfig(**cfg)
-    # the shipped 3-bit entries are those that ran on the int32 plane (H100 s2run1); the M=64
+    assert configs.ConfigTable("Old GPU", user_dir=tmp_path).lookup(k3) == KernelConfig(**cfg)
+    # the shipped 3-bit entries are those that ran on the int32 plane on the H100; the M=64
     # ones (a tile needing 246016 B of shared memory now) are gone
     raw = json.loads((configs.SHIPPED_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())["entries"]
     b3 = {k: v for k, v in raw.items() if k.startswith("b3-")}
     assert b3 and all(v["layout"] == 2 for v in b3.values())
     assert not [k for k in b3 if k.endswith("-M64")]
-    shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped
+    shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3", user_dir=tmp_path).shipped
     assert set(b3) <= set(shipped)
     # and 3-bit's default above M=64 is dequant + matmul: its 128x128 tile needs 450560 B
     assert configs.default_config(256, 3).path == "dequant"
@@ -358,7 +374,7 @@ def test_entries_of_an_older_layout_are_ignored(tmp_path, monkeypatch):
 def test_act_order_gather():
     """The act-order gather gives x[:, perm[:K]] and the right product, K over one gather block."""
     w = random_weight(1100, 24, 4, 128, sym=True, act=True, seed=9)
-    p = layout.prepare(w, DEVICE)
+    p = prepare(w)
     x = torch.randn(3, 1100, generator=torch.Generator().manual_seed(2)).half().to(DEVICE)
     assert torch.equal(ops.gather_columns(x, p.perm), x[:, p.perm[:1100].long()])
     check(w, torch.float16, ms=(1, 2, 3), cfg=KernelConfig("fused", 16, 32, 2, 4, 2))
@@ -369,40 +385,43 @@ def test_act_order_gather():
 
 def test_asm_dequant_is_cuda_fp16_only():
     """The inline-PTX dequant never reaches the interpreter, a CPU tensor, bf16/fp32 or 3-bit."""
-    x = torch.zeros(1, 8, dtype=torch.float16, device=DEVICE)
-    assert ops.use_asm(x, 0) == ON_GPU and not ops.use_asm(x, 1) and not ops.use_asm(x, 2)
-    assert not ops.use_asm(x, 0, 3)  # 3-bit has its own dequant sequence
+    assert target.use_asm(DEVICE, torch.float16, 4) == (ON_GPU and torch.version.hip is None)
+    assert not target.use_asm(DEVICE, torch.bfloat16, 4)
+    assert not target.use_asm(DEVICE, torch.float32, 4)
+    assert not target.use_asm(DEVICE, torch.float16, 3)  # 3-bit has its own dequant sequence
+    assert not target.use_asm(torch.device("cpu"), torch.float16, 4)
 
 
-def test_asm_recorded_in_tuned_entries(tmp_path, monkeypatch):
-    """A user entry tuned with the other asm setting (no field: off) is not reused."""
-    monkeypatch.setenv("GPTQ_TRITON_CACHE_DIR", str(tmp_path))
-    configs._tables.clear()
+def test_asm_recorded_in_tuned_entries(tmp_path):
+    """A user entry tuned with the other asm setting (no field: off) is not reused; entries
+    tuned with the removed zero-point-after-the-MMA variant are ignored."""
     key = configs.shape_key(4, 128, torch.float16, 4096, 4096, 1)
     cfg = KernelConfig("fused", 16, 128, 0, 4, 3)
-    configs.ConfigTable("Asm GPU").store(key, cfg, {}, asm=False)
+    configs.ConfigTable("Asm GPU", user_dir=tmp_path).store(key, cfg, {}, asm=False)
     raw = json.loads((tmp_path / "Asm_GPU.json").read_text())
-    assert raw["entries"][key]["asm"] is False
-    table = configs.ConfigTable("Asm GPU")
+    assert raw["entries"][key]["asm"] is False and "postzero" not in raw["entries"][key]
+    table = configs.ConfigTable("Asm GPU", user_dir=tmp_path)
     assert table.lookup(key, asm=False) == cfg and table.lookup(key, asm=True) is None
     del raw["entries"][key]["asm"]  # files from before the field: tuned with asm off
     (tmp_path / "Asm_GPU.json").write_text(json.dumps(raw))
-    table = configs.ConfigTable("Asm GPU")
+    table = configs.ConfigTable("Asm GPU", user_dir=tmp_path)
     assert table.lookup(key) == cfg and table.lookup(key, asm=True) is None
+    raw["entries"][key]["postzero"] = 3
+    (tmp_path / "Asm_GPU.json").write_text(json.dumps(raw))
+    assert configs.ConfigTable("Asm GPU", user_dir=tmp_path).lookup(key) is None
 
 
-def test_shipped_table_switch(monkeypatch):
-    """GPTQ_TRITON_SHIPPED=0 ignores the shipped table (every key is tuned afresh)."""
-    monkeypatch.delenv("GPTQ_TRITON_SHIPPED", raising=False)
+def test_shipped_table_switch(tmp_path):
+    """shipped_configs=False ignores the shipped table (every key is tuned afresh)."""
     key = configs.shape_key(4, 128, torch.float16, 8192, 28672, 1)
-    shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped
-    assert shipped[key] == KernelConfig("fused", 16, 64, 0, 4, 3)  # measured best, s2run2
-    monkeypatch.setenv("GPTQ_TRITON_SHIPPED", "0")
-    assert configs.ConfigTable("NVIDIA H100 80GB HBM3").shipped == {}
+    shipped = configs.ConfigTable("NVIDIA H100 80GB HBM3", user_dir=tmp_path).shipped
+    assert shipped[key] == KernelConfig("fused", 16, 64, 0, 4, 3)  # measured best on the H100
+    off = configs.ConfigTable("NVIDIA H100 80GB HBM3", shipped=False, user_dir=tmp_path)
+    assert off.shipped == {}
 
 
 def test_candidates_fit_shared_memory():
-    """Tiles that cannot fit any supported GPU (H100 OutOfResources, s2run2) are not tuned."""
+    """Tiles that cannot fit any supported GPU (H100 OutOfResources) are not tuned."""
     for bits, m in itertools.product((2, 3, 4, 8), (1, 16, 32, 64, 256, 4096)):
         out = configs.candidates(m, 4096, 4096, bits)
         assert configs.default_config(m, bits) in out

@@ -1,37 +1,38 @@
-"""Launch configurations of the triton backend: the default table, tuned tables, and the tuner.
+"""Launch configurations of the triton backend: the default rules, tuned tables, and candidates.
 
 A configuration says which path serves a call (the fused kernel, or "dequant": dequantize
 once and let cuBLAS/rocBLAS multiply) and, for the fused kernel, its tile shape, split-K and
-warps. Lookups are keyed by GPU name and (bits, group size, dtype, K, N, M bucket); act-order
-and zero points share the entry of the same shape. Where to look, in order:
+warps. Configurations are chosen per M bucket (``m_bucket``) and keyed by GPU name and (bits,
+group size, dtype, K, N, M bucket); act-order and zero points share the entry of the same
+shape. Where a layer's configuration for a bucket comes from, in order (``dispatch``, when the
+layer is prepared; the result is its dispatch policy, docs/DESIGN.md §12):
 
-1. the in-process cache (tuned or looked up before);
-2. the user's tuned file ``$GPTQ_TRITON_CACHE_DIR`` (default ``~/.cache/gptq_core/triton``);
-3. the table shipped in ``tuned/<GPU name>.json`` (measured on that GPU), unless
-   ``GPTQ_TRITON_SHIPPED=0``: then it is ignored, so a GPU run with an empty user cache tunes
-   every key it meets with today's tuner and kernels, and its user file (same format) can
-   replace the shipped table;
-4. tuning now, when ``GPTQ_TRITON_AUTOTUNE`` is not ``0`` and the call runs on a GPU outside
-   CUDA-graph capture (the result is written to the user's file);
-5. the default rules below (``DEFAULT_RULES``), which need no measurement.
+1. the user's tuned table in the options' ``cache_dir`` (default ``~/.cache/gptq_core/triton``);
+2. the table shipped in ``tuned/<GPU name>.json`` (measured on that GPU), unless the option
+   ``shipped_configs`` is off: then a GPU run with an empty user folder tunes every key it
+   meets with today's tuner and kernels, and its user table (same format) can replace the
+   shipped one;
+3. with the option ``autotune`` (on a GPU): tuning at the first call of the bucket, outside
+   CUDA-graph capture (the result is written to the user's table, so later layers of the same
+   shape and later processes find it in step 1);
+4. the default rules below (``DEFAULT_RULES``), which need no measurement.
 
-Entries of tuned files carry the layout version (``layout.LAYOUT_VERSIONS``) of their bit width
-they were measured on; an entry of another version (or without one, for a width whose version
-is above 1) is ignored. They also record whether the fused kernel dequantized through the
-single-LOP3 inline PTX (``"asm"``, ``ops.ASM_LOP3``, on by default for fp16 on CUDA); a user
-entry tuned with the other setting (no field: off, as before it existed) is re-tuned. Shipped
-entries are used either way (the H100 table was tuned without it; s2run2 measured the asm
-dequant faster on every tile it ran, same tile winners at 4096x4096).
-If the chosen configuration still cannot compile or launch on this GPU
-(e.g. Triton's OutOfResources), ``ops.run`` falls back (fewer stages, the default rule, then
-dequant + matmul), keeps the one that works for that key in-process, and warns once.
+Entries of tuned tables carry the layout version (``layout.LAYOUT_VERSIONS``) of their bit
+width they were measured on; an entry of another version (or without one, for a width whose
+version is above 1) is ignored. They also record whether the fused kernel dequantized through
+the single-LOP3 inline PTX (``"asm"``, ``target.use_asm``: fp16 on CUDA); a user entry tuned
+the other way (no field: without it) is re-tuned. Shipped entries are used either way (the
+H100 table was tuned without it; the asm dequant measured faster on every tile it ran, with
+the same tile winners at 4096x4096, NOTES/perf-triton.md).
+If a configuration cannot compile or launch on this GPU (e.g. Triton's OutOfResources),
+``ops.run`` falls back (fewer stages, the default rule, then dequant + matmul), keeps the one
+that works for that key in-process, and warns once.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import threading
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .layout import LAYOUT_VERSIONS
+from .options import DEFAULT_CACHE_DIR, TritonOptions
 
 #: Small-M split-K aims at this many programs per SM.
 PROGRAMS_PER_SM = 2
@@ -67,6 +69,15 @@ class KernelConfig:
         return (f"m{self.block_m} n{self.block_n} sk{self.split_k} "
                 f"w{self.num_warps} s{self.num_stages}")
 
+    def path_name(self, blas: str = "cublas") -> str:
+        """The path as ``gptq backends explain`` names it: ``triton:splitk 16x64`` (K split
+        across programs, ``split_k`` 0 or > 1), ``triton:dot 128x128`` (one program per output
+        tile) or ``triton:dequant+cublas`` (tile sizes are M x N rows x columns)."""
+        if self.path == "dequant":
+            return f"triton:dequant+{blas}"
+        kind = "dot" if self.split_k == 1 else "splitk"
+        return f"triton:{kind} {self.block_m}x{self.block_n}"
+
 
 #: (largest M, config) rows, first match wins: the defaults when nothing was tuned. They are
 #: the H100 tuner's most frequent winners (NOTES/perf-triton.md): split-K 16x64 tiles for
@@ -80,16 +91,22 @@ DEFAULT_RULES: tuple[tuple[int, KernelConfig], ...] = (
 )
 
 
+#: The largest M bucket: every M above 4096 shares its configuration.
+MAX_BUCKET = 4096
+#: Every M bucket, smallest first (the bounds of a dispatch policy's routes).
+BUCKETS: tuple[int, ...] = tuple(1 << i for i in range(MAX_BUCKET.bit_length()))
+
+
 def m_bucket(m: int) -> int:
     """Calls with M in (bucket/2, bucket] share a configuration (powers of two, 4096 and up one)."""
-    return min(1 << max(0, (m - 1).bit_length()), 4096)
+    return min(1 << max(0, (m - 1).bit_length()), MAX_BUCKET)
 
 
 def default_config(m: int, bits: int | None = None) -> KernelConfig:
     """The rule for M (and the bit width, where given). 3-bit tiles are 512 channels deep, so
     x's share of shared memory is 2-4x that of other widths: 128x128 at 3 stages needs
     450560 B (the H100 has 232448; ``benchmarks/triton_sass.py --bits 3``), and 3-bit
-    takes dequant + matmul from M > 64 (what the H100 table chose at M=256 and ran in s2run1)."""
+    takes dequant + matmul from M > 64 (what the H100 table chose at M=256)."""
     if bits == 3 and m > 64:
         return DEFAULT_RULES[-1][1]
     for limit, cfg in DEFAULT_RULES:
@@ -118,21 +135,6 @@ def shape_key(bits: int, group_size: int, dtype: torch.dtype, k: int, n: int, m:
 def gpu_file_name(gpu_name: str) -> str:
     """"NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3.json"."""
     return re.sub(r"[^A-Za-z0-9]+", "_", gpu_name).strip("_") + ".json"
-
-
-def user_cache_dir() -> Path:
-    default = Path.home() / ".cache" / "gptq_core" / "triton"
-    return Path(os.environ.get("GPTQ_TRITON_CACHE_DIR", default))
-
-
-def shipped_enabled() -> bool:
-    """``GPTQ_TRITON_SHIPPED=0`` ignores the shipped tables (to re-tune every key)."""
-    return os.environ.get("GPTQ_TRITON_SHIPPED", "1").strip().lower() not in (
-        "0", "false", "no", "off")
-
-
-def autotune_enabled() -> bool:
-    return os.environ.get("GPTQ_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "")
 
 
 def layout_version(key: str) -> int:
@@ -165,15 +167,18 @@ def _read_table(path: Path) -> tuple[dict[str, KernelConfig], dict[str, dict], d
 
 
 class ConfigTable:
-    """Configurations for one GPU: shipped + user-tuned entries, and the in-process cache."""
+    """Configurations for one GPU: the shipped entries (unless ``shipped`` is off) and the
+    user's tuned entries in ``user_dir``, both read once per process."""
 
-    def __init__(self, gpu_name: str) -> None:
+    def __init__(self, gpu_name: str, shipped: bool = True,
+                 user_dir: Path = DEFAULT_CACHE_DIR) -> None:
         self.gpu_name = gpu_name
         self.file_name = gpu_file_name(gpu_name)
+        self.user_dir = user_dir
         self.shipped = {}
-        if shipped_enabled():
+        if shipped:
             self.shipped, _, _ = _read_table(SHIPPED_DIR / self.file_name)
-        self.user, self.timings, self.asm = _read_table(user_cache_dir() / self.file_name)
+        self.user, self.timings, self.asm = _read_table(user_dir / self.file_name)
         self.lock = threading.Lock()
 
     def lookup(self, key: str, asm: bool = False) -> KernelConfig | None:
@@ -192,7 +197,7 @@ class ConfigTable:
             self.user[key] = cfg
             self.timings[key] = timings
             self.asm[key] = bool(asm)
-            path = user_cache_dir() / self.file_name
+            path = self.user_dir / self.file_name
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.save(path)
@@ -211,19 +216,22 @@ class ConfigTable:
         tmp.replace(path)
 
 
-_tables: dict[str, ConfigTable] = {}
+_tables: dict[tuple[str, bool, Path], ConfigTable] = {}
 
 
-def table_for(gpu_name: str) -> ConfigTable:
-    table = _tables.get(gpu_name)
+def table_for(gpu_name: str, options: TritonOptions) -> ConfigTable:
+    """The process's table for this GPU and these options (read once, shared by every layer
+    with the same options, so a key tuned for one layer serves the next)."""
+    key = (gpu_name, options.shipped_configs, options.tuned_dir)
+    table = _tables.get(key)
     if table is None:
-        table = _tables[gpu_name] = ConfigTable(gpu_name)
+        table = _tables[key] = ConfigTable(gpu_name, options.shipped_configs, options.tuned_dir)
     return table
 
 
 #: Fused tiles that cannot fit any supported GPU's shared memory (the H100's 232448 B is the
 #: largest), by bit width: (block_m, num_stages) -> what Triton asked for at 3 stages on the
-#: H100 (``triton_precompile.py``, s2run2). 3-bit tiles are 512 channels deep: m64 needs
+#: H100 (``benchmarks/triton_precompile.py``). 3-bit tiles are 512 channels deep: m64 needs
 #: 246016 B (m64 at 2 stages fits: 26.2 us at 4096x4096 M=64), m128 450560-492032, m256
 #: 843776; 2-bit m256 n128 needs 413696. Such tiles are left out of the tuner's candidates
 #: (3-bit m64 runs at 2 stages), so no GPU run spends compile time on them.

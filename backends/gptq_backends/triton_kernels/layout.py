@@ -24,12 +24,17 @@ K is zero-padded to a whole number of tiles and N to a multiple of 16 (aligned 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from gptq_core.errors import NotSupportedError
 from gptq_core.format import PackedWeight, default_g_idx
+from gptq_core.policy import DispatchPolicy
+
+from .options import TritonOptions
+from .scratch import Scratch
 
 #: Version of the packed layout per bit width. Bump a width's number whenever its layout changes:
 #: tuned entries record the version they were measured on, and entries of another version are
@@ -83,11 +88,17 @@ def _wrap(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class TritonPrepared:
-    """One layer in the planar layout (see module docstring), on its device.
+    """One layer in the planar layout (see module docstring), on its device, and what its calls
+    need, decided when it was prepared (``dispatch.prepare``).
 
     ``zeros`` is None when every zero point is ``2**(bits-1)`` (symmetric): the kernels then
     use the constant. ``perm`` is None without act-order; else ``perm[i]`` is the original
     input channel of sorted position ``i`` (padded with 0 past K).
+
+    ``policy`` says which path serves which M (``gptq backends explain`` shows it); ``scratch``
+    is the split-K workspace (None: no split-K); ``configs`` holds the configuration per
+    (M bucket, dtype) and ``plans`` the worked-out launch per (M, dtype, bias given), both
+    filled at the first call that needs them and plain dictionary lookups after that.
     """
 
     qweight: torch.Tensor
@@ -102,6 +113,13 @@ class TritonPrepared:
     out_features: int
     k_pad: int
     n_pad: int
+    options: TritonOptions = TritonOptions()
+    policy: DispatchPolicy | None = None
+    scratch: Scratch | None = None
+    gpu: str = "interpreter"
+    sms: int = 4
+    configs: dict[tuple[int, torch.dtype], Any] = field(default_factory=dict, repr=False)
+    plans: dict[tuple[int, torch.dtype, bool], Any] = field(default_factory=dict, repr=False)
 
     @property
     def tiles(self) -> int:
@@ -168,7 +186,8 @@ def planar_pack(q: torch.Tensor, bits: int, sub: int) -> tuple[torch.Tensor, tor
 
 
 def prepare(weight: PackedWeight, device: torch.device) -> TritonPrepared:
-    """Re-lay ``weight`` out for the kernels, on ``device``. Never modifies ``weight``."""
+    """Re-lay ``weight`` out for the kernels, on ``device``. Never modifies ``weight``. (The
+    layout alone: ``dispatch.prepare`` adds the policy and the workspace a layer needs.)"""
     w = weight.to(device)
     bits, gs = w.bits, w.group_size
     K, N = w.in_features, w.out_features

@@ -1,142 +1,44 @@
-"""Launching the triton kernels: path choice, split-K workspace, tuning, and the custom op.
+"""The triton backend's calls: the eager fast path, the custom op, choosing, tuning, fallbacks.
 
-``gptq_triton::qmatmul`` is a ``torch.library`` custom op with a fake implementation, so
-``torch.compile`` captures it as one opaque node. The kernels module is imported on first use,
-so ``TRITON_INTERPRET`` set by a test before the first call is honoured.
+``qmatmul`` is the hot path. Called eagerly, it looks up the layer's worked-out launch for
+this M (``launch.Plan``) and relaunches the compiled kernel directly: a few microseconds of
+Python. Under ``torch.compile`` tracing (or any dispatch mode, e.g. a fake-tensor trace or an
+operator recorder) it calls ``gptq_triton::qmatmul``, a ``torch.library`` custom op with a fake
+implementation, so the compiler sees one opaque node. Both run the same kernels with the same
+configurations; neither allocates anything that outlives the call (docs/DESIGN.md §11).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import threading
 import warnings
+from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import configs
+from . import configs, dispatch, scratch
 from .configs import KernelConfig
-from .layout import TritonPrepared, tile_k
+from .launch import GATHER_BLOCK, Plan, dequant_launcher
+from .layout import TritonPrepared
+from .options import TritonOptions
+from .target import device_props, kernels, use_asm
 
-_lock = threading.Lock()
-_dummies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-_workspaces: dict[torch.device, dict[str, torch.Tensor]] = {}
-_device_props: dict[torch.device, tuple[str, int]] = {}
-_chosen: dict[tuple[str, str, bool], KernelConfig] = {}
+#: Calls up to this many rows keep their worked-out launch on the layer (one per distinct M:
+#: decode and batched decode); larger calls, where Python's share is small, plan every time.
+PLAN_MAX_M = 256
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _interpreter_compat() -> None:
-    """Let Triton 3.6's interpreter run loops with run-time bounds under numpy >= 2.4.
-
-    The interpreter holds scalars as 1-element arrays and turns a loop bound into
-    ``int(array)``, which numpy 2.4 refuses; this patch (active only while a kernel is
-    interpreted, and only under TRITON_INTERPRET=1) reads the element instead.
-    """
-    from triton.runtime import interpreter  # noqa: PLC0415
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_gptq_compat", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._gptq_compat = True
-    interpreter._patch_lang_tensor = patched
+#: What replaced a configuration that failed to compile or launch, per (GPU, shape key).
+_replaced: dict[tuple[str, str, KernelConfig], KernelConfig] = {}
 
 
-def _kernels():
-    """The kernels module, imported on first use: Triton reads TRITON_INTERPRET when a kernel
-    is decorated. (Triton's own library functions, e.g. ``tl.cdiv`` and ``tl.zeros``, were
-    decorated when triton was imported, so the kernels avoid them: a test may set the flag
-    after that import.)"""
-    from . import kernels  # noqa: PLC0415
-
-    if _interpreting():
-        _interpreter_compat()
-    return kernels
+def _dispatch_modes() -> int:
+    return 1 if _get_current_dispatch_mode() is not None else 0
 
 
-def mode_for(dtype: torch.dtype, bits: int) -> int:
-    """Dequantization float of :mod:`.kernels` (0 fp16, 1 bf16, 2 fp32) for an activation dtype."""
-    if dtype == torch.float16:
-        return 0
-    if dtype == torch.bfloat16 and bits <= 4 and not _interpreting():
-        # Triton 3.6's interpreter computes garbage from a bf16 made by bitcast, so it checks
-        # bf16 through the fp32 path; the bf16 path itself is checked on the GPU.
-        return 1
-    return 2
-
-
-def device_props(device: torch.device) -> tuple[str, int]:
-    """(GPU name, multiprocessor count); ("interpreter", 4) for CPU tensors."""
-    props = _device_props.get(device)
-    if props is None:
-        if device.type == "cuda":
-            p = torch.cuda.get_device_properties(device)
-            props = (p.name, p.multi_processor_count)
-        else:
-            props = ("interpreter", 4)
-        _device_props[device] = props
-    return props
-
-
-def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A tiny tensor standing in for an absent argument (never read: its flag is off)."""
-    key = (device, dtype)
-    t = _dummies.get(key)
-    if t is None:
-        t = _dummies[key] = torch.zeros(16, dtype=dtype, device=device)
-    return t
-
-
-def _workspace(device: torch.device, partial_elems: int, locks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K partials (fp32) and per-tile tickets (int32, always left at zero by the kernel).
-
-    One per device, grown on demand: calls on one stream are ordered, so they can share it
-    (generate(), CUDA graphs and torch.compile all use one stream per device). Split-K calls
-    running concurrently on two streams of one device would race on it.
-    """
-    with _lock:
-        ws = _workspaces.setdefault(device, {})
-        part = ws.get("part")
-        if part is None or part.numel() < partial_elems:
-            part = ws["part"] = torch.empty(max(partial_elems, 1 << 16), dtype=torch.float32,
-                                            device=device)
-        lock = ws.get("lock")
-        if lock is None or lock.numel() < locks:
-            lock = ws["lock"] = torch.zeros(max(locks, 1024), dtype=torch.int32, device=device)
-    return part, lock
-
-
-def dequantize(p: TritonPrepared, dtype: torch.dtype, block_n: int = 128) -> torch.Tensor:
-    """The dequantized weight [K, N] in ``dtype``, input channels in their original order."""
-    K, N = p.in_features, p.out_features
-    out = torch.empty(K, N, dtype=dtype, device=p.device)
-    grid = (p.tiles, math.ceil(N / block_n))
-    dev = p.device
-    _kernels().dequant_kernel[grid](
-        p.qweight,
-        p.qhigh if p.qhigh is not None else _dummy(dev, torch.int32),
-        p.scales,
-        p.zeros if p.zeros is not None else _dummy(dev, torch.int16),
-        p.perm if p.perm is not None else _dummy(dev, torch.int32),
-        out, K, N, p.n_pad, out.stride(0),
-        BITS=p.bits, S=p.sub, GS=p.group_size,
-        CONST_ZERO=p.zeros is None, ACT_ORDER=p.perm is not None,
-        MODE=mode_for(dtype, p.bits), BLOCK_N=block_n, num_warps=4,
-    )
-    return out
-
-
-#: Columns of x one program of ``gather_cols_kernel`` permutes (act-order).
-GATHER_BLOCK = 1024
+#: Active TorchDispatchModes (fake tensors, operator recorders): then the custom op runs.
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", _dispatch_modes)
 
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -144,58 +46,24 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     by one Triton kernel (faster than ``index_select``, NOTES/perf-triton.md "Variants removed")."""
     M, K = x.shape
     out = torch.empty(M, K, dtype=x.dtype, device=x.device)
-    _kernels().gather_cols_kernel[(M, math.ceil(K / GATHER_BLOCK))](
+    kernels().gather_cols_kernel[(M, math.ceil(K / GATHER_BLOCK))](
         x, perm, out, K, x.stride(0), out.stride(0), BLOCK=GATHER_BLOCK, num_warps=4)
     return out
 
 
-def use_asm(x: torch.Tensor, mode: int, bits: int | None = None) -> bool:
-    """Whether the fused kernel dequantizes through the single-LOP3 inline PTX: fp16 (mode 0)
-    on CUDA, 2/4/8-bit (3-bit has its own sequence); never under the interpreter or on ROCm."""
-    return mode == 0 and bits != 3 and x.is_cuda and torch.version.hip is None and not _interpreting()
+def dequantize(p: TritonPrepared, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight [K, N] in ``dtype``, input channels in their original order."""
+    work = p.scratch or scratch.current(p.device) or scratch.reserve(p.device, 0, 0)
+    out = torch.empty(p.in_features, p.out_features, dtype=dtype, device=p.device)
+    dequant_launcher(p, dtype, work).launch(out)
+    return out
 
 
 def launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
            cfg: KernelConfig) -> torch.Tensor:
-    """Run one configuration: ``x @ dequant(W) (+ bias)`` for x [M, K] with unit column stride."""
-    M, K = x.shape
-    N = p.out_features
-    if cfg.path == "dequant":
-        w = dequantize(p, x.dtype)
-        if bias is None:
-            return x @ w
-        return torch.addmm(bias.to(x.dtype), x, w)
-    dev = x.device
-    _, sms = device_props(dev)
-    split = configs.resolve_split_k(cfg, M, N, p.tiles, sms)
-    mode = mode_for(x.dtype, p.bits)
-    if p.perm is not None:
-        x = gather_columns(x, p.perm)  # act-order: x's columns into the weight's sorted order
-    # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
-    out_dtype = torch.float32 if x.dtype == torch.bfloat16 and _interpreting() else x.dtype
-    out = torch.empty(M, N, dtype=out_dtype, device=dev)
-    grid_m, grid_n = math.ceil(M / cfg.block_m), math.ceil(N / cfg.block_n)
-    if split > 1:
-        part, lock = _workspace(dev, split * grid_m * cfg.block_m * grid_n * cfg.block_n,
-                                grid_m * grid_n)
-    else:
-        part, lock = _dummy(dev, torch.float32), _dummy(dev, torch.int32)
-    _kernels().qmm_kernel[(grid_m, grid_n, split)](
-        x, p.qweight,
-        p.qhigh if p.qhigh is not None else _dummy(dev, torch.int32),
-        p.scales,
-        p.zeros if p.zeros is not None else _dummy(dev, torch.int16),
-        bias if bias is not None else _dummy(dev, torch.float16),
-        out, part, lock,
-        M, N, K, p.n_pad, p.tiles, x.stride(0), out.stride(0), split, int(bias is not None),
-        BITS=p.bits, S=p.sub, GS=p.group_size,
-        CONST_ZERO=p.zeros is None, MODE=mode,
-        EVEN_K=K % tile_k(p.bits, p.sub) == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IEEE_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting()),
-        ASM=use_asm(x, mode, p.bits),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out.to(x.dtype)  # no kernel when the dtypes match (it returns ``out`` itself)
+    """Run one configuration once through Triton's own launch: ``x @ dequant(W) (+ bias)`` for
+    x [M, K] with unit column stride (the tuner, tests and benchmarks force configurations so)."""
+    return Plan(x, p, bias, cfg).first(x, bias)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -217,7 +85,8 @@ def _weight_copies(p: TritonPrepared) -> list[TritonPrepared]:
         return None if t is None else t.clone()
 
     return [p] + [dataclasses.replace(p, qweight=clone(p.qweight), qhigh=clone(p.qhigh),
-                                      scales=clone(p.scales), zeros=clone(p.zeros))
+                                      scales=clone(p.scales), zeros=clone(p.zeros),
+                                      configs={}, plans={})
                   for _ in range(n - 1)]
 
 
@@ -226,8 +95,8 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
 
     Timed like ``gptq bench`` (and like decode in a CUDA graph): one CUDA graph holds one call
     per weight copy (enough copies that the L2 cache cannot hold them, so weights are cold),
-    replayed for ~50 ms, median per call. Before this, ``do_bench`` on one copy ranked small
-    tiles on L2-hot weights (4096x4096 M=1 chose 16x128: 12.3 us cold; 16x64 ran M=2 in 10.1).
+    replayed for ~50 ms, median per call. Timing one copy ranked small tiles on L2-hot weights
+    instead (4096x4096 M=1 chose 16x128: 12.3 us cold, where 16x64 ran in 10.1).
     """
     from gptq_core.bench.timing import time_calls  # noqa: PLC0415
 
@@ -251,34 +120,29 @@ def tune(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> tuple
     return best, timings
 
 
-def _cache_key(x: torch.Tensor, p: TritonPrepared) -> tuple[str, str]:
-    """(GPU name, tuned-file key): the in-process choice key."""
-    gpu, _ = device_props(x.device)
-    return (gpu, configs.shape_key(p.bits, p.group_size, x.dtype, p.in_features,
-                                   p.out_features, x.shape[0]))
-
-
-def choose(x: torch.Tensor, p: TritonPrepared) -> KernelConfig:
-    """The configuration for this call (see :mod:`.configs` for the order of sources)."""
-    M = x.shape[0]
-    ck = _cache_key(x, p)
-    cfg = _chosen.get(ck)
+def choose(x: torch.Tensor, p: TritonPrepared) -> tuple[KernelConfig, bool]:
+    """(configuration, settled) for this call: the layer's own for the M bucket (decided at
+    prepare, or at the bucket's first call), else looked up now: the tuned tables (another layer
+    of the same shape may have tuned it since), autotuning (outside CUDA-graph capture), or the
+    default rule. ``settled`` is False only for the default rule standing in for a tuning that
+    capture postponed: nothing may keep it."""
+    bucket = configs.m_bucket(x.shape[0])
+    cfg = p.configs.get((bucket, x.dtype))
     if cfg is not None:
-        return cfg
-    if not x.is_cuda:
-        return configs.default_config(M, p.bits)
-    gpu, key = ck
-    asm = use_asm(x, mode_for(x.dtype, p.bits), p.bits)
-    table = configs.table_for(gpu)
-    cfg = table.lookup(key, asm)
-    if cfg is None:
-        if configs.autotune_enabled() and not _capturing(x):
-            cfg, timings = tune(x, p, None)
-            table.store(key, cfg, timings, asm)
+        return cfg, True
+    cfg, source = dispatch.bucket_config(p, bucket, x.dtype)
+    settled = True
+    if cfg is None:  # autotune
+        if _capturing(x):
+            cfg, settled = configs.default_config(bucket, p.bits), False
         else:
-            return configs.default_config(M, p.bits)
-    _chosen[ck] = cfg
-    return cfg
+            cfg, timings = tune(x, p, None)
+            configs.table_for(p.gpu, p.options).store(
+                dispatch.shape_key(p, x.dtype, bucket), cfg, timings,
+                use_asm(p.device, x.dtype, p.bits))
+    if settled:
+        p.configs[(bucket, x.dtype)] = cfg
+    return cfg, settled
 
 
 def fallbacks(cfg: KernelConfig, m: int, bits: int | None = None) -> list[KernelConfig]:
@@ -292,37 +156,78 @@ def fallbacks(cfg: KernelConfig, m: int, bits: int | None = None) -> list[Kernel
     return list(dict.fromkeys(out))
 
 
-def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
-    """``launch`` with the chosen configuration; if that one fails to compile or launch (Triton's
-    OutOfResources, a compile error of one tile, ...), the first of ``fallbacks`` that works
-    serves the call and every later one of the same key in this process, with one warning.
-    If none works, the first error is raised."""
-    cfg = choose(x, p)
+def _first_launch(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
+                  cfg: KernelConfig) -> tuple[Plan, torch.Tensor]:
+    """Plan and launch ``cfg``; if it fails to compile or launch (Triton's OutOfResources, a
+    compile error of one tile, ...), the first of ``fallbacks`` that works serves the call and
+    every later one of the same shape key in this process, with one warning. If none works,
+    the first error is raised."""
+    key = (p.gpu, dispatch.shape_key(p, x.dtype, x.shape[0]))
+    cfg = _replaced.get((*key, cfg), cfg)
     try:
-        return launch(x, p, bias, cfg)
+        plan = Plan(x, p, bias, cfg)
+        return plan, plan.first(x, bias)
     except torch.OutOfMemoryError:
         raise
     except Exception as first:  # noqa: BLE001
         for alt in fallbacks(cfg, x.shape[0], p.bits)[1:]:
             try:
-                y = launch(x, p, bias, alt)
+                plan = Plan(x, p, bias, alt)
+                y = plan.first(x, bias)
             except Exception:  # noqa: BLE001, S112
                 continue
-            ck = _cache_key(x, p)
-            gpu, key = ck[0], ck[1]
-            _chosen[ck] = alt
+            _replaced[(*key, cfg)] = alt
             msg = str(first).strip().splitlines()[0][:200] if str(first).strip() else ""
             warnings.warn(
-                f"gptq triton backend: configuration {cfg.label()!r} for {key} on {gpu} failed "
-                f"({type(first).__name__}: {msg}); using {alt.label()!r} for this key from now "
-                f"on in this process", RuntimeWarning, stacklevel=2)
-            return y
+                f"gptq triton backend: configuration {cfg.label()!r} for {key[1]} on {key[0]} "
+                f"failed ({type(first).__name__}: {msg}); using {alt.label()!r} for this key "
+                f"from now on in this process", RuntimeWarning, stacklevel=3)
+            return plan, y
         raise
 
 
+def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """A call without a usable worked-out launch: choose, plan and launch through Triton, and
+    keep the plan on the layer for the next call of this shape (when the call is a regular
+    one: aligned x, at most PLAN_MAX_M rows, a settled configuration)."""
+    M = x.shape[0]
+    if M == 0:
+        return x.new_empty(0, p.out_features)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            return run(x, p, bias)
+    cfg, settled = choose(x, p)
+    plan, y = _first_launch(x, p, bias, cfg)
+    if settled and M <= PLAN_MAX_M and plan.accepts(x, bias):
+        p.plans[(M, x.dtype, bias is not None)] = plan
+    return y
+
+
+def _eager() -> bool:
+    """Not traced by torch.compile and no dispatch mode active: the direct path may run."""
+    return not torch.compiler.is_compiling() and _dispatch_depth() == 0
+
+
+def qmatmul(x: torch.Tensor, prepared: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
+    """The backend's hot path (the ``gptq_qmatmul`` hook): the layer's worked-out launch for
+    this shape when called eagerly, the custom op when traced."""
+    if _eager():
+        plan = prepared.plans.get((x.shape[0], x.dtype, bias is not None))
+        if plan is not None and plan.accepts(x, bias):
+            return plan(x, bias)
+        return run(x, prepared, bias)
+    o = prepared.options
+    return qmatmul_op(x, prepared.qweight, prepared.qhigh, prepared.scales, prepared.zeros,
+                      prepared.perm, bias, prepared.bits, prepared.group_size, prepared.sub,
+                      prepared.in_features, prepared.out_features, prepared.k_pad,
+                      o.autotune, o.shipped_configs, "" if o.cache_dir is None else str(o.cache_dir))
+
+
 def forget_choices() -> None:
-    """Drop the in-process choices (after changing GPTQ_TRITON_* settings)."""
-    _chosen.clear()
+    """Drop the in-process fallbacks and tuned tables (layers keep their own choices)."""
+    _replaced.clear()
     configs._tables.clear()
 
 
@@ -341,26 +246,25 @@ def qmatmul_op(
     in_features: int,
     out_features: int,
     k_pad: int,
+    autotune: bool,
+    shipped_configs: bool,
+    cache_dir: str,
 ) -> torch.Tensor:
+    """The traced form of :func:`qmatmul`: the layer rebuilt from its tensors and options, the
+    device's shared split-K workspace (reserved when its layers were prepared)."""
+    gpu, sms = device_props(x.device)
+    options = TritonOptions(autotune=autotune, shipped_configs=shipped_configs,
+                            cache_dir=Path(cache_dir) if cache_dir else None)
     p = TritonPrepared(
         qweight=qweight, qhigh=qhigh, scales=scales, zeros=zeros, perm=perm, bits=bits,
         group_size=group_size, sub=sub, in_features=in_features, out_features=out_features,
-        k_pad=k_pad, n_pad=scales.shape[1],
+        k_pad=k_pad, n_pad=scales.shape[1], options=options, scratch=scratch.current(x.device),
+        gpu=gpu, sms=sms,
     )
-    if x.shape[0] == 0:
-        return x.new_empty(0, out_features)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     return run(x, p, bias)
 
 
 @qmatmul_op.register_fake
 def _(x, qweight, qhigh, scales, zeros, perm, bias, bits, group_size, sub, in_features,
-      out_features, k_pad):
+      out_features, k_pad, autotune, shipped_configs, cache_dir):
     return x.new_empty(x.shape[0], out_features)
-
-
-def qmatmul(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
-    """The backend's hot path: one custom-op call on the prepared tensors."""
-    return qmatmul_op(x, p.qweight, p.qhigh, p.scales, p.zeros, p.perm, bias, p.bits,
-                      p.group_size, p.sub, p.in_features, p.out_features, p.k_pad)

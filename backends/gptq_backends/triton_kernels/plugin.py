@@ -8,8 +8,10 @@ from gptq_core import BackendInfo, Capabilities, hookimpl
 from gptq_core.errors import NotSupportedError
 
 from .. import __version__
-from .layout import TritonPrepared, prepare
-from .ops import qmatmul  # imports triton itself only at the first launch
+from .dispatch import prepare
+from .layout import TritonPrepared
+from . import ops  # imports triton itself only at the first launch
+from .options import TritonOptions
 
 #: Group sizes the kernels tile (K blocks of 16 or 32 channels inside one group).
 GROUP_SIZES = (-1, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
@@ -39,6 +41,7 @@ def gptq_backend_info() -> BackendInfo:
             min_compute_capability=(8, 0),
             compile=True,
         ),
+        options=TritonOptions,
     )
 
 
@@ -53,15 +56,15 @@ def gptq_probe(device, spec) -> list[str]:
 
 
 @hookimpl
-def gptq_pack(weight, device, spec) -> TritonPrepared:
+def gptq_pack(weight, device, spec, options: TritonOptions) -> TritonPrepared:
     if spec.group_size != weight.group_size or spec.bits != weight.bits:
         raise NotSupportedError(
             f"the layer spec ({spec.describe()}) does not match the weight "
             f"({weight.bits}-bit g{weight.group_size})"
         )
-    return prepare(weight, device.torch_device)
+    return prepare(weight, device.torch_device, options, spec.act_dtype)
 
 
-@hookimpl
-def gptq_qmatmul(x, prepared, bias):
-    return qmatmul(x, prepared, bias)
+#: The hot path itself is the hook (no wrapper frame per call). Marked through the module, not
+#: imported by name: pluggy would register a second, unknown hook called ``qmatmul``.
+gptq_qmatmul = hookimpl(ops.qmatmul)
