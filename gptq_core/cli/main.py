@@ -13,6 +13,16 @@ from .._version import __version__
 COMMANDS: tuple[str, ...] = ("backends", "quantize", "generate", "eval", "demo", "models", "bench")
 
 
+def add_backend_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--backend-option BACKEND.NAME=VALUE`` (repeatable) for every command that loads a model;
+    pass ``gptq_core.options.parse_cli_options(args.backend_option)`` as ``backend_options``."""
+    parser.add_argument(
+        "--backend-option", action="append", default=[], metavar="BACKEND.NAME=VALUE",
+        help="a typed backend option, e.g. marlin.dense_cache_mb=512 (repeatable); "
+             "`gptq backends list --options` lists every backend's options",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptq",
