@@ -9,6 +9,7 @@ import pytest
 
 from gptq_core import __version__
 from gptq_core.cli import main
+from gptq_core.registry import get_registry
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -22,7 +23,7 @@ def test_list_json(capsys):
     rows = {r["name"]: r for r in json.loads(out)}
     for row in rows.values():
         assert {"name", "distribution", "version", "status", "bits", "reasons"} <= row.keys()
-        assert row["status"] in ("available", "unavailable", "broken")
+        assert row["status"] in ("available", "unavailable", "broken", "disabled")
     torch_row = rows["torch"]
     assert torch_row["status"] == "available" and torch_row["bits"] == [2, 3, 4, 8]
     assert torch_row["distribution"] == "gptq-backends" and torch_row["reasons"] == []
@@ -45,6 +46,25 @@ def test_list_table(capsys):
     assert "2,3,4,8" in torch_line and torch_line.endswith("usable")
     example_line = next(line for line in lines if line.startswith("example "))
     assert "4,8" in example_line
+
+
+@pytest.fixture
+def example_disabled(monkeypatch):
+    """The process-wide registry discovered again with GPTQ_DISABLED_BACKENDS=example."""
+    monkeypatch.setenv("GPTQ_DISABLED_BACKENDS", "example")
+    get_registry(refresh=True)
+    yield
+    monkeypatch.delenv("GPTQ_DISABLED_BACKENDS")
+    get_registry(refresh=True)
+
+
+def test_list_table_shows_disabled_backends(capsys, example_disabled):
+    code, out = run(capsys, "backends", "list", "--device", "cpu")
+    assert code == 0
+    example_line = next(line for line in out.splitlines() if line.startswith("example "))
+    assert example_line.split()[1:4] == ["gptq-backend-example", get_registry().disabled[
+        "example"].version, "disabled"]
+    assert example_line.endswith("disabled by GPTQ_DISABLED_BACKENDS")
 
 
 def test_version_and_help(capsys):
