@@ -111,7 +111,8 @@ def _own_impls(pm: pluggy.PluginManager, plugin: object) -> dict[str, object]:
 
 
 class Registry:
-    """Every backend found, by name, plus the broken ones. Build with :meth:`discover`."""
+    """Every backend found, by name, plus the broken and the disabled ones. Build with
+    :meth:`discover`."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
