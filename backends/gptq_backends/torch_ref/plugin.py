@@ -9,9 +9,15 @@ import torch
 from gptq_core import Capabilities, BackendInfo, hookimpl
 from gptq_core.device import DEVICE_KINDS
 from gptq_core.packing import SUPPORTED_BITS
+from gptq_core.policy import DispatchPolicy
 
 from .. import __version__
 from .kernels import qmatmul_op
+
+
+#: One path at every M: dequantize K in chunks, multiply and accumulate in float32
+#: (docs/DESIGN.md §12; the reference needs no tuning).
+POLICY = DispatchPolicy.single("torch:dequant+matmul")
 
 
 @dataclass(frozen=True, eq=False)
@@ -23,6 +29,7 @@ class TorchPrepared:
     scales: torch.Tensor
     g_idx: torch.Tensor
     bits: int
+    policy: DispatchPolicy = POLICY
 
 
 @hookimpl
@@ -38,6 +45,9 @@ def gptq_backend_info() -> BackendInfo:
             bits=SUPPORTED_BITS,
             group_sizes=None,
             training=True,
+            # torch.compile(fullgraph=True) and CUDA-graph capture: one custom op (with a fake
+            # and an autograd implementation) that allocates only its output and temporaries,
+            # never synchronizes and never branches on values (backends/tests/test_torch_backend.py)
             compile=True,
         ),
     )
