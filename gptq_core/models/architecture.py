@@ -70,6 +70,11 @@ class Architecture:
     moe: MoE | None = None
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
     inferred: bool = False
+    #: Linears of one layer that the modeling code calls with the very same input tensor
+    #: (q/k/v; gate/up), so loading may serve them by one matmul over their weights
+    #: concatenated along N (:mod:`gptq_core.fusion`). Each is a subset of one of ``groups``;
+    #: names a layer lacks are dropped; experts are never listed (each sees its own tokens).
+    fusion_groups: tuple[tuple[str, ...], ...] = ()
 
     def group_names(self) -> tuple[str, ...]:
         """Every name of every group, templates unexpanded, in order."""

@@ -64,6 +64,14 @@ _LFM2_ATTN = (
     ("conv.out_proj", "self_attn.out_proj"),
 )
 
+# Fusion groups: linears the modeling code calls with one input tensor (checked against every
+# family's forward by tests/test_fusion.py); gptq_core.fusion serves each by one matmul.
+_FUSE_QKV = (_ATTN_QKV,)
+_FUSE_LLAMA = (_ATTN_QKV, _MLP_GATE_UP)
+_LFM2_GATE_UP = ("feed_forward.w1", "feed_forward.w3")
+_SHARED_EXPERT_GATE_UP = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+_SHARED_EXPERTS_GATE_UP = ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
+
 
 ARCHITECTURE_LIST: tuple[Architecture, ...] = (
     # ------------------------------------------------------------------ dense, Llama-like
@@ -78,6 +86,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=_ROPE_OUTSIDE,
         groups=_LLAMA_GROUPS,
+        fusion_groups=_FUSE_LLAMA,
     ),
     Architecture(
         name="ungated-mlp",  # Nemotron, Apertus, Arcee, Jais2: up_proj -> act -> down_proj
@@ -85,6 +94,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=_ROPE_OUTSIDE,
         groups=(_ATTN_QKV, _ATTN_O, ("mlp.up_proj",), _MLP_DOWN),
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="nanochat",
@@ -92,6 +102,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=_ROPE_OUTSIDE,
         groups=(_ATTN_QKV, _ATTN_O, ("mlp.fc1",), ("mlp.fc2",)),
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="starcoder2",
@@ -99,6 +110,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=_ROPE_OUTSIDE,
         groups=(_ATTN_QKV, _ATTN_O, ("mlp.c_fc",), ("mlp.c_proj",)),
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="phi",
@@ -106,6 +118,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=("model.embed_tokens", "model.rotary_emb", "model.embed_dropout", "model.final_layernorm"),
         groups=(_ATTN_QKV, ("self_attn.dense",), ("mlp.fc1",), ("mlp.fc2",)),
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="phi3",
@@ -120,6 +133,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=_ROPE_OUTSIDE,
         groups=(_ATTN_QKV, _ATTN_O, ("mlp.gate_up_proj",), _MLP_DOWN),
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="mla",  # dense multi-head latent attention
@@ -127,6 +141,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=_ROPE_OUTSIDE,
         groups=(_MLA_IN, _MLA_UP, _ATTN_O, _MLP_GATE_UP, _MLP_DOWN),
+        fusion_groups=(_MLA_IN, _MLP_GATE_UP),
     ),
     Architecture(
         name="lfm2",
@@ -134,6 +149,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=("model.embed_tokens", "model.rotary_emb", "model.embedding_norm"),
         groups=_LFM2_ATTN + (("feed_forward.w1", "feed_forward.w3"), ("feed_forward.w2",)),
+        fusion_groups=(_ATTN_QKV, _LFM2_GATE_UP),
     ),
     # ------------------------------------------------------------------ fused-qkv families
     Architecture(
@@ -170,6 +186,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="transformer.h",
         outside=("transformer.wte", "transformer.drop", "transformer.ln_f"),
         groups=(("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
+        fusion_groups=(("attn.q_proj", "attn.k_proj", "attn.v_proj"),),
     ),
     Architecture(
         name="codegen",
@@ -201,6 +218,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
             ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
             ("attn.attention.out_proj",), ("mlp.c_fc",), ("mlp.c_proj",),
         ),
+        fusion_groups=(("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),),
     ),
     Architecture(
         name="mpt",
@@ -218,6 +236,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
             ("multi_head_attention.Wq", "multi_head_attention.Wk", "multi_head_attention.Wv"),
             ("multi_head_attention.dense",), ("ffn.0",), ("ffn.2",),
         ),
+        fusion_groups=(("multi_head_attention.Wq", "multi_head_attention.Wk", "multi_head_attention.Wv"),),
     ),
     # ------------------------------------------------------------------ OPT-like
     Architecture(
@@ -229,6 +248,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
             "model.decoder.final_layer_norm", "model.decoder.project_out",
         ),
         groups=_OPT_GROUPS,
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="xglm",
@@ -236,6 +256,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         layers="model.layers",
         outside=("model.embed_tokens", "model.embed_positions", "model.layer_norm"),
         groups=_OPT_GROUPS,
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="biogpt",
@@ -244,6 +265,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         outside=("biogpt.embed_tokens", "biogpt.embed_positions", "biogpt.layer_norm"),
         groups=_OPT_GROUPS,
         head="output_projection",
+        fusion_groups=_FUSE_QKV,
     ),
     # ------------------------------------------------------------------ mixture of experts
     Architecture(
@@ -254,6 +276,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         groups=_MIXTRAL_GROUPS,
         moe=_MIXTRAL_EXPERTS,
         checkpoint_renames=_MIXTRAL_RENAMES,
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="phimoe",
@@ -264,6 +287,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         skip=("mlp.router",),
         moe=_MIXTRAL_EXPERTS,
         checkpoint_renames=((".mlp.router.", ".block_sparse_moe.gate."),) + _MIXTRAL_RENAMES,
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="qwen-moe",
@@ -273,6 +297,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         groups=(_ATTN_QKV, _ATTN_O, _QWEN_MOE_IN, _QWEN_MOE_OUT),
         skip=("mlp.shared_expert_gate",),
         moe=_DS_EXPERTS,
+        fusion_groups=_FUSE_LLAMA + (_SHARED_EXPERT_GATE_UP,),
     ),
     Architecture(
         name="qwen3_next",  # gated-delta-net linear attention layers beside full attention
@@ -286,6 +311,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         ),
         skip=("mlp.shared_expert_gate",),
         moe=_DS_EXPERTS,
+        fusion_groups=_FUSE_LLAMA + (_SHARED_EXPERT_GATE_UP,),
     ),
     Architecture(
         name="hunyuan-moe",
@@ -300,6 +326,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         ),
         skip=("mlp.gate.wg",),
         moe=_DS_EXPERTS,
+        fusion_groups=(_ATTN_QKV, ("mlp.shared_mlp.gate_proj", "mlp.shared_mlp.up_proj")),
     ),
     Architecture(
         name="granitemoe",
@@ -313,6 +340,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
             ("shared_mlp.output_linear", "block_sparse_moe.experts.{expert}.down_proj"),
         ),
         moe=MoE(experts="block_sparse_moe.experts", expert="block_sparse_moe.experts.{expert}"),
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="deepseek",  # MLA + DeepSeek MoE
@@ -321,6 +349,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         outside=_ROPE_OUTSIDE,
         groups=(_MLA_IN, _MLA_UP, _ATTN_O, _DS_MOE_IN, _DS_MOE_OUT),
         moe=_DS_EXPERTS,
+        fusion_groups=(_MLA_IN, _MLP_GATE_UP, _SHARED_EXPERTS_GATE_UP),
     ),
     Architecture(
         name="deepseek-moe",  # grouped-query attention (+ optional output gate) + DeepSeek MoE
@@ -335,6 +364,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         ),
         skip=("mlp.router.gate",),
         moe=_DS_EXPERTS,
+        fusion_groups=_FUSE_LLAMA + (_SHARED_EXPERTS_GATE_UP,),
     ),
     Architecture(
         name="gpt_oss",  # experts with biases, interleaved gate/up and a clamped SwiGLU
@@ -347,6 +377,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
             ("mlp.experts.{expert}.down_proj",),
         ),
         moe=_DS_EXPERTS,
+        fusion_groups=_FUSE_QKV,
     ),
     Architecture(
         name="llama4",  # every expert sees every (router-scaled) token; MoE and dense layers interleave
@@ -363,6 +394,10 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
         ),
         skip=("feed_forward.router",),
         moe=MoE(experts="feed_forward.experts", expert="feed_forward.experts.{expert}", style="dense"),
+        fusion_groups=(
+            _ATTN_QKV, ("feed_forward.gate_proj", "feed_forward.up_proj"),
+            ("feed_forward.shared_expert.gate_proj", "feed_forward.shared_expert.up_proj"),
+        ),
     ),
     Architecture(
         name="dbrx",
@@ -394,6 +429,7 @@ ARCHITECTURE_LIST: tuple[Architecture, ...] = (
             experts="feed_forward.experts", expert="feed_forward.experts.{expert}",
             gate="w1", up="w3", down="w2",
         ),
+        fusion_groups=(_ATTN_QKV, _LFM2_GATE_UP),
     ),
 )
 
