@@ -142,14 +142,16 @@ class AutoGPTQForCausalLM:
         torch_dtype: torch.dtype | str = "auto",
         trust_remote_code: bool = False,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+        fuse: bool = True,
     ) -> AutoGPTQForCausalLM:
         """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend.
 
         ``backend_options`` tunes backends by name, e.g. ``{"marlin": {"dense_cache_mb": 512}}``
         (``gptq backends list --options`` lists them); unknown names are an error.
+        ``fuse=False`` keeps q/k/v and gate/up as separate matmuls (see ``load_quantized``).
         """
         model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code,
-                               backend_options=backend_options)
+                               backend_options=backend_options, fuse=fuse)
         return cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
 
     # ------------------------------------------------------------------ quantization
@@ -264,12 +266,13 @@ def load_for_inference(
     torch_dtype: torch.dtype | str = "auto",
     trust_remote_code: bool = False,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+    fuse: bool = True,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a GPTQ checkpoint, or of a float model folder for comparison."""
     dev = resolve_device(device)
     if is_quantized_checkpoint(model_dir):
         model = load_quantized(model_dir, dev, backend, torch_dtype, trust_remote_code,
-                               backend_options=backend_options)
+                               backend_options=backend_options, fuse=fuse)
     else:
         model = load_float_model(model_dir, resolve_dtype(torch_dtype, dev), trust_remote_code).to(dev).eval()
     return model, load_tokenizer(model_dir, trust_remote_code)

@@ -21,6 +21,8 @@ from torch import nn
 from ..config import QuantizeConfig
 from ..errors import CheckpointError, GPTQError
 from ..format import default_g_idx
+from ..fusion import fuse_linears
+from ..models.architecture import Architecture
 from ..quant_linear import QuantLinear
 from .configs import check_model_dir, read_json, read_quantize_config
 from .files import GENERATION_CONFIG_FILE, QUANTIZE_CONFIG_FILE
@@ -87,20 +89,23 @@ def _quantized_names(model: nn.Module, inventory: dict[str, TensorEntry]) -> lis
     return names
 
 
-def _prepare_architecture(model: nn.Module, inventory: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+def _prepare_architecture(
+    model: nn.Module, inventory: dict[str, TensorEntry]
+) -> tuple[dict[str, TensorEntry], Architecture | None]:
     """Let the architecture table reshape the skeleton (per-expert MoE linears, Conv1D as
-    Linear) and map peers' tensor names to this model's; returns the inventory by model name.
+    Linear) and map peers' tensor names to this model's; returns the inventory by model name
+    and the architecture (None when unknown).
     """
     from ..models import get_architecture, model_key, prepare_model_for_quantization
 
     try:
         arch = get_architecture(model)
     except GPTQError:
-        return inventory  # unknown architecture: the checkpoint's own tensor names decide
+        return inventory, None  # unknown architecture: the checkpoint's own tensor names decide
     prepare_model_for_quantization(model, arch)
     if not arch.checkpoint_renames:
-        return inventory
-    return {model_key(k, arch): e for k, e in inventory.items()}
+        return inventory, arch
+    return {model_key(k, arch): e for k, e in inventory.items()}, arch
 
 
 def _drop_zero_biases(
@@ -206,6 +211,7 @@ def load_quantized(
     trust_remote_code: bool = False,
     quantize_config: QuantizeConfig | None = None,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+    fuse: bool = True,
 ) -> nn.Module:
     """Load a GPTQ checkpoint folder as a transformers causal LM whose linears are QuantLinear.
 
@@ -213,7 +219,11 @@ def load_quantized(
     preference. ``torch_dtype`` sets the activation dtype and that of the non-quantized
     weights ("auto": fp16 on GPUs, fp32 on the CPU). ``backend_options`` maps a backend name
     to its typed options (``{"marlin": {"dense_cache_mb": 512}}``; docs/DESIGN.md §12),
-    checked before any weight is read. Every layer is bound before returning.
+    checked before any weight is read. ``fuse`` serves the linears of each layer that read
+    one input (q/k/v, gate/up; the architecture table's fusion groups) by one matmul over
+    their concatenated weights (docs/DESIGN.md §11; ``gptq_core.fusion``); the module names,
+    ``state_dict`` keys and saved checkpoint stay those of the separate layers.
+    Every layer is bound before returning.
     """
     from ..models import replace_with_quant_linear
     from ..selector import parse_backend_options
@@ -228,7 +238,7 @@ def load_quantized(
     inventory = read_inventory(files, weight_map)
 
     model = build_skeleton(config, dtype, trust_remote_code)
-    inventory = _prepare_architecture(model, inventory)
+    inventory, arch = _prepare_architecture(model, inventory)
     names = _quantized_names(model, inventory)
     if not names:
         raise CheckpointError(
@@ -266,7 +276,10 @@ def load_quantized(
     for name, layer in layers.items():
         check_layer_values(name, layer, sources)
 
+    del stored, tensors, state, expected  # the modules hold what is needed now
     model.to(dev)
+    if fuse and arch is not None:
+        fuse_linears(model, arch, layers)  # before bind: each fused layer binds once
     for layer in layers.values():
         layer.bind(act_dtype=dtype, backend=backend, options=options)
     model.eval()
