@@ -54,7 +54,8 @@ def _jobs(args) -> list[tuple]:
 def _compile(job: tuple) -> tuple[str, float, str]:
     import torch  # noqa: PLC0415
 
-    from gptq_backends.triton_kernels import layout, ops  # noqa: PLC0415
+    from gptq_backends.triton_kernels import dispatch, ops  # noqa: PLC0415
+    from gptq_backends.triton_kernels.options import TritonOptions  # noqa: PLC0415
     from gptq_backends.triton_kernels.configs import KernelConfig  # noqa: PLC0415
     from gptq_core.format import default_g_idx, pack_weight  # noqa: PLC0415
 
@@ -71,7 +72,7 @@ def _compile(job: tuple) -> tuple[str, float, str]:
         g_idx = g_idx[torch.randperm(K, generator=g)]
     w = pack_weight(q, torch.rand(groups, N, generator=g) * 0.01, zeros, bits=bits,
                     group_size=gs, g_idx=g_idx, desc_act=act).to(dev)
-    p = layout.prepare(w, dev)
+    p = dispatch.prepare(w, dev, TritonOptions(autotune=False))
     if cfg_dict is None:  # act-order's column gather (the default Triton kernel)
         x = torch.randn(1, K, device=dev).to(dtype)
         t0 = time.perf_counter()
@@ -106,7 +107,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.bits = [int(b) for b in args.bits.split(",")]
     args.dtypes = [d.strip() for d in args.dtypes.split(",")]
-    os.environ.setdefault("GPTQ_TRITON_AUTOTUNE", "0")
     jobs = _jobs(args)
     t0 = time.perf_counter()
     print(f"compiling {len(jobs)} kernels in {args.workers} processes", flush=True)

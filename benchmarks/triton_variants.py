@@ -24,27 +24,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 import warnings
 
 import torch
 
-from gptq_backends.triton_kernels import layout, ops
+from gptq_backends.triton_kernels import dispatch, ops, target
+from gptq_backends.triton_kernels.options import TritonOptions
 from gptq_backends.triton_kernels.configs import KernelConfig
 from gptq_core.bench.layers import random_layer
 from gptq_core.bench.timing import time_calls
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = target.interpreting()
 # Shipped table or default rules only (a key missing from the table would otherwise be tuned
-# on the spot: seconds of compiles); the tuner is timed on its own at the end.
-os.environ.setdefault("GPTQ_TRITON_AUTOTUNE", "0")
+# at its first call: seconds of compiles); the tuner is timed on its own at the end.
+OPTIONS = TritonOptions(autotune=False)
 TOL = 2e-3
 
 def backend(x, p):
-    """The backend's own call path (choice, fallbacks, act-order gather)."""
-    return ops.run(x, p, None)
+    """The backend's own call path (eager: the layer's kept plan; choice, fallbacks, gather)."""
+    return ops.qmatmul(x, p, None)
+
+def prepare(w, device):
+    return dispatch.prepare(w, device, OPTIONS)
 
 def _copies(p, n: int):
     def clone(t):
@@ -52,7 +55,7 @@ def _copies(p, n: int):
 
     return [p] + [dataclasses.replace(p, qweight=clone(p.qweight), qhigh=clone(p.qhigh),
                                       scales=clone(p.scales), zeros=clone(p.zeros),
-                                      perm=clone(p.perm)) for _ in range(n - 1)]
+                                      perm=clone(p.perm), plans={}) for _ in range(n - 1)]
 
 def _n_copies(p, device) -> int:
     if device.type != "cuda":
@@ -115,11 +118,11 @@ def main(argv=None) -> int:
     def shape_cases(K, N):
         plain_w = random_layer(K, N, 4, 128, sym=True, act_order=False, device=device, seed=1)
         act_w = random_layer(K, N, 4, 128, sym=True, act_order=True, device=device, seed=2)
-        plain_p = layout.prepare(plain_w, device)
-        act_p = layout.prepare(act_w, device)
+        plain_p = prepare(plain_w, device)
+        act_p = prepare(act_w, device)
         plain_c = _copies(plain_p, _n_copies(plain_p, device))
         act_c = _copies(act_p, _n_copies(act_p, device))
-        sorted_c = [dataclasses.replace(p, perm=None) for p in act_c]
+        sorted_c = [dataclasses.replace(p, perm=None, plans={}) for p in act_c]
         plain_d = plain_w.dequantize(torch.float64)
         act_d = act_w.dequantize(torch.float64)
         for M in ms:
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
                     r.variant(case, f"plain {cfg.label()}", launch_cfg(cfg), plain_c, x, ref_plain)
             r.variant(case, "act", backend, act_c, x, ref_act)
             xs = x.index_select(1, act_p.perm[:K])
-            cfg = ops.choose(x, plain_p)
+            cfg, _ = ops.choose(x, plain_p)
             r.variant(case, f"act pre-sorted {cfg.label()}",
                       lambda _x, p, c=cfg: ops.launch(xs, p, None, c), sorted_c, x, ref_act)
             r.variant(case, "gather", lambda x_, p: ops.gather_columns(x_, p.perm),
@@ -147,7 +150,7 @@ def main(argv=None) -> int:
         K, N = shapes[0]
         M = 64 if not INTERPRET else 3
         w3 = random_layer(K, N, 3, 128, sym=True, act_order=False, device=device, seed=3)
-        p3 = layout.prepare(w3, device)
+        p3 = prepare(w3, device)
         c3 = _copies(p3, _n_copies(p3, device))
         x = torch.randn(M, K, generator=gen).to(torch.float16).to(device)
         ref3 = x.double() @ w3.dequantize(torch.float64)
@@ -156,12 +159,13 @@ def main(argv=None) -> int:
         stale = KernelConfig("fused", 64, 128, 0, 4, 3)
         real_choose = ops.choose
         ops.forget_choices()
-        ops.choose = lambda x_, p_: ops._chosen.get(ops._cache_key(x_, p_), stale)
+        ops.choose = lambda x_, p_: (stale, True)
+        fresh = [dataclasses.replace(p, plans={}) for p in c3]
         try:
             with warnings.catch_warnings(record=True) as rec:
                 warnings.simplefilter("always")
-                r.variant(case, f"forced {stale.label()}", backend, c3, x, ref3)
-            fell = ops._chosen.get(ops._cache_key(x, p3))
+                r.variant(case, f"forced {stale.label()}", backend, fresh, x, ref3)
+            fell = ops._replaced.get((p3.gpu, dispatch.shape_key(p3, x.dtype, M), stale))
             print(f"{case:28s} forced stale tile -> {fell.label() if fell else 'no fallback needed'}; "
                   f"{len(rec)} warning(s): {str(rec[0].message)[:200] if rec else ''}")
         finally:
@@ -171,7 +175,7 @@ def main(argv=None) -> int:
         if not args.no_tune and not INTERPRET:
             K, N = 4096, 4096
             w = random_layer(K, N, 4, 128, sym=True, act_order=False, device=device, seed=4)
-            p = layout.prepare(w, device)
+            p = prepare(w, device)
             x = torch.randn(1, K, generator=gen).to(torch.float16).to(device)
             t = time.perf_counter()
             best, timings = ops.tune(x, p, None)

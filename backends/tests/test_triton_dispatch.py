@@ -16,7 +16,6 @@ import torch
 pytest.importorskip("triton")
 
 from gptq_core import OptionsError, QuantLinear, get_registry, selector  # noqa: E402
-from gptq_core.device import DeviceInfo  # noqa: E402
 from gptq_core.policy import EXPLAIN_M  # noqa: E402
 from gptq_core.testing import random_packed  # noqa: E402
 from gptq_backends.triton_kernels import (  # noqa: E402

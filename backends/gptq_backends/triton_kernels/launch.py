@@ -44,26 +44,21 @@ def _stream_getter() -> Callable[[int], int]:
     return driver.active.get_current_stream
 
 
-def _hooks_idle(runtime: Any) -> bool:
-    """No launch hooks are set in Triton's ``knobs.runtime`` (a profiler sets them: then
-    Triton's own launch runs them)."""
-    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    return not getattr(enter, "calls", enter) and not getattr(leave, "calls", leave)
-
-
 @dataclasses.dataclass(frozen=True)
 class Direct:
-    """A compiled kernel's own launcher with its arguments in Triton's parameter order, the
-    ``slots`` of the varying pointers left to fill, and the device it was loaded on."""
+    """A compiled kernel's own launcher and its whole argument list, in the order Triton's
+    launch passes it (grid, stream, function, metadata, no launch hooks, then every kernel
+    argument in parameter order, pointers as addresses): per call only the stream (at
+    ``STREAM``) and the varying pointers (at ``slots``) are filled in."""
 
     run: Callable[..., Any]
-    function: Any
-    metadata: Any
-    argv: tuple
+    call: tuple
     slots: tuple[int, ...]
     device_index: int
     stream: Callable[[int], int]
-    runtime: Any
+    runtime: Any  # Triton's knobs.runtime: a profiler's launch hooks live there
+
+    STREAM = 3
 
     @classmethod
     def of(cls, compiled: Any, launcher: Launcher, device: torch.device) -> Direct | None:
@@ -78,15 +73,17 @@ class Direct:
             names = list(launcher.kernel.arg_names)
             stream = _stream_getter()
             runtime = knobs.runtime
+            runtime.launch_enter_hook.calls, runtime.launch_exit_hook.calls  # noqa: B018
         except (AttributeError, ImportError, RuntimeError):
             return None
         values = {**launcher.args, **dict.fromkeys(launcher.varying)}
         if function is None or sorted(values) != sorted(names):
             return None
-        argv = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v
-                     for v in (values[n] for n in names))
-        slots = tuple(names.index(n) for n in launcher.varying)
-        return cls(run, function, metadata, argv, slots, device.index or 0, stream, runtime)
+        head = (*launcher.grid, None, function, metadata, None, None, None)
+        call = head + tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v
+                            for v in (values[n] for n in names))
+        slots = tuple(len(head) + names.index(n) for n in launcher.varying)
+        return cls(run, call, slots, device.index or 0, stream, runtime)
 
 
 class Launcher:
@@ -109,15 +106,14 @@ class Launcher:
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         d = self.direct
-        if d is None or not _hooks_idle(d.runtime):
+        if d is None or d.runtime.launch_enter_hook.calls or d.runtime.launch_exit_hook.calls:
             self.launch(*tensors)
             return
-        argv = list(d.argv)
+        call = list(d.call)
+        call[Direct.STREAM] = d.stream(d.device_index)
         for slot, t in zip(d.slots, tensors):
-            argv[slot] = t.data_ptr()
-        g0, g1, g2 = self.grid
-        d.run(g0, g1, g2, d.stream(d.device_index), d.function, d.metadata, None, None, None,
-              *argv)
+            call[slot] = t.data_ptr()
+        d.run(*call)
 
 
 def _current_cuda_device() -> int:
@@ -128,7 +124,7 @@ class Plan:
     """One call shape (M, dtype, bias given) of one prepared layer with one configuration."""
 
     __slots__ = ("cfg", "split", "m", "k", "n", "dtype", "out_dtype", "device", "cuda_index",
-                 "x_stride", "stand_in", "gather", "qmm", "dequant")
+                 "x_stride", "stand_in", "gather", "qmm", "dequant", "out_shape", "one_kernel")
 
     def __init__(self, x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None,
                  cfg: KernelConfig) -> None:
@@ -143,7 +139,9 @@ class Plan:
         # The interpreter truncates fp32 -> bf16 instead of rounding: let torch round its output.
         self.out_dtype = torch.float32 if x.dtype == torch.bfloat16 and interpreting() else x.dtype
         self.stand_in = work.float16
+        self.out_shape = (M, N)
         self.gather = self.qmm = self.dequant = None
+        self.one_kernel = False
         self.split = 1
         mode = mode_for(x.dtype, p.bits)
         k = kernels()
@@ -173,6 +171,7 @@ class Plan:
             ASM=use_asm(dev, x.dtype, p.bits),
         ), dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
             ("x_ptr", "bias_ptr", "out_ptr"), dev)
+        self.one_kernel = self.gather is None and self.out_dtype == self.dtype
 
     def _split(self, cfg: KernelConfig, p: TritonPrepared, work: scratch.Scratch) -> int:
         """The configuration's split for this M, smaller if the workspace cannot hold it (the
@@ -197,6 +196,10 @@ class Plan:
         return self._run(x, bias, True)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.one_kernel:  # decode's path, spelt out: every Python step here costs per call
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+            self.qmm(x, self.stand_in if bias is None else bias, out)
+            return out
         return self._run(x, bias, False)
 
     def _run(self, x: torch.Tensor, bias: torch.Tensor | None, first: bool) -> torch.Tensor:

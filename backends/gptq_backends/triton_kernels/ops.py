@@ -205,15 +205,11 @@ def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.
     return y
 
 
-def _eager() -> bool:
-    """Not traced by torch.compile and no dispatch mode active: the direct path may run."""
-    return not torch.compiler.is_compiling() and _dispatch_depth() == 0
-
-
 def qmatmul(x: torch.Tensor, prepared: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
     """The backend's hot path (the ``gptq_qmatmul`` hook): the layer's worked-out launch for
     this shape when called eagerly, the custom op when traced."""
-    if _eager():
+    # Eager: not traced by torch.compile and no dispatch mode active (fake tensors, recorders).
+    if not torch.compiler.is_compiling() and _dispatch_depth() == 0:
         plan = prepared.plans.get((x.shape[0], x.dtype, bias is not None))
         if plan is not None and plan.accepts(x, bias):
             return plan(x, bias)
