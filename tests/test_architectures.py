@@ -36,7 +36,8 @@ from gptq_core.models import (
     sequential_groups,
     uncovered_linears,
 )
-from gptq_core.models.layers import LINEAR_TYPES, get_module, sibling_modules
+from gptq_core.models.layers import get_module, sibling_modules
+from gptq_core.modules import is_linear_like
 from gptq_core.testing import tiny_config, tiny_model, with_dequantized_weights
 from gptq_core.threads import single_thread
 
@@ -101,7 +102,7 @@ def test_every_group_name_exists_in_some_model_of_its_family():
             model = prepared(model_type)
             for layer in decoder_layers(model, arch):
                 for name, module in layer.named_modules():
-                    if isinstance(module, LINEAR_TYPES):
+                    if is_linear_like(module):
                         seen.add(name)
         unseen = []
         for name in arch.group_names() + arch.skip:
@@ -133,7 +134,7 @@ def test_layout_matches_the_module_tree(model_type):
         for name in (n for g in groups for n in g):
             assert isinstance(layer.get_submodule(name), nn.Linear)  # Conv1D and experts prepared
     widths = [max(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
-    assert max(widths) <= 256, "the tiny config left a full-size dimension (see models/tiny.py)"
+    assert max(widths) <= 256, "the tiny config left a full-size dimension (see gptq_core/testing.py)"
     head = get_module(model, arch.head)
     assert head is not None and head is model.get_output_embeddings()
     beside = set(sibling_modules(model, arch.layers)) - {arch.head}

@@ -127,7 +127,7 @@ def test_backends_explain_accounts_for_every_backend(checkpoint, capsys):
         assert all(reasons for reasons in row["rejected"].values())
     assert main(["backends", "explain", str(checkpoint), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert "model.layers.4.mlp.down_proj" in text and f"=> {rows[0]['backend']}" in text
+    assert "model.layers.[0-4].mlp.down_proj" in text and f"=> {rows[0]['backend']}" in text
 
 
 def test_demo(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Checkpoints written "by another tool": an independent GPTQ writer/reader in numpy.
 
-The packer below follows DESIGN.md section 2 bit by bit (value j of a column occupies bits
+The packer below follows docs/DESIGN.md §2 bit by bit (value j of a column occupies bits
 [j*b, (j+1)*b) of one little-endian stream cut into 32-bit words) with per-bit loops, sharing
 no code with gptq_core.packing. Checkpoints it writes, in the shapes AutoGPTQ, optimum and
 GPTQModel use, must load with ``load_quantized`` and give the logits of the float64 model

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import PackedWeight
+from ..spec import dtype_name
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = 8
@@ -43,7 +44,7 @@ def fp16_baseline(copies: list[PackedWeight], dtype: torch.dtype) -> Implementat
     dense = [w.dequantize(torch.float32).t().to(dtype).contiguous() for w in copies]
     calls = [lambda x, d=d: F.linear(x, d) for d in dense]
     k, n = copies[0].in_features, copies[0].out_features
-    name = "fp16" if dtype == torch.float16 else str(dtype).replace("torch.", "")
+    name = "fp16" if dtype == torch.float16 else dtype_name(dtype)
     return Implementation(name, calls, dtype, k * n * dense[0].element_size(), "torch F.linear",
                           kind="dense")
 
@@ -88,5 +89,5 @@ def tinygemm_baseline(copies: list[PackedWeight], device: torch.device) -> Imple
         packed, sz, dtype = _tinygemm_one(w, device)
         nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
         calls.append(lambda x, p=packed, s=sz: op(x, p, gs, s))
-    note = f"{str(dtype).replace('torch.', '')} activations"
+    note = f"{dtype_name(dtype)} activations"
     return Implementation("tinygemm", calls, dtype, nbytes, note, kind="tinygemm")

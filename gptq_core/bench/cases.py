@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import GPTQError
+from ..spec import dtype_name
 
 #: (name, K = in_features, N = out_features): Llama-2-7B, Llama-3-8B and Llama-3-70B layers.
 DESIGN_SHAPES: tuple[tuple[str, int, int], ...] = (
@@ -100,6 +101,6 @@ class BenchConfig:
 
     def describe(self) -> str:
         g = "g-1" if self.group_size == -1 else f"g{self.group_size}"
-        dt = str(self.dtype).replace("torch.", "")
+        dt = dtype_name(self.dtype)
         return (f"{self.bits}-bit {g} {'sym' if self.sym else 'asym'}"
                 f"{' act-order' if self.act_order else ''}, {dt} activations")

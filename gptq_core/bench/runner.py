@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..device import DeviceInfo
+from ..device import DeviceInfo, default_device
 from ..errors import GPTQError
 from ..registry import get_registry
 from ..spec import LayerSpec
@@ -114,7 +114,7 @@ def _implementations(cfg, device, info, spec, weights, rows, base) -> list[Imple
 def run(cfg: BenchConfig, log: Callable[[str], None] = print,
         on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Benchmark every implementation on every (shape, M) of ``cfg``; return all rows."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.device) if cfg.device else default_device()
     info = DeviceInfo.of(device)
     rows: list[Result] = []
 

@@ -1,4 +1,4 @@
-"""GPTQ checkpoints on disk: the format of DESIGN.md section 2, written atomically, read strictly.
+"""GPTQ checkpoints on disk: the format of docs/DESIGN.md §2, written atomically, read strictly.
 
 * :func:`save_quantized` ``(model, packed, config, out_dir, tokenizer=None, max_shard_size="4GB")``
 * :func:`load_quantized` ``(model_dir, device="cpu", backend="auto", torch_dtype="auto")``

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..errors import GPTQError
 from .architecture import Architecture, MoE
-from .layers import LINEAR_TYPES, get_module, linear_names, sibling_modules
+from ..modules import is_linear_like
+from .layers import get_module, linear_names, sibling_modules
 from .table import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _check_no_fused_weights(layer: nn.Module, experts: list[str], where: str) ->
         module = get_module(layer, owner)
         if p.dim() < 2 or any(owner == e or owner.startswith(e + ".") for e in experts):
             continue
-        if isinstance(module, (*LINEAR_TYPES, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if is_linear_like(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             continue
         if p.dim() == 2:
             if not any(w in owner.lower() for w in ("router", "gate")):

@@ -5,15 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import GPTQError
+from ..modules import is_linear_like
 from .architecture import EXPERT, Architecture, expand_expert, expert_pattern
 
-try:  # GPT-2 style models use transformers' Conv1D (weight [in, out]) instead of nn.Linear
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()  # type: ignore[assignment,misc]
-
-#: Module types that hold a quantizable weight matrix.
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 
 def get_module(root: nn.Module, name: str) -> nn.Module | None:
@@ -80,7 +74,7 @@ def sequential_groups(layer: nn.Module, arch: Architecture) -> list[list[str]]:
                 candidates = [expand_expert(name, i) for i in range(count)]
             else:
                 candidates = [name]
-            names += [n for n in candidates if isinstance(get_module(layer, n), LINEAR_TYPES)]
+            names += [n for n in candidates if _is_linear(get_module(layer, n))]
         if names:
             out.append(names)
     return out
@@ -88,7 +82,7 @@ def sequential_groups(layer: nn.Module, arch: Architecture) -> list[list[str]]:
 
 def linear_names(module: nn.Module) -> list[str]:
     """Names (relative to ``module``) of every nn.Linear / Conv1D inside it."""
-    return [n for n, m in module.named_modules() if isinstance(m, LINEAR_TYPES)]
+    return [n for n, m in module.named_modules() if is_linear_like(m)]
 
 
 def uncovered_linears(layer: nn.Module, arch: Architecture) -> list[str]:
@@ -128,3 +122,7 @@ def sibling_modules(model: nn.Module, layers_path: str) -> list[str]:
             if child != parts[depth]:
                 found.append(f"{parent_name}.{child}" if parent_name else child)
     return found
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    return module is not None and is_linear_like(module)

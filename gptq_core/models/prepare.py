@@ -20,7 +20,8 @@ from ..quant_linear import QuantLinear
 from .architecture import Architecture
 from .detect import get_architecture
 from .experts import UnfusedExperts, unfuse_experts
-from .layers import Conv1D, LINEAR_TYPES, decoder_layers, get_module, set_module
+from ..modules import is_conv1d, is_linear_like
+from .layers import decoder_layers, get_module, set_module
 
 
 def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
@@ -45,10 +46,9 @@ def prepare_model_for_quantization(model: nn.Module, arch: Architecture | None =
     """
     arch = arch or get_architecture(model)
     for layer in decoder_layers(model, arch):
-        if Conv1D:
-            for name, module in list(layer.named_modules()):
-                if isinstance(module, Conv1D):
-                    set_module(layer, name, conv1d_to_linear(module))
+        for name, module in list(layer.named_modules()):
+            if is_conv1d(module):
+                set_module(layer, name, conv1d_to_linear(module))
         if arch.moe is None:
             continue
         fused = get_module(layer, arch.moe.experts)
@@ -60,7 +60,7 @@ def prepare_model_for_quantization(model: nn.Module, arch: Architecture | None =
 def _features(module: nn.Module, name: str) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if Conv1D and isinstance(module, Conv1D):
+    if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     raise GPTQError(
         f"'{name}' is a {type(module).__name__}, not an nn.Linear; only linear layers can hold "
@@ -116,7 +116,7 @@ def apply_packed_weights(
     """
     for name, weight in packed.items():
         module = _linear_at(model, name)
-        if not isinstance(module, (QuantLinear, *LINEAR_TYPES)):
+        if not (isinstance(module, QuantLinear) or is_linear_like(module)):
             _features(module, name)  # raises the clear error
         set_module(model, name, QuantLinear.from_packed(weight, backend=backend, act_dtype=None))
     return model

@@ -30,9 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import QuantizeConfig
+from ..device import default_device
 from ..errors import GPTQError
 from ..eval import module_device
 from ..format import PackedWeight
+from ..modules import is_conv1d, is_linear_like
 from .capture import LayerCall, capture_inputs, make_batches
 from .gptq import GPTQ, quantize_linear
 from .workdir import WorkDir, samples_digest, tensor_digest
@@ -55,21 +57,16 @@ class _StopLayer(Exception):
 
 
 # ---------------------------------------------------------------------------- linears
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D: a linear whose weight is stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight of an ``nn.Linear`` or Conv1D as [out_features, in_features]."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def set_quantized(module: nn.Module, packed: PackedWeight) -> None:
     """Replace the module's weight (and bias) by what the packed layer dequantizes to."""
     w = module.weight
     deq = packed.dequantize(torch.float32)  # [K, N]
-    deq = deq if _is_conv1d(module) else deq.t()
+    deq = deq if is_conv1d(module) else deq.t()
     with torch.no_grad():
         w.copy_(deq.to(device=w.device, dtype=w.dtype))
         if packed.bias is not None and module.bias is not None:
@@ -83,8 +80,8 @@ def _resolve(layer: nn.Module, index: int, names: Sequence[str]) -> dict[str, nn
             module = layer.get_submodule(name)
         except AttributeError:
             module = None
-        if module is None or not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            found = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+        if module is None or not is_linear_like(module):
+            found = [n for n, m in layer.named_modules() if is_linear_like(m)]
             what = "does not exist" if module is None else f"is a {type(module).__name__}, not a linear"
             raise GPTQError(
                 f"decoder layer {index}: '{name}' {what}; the layer's linears are {found}. "
@@ -150,9 +147,7 @@ def _fingerprint(
 
 
 def _pick_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return default_device() if device is None else torch.device(device)
 
 
 # ---------------------------------------------------------------------------- the driver
