@@ -54,7 +54,7 @@ def _jobs(args) -> list[tuple]:
 def _compile(job: tuple) -> tuple[str, float, str]:
     import torch  # noqa: PLC0415
 
-    from gptq_backends.triton_kernels import dispatch, ops  # noqa: PLC0415
+    from gptq_backends.triton_kernels import dispatch, ops, target  # noqa: PLC0415
     from gptq_backends.triton_kernels.options import TritonOptions  # noqa: PLC0415
     from gptq_backends.triton_kernels.configs import KernelConfig  # noqa: PLC0415
     from gptq_core.format import default_g_idx, pack_weight  # noqa: PLC0415
@@ -92,7 +92,7 @@ def _compile(job: tuple) -> tuple[str, float, str]:
         status = "ok"
     except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: the tuner skips it
         status = f"{type(exc).__name__}: {str(exc)[:120]}"
-    asm = " asm" if ops.use_asm(x, ops.mode_for(x.dtype, bits), bits) and cfg.path == "fused" else ""
+    asm = " asm" if target.use_asm(dev, x.dtype, bits) and cfg.path == "fused" else ""
     return (f"b{bits} {dtype_name}{' act' if act else ''} {cfg.label()}{asm}",
             time.perf_counter() - t0, status)
 

@@ -22,7 +22,7 @@ main loop, or once per program before it, measured slower on the H100 (NOTES/per
 Dequantization: ``(word >> b*j) & mask | 0x64006400`` is two fp16 ``1024 + q`` at once (the
 "magic number"; never an integer-to-float conversion, slow on Hopper); subtracting
 ``1024 + zero`` is exact and only the scale multiply rounds, once, like the reference.
-With ASM (2/4/8-bit fp16 on CUDA, see ``ops.use_asm``) the shift's ``& mask | magic`` is one
+With ASM (2/4/8-bit fp16 on CUDA, see ``target.use_asm``) the shift's ``& mask | magic`` is one
 inline-PTX LOP3 instead of two (H100 8192x28672 M=1: 70.5 -> 66.2 us, NOTES/perf-triton.md).
 MODE: 0 fp16 all along; 1 bf16 (``0x4300`` is bf16 128, values < 128: bits <= 4); 2 the exact
 fp16 ``q - zero`` times an fp32 scale (8-bit bf16, fp32 activations, bf16 when interpreted).
@@ -175,7 +175,7 @@ def qmm_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N_PAD
 
-    tiles_per_split = (TILES + SPLIT_K - 1) // SPLIT_K  # not tl.cdiv: see ops._kernels
+    tiles_per_split = (TILES + SPLIT_K - 1) // SPLIT_K  # not tl.cdiv: see target.kernels
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, TILES)
 
