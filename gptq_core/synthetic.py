@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import save_quantized
+from .checkpoint.files import QUANTIZE_CONFIG_FILE
 from .config import QuantizeConfig
 from .errors import GPTQError
 from .format import PackedWeight, pack_weight
@@ -161,12 +162,13 @@ def build_synthetic(
     layers: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    reuse: bool = False,
 ) -> SyntheticPair:
     """Write ``out_dir/<shape>-float`` and ``out_dir/<shape>-gptq-4bit-g128``; see the module doc.
 
     ``shape`` is a name of :data:`SHAPES` or a :class:`Shape` (tests use a small one);
     ``layers`` overrides the number of decoder layers. Existing folders are replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``, or returned as they are with ``reuse=True`` when both are complete.
     """
     from transformers import AutoTokenizer
 
@@ -179,6 +181,8 @@ def build_synthetic(
     tag = name if layers is None else f"{name}-{layers}layers"
     out = Path(out_dir)
     float_dir, quant_dir = out / f"{tag}-float", out / f"{tag}-gptq-4bit-g128"
+    if reuse and (float_dir / "config.json").is_file() and (quant_dir / QUANTIZE_CONFIG_FILE).is_file():
+        return SyntheticPair(tag, float_dir, quant_dir, 0.0)
     for folder in (float_dir, quant_dir):
         if folder.exists() and any(folder.iterdir()) and not overwrite:
             raise GPTQError(f"{folder} exists and is not empty; pass overwrite=True or another out_dir")

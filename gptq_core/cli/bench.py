@@ -93,8 +93,13 @@ def _generate_models(args, device: torch.device, work: Path, log) -> tuple[list,
     from ..synthetic import build_synthetic, float_model_of, write_rtn_checkpoint  # noqa: PLC0415
 
     if args.synthetic:
-        pair = build_synthetic(args.synthetic, work, device=device, layers=args.layers, overwrite=True)
-        log(f"built {pair.name}: random float model and its RTN 4-bit g128 checkpoint in {pair.seconds:.1f} s under {work}")
+        # a --work-dir that already holds the pair is reused (reruns skip the build)
+        pair = build_synthetic(args.synthetic, work, device=device, layers=args.layers, overwrite=True,
+                               reuse=bool(args.work_dir))
+        if pair.seconds:
+            log(f"built {pair.name}: random float model and its RTN 4-bit g128 checkpoint in {pair.seconds:.1f} s under {work}")
+        else:
+            log(f"reusing {pair.float_dir} and {pair.quantized_dir}")
         return ([ModelEntry("float", pair.float_dir), ModelEntry("quantized", pair.quantized_dir)],
                 {"synthetic": pair.name, "build_s": pair.seconds})
     folder = Path(args.model_dir)
@@ -187,7 +192,8 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--backend", default="auto", help="backend name or 'a,b' preference for the quantized model")
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
     g.add_argument("--seconds", type=float, default=1.0, help="time budget of each timed measurement (default 1)")
-    g.add_argument("--work-dir", help="where synthetic/quantized models are written and kept (default: a temporary folder)")
+    g.add_argument("--work-dir", help="where synthetic/quantized models are written and kept, and a synthetic "
+                                      "pair already there is reused (default: a temporary folder)")
     g.add_argument("--json", help="write every number to this JSON file")
     g.add_argument("--plot", help="write a PNG of tokens per second (needs matplotlib)")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -199,6 +199,7 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
     prompts = prompt_ids(tokenizer, vocab, max(cfg.batches), cfg.prompt_len, dev)
     rows: list[Row] = []
+    compiled = [False]  # whether transformers compiled this model's decode (later batch sizes may reuse it)
     try:
         for batch in cfg.batches:
             ids = prompts[:batch].contiguous()
@@ -227,7 +228,7 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
                     row.note = "decode time below timing noise; raise --new-tokens"
                 if dev.type == "cuda":
                     row.peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
-                row.path = _path(mode, call, model, dev, _compiled_graphs() - graphs, row)
+                row.path = _path(mode, call, model, dev, _compiled_graphs() - graphs, row, compiled)
                 if mode == "eager":
                     reference = out
                 elif reference is not None:
@@ -254,14 +255,17 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
     return rows
 
 
-def _path(mode: str, call, model, dev: torch.device, new_graphs: int, row: Row) -> str:
+def _path(mode: str, call, model, dev: torch.device, new_graphs: int, row: Row, compiled: list[bool]) -> str:
+    """How the mode ran; for ``static``, whether transformers really compiled (new dynamo
+    graphs now, or earlier for this model and reused)."""
     if mode == "fast":
         return call.fast.last_path or ""
     if mode == "eager":
         return "eager"
-    row.compiled = getattr(model, "_compiled_call", None) is not None and new_graphs > 0
+    compiled[0] = compiled[0] or new_graphs > 0
+    row.compiled = getattr(model, "_compiled_call", None) is not None and compiled[0]
     if row.compiled:
-        return f"compiled ({new_graphs} graphs)"
+        return f"compiled ({new_graphs} new graphs)"
     if dev.type == "cuda":
         row.note = (row.note + "; " if row.note else "") + "transformers did not compile the static-cache decode"
     return "static, not compiled" + (" (CPU)" if dev.type == "cpu" else "")
