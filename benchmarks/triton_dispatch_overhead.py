@@ -13,7 +13,6 @@ On the GPU, ``benchmarks/triton_h200_check.py`` measures the real eager overhead
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -51,14 +50,14 @@ def _direct(launcher: launch.Launcher | None) -> None:
 
 
 def per_call_us(fn, n: int = 20000) -> float:
-    """Median over 7 rounds of the mean time per call."""
+    """The best of 7 rounds of the mean time per call (the least disturbed by other processes)."""
     rounds = []
     for _ in range(7):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         rounds.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(rounds)
+    return min(rounds)
 
 
 def main() -> int:
