@@ -27,6 +27,10 @@ _FORMAT_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 class QuantLinear(nn.Module):
     """A quantized linear layer: ``y = x @ W.T + bias`` with W stored in the GPTQ format."""
 
+    #: Whether this layer shares one fused matmul with its siblings (q/k/v, gate/up), and why
+    #: or why not (:mod:`gptq_core.fusion`); None for layers of no fusion group.
+    fusion: str | None = None
+
     def __init__(
         self,
         bits: int,

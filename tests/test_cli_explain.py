@@ -100,7 +100,7 @@ def test_cpu_layers_show_the_torch_path_for_every_m(checkpoint, capsys):
         assert all(path.startswith("torch") for path in row["paths"].values()), row["paths"]
     assert main(["backends", "explain", str(checkpoint), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["layers", "backend", *(f"M={m}" for m in EXPLAIN_M), "spec"]
+    assert lines[1].split() == ["layers", "backend", *(f"M={m}" for m in EXPLAIN_M), "spec", "fusion"]
     down = next(line for line in lines if line.startswith("model.layers.[0-4].mlp.down_proj "))
     backend, *paths = down.split()[1:7]
     assert backend == "torch" and all(p.startswith("torch") for p in paths) and "K=172 N=64" in down

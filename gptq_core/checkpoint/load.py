@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..config import QuantizeConfig
+from ..device import default_device
+from ..modules import is_linear_like
 from ..errors import CheckpointError, GPTQError
 from ..format import default_g_idx
 from ..fusion import fuse_linears
@@ -50,7 +52,7 @@ def resolve_dtype(torch_dtype: torch.dtype | str, device: torch.device) -> torch
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GPTQError(f"device={device!r} asked for CUDA but no CUDA GPU is available; use device='cpu'")
     return dev
@@ -65,11 +67,6 @@ def _model_basename(model_dir: Path) -> str | None:
     return str(name) if name else None
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or transformers' Conv1D (GPT-2 family), which holds its weight transposed."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def _quantized_names(model: nn.Module, inventory: dict[str, TensorEntry]) -> list[str]:
     names = sorted(k[: -len(".qweight")] for k in inventory if k.endswith(".qweight"))
     for name in names:
@@ -81,7 +78,7 @@ def _quantized_names(model: nn.Module, inventory: dict[str, TensorEntry]) -> lis
                 f"model built from config.json does not have; the weights and config.json do "
                 "not belong together"
             ) from None
-        if not _is_linear(module):
+        if not is_linear_like(module):
             raise CheckpointError(
                 f"{inventory[name + '.qweight'].where()} quantizes '{name}', which is a "
                 f"{type(module).__name__}, not a linear layer"

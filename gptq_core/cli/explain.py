@@ -43,6 +43,7 @@ def layer_choices(model: nn.Module) -> list[dict]:
                 "backend": b.backend.name,
                 "paths": {str(m): path for m, path in policy.paths(EXPLAIN_M).items()},
                 "policy": policy.describe(),
+                "fusion": layer.fusion,
                 "fallbacks": [x.name for x in b.plan.ranked if x.name != b.backend.name and x.name not in b.failures],
                 "failed": dict(b.failures),
                 "rejected": {k: list(v) for k, v in b.plan.rejected.items()},
@@ -93,11 +94,12 @@ def format_choices(rows: list[dict]) -> str:
         return "no quantized layers"
     groups: dict[tuple, list[str]] = {}
     for r in rows:
-        groups.setdefault((r["backend"], tuple(r["paths"].values()), r["spec"]), []).append(r["layer"])
-    headers = ("layers", "backend", *(f"M={m}" for m in EXPLAIN_M), "spec")
+        key = (r["backend"], tuple(r["paths"].values()), r["spec"], r.get("fusion") or "-")
+        groups.setdefault(key, []).append(r["layer"])
+    headers = ("layers", "backend", *(f"M={m}" for m in EXPLAIN_M), "spec", "fusion")
     body = [
-        (", ".join(group_layers(layers)), backend, *paths, spec)
-        for (backend, paths, spec), layers in groups.items()
+        (", ".join(group_layers(layers)), backend, *paths, spec, fusion)
+        for (backend, paths, spec, fusion), layers in groups.items()
     ]
     lines = text_table(headers, body)
     seen: dict[str, list[str]] = {}
