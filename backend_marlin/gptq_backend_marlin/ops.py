@@ -14,7 +14,7 @@ LIBRARY = "gptq_marlin"
 _lib = torch.library.Library(LIBRARY, "DEF")
 _lib.define(
     "gemm(Tensor a, Tensor b, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
-    "int bits, int group_size, int size_n, int dequant_threshold, int blocks_per_sm) -> Tensor"
+    "int bits, int group_size, int size_n, int dequant_threshold) -> Tensor"
 )
 _lib.define(
     "dequantize(Tensor b, Tensor scales, Tensor? zeros, int bits, int group_size, "
@@ -24,8 +24,7 @@ _lib.define("gather_cols(Tensor x, Tensor perm) -> Tensor")
 
 
 @torch.library.register_fake(f"{LIBRARY}::gemm")
-def _gemm_fake(a, b, scales, zeros, perm, bias, bits, group_size, size_n, dequant_threshold,
-               blocks_per_sm):
+def _gemm_fake(a, b, scales, zeros, perm, bias, bits, group_size, size_n, dequant_threshold):
     return a.new_empty(a.shape[0], size_n)
 
 
@@ -67,7 +66,7 @@ dequantize = torch.ops.gptq_marlin.dequantize
 
 def gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """out[:, c] = x[:, perm[c]] (x [M, K] fp16/bf16 on CUDA, perm [K] int32/int64): the act-order
-    activation permutation, one launch; ``gemm`` runs it inside (unless GPTQ_MARLIN_GATHER=torch).
+    activation permutation, one launch; ``gemm`` runs it inside.
 
     Arguments are checked here first (:func:`check_gather_args`); CPU tensors get the
     dispatcher's "could not run ... with arguments from the 'CPU' backend".

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from gptq_core import BackendInfo, Capabilities, hookimpl
@@ -13,16 +11,9 @@ from .layout import TILE_K, WARP_N
 from .ops import gemm
 from .prepare import ACT_DTYPES, MarlinPrepared, prepare
 
-#: 8-bit kernels are on unless GPTQ_MARLIN_INT8=0. Their first H100 run died of a ptxas
-#: register-allocation fault (an odd uniform register pair for a cp.async cache policy); the
-#: fixed build passed the float64 sweep and the conformance suite on the H100
-#: (NOTES/perf-marlin.md). The switch stays so a user who meets a fault can route 8-bit
-#: layers to the next backend without uninstalling.
-INT8_ENABLED = os.environ.get("GPTQ_MARLIN_INT8", "1").strip() not in ("0", "false", "no")
-
 CAPABILITIES = Capabilities(
     device_kinds=frozenset({"cuda"}),
-    bits=(4, 8) if INT8_ENABLED else (4,),
+    bits=(4, 8),
     group_sizes=(-1, 32, 64, 128, 256),
     sym=True,
     asym=True,  # runtime zero points
@@ -69,4 +60,4 @@ def gptq_qmatmul(x, prepared, bias):
     if p.dense is not None and x.shape[0] > p.dense_threshold:
         return torch.nn.functional.linear(x, p.dense, None if bias is None else bias.to(x.dtype))
     return gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.bits, p.group_size, p.size_n,
-                p.dequant_threshold, 0)
+                p.dequant_threshold)

@@ -1,12 +1,9 @@
 """SASS helpers for the compile tests (cuobjdump text -> kernels, main-loop instruction mix).
 
-``hot_path`` walks one iteration of gemm_kernel's main loop (one 64-row k stage) as the SASS
-lays it out: from the loop head (the ``DEPBAR.LE SB0`` of cp_async_wait) to the branch that
-skips the block-tile end (the ``continue``), then from that branch's target to the back edge.
-In the scale-fold kernels the stage body exists twice (compute_stage's FRESH copy, taken at the
-first stage of a group, then the plain one): the hot path takes the plain copy, and the fold
-block (a forward branch over the scale load and the FFMAs, run once per group) is counted
-apart. The rarely taken fetch branch (a new column) stays in, in both kernels alike.
+``hot_path`` walks one iteration of gemm_kernel's main loop (one k stage) as the SASS lays it
+out: from the loop head (the ``DEPBAR.LE SB0`` of cp_async_wait) to the branch that skips the
+block-tile end (the ``continue``), then from that branch's target to the back edge. The rarely
+taken fetch branch (a new column) stays in.
 """
 
 from __future__ import annotations
@@ -38,29 +35,15 @@ def _target(text: str) -> int | None:
     return int(m.group(1), 16) if m else None
 
 
-def hot_path(ins: list[tuple[int, str]]) -> tuple[collections.Counter, collections.Counter]:
-    """(opcode counts of one main-loop stage, opcode counts of the fold block)."""
+def hot_path(ins: list[tuple[int, str]]) -> collections.Counter:
+    """Opcode counts of one main-loop stage."""
     head = next(a for a, t in ins if t.startswith("DEPBAR.LE SB0"))
     back = next(a for a, t in ins if a > head and (b := _target(t)) is not None and head - 0x400 < b <= head)
     hmma = [a for a, t in ins if "HMMA" in t and head < a < back]
     cont = next((a, _target(t)) for a, t in ins
                 if a > hmma[-1] and (b := _target(t)) is not None and back - 0x400 < b < back)
-    hmma = [a for a in hmma if a < cont[0]]
-    skip = None
-    half = len(hmma) // 2  # FRESH copy: `@!P BRA X` over it; it ends in `BRA join` at X - 0x10
-    end1 = next((a for a, t in ins if hmma[half - 1] < a < hmma[half] and t.startswith("BRA")), None)
-    start = next((a for a, t in ins if end1 is not None and _target(t) == end1 + 0x10), None)
-    if start is not None:
-        skip = (start + 0x10, end1 + 0x10)
-    fold = next(((a, _target(t)) for a, t in ins
-                 if hmma[-1] < a < cont[0] and (b := _target(t)) is not None and b < cont[0]), None)
-    hot, fold_block = collections.Counter(), collections.Counter()
+    hot = collections.Counter()
     for a, t in ins:
-        if skip and skip[0] <= a < skip[1]:
-            continue
         if head <= a <= cont[0] or cont[1] <= a <= back:
-            if fold and fold[0] < a < fold[1]:
-                fold_block[opcode(t)] += 1
-            else:
-                hot[opcode(t)] += 1
-    return hot, fold_block
+            hot[opcode(t)] += 1
+    return hot

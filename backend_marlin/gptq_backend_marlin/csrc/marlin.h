@@ -34,15 +34,14 @@ struct GemmArgs {
   int slices;          // ceil(m / (16 * max)): max = kMaxMBlocks, kMaxMBlocks8 for 8-bit
   int workers;         // blocks per slice; the striped partition splits n_tiles * k_tiles
   int evict_first;     // stream weights with an L2 evict-first hint
-  int finalizer;       // stream-K finalizer: 0 unrolled (v3), 1 the v2 loop (A/B timing only)
   int kind;            // KernelKind: which pipeline runs (marlin_ops.cpp decides)
 };
 
-// Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, its scale-fold variant, the
-// bulk-copy (TMA) pipeline of compute capability >= 9.0, and the cp.async pipeline with
-// 128-row stages (4-bit, K a multiple of 128), and with 256-row stages (large layers); the
-// last two also with the weights as the mma's A operand (at most 8 rows).
-enum KernelKind : int { kKernelDefault = 0, kKernelFold = 1, kKernelTma = 2, kKernelWide = 3,
+// Kernel kinds (marlin_kernel.cuh): the cp.async pipeline, the bulk-copy (TMA) pipeline of
+// compute capability >= 9.0 (8-bit), and the cp.async pipeline with 128-row stages (4-bit, K a
+// multiple of 128), and with 256-row stages (large layers); the last two also with the weights
+// as the mma's A operand (at most 8 rows).
+enum KernelKind : int { kKernelDefault = 0, kKernelTma = 2, kKernelWide = 3,
                         kKernelWide4 = 4, kKernelWideSwap = 5, kKernelWide4Swap = 6 };
 
 // 64-row k tiles per pipeline stage of each kind (the stream-K split counts stages).

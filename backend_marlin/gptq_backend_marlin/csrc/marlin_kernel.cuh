@@ -252,9 +252,7 @@ struct Group {
 
 // One 4-bit word -> b0, b1 of fragment 0 (b[0], b[1]) and of fragment 1 (b[2], b[3]).
 // Word fields (nibbles) i and i+4 become one pair; see layout.py.
-// SCALE=false (the scale-fold variant) leaves out the multiply: b = n - zero, exact; the scale
-// is applied to the fp32 accumulator once per group instead (fold_scales).
-template <typename T, bool SCALE = true>
+template <typename T>
 __device__ __forceinline__ void dequant4(uint32_t q, const Group<T>& g0, const Group<T>& g1,
                                          uint32_t (&b)[4]) {
   using T2 = typename Act<T>::T2;
@@ -269,34 +267,20 @@ __device__ __forceinline__ void dequant4(uint32_t q, const Group<T>& g0, const G
     const T2 v2 = as_t2<T2>(and_or(q8, kLo, Act<T>::kMagic));
     const T2 v3 = as_t2<T2>(and_or(q8, kHi, Act<T>::kMagic));
     const T2 sixteenth = __float2half2_rn(0.0625f);
-    if constexpr (SCALE) {
-      b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
-      b[1] = as_u32(__hmul2(__hfma2(v1, sixteenth, g0.off16), g0.sc));
-      b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
-      b[3] = as_u32(__hmul2(__hfma2(v3, sixteenth, g1.off16), g1.sc));
-    } else {
-      b[0] = as_u32(__hsub2(v0, g0.off));
-      b[1] = as_u32(__hfma2(v1, sixteenth, g0.off16));
-      b[2] = as_u32(__hsub2(v2, g1.off));
-      b[3] = as_u32(__hfma2(v3, sixteenth, g1.off16));
-    }
+    b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
+    b[1] = as_u32(__hmul2(__hfma2(v1, sixteenth, g0.off16), g0.sc));
+    b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
+    b[3] = as_u32(__hmul2(__hfma2(v3, sixteenth, g1.off16), g1.sc));
   } else {
     // bf16 has 7 mantissa bits: 128 + n only, so every field is shifted down first.
     const T2 v0 = as_t2<T2>(and_or(q, kLo, Act<T>::kMagic));
     const T2 v1 = as_t2<T2>(and_or(q >> 4, kLo, Act<T>::kMagic));
     const T2 v2 = as_t2<T2>(and_or(q >> 8, kLo, Act<T>::kMagic));
     const T2 v3 = as_t2<T2>(and_or(q >> 12, kLo, Act<T>::kMagic));
-    if constexpr (SCALE) {
-      b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
-      b[1] = as_u32(__hmul2(__hsub2(v1, g0.off), g0.sc));
-      b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
-      b[3] = as_u32(__hmul2(__hsub2(v3, g1.off), g1.sc));
-    } else {
-      b[0] = as_u32(__hsub2(v0, g0.off));
-      b[1] = as_u32(__hsub2(v1, g0.off));
-      b[2] = as_u32(__hsub2(v2, g1.off));
-      b[3] = as_u32(__hsub2(v3, g1.off));
-    }
+    b[0] = as_u32(__hmul2(__hsub2(v0, g0.off), g0.sc));
+    b[1] = as_u32(__hmul2(__hsub2(v1, g0.off), g0.sc));
+    b[2] = as_u32(__hmul2(__hsub2(v2, g1.off), g1.sc));
+    b[3] = as_u32(__hmul2(__hsub2(v3, g1.off), g1.sc));
   }
 }
 
@@ -346,11 +330,6 @@ __device__ __forceinline__ void load_groups(Group<T> (&out)[4], const uint8_t* s
 
 // ---------------------------------------------------------------------------------------------
 // One pipeline stage of one warp: 64 k rows x 32 columns into acc.
-// FOLD (4-bit, one group row per stage: group size >= 64 or -1): the weights enter the mma
-// unscaled (n - zero, exact in fp16/bf16) and acc collects the unscaled sums of the current
-// group in fp32; fold_scales applies the scale (no HMUL2 per dequantized pair).
-// FRESH (FOLD only): the first stage of a group; its first mma per fragment starts from zero
-// instead of acc (no separate zeroing after a fold).
 // PAD_A: the TMA variant's activation rows (padded, not swizzled; see Smem).
 // SWAP (4-bit, one row block, at most 8 rows): the weights are the mma's A operand and the
 // activations its B operand, so one m16n8k16 covers 16 output columns x 8 rows instead of 8
@@ -358,11 +337,10 @@ __device__ __forceinline__ void load_groups(Group<T> (&out)[4], const uint8_t* s
 // already the A fragment of output columns 16i..16i+15 (b0 of 2i, b0 of 2i+1, b1 of 2i, b1 of
 // 2i+1), so the layout does not change. acc[0][i] (i = 0, 1) then holds, for lane (g, t),
 // columns 16i + g and 16i + 8 + g of rows 2t and 2t + 1 (see store_tile_swap).
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD = false, bool FRESH = false,
-          bool PAD_A = false, bool SWAP = false>
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool PAD_A = false, bool SWAP = false>
 __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], const uint8_t* stage,
                                               int warp, int lane, bool two_group_rows) {
-  static_assert(!SWAP || (BITS == 4 && M_BLOCKS == 1 && !FOLD), "the swapped mma: 4-bit, one row block");
+  static_assert(!SWAP || (BITS == 4 && M_BLOCKS == 1), "the swapped mma: 4-bit, one row block");
   using L = Layout<BITS>;
   using S = Smem<BITS, M_BLOCKS, PAD_A>;
   const uint8_t* sb = stage + warp * L::kWarpTileBytes;
@@ -375,16 +353,8 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
   Group<T> grp[2][4];
   const int col = warp * 64;  // byte offset of this warp's 32 columns in a row of scales
   load_groups<T, BITS, HAS_ZEROS>(grp[0], ss + col, ss + S::kS + col, g);
-  if constexpr (FOLD) {
-    static_assert(BITS == 4, "the scale fold is 4-bit only");
-    grp[1][0] = grp[0][0];  // one group row per stage (group size >= 64)
-    grp[1][1] = grp[0][1];
-    grp[1][2] = grp[0][2];
-    grp[1][3] = grp[0][3];
-  } else {
-    const int row1 = two_group_rows ? 512 : 0;
-    load_groups<T, BITS, HAS_ZEROS>(grp[1], ss + row1 + col, ss + S::kS + row1 + col, g);
-  }
+  const int row1 = two_group_rows ? 512 : 0;
+  load_groups<T, BITS, HAS_ZEROS>(grp[1], ss + row1 + col, ss + S::kS + row1 + col, g);
 
   if constexpr (SWAP) {
 #pragma unroll
@@ -438,14 +408,9 @@ __device__ __forceinline__ void compute_stage(float (&acc)[M_BLOCKS][4][4], cons
         if constexpr (BITS == 4) {
           uint32_t b[4];
           // Both steps of a 4-bit chunk lie in the same 32-row half of the stage.
-          dequant4<T, !FOLD>(words[j], grp[c][j], grp[c][j], b);
+          dequant4<T>(words[j], grp[c][j], grp[c][j], b);
 #pragma unroll
           for (int mb = 0; mb < M_BLOCKS; mb++) {
-            if constexpr (FRESH) {
-              if (c == 0) {
-                acc[mb][j][0] = acc[mb][j][1] = acc[mb][j][2] = acc[mb][j][3] = 0.f;
-              }
-            }
             mma<T>(acc[mb][j], a[0][mb], b[0], b[1]);
             mma<T>(acc[mb][j], a[1][mb], b[2], b[3]);
           }
@@ -522,38 +487,12 @@ __device__ __forceinline__ void zero_acc(float (&acc)[M_BLOCKS][4][4]) {
       for (int e = 0; e < 4; e++) acc[mb][j][e] = 0.f;
 }
 
-// Scale fold: acc += scale(column) * part for the accumulator columns of this lane (2t and
-// 2t + 1 of each subtile j); the next stage overwrites part (compute_stage's FRESH). In the
-// permuted scale row (layout.py: position 4c + j holds column 8j + c) those are positions
-// 8t + j and 8t + 4 + j: one 16-byte load, 8 conversions to fp32, 16 FFMA per row block.
-template <typename T, int M_BLOCKS>
-__device__ __forceinline__ void fold_scales(float (&acc)[M_BLOCKS][4][4],
-                                            float (&part)[M_BLOCKS][4][4],
-                                            const uint8_t* scales_row, int lane) {
-  const uint4 sv = *reinterpret_cast<const uint4*>(scales_row + (lane & 3) * 16);
-  const T* s = reinterpret_cast<const T*>(&sv);
-  float sf[8];
-#pragma unroll
-  for (int i = 0; i < 8; i++) sf[i] = Act<T>::to_float(s[i]);
-#pragma unroll
-  for (int mb = 0; mb < M_BLOCKS; mb++)
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      acc[mb][j][0] = fmaf(sf[j], part[mb][j][0], acc[mb][j][0]);
-      acc[mb][j][1] = fmaf(sf[4 + j], part[mb][j][1], acc[mb][j][1]);
-      acc[mb][j][2] = fmaf(sf[j], part[mb][j][2], acc[mb][j][2]);
-      acc[mb][j][3] = fmaf(sf[4 + j], part[mb][j][3], acc[mb][j][3]);
-    }
-}
-
-// v3 stream-K finalizer of one block tile: the sum, in worker order, of the fp32 slots
+// The stream-K finalizer of one block tile: the sum, in worker order, of the fp32 slots
 // `first` (the first contributor) and others + w * stride for w in (w_lo, w_hi], row-major
 // [rows][kTileN]; `limit` = rows * kTileN. Thread tid owns the float4 at e = (u * kThreads +
 // tid) * 4 for u < E (predicated: e < limit and its column < n_cols, given as col_ok); CB
 // contributors are loaded per batch, so E * CB independent 16-byte L2 loads are in flight and
-// a tile costs 1 + ceil((C - 1) / CB) round trips. v2 walked its elements one at a time with
-// a run-time loop: rows / 2 elements per thread x (1 + ceil((C - 1) / 4)) round trips.
-// The additions happen in the same order as v2's, so the results are bit-identical.
+// a tile costs 1 + ceil((C - 1) / CB) round trips.
 template <typename T, int E, int CB>
 __device__ __forceinline__ void finalize_tile(const float* first, const float* others,
                                               size_t stride, int w_lo, int w_hi, int limit,
@@ -600,8 +539,66 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
   }
 }
 
+// A block tile that several workers shared: the last of them to arrive (its counter) sums the
+// fp32 slots of all, in worker order (deterministic), adds the bias, writes the output and
+// clears the counter. The contributors are the workers whose ranges meet iterations [lo, hi] of
+// the tile (worker w starts at floor(w * total / workers)); all but the first start inside the
+// tile (slot 0), the first used slot 1 if it started in an earlier tile. The block calls this
+// after its main loop: the only tile it can be last for before then is its first one, whose
+// other contributors end their ranges there, so this rarely waits on anything.
+template <typename T, int M_BLOCKS>
+__device__ __forceinline__ void finalize_shared_tile(const GemmArgs& p, int nt, int slice, int k_tiles,
+                                                     int n_tiles, int tid) {
+  __threadfence();
+  const long long total = static_cast<long long>(n_tiles) * k_tiles;
+  const int row0 = slice * M_BLOCKS * 16;
+  const int rows = min(M_BLOCKS * 16, p.m - row0);
+  const int nb32 = p.n / kWarpN;
+  const long long lo = static_cast<long long>(nt) * k_tiles, hi = lo + k_tiles - 1;
+  const int w_lo = static_cast<int>(((lo + 1) * p.workers + total - 1) / total - 1);
+  const int w_hi = static_cast<int>(((hi + 1) * p.workers + total - 1) / total - 1);
+  const long long start_lo = static_cast<long long>(w_lo) * total / p.workers;
+  const float* first = p.slots + (static_cast<size_t>(slice * p.workers + w_lo) * 2 +
+                                  (start_lo < lo ? 1 : 0)) *
+                                     kSlotFloats;
+  const float* others = p.slots + static_cast<size_t>(slice * p.workers) * 2 * kSlotFloats;
+  constexpr size_t kStride = 2 * static_cast<size_t>(kSlotFloats);  // worker to worker
+  const int n_cols = min(kWarps, nb32 - nt * kWarps) * kWarpN;
+  const half* bias = static_cast<const half*>(p.bias);
+  // The shape of finalize_tile (float4 per thread x contributors per batch) is chosen by the
+  // rows present, 16 loads in flight whatever M is.
+  const int limit = rows * kTileN;
+  const int c4 = (tid * 4) % kTileN;  // the same column for every slot of this thread
+  const bool col_ok = c4 < n_cols;
+  const int col = nt * kTileN + c4;
+  float4 b4 = make_float4(0.f, 0.f, 0.f, 0.f);  // the bias is one per column: load once
+  if (bias != nullptr && col_ok) {
+    b4.x = __half2float(bias[col]);
+    b4.y = __half2float(bias[col + 1]);
+    b4.z = __half2float(bias[col + 2]);
+    b4.w = __half2float(bias[col + 3]);
+  }
+  T* dst = static_cast<T*>(p.c) + static_cast<size_t>(row0) * p.n + col;
+  const int need = (limit + kThreads * 4 - 1) / (kThreads * 4);  // float4 per thread
+  if (need <= 1)
+    finalize_tile<T, 1, 16>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+  else if (need <= 2)
+    finalize_tile<T, 2, 8>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+  else if (M_BLOCKS == 1 || need <= 4)
+    finalize_tile<T, 4, 4>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+  else if constexpr (M_BLOCKS >= 2) {
+    if (M_BLOCKS == 2)  // 8 in flight: 16 would spill under the 128-register cap
+      finalize_tile<T, 8, 1>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+    else if (need <= 8)
+      finalize_tile<T, 8, 2>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+    else
+      finalize_tile<T, 16, 1>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
+  }
+  if (tid == 0) p.counters[slice * n_tiles + nt] = 0;
+}
+
 // ---------------------------------------------------------------------------------------------
-// The main kernel's body; FOLD = the opt-in scale-fold variant (gemm_kernel_fold), TMA = the
+// The main kernel's body; TMA = the
 // Hopper variant (gemm_kernel_tma): warp 0 moves each stage with bulk copies that complete on
 // the stage's mbarrier (one for the weights, one per scale / zero-point row, one per valid
 // activation row) instead of every thread issuing 16-byte cp.async copies with their address
@@ -612,11 +609,10 @@ __device__ __forceinline__ void finalize_tile(const float* first, const float* o
 // (the kernel is latency-bound at small M: ncu, session 3). Iterations, tiles, counters and the
 // stream-K split all count stages, so K must be a multiple of 128.
 // SWAP: the swapped mma at up to 8 rows (compute_stage), on the wide pipelines.
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool FOLD, bool TMA = false, int KT = 1,
+template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, bool TMA = false, int KT = 1,
           bool SWAP = false>
 __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
-  static_assert(!(FOLD && TMA), "the scale fold runs on the cp.async pipeline only");
-  static_assert(KT == 1 || (!FOLD && !TMA), "wide stages run on the plain cp.async pipeline only");
+  static_assert(KT == 1 || !TMA, "wide stages run on the cp.async pipeline only");
   using L = Layout<BITS>;
   using S = Smem<BITS, M_BLOCKS, TMA, KT>;
   constexpr int kStages = Stages<BITS, M_BLOCKS, KT>::value;
@@ -767,12 +763,6 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
 
   float acc[M_BLOCKS][4][4];
   zero_acc(acc);
-  // FOLD: part holds the unscaled sums since the last fold; a fold happens at the last stage of
-  // every group (stages whose kt + 1 is a multiple of fold_mask + 1) and at every tile end.
-  float part[FOLD ? M_BLOCKS : 1][4][4];
-  const int fold_mask = p.group_shift < 0 ? 0x7fffffff : (1 << (p.group_shift - 6)) - 1;
-  if constexpr (FOLD) zero_acc(part);
-  bool fresh = true;  // FOLD: the next stage starts a group (part is overwritten, not added to)
   auto fetch = [&]() {
     if constexpr (TMA)
       fetch_tma();
@@ -788,6 +778,7 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
   int nt = static_cast<int>(it0 / k_tiles), kt = static_cast<int>(it0 % k_tiles), stage = 0;
   uint32_t phase = 0;  // TMA: parity of the current pass over the stages
   int seg_first = 0;  // iteration at which the current block tile began
+  int to_finalize = 0;  // shared tiles this block arrived at last: 1 its first tile, 2 its last
   for (int i = 0; i < n_iters; i++) {
     if constexpr (TMA)
       mbar_wait(&bars[stage], phase);
@@ -798,31 +789,11 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
     if constexpr (!TMA) cp_async_commit();
 
     const bool warp_ok = nt * kWarps + warp < nb32;
-    // This stage's scale row (FOLD reads it at the group's last stage or the tile end).
-    const uint8_t* fold_row = smem + stage * S::kStage + S::kB + S::kA + warp * 64;
-    if constexpr (FOLD) {
-      if (warp_ok) {
-        if (fresh)
-          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, true, true>(part, smem + stage * S::kStage,
-                                                                  warp, lane, false);
-        else
-          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, true, false>(part, smem + stage * S::kStage,
-                                                                   warp, lane, false);
-      }
-      fresh = false;
-      // Group end inside the tile here; the tile end folds below (there part is then zeroed,
-      // so it is known to be zero through the finalizer: fewer registers live there).
-      if (((kt + 1) & fold_mask) == 0 && kt != k_tiles - 1 && i != n_iters - 1) {
-        if (warp_ok) fold_scales<T, M_BLOCKS>(acc, part, fold_row, lane);
-        fresh = true;
-      }
-    } else {
-      if (warp_ok) {
+    if (warp_ok) {
 #pragma unroll
-        for (int h = 0; h < KT; h++)
-          compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, TMA, SWAP>(
-              acc, smem + stage * S::kStage + h * S::kSub, warp, lane, two_group_rows);
-      }
+      for (int h = 0; h < KT; h++)
+        compute_stage<BITS, T, M_BLOCKS, HAS_ZEROS, TMA, SWAP>(
+            acc, smem + stage * S::kStage + h * S::kSub, warp, lane, two_group_rows);
     }
     const int cur_nt = nt, cur_kt = kt;
     if (++stage == kStages) {
@@ -834,11 +805,6 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
       nt++;
     }
     if (cur_kt != k_tiles - 1 && i != n_iters - 1) continue;
-    if constexpr (FOLD) {
-      if (warp_ok) fold_scales<T, M_BLOCKS>(acc, part, fold_row, lane);
-      zero_acc(part);
-      fresh = true;
-    }
 
     // ------------------------------------------------------------ end of a block tile
     const int kt_first = cur_kt - (i - seg_first);
@@ -891,139 +857,53 @@ __device__ __forceinline__ void gemm_body(const GemmArgs& p) {
         s_last = (atomicAdd(counter, add) + add == k_tiles);
       }
       __syncthreads();
-      if (s_last) {
-        __threadfence();
-        // Contributors: the workers whose ranges meet iterations [lo, hi] of this tile
-        // (worker w starts at floor(w * total / workers)). All but the first start inside
-        // the tile (slot 0); the first used slot 1 if it started in an earlier tile.
-        const long long lo = static_cast<long long>(cur_nt) * k_tiles, hi = lo + k_tiles - 1;
-        const int w_lo = static_cast<int>(((lo + 1) * p.workers + total - 1) / total - 1);
-        const int w_hi = static_cast<int>(((hi + 1) * p.workers + total - 1) / total - 1);
-        const long long start_lo = static_cast<long long>(w_lo) * total / p.workers;
-        const float* first = p.slots + (static_cast<size_t>(slice * p.workers + w_lo) * 2 +
-                                        (start_lo < lo ? 1 : 0)) *
-                                           kSlotFloats;
-        const float* others = p.slots + static_cast<size_t>(slice * p.workers) * 2 * kSlotFloats;
-        constexpr size_t kStride = 2 * static_cast<size_t>(kSlotFloats);  // worker to worker
-        const int n_cols = min(kWarps, nb32 - cur_nt * kWarps) * kWarpN;
-        const half* bias = static_cast<const half*>(p.bias);
-        T* out = static_cast<T*>(p.c);
-        if (p.finalizer == 0) {
-          // v3: see finalize_tile. The shape (float4 per thread x contributors per batch) is
-          // chosen by the rows present, 16 loads in flight whatever M is.
-          const int limit = rows * kTileN;
-          const int c4 = (tid * 4) % kTileN;  // the same column for every slot of this thread
-          const bool col_ok = c4 < n_cols;
-          const int col = cur_nt * kTileN + c4;
-          float4 b4 = make_float4(0.f, 0.f, 0.f, 0.f);  // the bias is one per column: load once
-          if (bias != nullptr && col_ok) {
-            b4.x = __half2float(bias[col]);
-            b4.y = __half2float(bias[col + 1]);
-            b4.z = __half2float(bias[col + 2]);
-            b4.w = __half2float(bias[col + 3]);
-          }
-          T* dst = out + static_cast<size_t>(row0) * p.n + col;
-          const int need = (limit + kThreads * 4 - 1) / (kThreads * 4);  // float4 per thread
-          if (need <= 1)
-            finalize_tile<T, 1, 16>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
-          else if (need <= 2)
-            finalize_tile<T, 2, 8>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
-          else if (M_BLOCKS == 1 || need <= 4)
-            finalize_tile<T, 4, 4>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
-          else if constexpr (M_BLOCKS >= 2) {
-            if (M_BLOCKS == 2)  // 8 in flight: 16 would spill under the 128-register cap
-              finalize_tile<T, 8, 1>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
-            else if (need <= 8)
-              finalize_tile<T, 8, 2>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
-            else
-              finalize_tile<T, 16, 1>(first, others, kStride, w_lo, w_hi, limit, tid, col_ok, b4, dst, p.n);
-          }
-        } else {
-          // v2 (GPTQ_MARLIN_FINALIZER=loop): run-time element loop, one element at a time.
-          for (int e = tid * 2; e < rows * kTileN; e += kThreads * 2) {
-            const int r = e / kTileN, c = e % kTileN;
-            if (c >= n_cols) continue;
-            float2 sum = __ldcg(reinterpret_cast<const float2*>(first + e));
-            int w = w_lo + 1;
-            for (; w + 3 <= w_hi; w += 4) {  // four loads in flight, then add in order
-              const float* base = others + static_cast<size_t>(w) * kStride + e;
-              const float2 v0 = __ldcg(reinterpret_cast<const float2*>(base));
-              const float2 v1 = __ldcg(reinterpret_cast<const float2*>(base + kStride));
-              const float2 v2 = __ldcg(reinterpret_cast<const float2*>(base + 2 * kStride));
-              const float2 v3 = __ldcg(reinterpret_cast<const float2*>(base + 3 * kStride));
-              sum.x += v0.x;
-              sum.y += v0.y;
-              sum.x += v1.x;
-              sum.y += v1.y;
-              sum.x += v2.x;
-              sum.y += v2.y;
-              sum.x += v3.x;
-              sum.y += v3.y;
-            }
-            for (; w <= w_hi; w++) {
-              const float2 v =
-                  __ldcg(reinterpret_cast<const float2*>(others + static_cast<size_t>(w) * kStride + e));
-              sum.x += v.x;
-              sum.y += v.y;
-            }
-            const int col = cur_nt * kTileN + c;
-            if (bias != nullptr) {
-              sum.x += __half2float(bias[col]);
-              sum.y += __half2float(bias[col + 1]);
-            }
-            *reinterpret_cast<typename Act<T>::T2*>(out + static_cast<size_t>(row0 + r) * p.n + col) =
-                Act<T>::pack(sum.x, sum.y);
-          }
-        }
-        if (tid == 0) *counter = 0;
-      }
+      // The last contributor sums the tile, after its main loop (see finalize_shared_tile).
+      if (s_last) to_finalize |= seg_first == 0 ? 1 : 2;
     }
     zero_acc(acc);
     seg_first = i + 1;
   }
   if constexpr (!TMA) cp_async_wait<0>();
+  // Out of the main loop, so that its registers do not meet the finalizer's loads in flight.
+  if (to_finalize & 1)
+    finalize_shared_tile<T, M_BLOCKS>(p, static_cast<int>(it0 / k_tiles), slice, k_tiles, n_tiles, tid);
+  if (to_finalize & 2)
+    finalize_shared_tile<T, M_BLOCKS>(p, static_cast<int>((it1 - 1) / k_tiles), slice, k_tiles, n_tiles, tid);
 }
 
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1) gemm_kernel(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false>(p);
-}
-
-// Opt-in (GPTQ_MARLIN_SCALEFOLD=1): 4-bit, group size >= 64 or one group; see compute_stage.
-template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
-__global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
-    gemm_kernel_fold(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, true>(p);
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS>(p);
 }
 
 // 4-bit, K a multiple of 128: 128-row stages (see gemm_body).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
     gemm_kernel_wide(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 2>(p);
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, 2>(p);
 }
 
 // 256-row stages, double-buffered (4-bit, 1-2 row blocks, K % 256 == 0): large layers.
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide4(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 4>(p);
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, 4>(p);
 }
 
 // The wide kernels with the swapped mma (at most 8 rows; see compute_stage).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide_swap(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 2, true>(p);
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, 2, true>(p);
 }
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, 2) gemm_kernel_wide4_swap(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, false, 4, true>(p);
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, 4, true>(p);
 }
 
-// Compute capability >= 9.0: the stages arrive by bulk copies (see gemm_body).
+// 8-bit weights on compute capability >= 9.0: the stages arrive by bulk copies (see gemm_body).
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS>
 __global__ void __launch_bounds__(kThreads, M_BLOCKS <= 2 ? 2 : 1)
     gemm_kernel_tma(const GemmArgs p) {
-  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, false, true>(p);
+  gemm_body<BITS, T, M_BLOCKS, HAS_ZEROS, true>(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1115,8 +995,6 @@ struct Variant {
       return gemm_kernel_wide4_swap<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else if constexpr (KIND == kKernelWide)
       return gemm_kernel_wide<BITS, T, M_BLOCKS, HAS_ZEROS>;
-    else if constexpr (KIND == kKernelFold)
-      return gemm_kernel_fold<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else
       return gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>;
   }
@@ -1152,23 +1030,15 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
 }
 
 // The row blocks each kernel kind is built for (0: not built): 8-bit blocks take at most
-// kMaxMBlocks8 16-row blocks (more rows run as slices); the scale fold and the wide kernels are
-// 4-bit only, the 256-row ones at 1-2 row blocks; GPTQ_MARLIN_NO_<VARIANT> compiles one out.
+// kMaxMBlocks8 16-row blocks (more rows run as slices); the wide kernels are 4-bit only, the
+// 256-row ones at 1-2 row blocks; the bulk-copy (TMA) kernels 8-bit only.
 template <int BITS, int KIND>
 constexpr int kRowBlocks = [] {
   const int all = BITS == 8 ? kMaxMBlocks8 : kMaxMBlocks;
-#ifdef GPTQ_MARLIN_NO_SCALEFOLD
-  if (KIND == kKernelFold) return 0;
-#endif
-#ifdef GPTQ_MARLIN_NO_TMA
-  if (KIND == kKernelTma) return 0;
-#endif
   const bool wide = KIND == kKernelWide || KIND == kKernelWide4 || KIND == kKernelWideSwap ||
                     KIND == kKernelWide4Swap;
-#ifdef GPTQ_MARLIN_NO_WIDE
-  if (wide) return 0;
-#endif
-  if (BITS != 4 && (KIND == kKernelFold || wide)) return 0;
+  if (BITS != 4 && wide) return 0;
+  if (BITS != 8 && KIND == kKernelTma) return 0;
   if (KIND == kKernelWideSwap || KIND == kKernelWide4Swap) return 1;
   return KIND == kKernelWide4 ? 2 : all;
 }();
@@ -1199,7 +1069,6 @@ cudaError_t with_variant(int kind, int m_blocks, bool has_zeros, F&& f) {
   };
   switch (kind) {
     case kKernelDefault: return rows(std::integral_constant<int, kKernelDefault>{});
-    case kKernelFold: return rows(std::integral_constant<int, kKernelFold>{});
     case kKernelTma: return rows(std::integral_constant<int, kKernelTma>{});
     case kKernelWide: return rows(std::integral_constant<int, kKernelWide>{});
     case kKernelWide4: return rows(std::integral_constant<int, kKernelWide4>{});
@@ -1209,22 +1078,18 @@ cudaError_t with_variant(int kind, int m_blocks, bool has_zeros, F&& f) {
   }
 }
 
-// The per-(bits, dtype) entry points each instantiation file defines. The fold kernels use the
-// default's shared memory and registers, so its occupancy stands for them.
+// The per-(bits, dtype) entry points each instantiation file defines.
 template <int BITS, typename T>
 cudaError_t occupancy_t(int m_blocks, bool has_zeros, int kind, int* blocks_per_sm) {
-  const int measured = kind == kKernelFold ? kKernelDefault : kind;
-  return with_variant<BITS>(measured, m_blocks, has_zeros, [&](auto k, auto mb, auto z) {
+  return with_variant<BITS>(kind, m_blocks, has_zeros, [&](auto k, auto mb, auto z) {
     return occupancy_variant<BITS, T, GPTQ_MARLIN_VALUE(mb), GPTQ_MARLIN_VALUE(z), GPTQ_MARLIN_VALUE(k)>(
         blocks_per_sm);
   });
 }
 
-// args.kind picks the kernel (marlin_ops.cpp): the fold exists for 4-bit with one group row
-// per stage (group size >= 64 or -1) only.
+// args.kind picks the kernel (marlin_ops.cpp).
 template <int BITS, typename T>
 cudaError_t launch_t(const GemmArgs& args, cudaStream_t stream) {
-  if (args.kind == kKernelFold && args.group_shift == 5) return cudaErrorInvalidValue;
   return with_variant<BITS>(args.kind, args.m_blocks, args.zeros != nullptr, [&](auto k, auto mb, auto z) {
     return launch_variant<BITS, T, GPTQ_MARLIN_VALUE(mb), GPTQ_MARLIN_VALUE(z), GPTQ_MARLIN_VALUE(k)>(
         args, stream);

@@ -7,8 +7,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -88,32 +86,6 @@ void check_weights(const at::Tensor& b, const at::Tensor& scales,
   }
 }
 
-// The value of an environment switch ("" when unset).
-const char* env_or_empty(const char* name) {
-  const char* env = std::getenv(name);
-  return env != nullptr ? env : "";
-}
-
-// GPTQ_MARLIN_FINALIZER=loop selects the v2 finalizer (side-by-side timing); read per call so
-// a benchmark can switch it between graph captures.
-int finalizer_mode() {
-  return std::strcmp(env_or_empty("GPTQ_MARLIN_FINALIZER"), "loop") == 0 ? 1 : 0;
-}
-
-// GPTQ_MARLIN_SCALEFOLD=1 runs the scale-fold kernels (the group scale applied to the fp32
-// accumulator once per group instead of to every dequantized pair) where they exist: 4-bit,
-// group size >= 64 or -1 (a 64-row stage then holds one group). Opt-in, read per call like the
-// finalizer; results are not bit-identical to the default (the rounding moves to fp32).
-bool scalefold_mode() {
-  return std::strcmp(env_or_empty("GPTQ_MARLIN_SCALEFOLD"), "1") == 0;
-}
-
-// GPTQ_MARLIN_GATHER=torch permutes act-order activations with at::index_select instead of
-// the gather kernel (side-by-side timing; same results). Read per call like the finalizer.
-bool torch_gather() {
-  return std::strcmp(env_or_empty("GPTQ_MARLIN_GATHER"), "torch") == 0;
-}
-
 // x [M, K] fp16/bf16 (made contiguous here), perm [K] int32/int64 on x's device -> [M, K].
 at::Tensor gather_cols_impl(const at::Tensor& x_in, const at::Tensor& perm) {
   MARLIN_CHECK(x_in.is_cuda() && x_in.dim() == 2,
@@ -171,49 +143,27 @@ int cached_attribute(std::map<int, int>& cache, int device, cudaDeviceAttr attr)
 int sm_count(int device) { return cached_attribute(g_sm_count, device, cudaDevAttrMultiProcessorCount); }
 int cc_major(int device) { return cached_attribute(g_cc_major, device, cudaDevAttrComputeCapabilityMajor); }
 
-// Stream-K workers get at least this many stages each (GPTQ_MARLIN_MIN_STAGES overrides):
-// fewer contributors per shared tile for the finalizer against fewer SMs streaming weights.
-// H100, session 3 (bench_marlin.py --workers-ab): only small layers are affected; 4096x4096
-// at M=16 / 32 went from 13.6 / 17.1 us (1 stage) to 11.1 / 13.2 (4), M=1 9.2 -> 9.0.
-constexpr long kMinStagesPerWorker = 4;
-
-int64_t min_stages_per_worker() {
-  const char* env = std::getenv("GPTQ_MARLIN_MIN_STAGES");
-  const long v = env != nullptr ? std::strtol(env, nullptr, 10) : kMinStagesPerWorker;
-  return v >= 1 ? v : 1;
-}
+// Stream-K workers get at least this many stages each: fewer contributors per shared tile for
+// the finalizer against fewer SMs streaming weights. Only small layers are affected (H100,
+// NOTES/perf-marlin.md "Fewer stream-K workers on small layers"): 4096x4096 at M=16 / 32
+// went from 13.6 / 17.1 us (1 stage) to 11.1 / 13.2 (4), M=1 9.2 -> 9.0; 6 or 8 was slower.
+constexpr int64_t kMinStagesPerWorker = 4;
 
 
-// The pipeline a call runs, by measurements on the H100 (session 3, bench_marlin.py A/Bs):
-// * the scale fold when asked for (GPTQ_MARLIN_SCALEFOLD=1) and possible (4-bit, group size
-//   >= 64 or -1);
-// * the bulk-copy (TMA) pipeline for 8-bit weights in one slice (M <= 32: 1-3.5 % faster; for
-//   4-bit it was 0.93-0.99x at M <= 2 and 0.5-0.85x from M = 16, one bulk copy per activation
-//   row); GPTQ_MARLIN_TMA=1 / =0 forces it on / off (on needs compute capability >= 9.0);
+// The pipeline a call runs, by measurements on the H100 (NOTES/perf-marlin.md):
+// * the bulk-copy (TMA) pipeline for 8-bit weights in one slice (M <= 32) on compute
+//   capability >= 9.0 (1-3.5 % faster there);
 // * 4-bit: 256-row stages (double-buffered) for large layers at up to 2 row blocks (K % 256 ==
-//   0 and at least three such stages per block slot, 792 on an H100: 8192x28672 (3584)
-//   1.05-1.10x, 4096x14336 and 14336x4096 (896) 1.00-1.10x over 128-row stages at M <= 32;
-//   4096x11008 and 11008x4096 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x); else
-//   128-row stages (K % 128 == 0: 1.07-1.18x over 64-row ones from M = 1 to 256 on the large
-//   shapes); else 64-row stages. GPTQ_MARLIN_WIDE=0 / 2 / 4 forces 64 / 128 / 256 rows where
-//   the shape allows. At most 8 rows, those kernels take the weights as the mma's A operand
-//   (half the mmas; 1.03-1.10x at M = 1-8 on four shapes, session 3 run 12) unless
-//   GPTQ_MARLIN_SWAP=0.
-// The switches are read per call, so a benchmark can compare the kernels between captures.
-int kernel_kind(int device, int64_t bits, int group_shift, int64_t k, int64_t n_tiles, int64_t m,
-                int m_blocks, int64_t slices, int sms) {
-  if (bits == 4 && group_shift != 5 && scalefold_mode()) return kKernelFold;
-  const char* tma = env_or_empty("GPTQ_MARLIN_TMA");
-  if (cc_major(device) >= 9 && std::strcmp(tma, "0") != 0 &&
-      (std::strcmp(tma, "1") == 0 || (bits == 8 && slices == 1)))
-    return kKernelTma;
-  const char* wide = env_or_empty("GPTQ_MARLIN_WIDE");
-  if (bits != 4 || std::strcmp(wide, "0") == 0 || k % (2 * kTileK) != 0) return kKernelDefault;
+//   0 and at least three such stages per block slot); else 128-row stages (K % 128 == 0); else
+//   64-row stages. At most 8 rows, the wide kernels take the weights as the mma's A operand.
+int kernel_kind(int device, int64_t bits, int64_t k, int64_t n_tiles, int64_t m, int m_blocks,
+                int64_t slices, int sms) {
+  if (cc_major(device) >= 9 && bits == 8 && slices == 1) return kKernelTma;
+  if (bits != 4 || k % (2 * kTileK) != 0) return kKernelDefault;
   const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
   const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{3} * 2 * sms;  // 2 blocks per SM
-  const bool swap = m <= 8 && std::strcmp(env_or_empty("GPTQ_MARLIN_SWAP"), "0") != 0;
-  if (fits4 && (std::strcmp(wide, "4") == 0 || (large && std::strcmp(wide, "2") != 0)))
-    return swap ? kKernelWide4Swap : kKernelWide4;
+  const bool swap = m <= 8;
+  if (fits4 && large) return swap ? kKernelWide4Swap : kKernelWide4;
   return swap ? kKernelWideSwap : kKernelWide;
 }
 
@@ -284,7 +234,7 @@ at::Tensor dequantize(const at::Tensor& b, const at::Tensor& scales,
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scales,
                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
                 const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
-                int64_t size_n, int64_t dequant_threshold, int64_t blocks_per_sm) {
+                int64_t size_n, int64_t dequant_threshold) {
   MARLIN_CHECK(a.is_cuda() && a.dim() == 2, "marlin: a must be a 2-D CUDA tensor, got ",
                a.sizes(), " on ", a.device());
   MARLIN_CHECK(a.device() == b.device(), "marlin: activations on ", a.device(),
@@ -309,7 +259,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   auto out = at::empty({M, N}, a.options());
   if (M == 0) return out;
   at::Tensor A = a.contiguous();
-  if (perm.has_value()) A = torch_gather() ? at::index_select(A, 1, *perm) : gather_cols_impl(A, *perm);
+  if (perm.has_value()) A = gather_cols_impl(A, *perm);
   // cp.async moves 16-byte units: a view that starts mid-unit gets a fresh copy.
   if (reinterpret_cast<uintptr_t>(A.data_ptr()) % 16 != 0) A = A.clone();
 
@@ -332,13 +282,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
   const int shift = group_shift(group_size, K);
-  const int kind = kernel_kind(device, bits, shift, K, n_tiles, M, m_blocks, slices, sms);
+  const int kind = kernel_kind(device, bits, K, n_tiles, M, m_blocks, slices, sms);
   const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
-  const int bps = blocks_per_sm > 0 ? std::min<int>(static_cast<int>(blocks_per_sm), occ) : occ;
   const int64_t total = n_tiles * (K / kTileK) / stage_tiles(kind);  // stages
-  int64_t workers = std::max<int64_t>(1, int64_t{sms} * bps / slices);
-  // At least min_stages_per_worker() stages per worker.
-  workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / min_stages_per_worker()));
+  int64_t workers = std::max<int64_t>(1, int64_t{sms} * occ / slices);
+  workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / kMinStagesPerWorker));
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Workspace& ws = workspace(a.device(), stream, workers * slices * 2 * kSlotFloats, slices * n_tiles);
@@ -361,7 +309,6 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   args.slices = static_cast<int>(slices);
   args.workers = static_cast<int>(workers);
   args.evict_first = slices == 1 ? 1 : 0;  // several slices re-read the weights from L2
-  args.finalizer = finalizer_mode();
   args.kind = kind;
   const cudaError_t err = gemm_launch(dtype, args, stream);
   MARLIN_CHECK(err == cudaSuccess, "marlin: gemm launch failed: ", cudaGetErrorString(err));
