@@ -68,6 +68,8 @@ class QuantLinear(nn.Module):
         self._qmatmul = None
         self._prepared = None
         self._trainable = False
+        self._device: torch.device | None = None
+        self._bias: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -144,6 +146,10 @@ class QuantLinear(nn.Module):
         self._qmatmul = binding.qmatmul if binding is not None else None
         self._prepared = binding.prepared if binding is not None else None
         self._trainable = binding is not None and binding.backend.info.capabilities.training
+        # nn.Module.__getattr__ costs about a microsecond per buffer read; these two are
+        # read every call, and any change to them (``_apply``, loading) unbinds first.
+        self._device = self.qweight.device if binding is not None else None
+        self._bias = self.bias if binding is not None else None
 
     def unbind(self) -> None:
         """Forget prepared weights (after the buffers changed device or content)."""
@@ -177,7 +183,7 @@ class QuantLinear(nn.Module):
                 f"input has {x.shape[-1]} features in its last dimension, this layer takes "
                 f"K={self.in_features} (shape {tuple(x.shape)})"
             )
-        if x.device != self.qweight.device:
+        if x.device != self._device:
             raise NotSupportedError(
                 f"input is on {x.device} but this layer's weights are on {self.qweight.device}; "
                 "move the input or the model"
@@ -188,9 +194,9 @@ class QuantLinear(nn.Module):
                 "with mode='training' to pick a backend that has one"
             )
         if x.dim() == 2:
-            return self._qmatmul(x if x.is_contiguous() else x.contiguous(), self._prepared, self.bias)
+            return self._qmatmul(x if x.is_contiguous() else x.contiguous(), self._prepared, self._bias)
         lead = x.shape[:-1]
-        y = self._qmatmul(x.reshape(-1, self.in_features).contiguous(), self._prepared, self.bias)
+        y = self._qmatmul(x.reshape(-1, self.in_features).contiguous(), self._prepared, self._bias)
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------ nn.Module plumbing
