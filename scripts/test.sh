@@ -9,6 +9,8 @@ export PYTHONDONTWRITEBYTECODE=1
 # One torch thread per pytest worker: two workers on two cores, no oversubscription.
 export OMP_NUM_THREADS=1
 python -m pytest -q -n 2 tests
+# The portable backends' own tests (torch reference, triton through its interpreter).
+python -m pytest -q -n 2 backends/tests
 # The Marlin backend's CPU-side tests: tile repack, probe, and an nvcc build of its CUDA sources.
 python -m pytest -q -n 2 backend_marlin/tests
 # The conformance suite (gptq-conformance) against each backend that runs on this CPU:
