@@ -5,8 +5,9 @@ call, never synchronises with the host and never branches on tensor values. The 
 third show up by themselves: a sync inside ``torch.cuda.graph`` raises, and
 ``torch.compile(fullgraph=True)`` refuses a branch on a value. The first does not fail a
 plain capture (a workspace cached on first use just stays allocated in the graph's pool),
-but it crashes transformers' static cache under cudagraph trees, so :func:`capture` measures
-it: whatever is still allocated after the capture, beyond its output, is a leak.
+but it crashes transformers' static cache under cudagraph trees, so :func:`warm_up` and
+:func:`capture` measure it: memory an eager call keeps after it returns, and blocks of the
+graph's pool still allocated after the capture besides its output, are leaks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch
 
 from gptq_core.policy import DispatchPolicy
 
-#: The CUDA caching allocator rounds every block up to a multiple of this many bytes.
-ALLOCATOR_BLOCK = 512
 #: Warm-up calls before a capture (torch's docs use a few; one triggers all lazy setup).
 WARMUP_CALLS = 3
 #: Largest batch a policy bound adds to the captured ones (one past ``EXPLAIN_M``'s largest).
@@ -36,46 +35,64 @@ def capture_ms(m_values: tuple[int, ...], policy: DispatchPolicy) -> tuple[int, 
     return tuple(sorted(ms))
 
 
-def block_bytes(t: torch.Tensor) -> int:
-    """The bytes the caching allocator holds for ``t``'s storage."""
-    return -(-t.untyped_storage().nbytes() // ALLOCATOR_BLOCK) * ALLOCATOR_BLOCK
-
-
 def drop_cublas_workspaces() -> None:
-    """cuBLAS keeps one workspace per (handle, stream), made at first use; a first use inside
-    a capture puts it in the graph's pool. torch's cudagraph trees drop the cache on both sides
-    of every capture, so such a workspace is not a leak; doing the same keeps it out of the
-    count, leaving only what the backend itself kept."""
+    """cuBLAS keeps one workspace per (handle, stream), made at first use. torch's cudagraph
+    trees drop that cache on both sides of every warm-up and capture, so it is no leak there;
+    doing the same keeps it out of these counts, leaving only what the backend kept."""
     torch._C._cuda_clearCublasWorkspaces()
 
 
-def warm_up(fn: Callable[[], torch.Tensor]) -> None:
-    """Run ``fn`` on a side stream first, as ``torch.cuda.graph``'s documentation requires:
-    lazy set-up (autotuning, handles, JIT builds) must not happen inside the capture."""
+def _settle() -> None:
+    gc.collect()
+    drop_cublas_workspaces()
+    torch.cuda.synchronize()
+
+
+def warm_up(fn: Callable[[], torch.Tensor]) -> int:
+    """Run ``fn`` on a side stream first, as ``torch.cuda.graph``'s documentation requires
+    (lazy set-up such as autotuning, handles and JIT builds must not happen inside the
+    capture); return the bytes still allocated once its outputs are dropped, which a
+    capturable op keeps at zero: a cache made on first use lands in the graph's pool when the
+    first use is inside one (with a per-device cache, only the first test to use it sees it)."""
+    _settle()
+    before = torch.cuda.memory_allocated()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(WARMUP_CALLS):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+    _settle()
+    return torch.cuda.memory_allocated() - before
 
 
 @dataclass
 class Captured:
-    """A captured call: replay ``graph`` and read ``output``."""
+    """A captured call: replay ``graph`` and read ``output``; ``kept`` lists the blocks of
+    the graph's pool, other than the output's, still allocated after the capture."""
 
     graph: torch.cuda.CUDAGraph
     output: torch.Tensor
-    leaked_bytes: int
+    kept: list[int]
+
+
+def pool_blocks(pool: tuple[int, int]) -> dict[int, int]:
+    """Address -> size of every allocated block in the memory pool ``pool``."""
+    blocks: dict[int, int] = {}
+    for segment in torch.cuda.memory_snapshot():
+        if tuple(segment["segment_pool_id"]) != tuple(pool):
+            continue
+        address = segment["address"]
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                blocks[address] = block["size"]
+            address += block["size"]
+    return blocks
 
 
 def capture(fn: Callable[[], torch.Tensor], what: str) -> Captured:
-    """Capture ``fn`` (on the current CUDA device) in a graph of its own pool."""
-    gc.collect()
-    drop_cublas_workspaces()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    """Capture ``fn`` (on the current CUDA device) in a graph with a pool of its own."""
+    _settle()
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
@@ -86,8 +103,7 @@ def capture(fn: Callable[[], torch.Tensor], what: str) -> Captured:
             "the host (no .item(), .tolist(), .cpu() or data-dependent Python branch) and makes "
             "no uncapturable CUDA call (docs/DESIGN.md §11)"
         ) from exc
-    drop_cublas_workspaces()
-    gc.collect()
-    torch.cuda.synchronize()
-    leaked = torch.cuda.memory_allocated() - before - block_bytes(output)
-    return Captured(graph, output, leaked)
+    _settle()
+    blocks = pool_blocks(graph.pool())
+    blocks.pop(output.untyped_storage().data_ptr(), None)
+    return Captured(graph, output, sorted(blocks.values()))

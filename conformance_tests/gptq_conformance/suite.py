@@ -130,6 +130,87 @@ class BackendConformance:
             f"{'; '.join(reasons)}; run the suite where it can (--gptq-device)"
         )
 
+    # ------------------------------------------------------------------ capture
+    # First in the class, so that in an in-order run they are the first calls into the
+    # backend: a per-device cache made on first use is then made inside their warm-up.
+    @family("cuda_graph")
+    def test_cuda_graph_capture(self, gptq_suite: SuiteContext, case: Case) -> None:
+        """qmatmul captured by torch.cuda.graph: the capture keeps nothing but its output, the
+        first replay equals an eager call, replays of fresh inputs match the reference."""
+        ctx = gptq_suite
+        packed = make_weight(ctx, case)
+        prepared = ctx.prepare(packed, case.spec("compile"))
+        K = case.in_features
+        with torch.cuda.device(ctx.torch_device):
+            for m in capture_ms(case.m_values, policy_of(ctx.backend, prepared)):
+                x = make_x(ctx, case, m, K, salt=f"captured-m{m}")
+
+                def call() -> torch.Tensor:
+                    return ctx.backend.qmatmul(x, prepared, packed.bias)
+
+                kept = warm_up(call)
+                assert kept <= 0, (
+                    f"M={m}: eager calls left {kept} bytes allocated after they returned (a "
+                    "cache or workspace made on first use?); inside a capture that memory "
+                    "lands in the graph's pool, which cudagraph trees reject: allocate it when "
+                    "the weight is prepared (docs/DESIGN.md §11)"
+                )
+                captured = capture(call, f"qmatmul of {case.id} at M={m}")
+                assert not captured.kept, (
+                    f"M={m}: the capture left {len(captured.kept)} block(s) of "
+                    f"{sum(captured.kept)} bytes allocated in the graph's pool besides its "
+                    "output: an op allocated memory inside the capture that outlives the call, "
+                    "which cudagraph trees reject (docs/DESIGN.md §11)"
+                )
+                captured.graph.replay()
+                eager, again = call(), call()
+                if torch.equal(eager, again):  # a deterministic op replays bit for bit
+                    assert torch.equal(captured.output, eager), \
+                        f"M={m}: the replay differs from an eager call on the same input"
+                assert_matches_reference(captured.output, x, packed,
+                                         context=f"{case.id} M={m} first replay")
+                for i in range(REPLAYS):
+                    x.copy_(make_x(ctx, case, m, K, salt=f"replay{i}-m{m}"))
+                    captured.graph.replay()
+                    assert_matches_reference(captured.output, x, packed,
+                                             context=f"{case.id} M={m} replay {i}")
+                del captured
+
+    @family("compile_replay")
+    def test_compile_replay(self, gptq_suite: SuiteContext, case: Case) -> None:
+        """A model-like call, ``layer(x)``, under torch.compile(fullgraph=True) with inductor
+        on fresh inputs; on CUDA in mode="reduce-overhead", i.e. CUDA graphs through
+        cudagraph trees, which must not fall back to eager nor find memory an op left in
+        their pool."""
+        import torch._inductor.config as inductor_config  # noqa: PLC0415 (torch.compile's cost)
+        from torch._dynamo.utils import counters  # noqa: PLC0415
+
+        ctx = gptq_suite
+        packed = make_weight(ctx, case)
+        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype,
+                                        mode="compile")
+        on_cuda = ctx.torch_device.type == "cuda"
+        ms = (capture_ms(case.m_values, policy_of(ctx.backend, layer.binding.prepared))
+              if on_cuda else case.m_values)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            return layer(x)
+
+        torch._dynamo.reset()
+        compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead" if on_cuda else None)
+        skips = counters["inductor"]["cudagraph_skips"]
+        try:
+            with inductor_config.patch({"triton.cudagraph_or_error": on_cuda}):
+                for m in ms:
+                    for i in range(REPLAYS):
+                        x = make_x(ctx, case, 1, m, case.in_features, salt=f"compiled{i}-m{m}")
+                        assert_matches_reference(compiled(x), x, packed,
+                                                 context=f"{case.id} compiled, M={m} call {i}")
+        finally:
+            torch._dynamo.reset()
+        assert counters["inductor"]["cudagraph_skips"] == skips, \
+            "inductor ran the compiled layer without CUDA graphs (see the warning it logged)"
+
     # ------------------------------------------------------------------ numerics
     @family("qmatmul")
     def test_qmatmul(self, gptq_suite: SuiteContext, case: Case) -> None:
@@ -258,78 +339,6 @@ class BackendConformance:
             x = make_x(ctx, case, *shape, salt=str(shape))
             assert_matches_reference(compiled(x), x, packed, context=f"compiled, x {shape}")
         torch._dynamo.reset()
-
-    @family("cuda_graph")
-    def test_cuda_graph_capture(self, gptq_suite: SuiteContext, case: Case) -> None:
-        """qmatmul captured by torch.cuda.graph: the capture keeps nothing but its output, the
-        first replay equals an eager call, replays of fresh inputs match the reference."""
-        ctx = gptq_suite
-        packed = make_weight(ctx, case)
-        prepared = ctx.prepare(packed, case.spec("compile"))
-        K = case.in_features
-        with torch.cuda.device(ctx.torch_device):
-            for m in capture_ms(case.m_values, policy_of(ctx.backend, prepared)):
-                x = make_x(ctx, case, m, K, salt=f"captured-m{m}")
-
-                def call() -> torch.Tensor:
-                    return ctx.backend.qmatmul(x, prepared, packed.bias)
-
-                warm_up(call)
-                captured = capture(call, f"qmatmul of {case.id} at M={m}")
-                assert captured.leaked_bytes <= 0, (
-                    f"M={m}: the capture left {captured.leaked_bytes} bytes allocated besides "
-                    "its output: an op allocated memory inside the capture that outlives the "
-                    "call (a workspace made on first use?), which cudagraph trees reject; "
-                    "allocate it when the weight is prepared (docs/DESIGN.md §11)"
-                )
-                captured.graph.replay()
-                eager, again = call(), call()
-                if torch.equal(eager, again):  # a deterministic op replays bit for bit
-                    assert torch.equal(captured.output, eager), \
-                        f"M={m}: the replay differs from an eager call on the same input"
-                assert_matches_reference(captured.output, x, packed,
-                                         context=f"{case.id} M={m} first replay")
-                for i in range(REPLAYS):
-                    x.copy_(make_x(ctx, case, m, K, salt=f"replay{i}-m{m}"))
-                    captured.graph.replay()
-                    assert_matches_reference(captured.output, x, packed,
-                                             context=f"{case.id} M={m} replay {i}")
-                del captured
-
-    @family("compile_replay")
-    def test_compile_replay(self, gptq_suite: SuiteContext, case: Case) -> None:
-        """A model-like call, ``layer(x)``, under torch.compile(fullgraph=True) with inductor
-        on fresh inputs; on CUDA in mode="reduce-overhead", i.e. CUDA graphs through
-        cudagraph trees, which must not fall back to eager nor find memory an op left in
-        their pool."""
-        import torch._inductor.config as inductor_config  # noqa: PLC0415 (torch.compile's cost)
-        from torch._dynamo.utils import counters  # noqa: PLC0415
-
-        ctx = gptq_suite
-        packed = make_weight(ctx, case)
-        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype,
-                                        mode="compile")
-        on_cuda = ctx.torch_device.type == "cuda"
-        ms = (capture_ms(case.m_values, policy_of(ctx.backend, layer.binding.prepared))
-              if on_cuda else case.m_values)
-
-        def step(x: torch.Tensor) -> torch.Tensor:
-            return layer(x)
-
-        torch._dynamo.reset()
-        compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead" if on_cuda else None)
-        skips = counters["inductor"]["cudagraph_skips"]
-        try:
-            with inductor_config.patch({"triton.cudagraph_or_error": on_cuda}):
-                for m in ms:
-                    for i in range(REPLAYS):
-                        x = make_x(ctx, case, 1, m, case.in_features, salt=f"compiled{i}-m{m}")
-                        assert_matches_reference(compiled(x), x, packed,
-                                                 context=f"{case.id} compiled, M={m} call {i}")
-        finally:
-            torch._dynamo.reset()
-        assert counters["inductor"]["cudagraph_skips"] == skips, \
-            "inductor ran the compiled layer without CUDA graphs (see the warning it logged)"
 
     @family("training")
     def test_backward(self, gptq_suite: SuiteContext, case: Case) -> None:
