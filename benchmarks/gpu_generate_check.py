@@ -3,10 +3,11 @@
 For stories260K (float, and its RTN 4-bit checkpoint) and the synthetic Llama-2-7B-shaped 4-bit
 checkpoint, on one CUDA device:
 
-- ``graph``: the decode step really ran as a captured CUDA graph;
+- ``graph``: the decode step really ran compiled and as a captured CUDA graph;
 - ``greedy``: fast-path greedy tokens == transformers' eager ``generate`` for 64 tokens, per
   prompt (on a mismatch, the top-1/top-2 logit gap of eager at that token says whether it is an
   fp16 near-tie or a bug);
+- ``uncompiled``: the same greedy check with ``compile=False`` (tells compile apart from capture);
 - ``replay``: graph replays == the same step run eagerly (``cuda_graphs=False``), bitwise, for a
   padded batch of 3 (capture must not change the arithmetic);
 - ``batch``: each row of that padded batch == the prompt alone;
@@ -80,11 +81,19 @@ def check_model(label: str, folder: Path, device: str, results: list[dict]) -> N
         got = fast.generate(ids, max_new_tokens=NEW, pad_token_id=pad)
         seconds = time.perf_counter() - start
         if i == 0:
-            record("graph", fast.last_path == "cuda-graph", f"path {fast.last_path} ({seconds * 1e3:.0f} ms for {NEW} tokens, capture included)")
+            record("graph", fast.last_path == "cuda-graph compiled", f"path {fast.last_path} ({seconds * 1e3:.0f} ms for {NEW} tokens, capture included)")
         ref = eager(model, ids, pad_token_id=pad)
         at = first_difference(got[:, ids.shape[1]:], ref[:, ids.shape[1]:])
         detail = "64 tokens equal" if at is None else f"first difference at token {at}, eager top-1/top-2 gap {eager_gap(model, ids, at):.4f}"
         record("greedy", at is None, f"prompt {i}: {detail}")
+
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids.to(device)
+    plain = FastGenerator(model, compile=False)
+    at = first_difference(plain.generate(ids, max_new_tokens=NEW, pad_token_id=pad)[:, ids.shape[1]:],
+                          eager(model, ids, pad_token_id=pad)[:, ids.shape[1]:])
+    record("uncompiled", at is None and plain.last_path == "cuda-graph",
+           f"path {plain.last_path}: " + ("64 tokens equal" if at is None else f"first difference at token {at}"))
+    del plain
 
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True).to(device)
@@ -117,6 +126,7 @@ def check_model(label: str, folder: Path, device: str, results: list[dict]) -> N
     got = fast.generate(batch.input_ids, batch.attention_mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)
     record("eos", torch.equal(got, ref), f"stop on token {eos}: fast {tuple(got.shape)}, eager {tuple(ref.shape)}")
     del fast, model
+    torch._dynamo.reset()  # the next model compiles afresh, within dynamo's recompile limit
     torch.cuda.empty_cache()
 
 

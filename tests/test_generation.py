@@ -251,3 +251,20 @@ def test_step_breakdown_parts_add_up(quantized_model, tokenizer):
     assert parts["linears_ms"] > 0 and parts["attention_ms"] > 0
     assert math.isclose(parts["linears_ms"] + parts["attention_ms"] + parts["other_ms"], parts["step_ms"],
                         rel_tol=1e-6)
+
+
+def test_decode_forward_traces_as_one_graph_without_recompiles(quantized_model, tokenizer):
+    """What torch.compile sees of the decode step on a GPU: one graph, no breaks, and no guard
+    that fails from one step to the next (dynamo's own backend: tracing only, no codegen)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    fast = FastGenerator(quantized_model, max_batch=2, compile="eager")
+    ids = ids_of(tokenizer, PROMPTS[0])
+    out = fast.generate(ids, max_new_tokens=16)
+    assert fast.last_path == "eager compiled"
+    assert torch.equal(out, hf_greedy(quantized_model, ids)[:, : ids.shape[1] + 16])
+    fast.generate(ids, max_new_tokens=16, do_sample=True, top_k=5, seed=1)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch._dynamo.reset()

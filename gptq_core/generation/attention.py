@@ -59,7 +59,8 @@ def static_cache_attention(
 ) -> tuple[torch.Tensor, None]:
     """SDPA of ``query`` [B, H, q, D] over the cache ``key``/``value`` [B, Hkv, T, D]."""
     global _calls
-    _calls += 1
+    if not torch.compiler.is_compiling():  # a traced counter would be a guard that changes every step
+        _calls += 1
     for name, what in UNSERVED_ARGUMENTS.items():
         if kwargs.get(name) is not None:
             raise UnservedAttention(f"{type(module).__name__} uses {what} ('{name}')")
