@@ -268,3 +268,13 @@ def test_decode_forward_traces_as_one_graph_without_recompiles(quantized_model, 
     fast.generate(ids, max_new_tokens=16, do_sample=True, top_k=5, seed=1)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_cli_generate_fast_prints_the_same_story(capsys):
+    from gptq_core.cli import main
+
+    args = ["generate", str(STORIES), "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--device", "cpu"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--fast"]) == 0
+    assert capsys.readouterr().out == plain and plain.startswith(PROMPTS[0]) and len(plain) > len(PROMPTS[0]) + 40

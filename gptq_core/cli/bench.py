@@ -187,7 +187,7 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--batch", help="comma-separated batch sizes (default 1,8,32 on a GPU, 1,2 on the CPU)")
     g.add_argument("--prompt-len", type=int, default=None, help="prompt tokens per row (default 32 on a GPU, 16 on the CPU)")
     g.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128 on a GPU, 16 on the CPU)")
-    g.add_argument("--modes", default="eager,static,fast", help="comma-separated modes: eager, static, fast (default all)")
+    g.add_argument("--modes", default="eager,fast,static", help="comma-separated modes: eager, fast, static (default all)")
     g.add_argument("--device", help="device to run on (default: cuda if present, else cpu)")
     g.add_argument("--backend", default="auto", help="backend name or 'a,b' preference for the quantized model")
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")

@@ -190,21 +190,27 @@ class FastGenerator:
         return self._transformers_generate(input_ids, attention_mask, max_new_tokens, sampling, eos, pad, seed)
 
     def step_breakdown(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
-        """Prefill ``input_ids``, then profile one eager greedy decode step: milliseconds in
-        linears, attention and the rest (kernel time on CUDA, CPU time on the CPU)."""
+        """Prefill ``input_ids``, then profile one greedy decode step run eagerly and
+        uncompiled, so every kernel is attributed to its module: milliseconds in linears,
+        attention and the rest (kernel time on CUDA, CPU time on the CPU). The linears'
+        kernels are those the captured step replays; the rest is what compilation fuses."""
         from .profile import breakdown
 
         if self.fallback_reason is not None:
             raise GPTQError(f"fast decoding is not available for this model: {self.fallback_reason}")
         ids, real = left_padded(input_ids.to(self.device), attention_mask)
         kind = Sampling().kind
-        with torch.no_grad(), serving(self.model):
-            s = self._session(ids.shape[0], ids.shape[1] + 1 + WARMUP_STEPS)
-            s.eos.fill_(-1)
-            self._prefill(s, ids, real, kind)
-            self._decode_step(s, kind, s.generator)  # lazy initialisation outside the profile
-            return breakdown(self.model, lambda: self._decode_step(s, kind, s.generator),
-                             device=self.device.type == "cuda")
+        compiled, self._compiled = self._compiled, None
+        try:
+            with torch.no_grad(), serving(self.model):
+                s = self._session(ids.shape[0], ids.shape[1] + 1 + WARMUP_STEPS)
+                s.eos.fill_(-1)
+                self._prefill(s, ids, real, kind)
+                self._decode_step(s, kind, s.generator)  # lazy initialisation outside the profile
+                return breakdown(self.model, lambda: self._decode_step(s, kind, s.generator),
+                                 device=self.device.type == "cuda")
+        finally:
+            self._compiled = compiled
 
     # ------------------------------------------------------------------ the loop
     def _generate(self, ids, real, max_new_tokens, sampling, eos, pad, seed) -> torch.Tensor:

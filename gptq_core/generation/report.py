@@ -49,7 +49,8 @@ def table(rows: list[Row], models: list[ModelEntry]) -> str:
                                  for c, (v, w) in enumerate(zip(line, widths))))
         for r in sub:
             if r.breakdown:
-                out.append(f"  one {r.model} fast decode step: {describe(r.breakdown)}")
+                out.append(f"  one {r.model} decode step run eagerly, uncompiled: {describe(r.breakdown)}; "
+                           f"the fast path's step takes {_f(r.ms_per_step, '.3f')} ms")
             if r.status == "ok" and r.note:
                 out.append(f"  {r.model} {r.mode}: {r.note}")
         out.append("")
