@@ -207,7 +207,7 @@ class FastGenerator:
                 s.eos.fill_(-1)
                 self._prefill(s, ids, real, kind)
                 self._decode_step(s, kind, s.generator)  # lazy initialisation outside the profile
-                return breakdown(self.model, lambda: self._decode_step(s, kind, s.generator),
+                return breakdown(lambda: self._decode_step(s, kind, s.generator),
                                  device=self.device.type == "cuda")
         finally:
             self._compiled = compiled

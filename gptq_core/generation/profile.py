@@ -1,8 +1,8 @@
 """Where one decode step's device time goes: linears, attention, everything else.
 
 The step is run eagerly under ``torch.profiler`` with every linear layer (``nn.Linear`` and
-``QuantLinear``) and every attention module wrapped in a named range by hooks; kernel time is
-summed per range. Attention is reported without its own projections, so the three parts add up
+``QuantLinear``) and every attention module call wrapped in a named range by global module
+hooks; kernel time is summed per range. Attention is reported without its own projections, so the three parts add up
 to the step's kernel time (docs/DESIGN.md §9: a slow step is explained, not guessed at).
 """
 
@@ -18,38 +18,44 @@ from ..quant_linear import QuantLinear
 LINEAR_IN_ATTENTION = "gptq.linear.attention"
 LINEAR_ELSEWHERE = "gptq.linear.other"
 ATTENTION = "gptq.attention"
-#: Module names (last component) that hold a layer's attention.
-_ATTENTION_NAMES = ("attn", "attention")
+#: Class-name endings of the modules that hold a layer's attention (LlamaAttention, ...).
+_ATTENTION_CLASSES = ("Attention", "Attn")
 
 
-def _label(name: str, module: nn.Module) -> str | None:
-    """The range a module's work is counted in, from its place in the model."""
-    parent, _, last = name.rpartition(".")
+def _label(module: nn.Module, open_labels: list[str | None]) -> str | None:
+    """The range a module call is counted in. Linears inside an open linear are not labelled
+    again (their kernels are counted once); a linear called inside attention is attention's
+    projection. Global hooks see modules whether or not they are registered in the model (a
+    fused projection shared by q/k/v slices, say)."""
     if isinstance(module, (nn.Linear, QuantLinear)):
-        return LINEAR_IN_ATTENTION if parent.endswith(_ATTENTION_NAMES) else LINEAR_ELSEWHERE
-    return ATTENTION if last.endswith(_ATTENTION_NAMES) else None
+        if LINEAR_IN_ATTENTION in open_labels or LINEAR_ELSEWHERE in open_labels:
+            return None
+        return LINEAR_IN_ATTENTION if ATTENTION in open_labels else LINEAR_ELSEWHERE
+    if type(module).__name__.endswith(_ATTENTION_CLASSES) and ATTENTION not in open_labels:
+        return ATTENTION
+    return None
 
 
 @contextmanager
-def labelled(model: nn.Module):
-    """While active, linears and attention modules of ``model`` run inside profiler ranges."""
-    handles, stack = [], []
+def labelled():
+    """While active, every linear and attention module call runs inside a profiler range."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-    def enter(label):
-        def hook(module, args):
-            rf = torch.profiler.record_function(label)
+    stack: list[tuple[str | None, object]] = []
+
+    def enter(module, args):
+        label = _label(module, [name for name, _ in stack])
+        rf = torch.profiler.record_function(label) if label else None
+        if rf is not None:
             rf.__enter__()
-            stack.append(rf)
-        return hook
+        stack.append((label, rf))
 
     def leave(module, args, output):
-        stack.pop().__exit__(None, None, None)
+        _, rf = stack.pop()
+        if rf is not None:
+            rf.__exit__(None, None, None)
 
-    for name, module in model.named_modules():
-        label = _label(name, module)
-        if label is not None:
-            handles.append(module.register_forward_pre_hook(enter(label)))
-            handles.append(module.register_forward_hook(leave))
+    handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     try:
         yield
     finally:
@@ -57,14 +63,14 @@ def labelled(model: nn.Module):
             h.remove()
 
 
-def breakdown(model: nn.Module, step, device: bool) -> dict[str, float]:
+def breakdown(step, device: bool) -> dict[str, float]:
     """Milliseconds of one call of ``step()`` in linears, attention (without its projections)
     and the rest: kernel time when ``device`` (CUDA), else CPU time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device else [])
-    with labelled(model), profile(activities=activities) as prof:
+    with labelled(), profile(activities=activities) as prof:
         step()
         if device:
             torch.cuda.synchronize()
