@@ -135,8 +135,9 @@ class BackendConformance:
     # backend: a per-device cache made on first use is then made inside their warm-up.
     @family("cuda_graph")
     def test_cuda_graph_capture(self, gptq_suite: SuiteContext, case: Case) -> None:
-        """qmatmul captured by torch.cuda.graph: the capture keeps nothing but its output, the
-        first replay equals an eager call, replays of fresh inputs match the reference."""
+        """qmatmul captured by torch.cuda.graph: neither the warm-up nor the capture keeps
+        memory beyond its output, the first replay equals an eager call, and replays of fresh
+        inputs match the reference."""
         ctx = gptq_suite
         packed = make_weight(ctx, case)
         prepared = ctx.prepare(packed, case.spec("compile"))
