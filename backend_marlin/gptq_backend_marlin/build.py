@@ -11,9 +11,10 @@ Build ahead of time (e.g. in a container image) with::
     python -m gptq_backend_marlin.build            # for the GPUs present
     python -m gptq_backend_marlin.build --arch 9.0 # without a GPU
 
-``GPTQ_MARLIN_BUILD_DIR`` overrides the cache folder (default
-``$XDG_CACHE_HOME/gptq-backend-marlin/<key>``, i.e. ``~/.cache/...``); ``GPTQ_MARLIN_ARCHS``
-("8.0;9.0") overrides the architectures.
+The options ``build_dir`` and ``archs`` (:class:`~.options.MarlinOptions`, environment
+fallbacks ``GPTQ_MARLIN_BUILD_DIR`` and ``GPTQ_MARLIN_ARCHS``) override the cache folder (default
+``$XDG_CACHE_HOME/gptq-backend-marlin/<key>``, i.e. ``~/.cache/...``) and the architectures
+("8.0;9.0"); the command line takes them as ``--build-dir`` and ``--arch``.
 """
 
 from __future__ import annotations
@@ -75,10 +76,7 @@ def parse_archs(text: str) -> list[tuple[int, int]]:
 
 
 def present_archs() -> list[tuple[int, int]]:
-    """Compute capabilities (>= 8.0) of the visible GPUs, or of GPTQ_MARLIN_ARCHS when set."""
-    env = os.environ.get("GPTQ_MARLIN_ARCHS")
-    if env:
-        return [a for a in parse_archs(env) if a >= MIN_ARCH]
+    """Compute capabilities (>= 8.0) of the visible GPUs."""
     if torch.version.cuda is None or not torch.cuda.is_available():
         return []
     found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
@@ -89,10 +87,10 @@ def arch_flags(archs: list[tuple[int, int]]) -> list[str]:
     return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in archs]
 
 
-def build_dir(archs: list[tuple[int, int]]) -> Path:
-    env = os.environ.get("GPTQ_MARLIN_BUILD_DIR")
-    if env:
-        return Path(env).expanduser()
+def build_dir(archs: list[tuple[int, int]], folder: Path | None = None) -> Path:
+    """``folder`` when given, else a cache folder named by everything the build depends on."""
+    if folder is not None:
+        return Path(folder).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     arch_tag = "_".join(f"sm{a}{b}" for a, b in archs) or "none"
     key = f"torch{torch.__version__}-cuda{torch.version.cuda}-{arch_tag}-{source_hash()}"
@@ -108,9 +106,10 @@ def toolchain_problems() -> list[str]:
         problems.append(
             f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch"
         )
-    elif cpp_extension.CUDA_HOME is None or shutil.which(
-        "nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin") + os.pathsep + os.environ.get("PATH", "")
-    ) is None:
+    elif shutil.which("nvcc") is None and (
+        cpp_extension.CUDA_HOME is None
+        or shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin")) is None
+    ):
         problems.append("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     if shutil.which("ninja") is None:
         problems.append("ninja not found: pip install ninja")
@@ -130,10 +129,13 @@ _loaded: Path | None = None
 _error: str | None = None
 
 
-def load(archs: list[tuple[int, int]] | None = None, verbose: bool = False) -> Path:
+def load(archs: str | list[tuple[int, int]] | None = None, folder: Path | None = None,
+         verbose: bool = False) -> Path:
     """Build (if needed) and load the extension; return its build folder. Raises BuildError.
 
-    A failure is remembered for the process: later calls raise the same error at once.
+    ``archs`` ("8.0;9.0" or a list; default: the GPUs present) and ``folder`` come from the
+    options. The extension loads once per process: later calls return at once, whatever
+    they ask for; a failure is remembered likewise and raised again at once.
     """
     global _loaded, _error
     with _lock:
@@ -145,13 +147,15 @@ def load(archs: list[tuple[int, int]] | None = None, verbose: bool = False) -> P
             problems = toolchain_problems()
             if problems:
                 raise BuildError("; ".join(problems))
+            if isinstance(archs, str):
+                archs = [a for a in parse_archs(archs) if a >= MIN_ARCH]
             archs = present_archs() if archs is None else archs
             if not archs:
                 raise BuildError(
                     "no CUDA GPU of compute capability >= 8.0 to build for; pass --arch 8.0 "
-                    "(or set GPTQ_MARLIN_ARCHS) to build ahead of time"
+                    "(option archs, or GPTQ_MARLIN_ARCHS) to build ahead of time"
                 )
-            folder = build_dir(archs)
+            folder = build_dir(archs, folder)
             folder.mkdir(parents=True, exist_ok=True)
             from torch.utils import cpp_extension
 
@@ -175,13 +179,9 @@ def load(archs: list[tuple[int, int]] | None = None, verbose: bool = False) -> P
         return folder
 
 
-def status() -> str | None:
-    """None when the extension is loaded (building it if needed), else the reason it is not."""
-    try:
-        load()
-    except BuildError as exc:
-        return str(exc)
-    return None
+def failure() -> str | None:
+    """The reason an earlier build failed in this process, or None."""
+    return _error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,17 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         description="Compile the marlin CUDA extension ahead of time into its cache folder.",
     )
     parser.add_argument("--arch", default=None,
-                        help='compute capabilities, e.g. "8.0;9.0" (default: the GPUs present)')
+                        help='compute capabilities, e.g. "8.0;9.0" (default: option archs / '
+                             "GPTQ_MARLIN_ARCHS, else the GPUs present)")
+    parser.add_argument("--build-dir", default=None, type=Path,
+                        help="where to build (default: option build_dir / GPTQ_MARLIN_BUILD_DIR, "
+                             "else the cache folder)")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     args = parser.parse_args(argv)
+    from .options import MarlinOptions  # noqa: PLC0415
+
     try:
-        archs = parse_archs(args.arch) if args.arch else None
+        options = MarlinOptions.parse({k: v for k, v in (("archs", args.arch), ("build_dir", args.build_dir))
+                                       if v is not None}, "marlin")
         started = time.perf_counter()
-        folder = load(archs, verbose=args.verbose)
-    except BuildError as exc:
+        folder = load(options.archs, options.build_dir, verbose=args.verbose)
+    except GPTQError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"built gptq_marlin for {archs or present_archs()} in {time.perf_counter() - started:.1f} s: {folder}")
+    print(f"built gptq_marlin for {options.archs or present_archs()} in "
+          f"{time.perf_counter() - started:.1f} s: {folder}")
     return 0
 
 

@@ -12,9 +12,11 @@ import torch
 LIBRARY = "gptq_marlin"
 
 _lib = torch.library.Library(LIBRARY, "DEF")
+# kind: the kernel (policy.KINDS, csrc/marlin.h KernelKind) or dequantize + cuBLAS; slots and
+# counters: the stream-K workspace (workspace.py), which the op uses and leaves at zero.
 _lib.define(
     "gemm(Tensor a, Tensor b, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
-    "int bits, int group_size, int size_n, int dequant_threshold) -> Tensor"
+    "Tensor slots, Tensor counters, int bits, int group_size, int size_n, int kind) -> Tensor"
 )
 _lib.define(
     "dequantize(Tensor b, Tensor scales, Tensor? zeros, int bits, int group_size, "
@@ -24,7 +26,7 @@ _lib.define("gather_cols(Tensor x, Tensor perm) -> Tensor")
 
 
 @torch.library.register_fake(f"{LIBRARY}::gemm")
-def _gemm_fake(a, b, scales, zeros, perm, bias, bits, group_size, size_n, dequant_threshold):
+def _gemm_fake(a, b, scales, zeros, perm, bias, slots, counters, bits, group_size, size_n, kind):
     return a.new_empty(a.shape[0], size_n)
 
 
@@ -36,9 +38,8 @@ def _dequantize_fake(b, scales, zeros, bits, group_size, size_k, size_n):
 def check_gather_args(x: torch.Tensor, perm: torch.Tensor) -> None:
     """Raise ValueError naming what is wrong with ``gather_cols``'s arguments.
 
-    Checked in Python, before the CUDA op: on the H100 (s2run3) a bad argument that reached the
-    op's own C++ checks killed the process with a segmentation fault instead of raising, a
-    fault not yet understood (NOTES/perf-marlin.md), so nothing invalid is let through to it.
+    Checked in Python as well as in the op: this is the op's public entry point, and a clear
+    ValueError here names the argument before anything reaches CUDA.
     """
     if x.dim() != 2:
         raise ValueError(f"gather_cols: x must be 2-D [M, K], got {x.dim()}-D {tuple(x.shape)}")

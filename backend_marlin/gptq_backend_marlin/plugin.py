@@ -9,6 +9,8 @@ from gptq_core import BackendInfo, Capabilities, hookimpl
 from . import __version__, build
 from .layout import TILE_K, WARP_N
 from .ops import gemm
+from .options import MarlinOptions
+from .policy import DENSE_KIND
 from .prepare import ACT_DTYPES, MarlinPrepared, prepare
 
 CAPABILITIES = Capabilities(
@@ -23,7 +25,7 @@ CAPABILITIES = Capabilities(
     k_multiple=TILE_K,
     n_multiple=WARP_N,
     training=False,
-    compile=True,
+    compile=True,  # no allocation outlives a call, no host sync: CUDA graphs capture it
 )
 
 
@@ -35,29 +37,38 @@ def gptq_backend_info() -> BackendInfo:
         distribution="gptq-backend-marlin",
         priority={"cuda": 100},
         description=(
-            "Marlin-layout int4 x fp16/bf16 mma.sync kernel, striped over all SMs; "
+            "Marlin-layout int4/int8 x fp16/bf16 mma.sync kernels, striped over all SMs; "
             "dequantize + cuBLAS for large batches"
         ),
         capabilities=CAPABILITIES,
+        options=MarlinOptions,
     )
 
 
 @hookimpl
 def gptq_probe(device, spec) -> list[str]:
-    problem = build.status()
-    return [f"extension not built: {problem}"] if problem else []
+    """Only what is cheap to know: the toolchain, and a build that already failed. The build
+    itself happens when a layer is packed, with that load's options (a failure there sends
+    the layer to the next backend)."""
+    problems = build.toolchain_problems() or ([build.failure()] if build.failure() else [])
+    return [f"extension not built: {'; '.join(problems)}"] if problems else []
 
 
 @hookimpl
-def gptq_pack(weight, device, spec) -> MarlinPrepared:
-    build.load()
-    return prepare(weight, device.torch_device, spec.act_dtype)
+def gptq_pack(weight, device, spec, options: MarlinOptions) -> MarlinPrepared:
+    build.load(archs=options.archs, folder=options.build_dir)
+    return prepare(weight, device.torch_device, spec.act_dtype, options)
 
 
 @hookimpl
 def gptq_qmatmul(x, prepared, bias):
     p = prepared
-    if p.dense is not None and x.shape[0] > p.dense_threshold:
-        return torch.nn.functional.linear(x, p.dense, None if bias is None else bias.to(x.dtype))
-    return gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.bits, p.group_size, p.size_n,
-                p.dequant_threshold)
+    m = x.shape[0]
+    for upto, kind in p.kinds:  # one to four (upto_m, kind) pairs, decided at bind
+        if m <= upto:
+            break
+    if kind == DENSE_KIND:
+        y = torch.nn.functional.linear(x, p.dense)
+        return y if bias is None else y.add_(bias)
+    return gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.slots, p.counters, p.bits,
+                p.group_size, p.size_n, kind)

@@ -90,37 +90,6 @@ def test_8bit_is_declared():
     assert not any("bit" in r for r in marlin().reasons(FAKE_H100, LayerSpec(8, 128, 256, 64)))
 
 
-def test_large_batch_thresholds_follow_layer_size(monkeypatch):
-    from gptq_backend_marlin import prepare
-
-    monkeypatch.delenv("GPTQ_MARLIN_DEQUANT_M", raising=False)
-    monkeypatch.delenv("GPTQ_MARLIN_DENSE_M", raising=False)
-    for table, lookup in ((prepare.DEQUANT_THRESHOLDS, prepare.dequant_threshold),
-                          (prepare.DEQUANT_THRESHOLDS_8BIT, lambda size: prepare.dequant_threshold(size, 8)),
-                          (prepare.DENSE_THRESHOLDS, prepare.dense_threshold)):
-        limits = [limit for limit, _ in table[:-1]]
-        assert limits == sorted(limits) and table[-1][0] is None, "ascending sizes, then a catch-all"
-        rows = [r for _, r in table]
-        for (limit, r), (_, r_next) in zip(table, table[1:]):
-            assert lookup(limit) == r and lookup(limit + 1) == r_next  # a limit is inclusive
-        assert lookup(1) == rows[0] and lookup(1 << 40) == rows[-1]
-    monkeypatch.setenv("GPTQ_MARLIN_DEQUANT_M", "-1")
-    assert prepare.dequant_threshold(4096 * 4096) == -1
-    monkeypatch.setenv("GPTQ_MARLIN_DENSE_M", "7")
-    assert prepare.dense_threshold(1 << 40) == 7
-
-
-def test_dense_cache_is_off_by_default_and_bounded(monkeypatch):
-    from gptq_backend_marlin import prepare
-
-    monkeypatch.delenv("GPTQ_MARLIN_DENSE_CACHE_MB", raising=False)
-    assert not prepare.take_dense_budget(1)
-    monkeypatch.setenv("GPTQ_MARLIN_DENSE_CACHE_MB", "1")
-    monkeypatch.setattr(prepare, "_dense_budget_used", 0)
-    assert prepare.take_dense_budget(600 << 10)
-    assert not prepare.take_dense_budget(600 << 10)
-
-
 def test_arch_parsing_and_flags():
     assert build.parse_archs("9.0;8.0,86") == [(8, 0), (8, 6), (9, 0)]
     assert build.arch_flags([(9, 0)]) == ["-gencode=arch=compute_90,code=sm_90"]
@@ -128,10 +97,8 @@ def test_arch_parsing_and_flags():
         build.parse_archs("hopper")
 
 
-def test_build_dir_override_and_cache_key(monkeypatch, tmp_path):
-    monkeypatch.setenv("GPTQ_MARLIN_BUILD_DIR", str(tmp_path / "ext"))
-    assert build.build_dir([(9, 0)]) == tmp_path / "ext"
-    monkeypatch.delenv("GPTQ_MARLIN_BUILD_DIR")
+def test_build_dir_option_and_cache_key(monkeypatch, tmp_path):
+    assert build.build_dir([(9, 0)], tmp_path / "ext") == tmp_path / "ext"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     folder = build.build_dir([(8, 0), (9, 0)])
     assert folder.parent == tmp_path / "gptq-backend-marlin"
@@ -160,7 +127,8 @@ def test_fake_implementation_gives_shapes_without_a_kernel():
         a = torch.empty(5, 128, dtype=torch.float16)
         tiles = torch.empty(128 * 64 // 8, dtype=torch.int32)
         scales = torch.empty(1, 64, dtype=torch.float16)
-        out = ops.gemm(a, tiles, scales, None, None, None, 4, 128, 64, 256)
+        slots, counters = torch.empty(16, dtype=torch.float32), torch.empty(4, dtype=torch.int32)
+        out = ops.gemm(a, tiles, scales, None, None, None, slots, counters, 4, 128, 64, 1)
         w = ops.dequantize(tiles, scales, None, 4, 128, 128, 64)
     assert out.shape == (5, 64) and out.dtype == torch.float16
     assert w.shape == (64, 128)

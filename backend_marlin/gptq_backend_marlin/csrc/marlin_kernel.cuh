@@ -983,17 +983,17 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantArgs p) 
 // The kernel of each kind (KernelKind, marlin.h) and its dynamic shared memory.
 template <int BITS, typename T, int M_BLOCKS, bool HAS_ZEROS, int KIND>
 struct Variant {
-  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kKernelTma, stage_tiles(KIND)>::kTotal;
+  static constexpr int kSmem = Smem<BITS, M_BLOCKS, KIND == kTma, kernel_traits(KIND).stage_tiles>::kTotal;
   static auto kernel() {
-    if constexpr (KIND == kKernelTma)
+    if constexpr (KIND == kTma)
       return gemm_kernel_tma<BITS, T, M_BLOCKS, HAS_ZEROS>;
-    else if constexpr (KIND == kKernelWide4)
+    else if constexpr (KIND == kWide4)
       return gemm_kernel_wide4<BITS, T, M_BLOCKS, HAS_ZEROS>;
-    else if constexpr (KIND == kKernelWideSwap)
+    else if constexpr (KIND == kWideSwap)
       return gemm_kernel_wide_swap<BITS, T, M_BLOCKS, HAS_ZEROS>;
-    else if constexpr (KIND == kKernelWide4Swap)
+    else if constexpr (KIND == kWide4Swap)
       return gemm_kernel_wide4_swap<BITS, T, M_BLOCKS, HAS_ZEROS>;
-    else if constexpr (KIND == kKernelWide)
+    else if constexpr (KIND == kWide)
       return gemm_kernel_wide<BITS, T, M_BLOCKS, HAS_ZEROS>;
     else
       return gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS>;
@@ -1029,20 +1029,6 @@ cudaError_t launch_variant(const GemmArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The row blocks each kernel kind is built for (0: not built): 8-bit blocks take at most
-// kMaxMBlocks8 16-row blocks (more rows run as slices); the wide kernels are 4-bit only, the
-// 256-row ones at 1-2 row blocks; the bulk-copy (TMA) kernels 8-bit only.
-template <int BITS, int KIND>
-constexpr int kRowBlocks = [] {
-  const int all = BITS == 8 ? kMaxMBlocks8 : kMaxMBlocks;
-  const bool wide = KIND == kKernelWide || KIND == kKernelWide4 || KIND == kKernelWideSwap ||
-                    KIND == kKernelWide4Swap;
-  if (BITS != 4 && wide) return 0;
-  if (BITS != 8 && KIND == kKernelTma) return 0;
-  if (KIND == kKernelWideSwap || KIND == kKernelWide4Swap) return 1;
-  return KIND == kKernelWide4 ? 2 : all;
-}();
-
 // The compile-time value of a std::integral_constant argument of a generic lambda.
 #define GPTQ_MARLIN_VALUE(x) std::decay_t<decltype(x)>::value
 
@@ -1053,7 +1039,7 @@ template <int BITS, typename F>
 cudaError_t with_variant(int kind, int m_blocks, bool has_zeros, F&& f) {
   auto rows = [&](auto k) -> cudaError_t {
     auto pick = [&](auto mb) -> cudaError_t {
-      if constexpr (GPTQ_MARLIN_VALUE(mb) <= kRowBlocks<BITS, GPTQ_MARLIN_VALUE(k)>) {
+      if constexpr (GPTQ_MARLIN_VALUE(mb) <= built_m_blocks(GPTQ_MARLIN_VALUE(k), BITS)) {
         return has_zeros ? f(k, mb, std::true_type{}) : f(k, mb, std::false_type{});
       } else {
         return cudaErrorInvalidValue;
@@ -1068,12 +1054,12 @@ cudaError_t with_variant(int kind, int m_blocks, bool has_zeros, F&& f) {
     }
   };
   switch (kind) {
-    case kKernelDefault: return rows(std::integral_constant<int, kKernelDefault>{});
-    case kKernelTma: return rows(std::integral_constant<int, kKernelTma>{});
-    case kKernelWide: return rows(std::integral_constant<int, kKernelWide>{});
-    case kKernelWide4: return rows(std::integral_constant<int, kKernelWide4>{});
-    case kKernelWideSwap: return rows(std::integral_constant<int, kKernelWideSwap>{});
-    case kKernelWide4Swap: return rows(std::integral_constant<int, kKernelWide4Swap>{});
+    case kNarrow: return rows(std::integral_constant<int, kNarrow>{});
+    case kWide: return rows(std::integral_constant<int, kWide>{});
+    case kWide4: return rows(std::integral_constant<int, kWide4>{});
+    case kWideSwap: return rows(std::integral_constant<int, kWideSwap>{});
+    case kWide4Swap: return rows(std::integral_constant<int, kWide4Swap>{});
+    case kTma: return rows(std::integral_constant<int, kTma>{});
     default: return cudaErrorInvalidValue;
   }
 }

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -117,13 +118,7 @@ at::Tensor gather_cols_impl(const at::Tensor& x_in, const at::Tensor& perm) {
   return out;
 }
 
-// Workspace per (device, stream): fp32 partial-sum slots and self-clearing tile counters.
-struct Workspace {
-  at::Tensor slots;
-  at::Tensor counters;
-};
 std::mutex g_mutex;
-std::map<std::pair<int, cudaStream_t>, Workspace> g_workspaces;
 std::map<std::tuple<int, int, int, int, bool, int>, int> g_occupancy;
 std::map<int, int> g_cc_major;
 std::map<int, int> g_sm_count;
@@ -150,21 +145,28 @@ int cc_major(int device) { return cached_attribute(g_cc_major, device, cudaDevAt
 constexpr int64_t kMinStagesPerWorker = 4;
 
 
-// The pipeline a call runs, by measurements on the H100 (NOTES/perf-marlin.md):
-// * the bulk-copy (TMA) pipeline for 8-bit weights in one slice (M <= 32) on compute
-//   capability >= 9.0 (1-3.5 % faster there);
-// * 4-bit: 256-row stages (double-buffered) for large layers at up to 2 row blocks (K % 256 ==
-//   0 and at least three such stages per block slot); else 128-row stages (K % 128 == 0); else
-//   64-row stages. At most 8 rows, the wide kernels take the weights as the mma's A operand.
-int kernel_kind(int device, int64_t bits, int64_t k, int64_t n_tiles, int64_t m, int m_blocks,
-                int64_t slices, int sms) {
-  if (cc_major(device) >= 9 && bits == 8 && slices == 1) return kKernelTma;
-  if (bits != 4 || k % (2 * kTileK) != 0) return kKernelDefault;
-  const bool fits4 = m_blocks <= 2 && k % (4 * kTileK) == 0;
-  const bool large = n_tiles * (k / (4 * kTileK)) >= int64_t{3} * 2 * sms;  // 2 blocks per SM
-  const bool swap = m <= 8;
-  if (fits4 && large) return swap ? kKernelWide4Swap : kKernelWide4;
-  return swap ? kKernelWideSwap : kKernelWide;
+// Why kernel kind `kind` cannot serve this call ("" when it can): the dispatch policy chose
+// it in Python from the same rules (policy.py), so a refusal here means the caller passed a
+// kind of its own.
+std::string kind_problem(int64_t kind, int64_t bits, int64_t k, int64_t m, int m_blocks,
+                         int64_t slices, int cc_major) {
+  if (kind < 0 || kind >= kKernelKinds)
+    return msg("marlin: kernel kind ", kind, " does not exist (0..", kKernelKinds - 1,
+               " are kernels, ", static_cast<int>(kDequantCublas), " dequantize + cuBLAS)");
+  const KernelTraits t = kernel_traits(static_cast<int>(kind));
+  const std::string name = msg("marlin: kernel '", t.name, "' (kind ", kind, ") ");
+  if (t.bits != 0 && t.bits != bits) return msg(name, "serves ", t.bits, "-bit weights, not ", bits, "-bit");
+  if (k % (kTileK * t.stage_tiles) != 0)
+    return msg(name, "needs K % ", kTileK * t.stage_tiles, " == 0, K=", k);
+  if (t.max_m != 0 && m > t.max_m) return msg(name, "serves at most ", t.max_m, " rows, M=", m);
+  if (m_blocks > built_m_blocks(static_cast<int>(kind), static_cast<int>(bits)))
+    return msg(name, "serves at most ", 16 * built_m_blocks(static_cast<int>(kind), static_cast<int>(bits)),
+               " rows per slice, M=", m);
+  if (t.copy == CopyEngine::kBulk && slices != 1)
+    return msg(name, "serves one slice (M <= ", 16 * max_m_blocks(static_cast<int>(bits)), "), M=", m);
+  if (cc_major < t.min_cc_major)
+    return msg(name, "needs compute capability >= ", t.min_cc_major, ".0, this GPU has ", cc_major, ".x");
+  return "";
 }
 
 int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kind) {
@@ -179,19 +181,6 @@ int occupancy(int device, int dtype, int bits, int m_blocks, bool zeros, int kin
   MARLIN_CHECK(blocks > 0, "marlin: the kernel does not fit on this device (shared memory)");
   g_occupancy[key] = blocks;
   return blocks;
-}
-
-Workspace& workspace(const at::Device& device, cudaStream_t stream, int64_t slot_floats,
-                     int64_t counters) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  Workspace& ws = g_workspaces[{device.index(), stream}];
-  if (!ws.slots.defined() || ws.slots.numel() < slot_floats) {
-    ws.slots = at::empty({slot_floats}, at::TensorOptions().dtype(at::kFloat).device(device));
-  }
-  if (!ws.counters.defined() || ws.counters.numel() < counters) {
-    ws.counters = at::zeros({counters}, at::TensorOptions().dtype(at::kInt).device(device));
-  }
-  return ws;
 }
 
 at::Tensor dequantize_into(const at::Tensor& b, const at::Tensor& scales,
@@ -230,11 +219,16 @@ at::Tensor dequantize(const at::Tensor& b, const at::Tensor& scales,
   return dequantize_into(b, scales, zeros, bits, group_size, size_k, size_n);
 }
 
-// y = a @ W (+ bias). M > dequant_threshold (when >= 0): dense weight + cuBLAS instead.
+// y = a @ W (+ bias) by kernel kind `kind` (KernelKind, chosen by the caller's dispatch policy),
+// or by dequantizing into a scratch weight and cuBLAS (kDequantCublas). The kernels' stream-K
+// workspace is the caller's (slots: fp32 partial sums, counters: int32 zeros that every call
+// leaves at zero), so a call allocates nothing that outlives it (CUDA-graph capture); calls
+// that share one workspace must run one after another (one stream).
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scales,
                 const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& perm,
-                const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
-                int64_t size_n, int64_t dequant_threshold) {
+                const std::optional<at::Tensor>& bias, const at::Tensor& slots,
+                const at::Tensor& counters, int64_t bits, int64_t group_size, int64_t size_n,
+                int64_t kind) {
   MARLIN_CHECK(a.is_cuda() && a.dim() == 2, "marlin: a must be a 2-D CUDA tensor, got ",
                a.sizes(), " on ", a.device());
   MARLIN_CHECK(a.device() == b.device(), "marlin: activations on ", a.device(),
@@ -251,10 +245,16 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
                  "marlin: perm must be a [K] int64 or int32 tensor on the activations' device");
   }
   if (bias.has_value()) {
-    MARLIN_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == a.device(),
-                 "marlin: bias must be a [N] tensor on the activations' device, got ",
-                 bias->sizes());
+    MARLIN_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == a.device() &&
+                     bias->scalar_type() == at::kHalf && bias->is_contiguous(),
+                 "marlin: bias must be a contiguous float16 [N] tensor on the activations' device, "
+                 "got ", bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
   }
+  MARLIN_CHECK(slots.device() == a.device() && slots.scalar_type() == at::kFloat &&
+                   slots.is_contiguous() && counters.device() == a.device() &&
+                   counters.scalar_type() == at::kInt && counters.is_contiguous(),
+               "marlin: the workspace (slots: float32, counters: int32, contiguous) must be on ",
+               a.device(), "; make it with gptq_backend_marlin.workspace");
   c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({M, N}, a.options());
   if (M == 0) return out;
@@ -263,54 +263,57 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
   // cp.async moves 16-byte units: a view that starts mid-unit gets a fresh copy.
   if (reinterpret_cast<uintptr_t>(A.data_ptr()) % 16 != 0) A = A.clone();
 
-  if (dequant_threshold >= 0 && M > dequant_threshold) {
+  if (kind == kDequantCublas) {
+    // The scratch weight is freed at return; the result does not alias it.
     const at::Tensor w = dequantize_into(b, scales, zeros, bits, group_size, K, N);
-    if (bias.has_value()) return at::addmm(bias->to(a.scalar_type()), A, w.t());
     at::mm_out(out, A, w.t());
+    if (bias.has_value()) out.add_(*bias);
     return out;
   }
 
-  at::Tensor bias_h;
-  if (bias.has_value()) bias_h = bias->scalar_type() == at::kHalf ? bias->contiguous() : bias->to(at::kHalf);
-
-  const int max_blocks = bits == 8 ? kMaxMBlocks8 : kMaxMBlocks;
+  const int max_blocks = max_m_blocks(static_cast<int>(bits));
   const int64_t slice_m = 16 * max_blocks;
   const int m_blocks = M <= slice_m ? static_cast<int>((M + 15) / 16) : max_blocks;
   const int64_t slices = (M + slice_m - 1) / slice_m;
   MARLIN_CHECK(slices < (int64_t{1} << 24), "marlin: M=", M, " is too large for one call");
   const int device = a.device().index();
+  const std::string problem = kind_problem(kind, bits, K, M, m_blocks, slices, cc_major(device));
+  MARLIN_CHECK(problem.empty(), problem);
   const int sms = sm_count(device);
   const int64_t n_tiles = (N / kWarpN + kWarps - 1) / kWarps;
-  const int shift = group_shift(group_size, K);
-  const int kind = kernel_kind(device, bits, K, n_tiles, M, m_blocks, slices, sms);
-  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(), kind);
-  const int64_t total = n_tiles * (K / kTileK) / stage_tiles(kind);  // stages
+  MARLIN_CHECK(counters.numel() >= slices * n_tiles && slots.numel() >= slices * 2 * kSlotFloats,
+               "marlin: the workspace (", counters.numel(), " counters, ", slots.numel(),
+               " slot floats) is too small for M=", M, " on this layer (", slices * n_tiles,
+               " counters, at least ", slices * 2 * kSlotFloats, " floats); prepare the layer "
+               "for this many rows");
+  const int occ = occupancy(device, dtype, static_cast<int>(bits), m_blocks, zeros.has_value(),
+                            static_cast<int>(kind));
+  const int64_t total = n_tiles * (K / kTileK) / kernel_traits(static_cast<int>(kind)).stage_tiles;
   int64_t workers = std::max<int64_t>(1, int64_t{sms} * occ / slices);
   workers = std::min<int64_t>(workers, std::max<int64_t>(1, total / kMinStagesPerWorker));
-
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Workspace& ws = workspace(a.device(), stream, workers * slices * 2 * kSlotFloats, slices * n_tiles);
+  // As many as the workspace holds (it is sized for every SM's blocks: the same number).
+  workers = std::min<int64_t>(workers, slots.numel() / (2 * kSlotFloats) / slices);
 
   GemmArgs args{};
   args.a = A.data_ptr();
   args.b = b.data_ptr();
   args.scales = scales.data_ptr();
   args.zeros = zeros.has_value() ? zeros->data_ptr() : nullptr;
-  args.bias = bias_h.defined() ? bias_h.data_ptr() : nullptr;
+  args.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   args.c = out.data_ptr();
-  args.slots = ws.slots.data_ptr<float>();
-  args.counters = ws.counters.data_ptr<int>();
+  args.slots = slots.data_ptr<float>();
+  args.counters = counters.data_ptr<int>();
   args.m = static_cast<int>(M);
   args.n = static_cast<int>(N);
   args.k = static_cast<int>(K);
   args.bits = static_cast<int>(bits);
-  args.group_shift = shift;
+  args.group_shift = group_shift(group_size, K);
   args.m_blocks = m_blocks;
   args.slices = static_cast<int>(slices);
   args.workers = static_cast<int>(workers);
   args.evict_first = slices == 1 ? 1 : 0;  // several slices re-read the weights from L2
-  args.kind = kind;
-  const cudaError_t err = gemm_launch(dtype, args, stream);
+  args.kind = static_cast<int>(kind);
+  const cudaError_t err = gemm_launch(dtype, args, c10::cuda::getCurrentCUDAStream());
   MARLIN_CHECK(err == cudaSuccess, "marlin: gemm launch failed: ", cudaGetErrorString(err));
   return out;
 }

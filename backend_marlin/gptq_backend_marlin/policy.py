@@ -1,0 +1,139 @@
+"""Which path serves a layer at which batch size, decided once when the layer is bound.
+
+docs/DESIGN.md §12: the decision is data on the prepared weight (a
+:class:`~gptq_core.policy.DispatchPolicy` that ``gptq backends explain`` shows, and a tuple of
+``(upto_m, kind)`` ints that ``gptq_qmatmul`` walks); the C++ op receives the kernel kind and
+only checks that it can serve the call. Every number here was measured on an H100; the
+sections of NOTES/perf-marlin.md named in the comments hold the measurements.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from gptq_core.policy import DispatchPolicy
+
+#: The gemm op's ``kind`` argument by path name, in csrc/marlin.h's order (``KernelKind``; a test
+#: compares the two). "dense-cublas" never reaches the op: the layer's dense copy goes to cuBLAS.
+KINDS: dict[str, int] = {
+    "marlin:narrow": 0,      # cp.async, 64-row k stages
+    "marlin:wide": 1,        # cp.async, 128-row stages (4-bit, K % 128 == 0)
+    "marlin:wide4": 2,       # cp.async, 256-row double-buffered stages (4-bit, K % 256 == 0)
+    "marlin:wide-swap": 3,   # 128-row stages, weights as the mma's A operand (M <= 8)
+    "marlin:wide4-swap": 4,  # 256-row stages, swapped (M <= 8)
+    "marlin:tma": 5,         # bulk copies (8-bit, compute capability >= 9.0, M <= 32)
+    "dequant+cublas": 6,     # dequantize into a scratch weight per call, then cuBLAS
+    "dense-cublas": -1,      # the dense copy kept at load (dense_cache_mb), cuBLAS
+}
+DENSE_KIND = KINDS["dense-cublas"]
+
+#: Kernel routes by weight family: (rows up to, path), the last one open-ended.
+#: "Wide stages", "256-row stages on large layers", "The swapped mma at M <= 8", "Opt-in
+#: variants measured" (8-bit bulk copies: 1.01-1.035x in one slice, M <= 32).
+KERNEL_ROUTES: dict[str, tuple[tuple[int | None, str], ...]] = {
+    "4bit-wide4": ((8, "marlin:wide4-swap"), (32, "marlin:wide4"), (None, "marlin:wide")),
+    "4bit-wide": ((8, "marlin:wide-swap"), (None, "marlin:wide")),
+    "4bit-narrow": ((None, "marlin:narrow"),),
+    "8bit-tma": ((32, "marlin:tma"), (None, "marlin:narrow")),
+    "8bit": ((None, "marlin:narrow"),),
+}
+
+#: Rows above which each call dequantizes the layer and calls cuBLAS, by layer size K * N
+#: (limit inclusive, None: larger). The mma.sync kernel cannot match Hopper's cuBLAS once the
+#: work is compute-bound; break-even of the 4-bit wide kernels ("Wide stages"): 4096x4096
+#: kernel/dequant 28.6/31.0 us at M=192, 34.7/33.2 at 256; 4096x14336 100.9/109.7 and
+#: 8192x28672 375.9/415.6 at 256.
+DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (1 << 26, 256), (None, 256))
+#: The same for 8-bit weights (64-row kernels of at most 2 row blocks: slower per row):
+#: 8192x28672 kernel 147.7 us at M=64, 541.0 at 256, dequantize + cuBLAS ~415 at 256;
+#: 4096x4096 kernel 22.8 at 64 (dequantize + cuBLAS ~26).
+DEQUANT_THRESHOLDS_8BIT: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (None, 160))
+#: With a dense copy, rows above which it goes straight to cuBLAS (about fp16's time): the
+#: kernel against fp16 in one run was 13.7/16.7 us at M=16 and 17.9/14.1 at 32 (4096x4096),
+#: 32.4/42.6 at 64 and 52.8/43.2 at 96 (4096x14336), 99.4/161.0 at 64 and 181.3/161.0 at 96
+#: (8192x28672) ("Results", table "With the dense cache").
+DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 16), (1 << 26, 64), (None, 64))
+
+#: 256-row stages pay only with at least this many of them per block slot (two blocks per SM):
+#: 8192x28672 (3584 per 264 slots) 1.05-1.10x, 4096x14336 (896) 1.00-1.10x over 128-row
+#: stages; 4096x11008 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x.
+WIDE4_STAGES_PER_SLOT = 3
+BLOCKS_PER_SM = 2  # every kernel at up to 2 row blocks runs two blocks per SM (launch bounds)
+TILE_N = 256       # output columns per block tile (csrc/marlin.h kTileN)
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """What the policy needs to know of the GPU, read once per layer at bind."""
+
+    sm_count: int
+    compute_capability: tuple[int, int]
+
+    @classmethod
+    def of(cls, device: torch.device) -> GpuFacts:
+        """The CUDA device's facts; any other device (a CPU-side preparation, as in the tests)
+        plans for the reference GPU, the H200 of docs/DESIGN.md §9."""
+        if device.type != "cuda":
+            return REFERENCE_GPU
+        props = torch.cuda.get_device_properties(device)
+        return cls(sm_count=props.multi_processor_count, compute_capability=(props.major, props.minor))
+
+
+REFERENCE_GPU = GpuFacts(sm_count=132, compute_capability=(9, 0))
+
+
+def by_size(table: tuple[tuple[int | None, int], ...], size: int) -> int:
+    """The rows of the first entry whose size limit holds ``size`` (limits are inclusive)."""
+    return next(rows for limit, rows in table if limit is None or size <= limit)
+
+
+def dequant_threshold(size: int, bits: int) -> int:
+    return by_size(DEQUANT_THRESHOLDS_8BIT if bits == 8 else DEQUANT_THRESHOLDS, size)
+
+
+def dense_threshold(size: int) -> int:
+    return by_size(DENSE_THRESHOLDS, size)
+
+
+def kernel_family(bits: int, K: int, N: int, gpu: GpuFacts) -> str:
+    """The row of :data:`KERNEL_ROUTES` for a K x N layer of ``bits``-bit weights."""
+    if bits == 8:
+        return "8bit-tma" if gpu.compute_capability >= (9, 0) else "8bit"
+    if K % 128:
+        return "4bit-narrow"
+    n_tiles = -(-N // TILE_N)
+    large = n_tiles * (K // 256) >= WIDE4_STAGES_PER_SLOT * BLOCKS_PER_SM * gpu.sm_count
+    return "4bit-wide4" if K % 256 == 0 and large else "4bit-wide"
+
+
+def layer_policy(bits: int, K: int, N: int, gpu: GpuFacts, dequant_rows: int,
+                 dense_rows: int | None = None) -> DispatchPolicy:
+    """The kernel routes up to ``dequant_rows``, dequantize + cuBLAS above; with a dense copy
+    (``dense_rows`` given) the copy serves every M above ``dense_rows``."""
+    cut = dequant_rows if dense_rows is None else min(dequant_rows, dense_rows)
+    steps: list[tuple[int | None, str]] = []
+    for upto, path in KERNEL_ROUTES[kernel_family(bits, K, N, gpu)]:
+        steps.append((cut if upto is None else min(upto, cut), path))
+        if upto is None or upto >= cut:
+            break
+    if dense_rows is None:
+        steps.append((None, "dequant+cublas"))
+    else:
+        if dense_rows > dequant_rows:
+            steps.append((dense_rows, "dequant+cublas"))
+        steps.append((None, "dense-cublas"))
+    return DispatchPolicy.from_thresholds(*((u, p) for u, p in steps if u is None or u > 0))
+
+
+def kind_table(policy: DispatchPolicy) -> tuple[tuple[int, int], ...]:
+    """The policy as ``gptq_qmatmul`` walks it: ((upto_m, kind), ...), the last bound maxsize."""
+    return tuple((sys.maxsize if r.upto_m is None else r.upto_m, KINDS[r.path]) for r in policy.routes)
+
+
+def kernel_rows(policy: DispatchPolicy) -> int:
+    """The largest M a kernel serves under ``policy`` (what the workspace is sized for)."""
+    kernels = range(KINDS["dequant+cublas"])
+    return max((r.upto_m for r in policy.routes if KINDS[r.path] in kernels and r.upto_m), default=0)

@@ -1,0 +1,154 @@
+"""The dispatch policy decided at bind, the kinds the op receives, and prepare() on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+
+import pytest
+import torch
+
+from gptq_core.testing import random_packed
+from gptq_backend_marlin import plugin, policy, prepare, workspace
+from gptq_backend_marlin.build import CSRC
+from gptq_backend_marlin.options import MarlinOptions
+from gptq_backend_marlin.policy import GpuFacts
+
+H200 = GpuFacts(sm_count=132, compute_capability=(9, 0))
+A100 = GpuFacts(sm_count=108, compute_capability=(8, 0))
+WIDE_GPU = GpuFacts(sm_count=160, compute_capability=(9, 0))  # more SMs than 4096x14336 fills
+
+# (bits, K, N, gpu): expected routes as "upto:path" (the table default thresholds).
+ROUTES = [
+    (4, 8192, 28672, H200, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
+    (4, 4096, 14336, H200, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
+    (4, 4096, 14336, WIDE_GPU, "8:marlin:wide-swap 256:marlin:wide -:dequant+cublas"),
+    (4, 14336, 4096, H200, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
+    (4, 4096, 11008, H200, "8:marlin:wide-swap 256:marlin:wide -:dequant+cublas"),
+    (4, 11008, 4096, H200, "8:marlin:wide-swap 256:marlin:wide -:dequant+cublas"),
+    (4, 4096, 4096, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
+    (4, 4096, 4096, A100, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
+    (4, 8192, 28672, A100, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
+    (4, 192, 96, H200, "192:marlin:narrow -:dequant+cublas"),  # K % 128 != 0: 64-row stages
+    (4, 384, 96, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),  # K % 256 != 0
+    (8, 8192, 28672, H200, "32:marlin:tma 160:marlin:narrow -:dequant+cublas"),
+    (8, 8192, 28672, A100, "160:marlin:narrow -:dequant+cublas"),
+    (8, 4096, 4096, H200, "32:marlin:tma 192:marlin:narrow -:dequant+cublas"),
+]
+
+
+def routes(p) -> str:
+    return " ".join(f"{'-' if r.upto_m is None else r.upto_m}:{r.path}" for r in p.routes)
+
+
+@pytest.mark.parametrize("bits,K,N,gpu,expected", ROUTES)
+def test_routes_by_shape_and_gpu(bits, K, N, gpu, expected):
+    p = policy.layer_policy(bits, K, N, gpu, policy.dequant_threshold(K * N, bits))
+    assert routes(p) == expected
+
+
+@pytest.mark.parametrize("dequant,dense,expected", [
+    (192, 16, "8:marlin:wide-swap 16:marlin:wide -:dense-cublas"),
+    (192, 300, "8:marlin:wide-swap 192:marlin:wide 300:dequant+cublas -:dense-cublas"),
+    (4, None, "4:marlin:wide-swap -:dequant+cublas"),
+    (0, None, "-:dequant+cublas"),
+    (0, 0, "-:dense-cublas"),
+])
+def test_thresholds_cut_the_kernel_routes(dequant, dense, expected):
+    assert routes(policy.layer_policy(4, 4096, 4096, H200, dequant, dense)) == expected
+
+
+def test_threshold_tables_are_ascending_and_inclusive():
+    for table in (policy.DEQUANT_THRESHOLDS, policy.DEQUANT_THRESHOLDS_8BIT, policy.DENSE_THRESHOLDS):
+        limits = [limit for limit, _ in table[:-1]]
+        assert limits == sorted(limits) and table[-1][0] is None, "ascending sizes, then a catch-all"
+        for (limit, rows), (_, rows_next) in zip(table, table[1:]):
+            assert policy.by_size(table, limit) == rows and policy.by_size(table, limit + 1) == rows_next
+
+
+def test_kinds_match_the_cpp_table():
+    """policy.KINDS is csrc/marlin.h's KernelKind enum and kernel_traits names, in one order."""
+    header = (CSRC / "marlin.h").read_text()
+    enum = dict(re.findall(r"\b(k\w+) = (\d+)", header[header.index("enum KernelKind"):]))
+    names = dict(re.findall(r"case (k\w+): return \{\"([\w-]+)\"", header))
+    names["kNarrow"] = re.search(r"default: return \{\"([\w-]+)\"", header).group(1)
+    cpp = {f"marlin:{names[k]}": int(enum[k]) for k in names}
+    cpp["dequant+cublas"] = int(enum["kDequantCublas"])
+    assert cpp == {path: kind for path, kind in policy.KINDS.items() if kind >= 0}
+
+
+def test_kind_table_is_the_policy_in_ints():
+    p = policy.layer_policy(4, 8192, 28672, H200, 256)
+    assert policy.kind_table(p) == ((8, 4), (32, 2), (256, 1), (sys.maxsize, 6))
+    assert policy.kernel_rows(p) == 256
+    assert policy.kernel_rows(policy.layer_policy(4, 4096, 4096, H200, 0)) == 0
+
+
+def _prepared(K=512, N=320, bits=4, options=None, gpu=H200, dtype=torch.float16, act=False):
+    packed = random_packed(bits, 128, True, act, K, N, seed=K + N + bits)
+    return prepare.prepare(packed, torch.device("cpu"), dtype, options or MarlinOptions(), gpu)
+
+
+def test_prepare_plans_the_policy_and_shares_one_workspace():
+    a = _prepared()
+    b = _prepared(K=1024, N=640)
+    assert routes(a.policy) == "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"
+    assert a.kinds == policy.kind_table(a.policy)
+    assert a.slots.dtype == torch.float32 and a.counters.dtype == torch.int32
+    assert a.slots.numel() >= H200.sm_count * 2 * 2 * workspace.SLOT_FLOATS
+    assert a.counters.numel() >= workspace.slices(192, 4) * -(-320 // 256)
+    assert not a.counters.any(), "counters start at zero"
+    assert b.slots is a.slots and b.counters is a.counters, "one workspace per device"
+
+
+def test_prepare_follows_the_options():
+    p = _prepared(options=MarlinOptions(dequant_threshold=40), bits=8, gpu=A100)
+    assert routes(p.policy) == "40:marlin:narrow -:dequant+cublas"
+    p = _prepared(options=MarlinOptions(dense_cache_mb=64))  # dense copies are made on CUDA only
+    assert p.dense is None and "dense" not in routes(p.policy)
+
+
+def test_a_layer_that_needs_more_gets_a_larger_workspace_and_the_old_one_stays():
+    small = _prepared(N=64)
+    big = _prepared(N=256 * 2000, K=128, options=MarlinOptions(dequant_threshold=4096))
+    slots, counters = workspace.needs(H200, 4, 256 * 2000, 4096)
+    assert big.counters.numel() >= counters and big.slots.numel() >= slots
+    assert small.counters.numel() < big.counters.numel()
+    assert _prepared(N=64).counters is big.counters, "later layers share the larger one"
+
+
+def _traced_call(p, m: int):
+    """The ops gptq_qmatmul calls for M=m, traced with fake tensors (no kernel runs)."""
+    names = ("tiles", "scales", "slots", "counters")
+
+    def call(x, *tensors):
+        return plugin.gptq_qmatmul(x, dataclasses.replace(p, **dict(zip(names, tensors))), None)
+
+    x = torch.empty(m, p.size_k, dtype=p.scales.dtype)
+    gm = torch.fx.experimental.proxy_tensor.make_fx(call, tracing_mode="fake")(
+        x, *(getattr(p, n) for n in names))
+    return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 32, 33, 192, 193, 4096])
+def test_qmatmul_passes_the_policys_kind(m):
+    p = _prepared(K=512, N=1024)
+    calls = [n for n in _traced_call(p, m) if "gemm" in str(n.target)]
+    assert len(calls) == 1
+    assert calls[0].args[-1] == policy.KINDS[p.policy.path_for(m)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_route_is_the_dense_copy_plus_the_float16_bias(dtype):
+    """Above dense_threshold the layer's dense copy goes to cuBLAS (torch, so it runs here);
+    the bias arrives in float16 whatever the activations are."""
+    p = _prepared(dtype=dtype)
+    plan = policy.layer_policy(4, p.size_k, p.size_n, H200, 192, 16)
+    dense = prepare.reference_weight(p).t().to(dtype).contiguous()
+    p = dataclasses.replace(p, dense=dense, policy=plan, kinds=policy.kind_table(plan))
+    x = torch.randn(17, p.size_k).to(dtype)
+    bias = torch.randn(p.size_n).half()
+    y = plugin.gptq_qmatmul(x, p, bias)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), (x.float() @ dense.float().t() + bias.float()), rtol=2e-2, atol=2e-2)
