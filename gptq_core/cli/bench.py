@@ -139,7 +139,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         batches=_int_list(args.batch, "--batch") if args.batch else list(batches),
         prompt_len=args.prompt_len or prompt_len, new_tokens=args.new_tokens or new_tokens,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], device=device,
-        backend=args.backend, dtype=args.dtype, seconds=args.seconds,
+        backend=args.backend, dtype=args.dtype, seconds=args.seconds, fast_compile=not args.no_fast_compile,
     )
     cfg.check()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -153,7 +153,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         rows = benchmark.run(models, cfg, log)
     meta = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
             "command": " ".join(sys.argv), "batches": cfg.batches, "prompt_len": cfg.prompt_len,
-            "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": cfg.backend, **built}
+            "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": cfg.backend,
+            "fast_compile": cfg.fast_compile, **built}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     print(report.table(rows, models))
@@ -191,6 +192,8 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="device to run on (default: cuda if present, else cpu)")
     g.add_argument("--backend", default="auto", help="backend name or 'a,b' preference for the quantized model")
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
+    g.add_argument("--no-fast-compile", action="store_true",
+                   help="capture the fast path's decode step without compiling it first (to measure what compiling gains)")
     g.add_argument("--seconds", type=float, default=1.0, help="time budget of each timed measurement (default 1)")
     g.add_argument("--work-dir", help="where synthetic/quantized models are written and kept, and a synthetic "
                                       "pair already there is reused (default: a temporary folder)")

@@ -49,6 +49,7 @@ class GenerateBenchConfig:
     dtype: str = "auto"
     seconds: float = 1.0  # time budget of one timed measurement (repeats fill it)
     breakdown: bool = True  # profile one fast decode step (CUDA only)
+    fast_compile: bool = True  # the fast path compiles its decode forward on GPUs (its default)
 
     def check(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -116,9 +117,10 @@ def prompt_ids(tokenizer, vocab: int, batch: int, length: int, device: torch.dev
     return torch.randint(3, vocab, (batch, length), generator=g).to(device)
 
 
-def _runner(mode: str, model, batch: int, max_len: int, pad: int, log) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def _runner(mode: str, model, batch: int, max_len: int, pad: int, log, fast_compile: bool = True
+            ) -> Callable[[torch.Tensor, int], torch.Tensor]:
     if mode == "fast":
-        fast = FastGenerator(model, max_batch=batch, max_len=max_len, log=log)
+        fast = FastGenerator(model, max_batch=batch, max_len=max_len, log=log, compile=None if fast_compile else False)
 
         def call(ids: torch.Tensor, n: int) -> torch.Tensor:
             return fast.generate(ids, max_new_tokens=n, do_sample=False, ignore_eos=True, pad_token_id=pad)
@@ -212,7 +214,7 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
                 rows.append(row)
                 graphs = _compiled_graphs()
                 try:
-                    call = _runner(mode, model, batch, cfg.prompt_len + cfg.new_tokens, int(pad), log)
+                    call = _runner(mode, model, batch, cfg.prompt_len + cfg.new_tokens, int(pad), log, cfg.fast_compile)
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
                     warm, one, full, repeats, out = measure(call, ids, cfg.new_tokens, dev, cfg.seconds,
