@@ -1,5 +1,4 @@
-"""The project's own decode path (docs/DESIGN.md §11) and synthetic real-shape models for
-benchmarking it.
+"""The project's own decode path (docs/DESIGN.md §11) and ``gptq bench generate``'s measurements.
 
 :class:`FastGenerator` decodes a loaded transformers causal LM with a static KV cache and the
 whole decode step (sampling included) captured in one CUDA graph; :func:`fast_generate` is the
