@@ -111,6 +111,8 @@ class AutoGPTQForCausalLM:
         self.tokenizer = tokenizer
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.packed: dict[str, PackedWeight] = {}
+        #: ``generate`` goes through :meth:`fast_generate` (``from_quantized(..., fast=True)``).
+        self.fast = False
         self.quantize_log: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ construction
@@ -143,16 +145,20 @@ class AutoGPTQForCausalLM:
         trust_remote_code: bool = False,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         fuse: bool = True,
+        fast: bool = False,
     ) -> AutoGPTQForCausalLM:
         """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend.
 
         ``backend_options`` tunes backends by name, e.g. ``{"marlin": {"dense_cache_mb": 512}}``
         (``gptq backends list --options`` lists them); unknown names are an error.
         ``fuse=False`` keeps q/k/v and gate/up as separate matmuls (see ``load_quantized``).
+        ``fast=True`` makes :meth:`generate` use gptq-core's decode path (:meth:`fast_generate`).
         """
         model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code,
                                backend_options=backend_options, fuse=fuse)
-        return cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
+        wrapper = cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
+        wrapper.fast = fast
+        return wrapper
 
     # ------------------------------------------------------------------ quantization
     def quantize(
@@ -248,7 +254,19 @@ class AutoGPTQForCausalLM:
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        """transformers' ``generate``; with ``fast=True`` at load, gptq-core's decode path."""
+        if self.fast:
+            return self.fast_generate(*args, **kwargs)
         return self.model.generate(*args, **kwargs)
+
+    def fast_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Decode with gptq-core's static-cache path, the whole step (sampling included) in one
+        CUDA graph on GPUs (docs/DESIGN.md §11); it falls back to ``generate`` with the reason
+        for models whose attention it cannot serve. Keyword arguments as in
+        :meth:`gptq_core.generation.FastGenerator.generate`."""
+        from .generation import fast_generate
+
+        return fast_generate(self.model, input_ids, attention_mask, **kwargs)
 
     def __getattr__(self, name: str):
         if name in ("model", "__setstate__"):

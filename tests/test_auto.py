@@ -119,3 +119,14 @@ def test_wrong_entry_points_say_which_to_use(runs):
         AutoGPTQForCausalLM.from_pretrained(base / "a", CONFIG)
     with pytest.raises(CheckpointError, match="not a GPTQ checkpoint"):
         AutoGPTQForCausalLM.from_quantized(STORIES)
+
+
+def test_from_quantized_fast_generates_what_transformers_generates(runs):
+    base, _ = runs
+    plain = AutoGPTQForCausalLM.from_quantized(base / "a", device="cpu")
+    fast = AutoGPTQForCausalLM.from_quantized(base / "a", device="cpu", fast=True)
+    ids = plain.tokenizer("Once upon a time", return_tensors="pt").input_ids
+    want = plain.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
+    got = fast.generate(ids, max_new_tokens=24, do_sample=False)
+    assert fast.fast and hasattr(fast.model, "_gptq_fast_generator")
+    assert torch.equal(got, want)

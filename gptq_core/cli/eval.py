@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .generate import add_model_arguments
+from .generate import add_model_arguments, load_arguments
 
 
 def text_perplexity(model, tokenizer, text, window: int = 512, max_tokens: int | None = None) -> tuple[float, int]:
@@ -22,7 +22,7 @@ def text_perplexity(model, tokenizer, text, window: int = 512, max_tokens: int |
 def _run(args: argparse.Namespace) -> int:
     from ..auto import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model_dir, args.device, args.backend, args.dtype)
+    model, tokenizer = load_for_inference(args.model_dir, **load_arguments(args))
     ppl, tokens = text_perplexity(model, tokenizer, args.text, args.window, args.max_tokens)
     if args.json:
         print(json.dumps({"model": args.model_dir, "text": args.text, "window": args.window,

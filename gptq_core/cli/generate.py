@@ -8,6 +8,8 @@ import sys
 import torch
 
 from ..errors import GPTQError
+from ..options import parse_cli_options
+from .main import add_backend_option_argument
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +17,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     parser.add_argument("--backend", default="auto", help="backend name or 'a,b' preference (default auto)")
     parser.add_argument("--dtype", default="auto", help="activation dtype: float16, bfloat16, float32 (default: fp16 on GPU, fp32 on CPU)")
+    add_backend_option_argument(parser)
+
+
+def load_arguments(args: argparse.Namespace) -> dict:
+    """``load_for_inference`` keyword arguments of :func:`add_model_arguments`' flags."""
+    return {"device": args.device, "backend": args.backend, "torch_dtype": args.dtype,
+            "backend_options": parse_cli_options(args.backend_option)}
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -54,7 +63,7 @@ def generate_text(model, tokenizer, prompt: str, seed: int = 0, fast: bool = Fal
 def _run(args: argparse.Namespace) -> int:
     from ..auto import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model_dir, args.device, args.backend, args.dtype)
+    model, tokenizer = load_for_inference(args.model_dir, **load_arguments(args))
     print(generate_text(model, tokenizer, args.prompt, seed=args.seed, fast=args.fast, **generation_kwargs(args)))
     return 0
 
