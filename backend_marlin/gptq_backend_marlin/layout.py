@@ -1,6 +1,6 @@
 """The Marlin tile layout: GPTQ ints repacked once so that each lane loads its mma fragment.
 
-Geometry (shared with ``csrc/marlin_kernel.cuh``; change both or neither):
+Geometry (shared with ``csrc/dequant.cuh`` and ``csrc/stage.cuh``; change both or neither):
 
 * A *warp tile* covers 64 input channels (k) x 32 output columns (n). One warp of the kernel
   multiplies it with ``mma.sync.m16n8k16``: 4 k16 steps x 4 n8 subtiles = 16 B fragments.

@@ -1,7 +1,7 @@
 """The kernels' stream-K workspace, made at bind and shared by the layers of one device.
 
 A shared block tile is summed through fp32 slots (two per worker block) and int32 counters
-(one per tile and slice) that every call leaves at zero again (csrc/marlin_kernel.cuh). They
+(one per tile and slice) that every call leaves at zero again (csrc/epilogue.cuh). They
 belong to the prepared weights, not to the op, so that a call allocates nothing that outlives
 it and CUDA graphs can capture it (docs/DESIGN.md §11). One workspace serves every layer of a
 device: its slots are sized for all the device's worker blocks (the same for every layer) and

@@ -1,7 +1,7 @@
 """A bit-level Python model of what the CUDA kernel does with the prepared tensors.
 
-Written from the kernel's loop structure (csrc/marlin_kernel.cuh), not from layout.py's table,
-so that the two can check each other on a CPU:
+Written from the kernel's loop structure (csrc/stage.cuh, pipeline.cuh, epilogue.cuh), not from
+layout.py's table, so that the two can check each other on a CPU:
 
 * :func:`decode_warp_tile` is ``compute_stage``'s dequantization: the exponent trick on the
   bits of each 32-bit word, the group-row choice, then each register placed where the PTX

@@ -26,6 +26,18 @@ def kernels(sass: str) -> dict[str, list[tuple[int, str]]]:
     return out
 
 
+#: gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS, KIND> as mangled by nvcc.
+_GEMM = re.compile(r"gemm_kernelILi(\d)E(\w+?)Li(\d)ELb(\d)ELi(\d)EE")
+
+
+def gemm_id(name: str) -> tuple[int, str, int, bool, int] | None:
+    """(bits, dtype, row blocks, zero points, kind) of a gemm kernel's mangled name, else None."""
+    m = _GEMM.search(name)
+    if m is None:
+        return None
+    return int(m.group(1)), "bf16" if "bfloat16" in m.group(2) else "f16", int(m.group(3)), m.group(4) == "1", int(m.group(5))
+
+
 def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 

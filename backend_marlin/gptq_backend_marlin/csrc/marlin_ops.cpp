@@ -15,6 +15,7 @@
 #include <tuple>
 #include <utility>
 
+#include "kernels.h"
 #include "marlin.h"
 
 namespace gptq_marlin {
@@ -22,8 +23,8 @@ namespace {
 
 // Error messages are built here, without iostreams: on the H100 machine (torch 2.11, CUDA 13)
 // a TORCH_CHECK whose message streamed a number, sizes or a device killed the process with
-// SIGSEGV instead of raising, while one that streamed only text raised cleanly (session 3,
-// benchmarks/cxx_error_probe.py). TORCH_CHECK with a single std::string argument does not
+// SIGSEGV instead of raising, while one that streamed only text raised cleanly
+// (NOTES/perf-marlin.md, "The SIGSEGV on a bad argument"; benchmarks/marlin/cxx_error_probe.py). TORCH_CHECK with a single std::string argument does not
 // touch an ostream, so every check below passes one string made by msg().
 inline std::string piece(const char* s) { return s; }
 inline std::string piece(const std::string& s) { return s; }
