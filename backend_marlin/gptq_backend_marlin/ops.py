@@ -12,7 +12,7 @@ import torch
 LIBRARY = "gptq_marlin"
 
 _lib = torch.library.Library(LIBRARY, "DEF")
-# kind: the kernel (policy.KINDS, csrc/marlin.h KernelKind) or dequantize + cuBLAS; slots and
+# kind: the kernel (policy.KINDS, csrc/kernels.h KernelKind) or dequantize + cuBLAS; slots and
 # counters: the stream-K workspace (workspace.py), which the op uses and leaves at zero.
 _lib.define(
     "gemm(Tensor a, Tensor b, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "

@@ -16,7 +16,7 @@ import torch
 
 from gptq_core.policy import DispatchPolicy
 
-#: The gemm op's ``kind`` argument by path name, in csrc/marlin.h's order (``KernelKind``; a test
+#: The gemm op's ``kind`` argument by path name, in csrc/kernels.h's order (``KernelKind``; a test
 #: compares the two). "dense-cublas" never reaches the op: the layer's dense copy goes to cuBLAS.
 KINDS: dict[str, int] = {
     "marlin:narrow": 0,      # cp.async, 64-row k stages

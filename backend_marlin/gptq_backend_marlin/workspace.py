@@ -21,7 +21,7 @@ from .policy import BLOCKS_PER_SM, TILE_N, GpuFacts
 #: fp32 partial sums of one block tile (csrc/marlin.h kSlotFloats: 4 row blocks x 8 warps x
 #: 4 subtiles x 32 lanes x 4 accumulators).
 SLOT_FLOATS = 4 * 8 * 4 * 32 * 4
-#: 16-row blocks one block multiplies at most, by weight width (csrc/marlin.h max_m_blocks);
+#: 16-row blocks one block multiplies at most, by weight width (csrc/kernels.h max_m_blocks);
 #: more rows run as slices, each with its own workers and counters.
 MAX_M_BLOCKS = {4: 4, 8: 2}
 #: Counters are allocated in multiples of this, so that most layers share the first tensor.

@@ -68,8 +68,8 @@ def test_threshold_tables_are_ascending_and_inclusive():
 
 
 def test_kinds_match_the_cpp_table():
-    """policy.KINDS is csrc/marlin.h's KernelKind enum and kernel_traits names, in one order."""
-    header = (CSRC / "marlin.h").read_text()
+    """policy.KINDS is csrc/kernels.h's KernelKind enum and kernel_traits names, in one order."""
+    header = (CSRC / "kernels.h").read_text()
     enum = dict(re.findall(r"\b(k\w+) = (\d+)", header[header.index("enum KernelKind"):]))
     names = dict(re.findall(r"case (k\w+): return \{\"([\w-]+)\"", header))
     names["kNarrow"] = re.search(r"default: return \{\"([\w-]+)\"", header).group(1)
