@@ -7,24 +7,28 @@ candidate time (> 1: faster than fp16), measured side by side in this one run.
     python benchmarks/marlin/bench_marlin.py --out DIR [--quick]
 
 Writes DIR/bench_marlin.csv (DIR is created) and prints the table against the targets of
-issue 5. `--finalizer-ab` / `--gather-ab` / `--scalefold-ab` / `--tma-ab` / `--wide-ab` / `--workers-ab` time only those A/B comparisons.
+issue 5. `--wide-ab` / `--wide4-ab` / `--swap-ab` / `--tma-ab` time only that A/B comparison of two
+kernel kinds (the op takes the kind as an argument: policy.KINDS), interleaved on the same
+weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import os
 import sys
 import time
 
 import torch
 
-from gptq_backend_marlin import build, ops
+from gptq_backend_marlin import build, ops, policy
+from gptq_backend_marlin.options import MAX_KERNEL_M, MarlinOptions
 from gptq_backend_marlin.prepare import dense_weight, prepare
 
-from common import copies_for, gpu_packed, time_calls
+from common import copies_for, gpu_packed, marlin_call, rotated, time_calls
+
+KINDS = policy.KINDS
 
 SHAPES = [(8192, 28672), (4096, 14336), (4096, 4096), (4096, 11008), (11008, 4096),
           (14336, 4096), (28672, 8192)]
@@ -39,24 +43,26 @@ SLOW_US = 20000  # stop timing a candidate at larger M once one call takes this 
 
 
 class Layer:
-    """Rotated copies of one K x N layer in every candidate's format."""
+    """Rotated copies of one K x N layer in every candidate's format. The marlin copies are
+    prepared so that a kernel may serve any M (their workspace is sized for MAX_KERNEL_M
+    rows); ``policy`` is the one the backend would use by default."""
 
     def __init__(self, K: int, N: int, bits: int = 4, act: bool = False, dtype=torch.float16,
                  with_baselines: bool = True, group_size: int = 128) -> None:
         self.K, self.N, self.bits, self.dtype = K, N, bits, dtype
         packed = gpu_packed(bits, group_size, True, act, K, N, seed=K * 7 + N)
-        p = prepare(packed, torch.device("cuda"), dtype)
-        n = copies_for(p.tiles.numel() * 4 + p.scales.numel() * 2)
-        self.marlin = [p] + [dataclasses.replace(p, tiles=p.tiles.clone(), scales=p.scales.clone())
-                             for _ in range(n - 1)]
+        p = prepare(packed, torch.device("cuda"), dtype, MarlinOptions(dequant_threshold=MAX_KERNEL_M))
+        self.policy = prepare(packed, torch.device("cuda"), dtype).policy
+        self.kernels = p.policy  # every M on a kernel
+        self.marlin = rotated(p, copies_for(p.tiles.numel() * 4 + p.scales.numel() * 2))
         self.fp16 = self.tiny = self.dense = None
         self.packed = packed
         if with_baselines:
-            w = ops.dequantize(p.tiles, p.scales, p.zeros, bits, 128, K, N).t().contiguous()
+            w = ops.dequantize(p.tiles, p.scales, p.zeros, bits, group_size, K, N).t().contiguous()
             self.fp16 = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
             self.tiny = self._tinygemm(K, N)
-            # the dense cache (GPTQ_MARLIN_DENSE_CACHE_MB): [N, K] in the activation dtype
-            d = dense_weight(p)
+            # the dense cache (option dense_cache_mb): [N, K] in the activation dtype
+            d = dense_weight(p.tiles, p.scales, p.zeros, p.perm, bits, group_size, K, N)
             self.dense = [d] + [d.clone() for _ in range(copies_for(d.numel() * 2) - 1)]
 
     @staticmethod
@@ -73,7 +79,17 @@ class Layer:
             print(f"tinygemm unavailable: {exc}", flush=True)
             return None
 
-    def calls(self, kind: str, x: torch.Tensor, threshold: int = -1, bps: int = 0):
+    def kind(self, path: str, m: int) -> int:
+        """"marlin": the default policy's path at M; "kernel": its kernel at M whatever the
+        threshold; "dequant": dequantize + cuBLAS; or a path name of policy.KINDS."""
+        if path == "marlin":
+            path = self.policy.path_for(m)
+            return KINDS["dequant+cublas"] if path == "dense-cublas" else KINDS[path]
+        if path == "kernel":
+            return KINDS[self.kernels.path_for(m)]
+        return KINDS["dequant+cublas" if path == "dequant" else path]
+
+    def calls(self, kind: str, x: torch.Tensor):
         if kind == "fp16":
             return [lambda w=w: torch.matmul(x, w) for w in self.fp16]
         if kind == "dense":
@@ -82,14 +98,11 @@ class Layer:
             xb = x.to(torch.bfloat16)
             return [lambda w=w, sz=sz: torch.ops.aten._weight_int4pack_mm(xb, w, 128, sz)
                     for w, sz in self.tiny]
-        return [lambda p=p: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, p.bits,
-                                     p.group_size, p.size_n, threshold, bps)
-                for p in self.marlin]
+        k = self.kind(kind, x.shape[0])
+        return [lambda p=p: marlin_call(p, x, kind=k) for p in self.marlin]
 
 
-def run(shapes, ms, rows, extra: bool) -> None:
-    from gptq_backend_marlin.prepare import dense_threshold, dequant_threshold
-
+def run(shapes, ms, rows) -> None:
     for K, N in shapes:
         t0 = time.perf_counter()
         layer = Layer(K, N)
@@ -97,22 +110,18 @@ def run(shapes, ms, rows, extra: bool) -> None:
         for m in ms:
             x = torch.randn(m, K, device="cuda", dtype=torch.float16)
             row = {"K": K, "N": N, "M": m}
-            kinds = [("fp16", {}), ("tinygemm", {}), ("kernel", {"threshold": -1})]
-            if m >= 16:
-                kinds += [("dequant", {"threshold": 0}), ("dense", {})]
-            if extra and m in (1, 16):
-                kinds.append(("kernel_bps1", {"threshold": -1, "bps": 1}))
-            for name, kw in kinds:
+            names = ["fp16", "tinygemm", "kernel"] + (["dequant", "dense"] if m >= 16 else [])
+            for name in names:
                 if name in slow or (name == "tinygemm" and layer.tiny is None):
                     continue
-                kind = name if name in ("fp16", "tinygemm", "dense") else "marlin"
-                us = time_calls(layer.calls(kind, x, **kw))
+                us = time_calls(layer.calls(name, x))
                 row[name] = us
                 if us > SLOW_US:
                     slow.add(name)
             # the two policies of the plugin: per-call dequantization above dequant_threshold
             # (default), or the dense cache above dense_threshold (both by layer size)
-            big_dq, big_dn = m > dequant_threshold(K * N), m > dense_threshold(K * N)
+            big_dq = layer.policy.path_for(m) == "dequant+cublas"
+            big_dn = m > policy.dense_threshold(K * N)
             row["marlin"] = row.get("dequant", row["kernel"]) if big_dq else row["kernel"]
             row["marlin_cached"] = row.get("dense", row["fp16"]) if big_dn else row["kernel"]
             rows.append(row)
@@ -142,24 +151,19 @@ def variants(rows) -> None:
         torch.cuda.empty_cache()
 
 
-def env_ab(rows, env: str, modes: tuple[tuple[str, str], tuple[str, str]], layers, tag: str,
-           ms: tuple[int, ...] = (1, 2, 16, 32, 64)) -> None:
-    """Time one layer with ``env`` set to each of two ``(name, value)`` modes, interleaved twice
-    (a, b, a, b) on the same weights at each M of ``ms``; print the ratio of the best of each.
-
-    ``layers``: ``(Layer keyword arguments, label)`` pairs.
-    """
-    (a_name, a_val), (b_name, b_val) = modes
+def kind_ab(rows, paths: tuple[str, str], layers, tag: str, ms: tuple[int, ...]) -> None:
+    """Time one layer with each of two kernel kinds (path names of policy.KINDS), interleaved
+    twice (a, b, a, b) on the same weights at each M of ``ms``; print the ratio of the best of
+    each. ``layers``: ``(Layer keyword arguments, label)`` pairs."""
+    a_name, b_name = (p.removeprefix("marlin:") for p in paths)
     for kwargs, label in layers:
         layer = Layer(with_baselines=False, **kwargs)
         for m in ms:
             x = torch.randn(m, layer.K, device="cuda", dtype=torch.float16)
             row = {"K": layer.K, "N": layer.N, "M": m, tag: 1, "layer": label}
-            for name, mode in ((a_name, a_val), (b_name, b_val), (a_name + "_again", a_val),
-                               (b_name + "_again", b_val)):
-                os.environ[env] = mode
-                row[name] = time_calls(layer.calls("marlin", x))
-            os.environ.pop(env, None)
+            for name, path in ((a_name, paths[0]), (b_name, paths[1]), (a_name + "_again", paths[0]),
+                               (b_name + "_again", paths[1])):
+                row[name] = time_calls(layer.calls(path, x))
             rows.append(row)
             a = min(row[a_name], row[a_name + "_again"])
             b = min(row[b_name], row[b_name + "_again"])
@@ -168,49 +172,21 @@ def env_ab(rows, env: str, modes: tuple[tuple[str, str], tuple[str, str]], layer
         torch.cuda.empty_cache()
 
 
-def finalizer_ab(rows) -> None:
-    """v3 (unrolled stream-K finalizer) against v2 (GPTQ_MARLIN_FINALIZER=loop), interleaved on
-    the same weights, 4-bit (and 8-bit on 4096x4096): `--finalizer-ab` runs only this."""
-    layers = [({"K": K, "N": N, "bits": bits}, f"b{bits}")
-              for K, N, bits in ((4096, 4096, 4), (8192, 28672, 4), (4096, 14336, 4), (4096, 4096, 8))]
-    env_ab(rows, "GPTQ_MARLIN_FINALIZER", (("v2_loop", "loop"), ("v3", "")), layers, "finalizer_ab")
-
-
-def scalefold_ab(rows) -> None:
-    """The scale-fold kernels (GPTQ_MARLIN_SCALEFOLD=1) against the default, interleaved on the
-    same weights, 4-bit fp16 sym, g128 on the three main shapes and per-channel (g-1, the most
-    the fold can save) on 8192x28672: `--scalefold-ab` runs only this (about 60 s)."""
-    layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
-              for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
-    env_ab(rows, "GPTQ_MARLIN_SCALEFOLD", (("default", ""), ("fold", "1")), layers, "scalefold_ab")
-
-
-def tma_ab(rows) -> None:
-    """The bulk-copy (TMA) pipeline (GPTQ_MARLIN_TMA=1) against cp.async (=0), interleaved
-    on the same weights: 4-bit g128 on the three main shapes and 8-bit on the largest
-    (`--tma-ab` runs only this, about 60 s)."""
-    layers = [({"K": K, "N": N, "bits": bits}, f"b{bits}")
-              for K, N, bits in ((4096, 4096, 4), (4096, 14336, 4), (8192, 28672, 4), (8192, 28672, 8))]
-    env_ab(rows, "GPTQ_MARLIN_TMA", (("cp_async", "0"), ("tma", "1")), layers, "tma_ab")
-
-
 def wide_ab(rows) -> None:
-    """The 128-row-stage kernels (GPTQ_MARLIN_WIDE=2) against the 64-row
-    ones (GPTQ_MARLIN_WIDE=0), interleaved on the same weights, 4-bit g128 on the three main
-    shapes and per-channel on the largest (`--wide-ab` runs only this, about 60 s)."""
+    """The 128-row-stage kernels against the 64-row ones, 4-bit g128 on the three main shapes and
+    per-channel on the largest, then dequantize + cuBLAS next to the kernel at the same M (where
+    the kernel stops winning: policy.DEQUANT_THRESHOLDS)."""
     layers = [({"K": K, "N": N, "group_size": gs}, f"g{gs}")
               for K, N, gs in ((4096, 4096, 128), (4096, 14336, 128), (8192, 28672, 128), (8192, 28672, -1))]
     ms = (1, 2, 16, 32, 48, 64, 96, 128, 192, 256)
-    env_ab(rows, "GPTQ_MARLIN_WIDE", (("narrow", "0"), ("wide", "2")), layers, "wide_ab", ms=ms)
-    # The per-call dequantize + cuBLAS path at the same M: where the kernel stops winning
-    # (prepare.DEQUANT_THRESHOLDS).
+    kind_ab(rows, ("marlin:narrow", "marlin:wide"), layers, "wide_ab", ms=ms)
     for kwargs, label in layers[:3]:
         layer = Layer(**kwargs)
         for m in ms[2:]:
             x = torch.randn(m, layer.K, device="cuda", dtype=torch.float16)
             row = {"K": layer.K, "N": layer.N, "M": m, "wide_ab": 1, "layer": label,
-                   "kernel": time_calls(layer.calls("marlin", x)),
-                   "dequant": time_calls(layer.calls("marlin", x, threshold=0)),
+                   "kernel": time_calls(layer.calls("kernel", x)),
+                   "dequant": time_calls(layer.calls("dequant", x)),
                    "fp16": time_calls(layer.calls("fp16", x))}
             rows.append(row)
             print(_fmt(row) + f" {label} dequant/kernel={row['dequant'] / row['kernel']:.2f}", flush=True)
@@ -219,81 +195,33 @@ def wide_ab(rows) -> None:
 
 
 def wide4_ab(rows) -> None:
-    """The 256-row kernels (GPTQ_MARLIN_WIDE=4, double-buffered; the default on large layers)
-    against the 128-row ones (=2), interleaved (`--wide4-ab`, about 40 s)."""
+    """The 256-row kernels (double-buffered; the default on large layers up to 32 rows) against
+    the 128-row ones."""
     layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (8192, 28672))]
-    env_ab(rows, "GPTQ_MARLIN_WIDE", (("wide", "2"), ("wide4", "4")), layers, "wide4_ab", ms=(1, 2, 8, 16, 32))
+    kind_ab(rows, ("marlin:wide", "marlin:wide4"), layers, "wide4_ab", ms=(1, 2, 8, 16, 32))
 
 
 def swap_ab(rows) -> None:
-    """The swapped mma (the default at M <= 8) against the plain one (GPTQ_MARLIN_SWAP=0),
-    interleaved (`--swap-ab`, about 40 s)."""
-    layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (11008, 4096), (8192, 28672))]
-    env_ab(rows, "GPTQ_MARLIN_SWAP", (("mma", "0"), ("swap", "1")), layers, "swap_ab", ms=(1, 2, 4, 8))
+    """The swapped mma (the default at M <= 8) against the plain one, on both stage depths."""
+    layers = [({"K": K, "N": N}, "g128") for K, N in ((4096, 4096), (4096, 14336), (11008, 4096))]
+    kind_ab(rows, ("marlin:wide", "marlin:wide-swap"), layers, "swap_ab", ms=(1, 2, 4, 8))
+    kind_ab(rows, ("marlin:wide4", "marlin:wide4-swap"), [({"K": 8192, "N": 28672}, "g128")], "swap_ab",
+            ms=(1, 2, 4, 8))
 
 
-def workers_ab(rows) -> None:
-    """Fewer stream-K workers (at least GPTQ_MARLIN_MIN_STAGES stages each: 1, 4 (the
-    default), 6, 8), interleaved twice on the same weights: fewer contributors per tile for
-    the finalizer against fewer SMs streaming weights (`--workers-ab`, about 60 s). Measured:
-    4 best on 4096x4096, no difference on the larger layers (NOTES/perf-marlin.md "Fewer
-    stream-K workers")."""
-    values = ("1", "4", "6", "8")
-    for K, N in ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)):
-        layer = Layer(K, N, with_baselines=False)
-        for m in (1, 4, 16, 32, 64):
-            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
-            row = {"K": K, "N": N, "M": m, "workers_ab": 1}
-            for rep in ("", "_again"):
-                for v in values:
-                    os.environ["GPTQ_MARLIN_MIN_STAGES"] = v
-                    row[f"s{v}{rep}"] = time_calls(layer.calls("marlin", x))
-            os.environ.pop("GPTQ_MARLIN_MIN_STAGES", None)
-            rows.append(row)
-            best = {v: min(row[f"s{v}"], row[f"s{v}_again"]) for v in values}
-            print(f"{K:>5}x{N:<5} M={m:<4} " + " ".join(f"min{v}={t:.1f}" for v, t in best.items())
-                  + f" best={min(best, key=best.get)} gain={best['1'] / min(best.values()):.3f}", flush=True)
-        del layer
-        torch.cuda.empty_cache()
-
-
-def gather_ab(rows) -> None:
-    """Act-order gemm with the gather kernel against GPTQ_MARLIN_GATHER=torch (index_select),
-    interleaved on the same weights, next to the plain (no act-order) layer and the bare
-    gathers: `--gather-ab` runs only this (about 30 s)."""
-    for K, N in ((4096, 4096), (8192, 28672)):
-        plain = Layer(K, N, with_baselines=False)
-        act = Layer(K, N, act=True, with_baselines=False)
-        perm = act.marlin[0].perm
-        for m in (1, 16, 64):
-            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
-            row = {"K": K, "N": N, "M": m, "gather_ab": 1}
-            row["plain"] = time_calls(plain.calls("marlin", x))
-            for name, mode in (("act_torch", "torch"), ("act_kernel", ""), ("act_torch_again", "torch"),
-                               ("act_kernel_again", "")):
-                os.environ["GPTQ_MARLIN_GATHER"] = mode
-                row[name] = time_calls(act.calls("marlin", x))
-            os.environ.pop("GPTQ_MARLIN_GATHER", None)
-            row["index_select"] = time_calls([lambda: torch.index_select(x, 1, perm)])
-            row["gather_cols"] = time_calls([lambda: ops.gather_cols(x, perm)])
-            rows.append(row)
-            t, k = min(row["act_torch"], row["act_torch_again"]), min(row["act_kernel"], row["act_kernel_again"])
-            print(_fmt(row) + f" act-order overhead torch=+{t - row['plain']:.1f} kernel=+{k - row['plain']:.1f}",
-                  flush=True)
-        del plain, act
-        torch.cuda.empty_cache()
+def tma_ab(rows) -> None:
+    """The bulk-copy (TMA) kernels against cp.async for 8-bit weights in one slice (the default
+    on compute capability >= 9.0)."""
+    layers = [({"K": K, "N": N, "bits": 8}, "b8") for K, N in ((4096, 4096), (8192, 28672))]
+    kind_ab(rows, ("marlin:narrow", "marlin:tma"), layers, "tma_ab", ms=(1, 2, 16, 32))
 
 
 #: `--<flag>`: one A/B comparison only (function, what it times for --help).
 AB_RUNS = {
-    "finalizer-ab": (finalizer_ab, "the v3 finalizer against v2's loop (about 40 s)"),
-    "gather-ab": (gather_ab, "act-order with the gather kernel against index_select (about 30 s)"),
-    "scalefold-ab": (scalefold_ab, "the scale-fold kernels against the default (about 60 s)"),
-    "tma-ab": (tma_ab, "the bulk-copy (TMA) pipeline against cp.async (about 60 s)"),
     "wide-ab": (wide_ab, "the 128-row-stage kernels against the 64-row ones (about 90 s)"),
     "wide4-ab": (wide4_ab, "the 256-row kernels against the 128-row ones (about 40 s)"),
-    "swap-ab": (swap_ab, "the swapped mma (weights as the A operand) against the default at M <= 8 (about 40 s)"),
-    "workers-ab": (workers_ab, "fewer stream-K workers, GPTQ_MARLIN_MIN_STAGES 1/4/6/8 (about 60 s)"),
+    "swap-ab": (swap_ab, "the swapped mma (weights as the A operand) against the plain one at M <= 8 (about 40 s)"),
+    "tma-ab": (tma_ab, "8-bit bulk copies (TMA) against cp.async (about 30 s)"),
 }
 
 
@@ -309,7 +237,7 @@ def _fmt(row: dict) -> str:
 def report(rows) -> str:
     lines = []
     for policy, title in (("marlin", "per-call dequantization above the threshold (default)"),
-                          ("marlin_cached", "dense cache above the threshold (GPTQ_MARLIN_DENSE_CACHE_MB)")):
+                          ("marlin_cached", "dense cache above the threshold (option dense_cache_mb)")):
         lines += ["", f"marlin vs fp16 cuBLAS, {title}: ratio = fp16 time / marlin time [target]",
                   f"{'shape':>12} " + " ".join(f"{'M=' + str(m):>15}" for m in (1, 16, 64, 128, 256, 4096))]
         for K, N in MAIN:
@@ -388,7 +316,7 @@ def main() -> int:
     else:
         shapes = MAIN if args.quick else SHAPES
         ms = (1, 16, 64, 128, 256, 512, 1024, 4096) if args.quick else MS
-    run(shapes, ms, rows, extra=True)
+    run(shapes, ms, rows)
     if not args.no_variants:
         variants(rows)
     print(report(rows), flush=True)

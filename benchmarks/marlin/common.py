@@ -69,3 +69,24 @@ def time_calls(calls, target_ms: float = 3.0, reps: int = 5) -> float:
 def copies_for(nbytes: int, floor: int = 2, total: int = 200 << 20) -> int:
     """How many copies of a weight of nbytes keep the rotation well beyond the 50 MB L2."""
     return max(floor, math.ceil(total / max(nbytes, 1)))
+
+
+def rotated(prepared, copies: int) -> list:
+    """``prepared`` and ``copies - 1`` copies of its weights (the workspace is shared), so that a
+    rotation over them streams the weights from DRAM as a real model's layers do."""
+    import dataclasses
+
+    return [prepared] + [dataclasses.replace(prepared, tiles=prepared.tiles.clone(), scales=prepared.scales.clone())
+                         for _ in range(copies - 1)]
+
+
+def marlin_call(prepared, x: torch.Tensor, kind: int | None = None, bias: torch.Tensor | None = None):
+    """One call as the backend makes it (its dispatch policy picks the kernel), or with the
+    kernel kind given (an A/B between kinds; policy.KINDS names them)."""
+    from gptq_backend_marlin import ops, plugin
+
+    if kind is None:
+        return plugin.gptq_qmatmul(x, prepared, bias)
+    p = prepared
+    return ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.slots, p.counters, p.bits,
+                    p.group_size, p.size_n, kind)

@@ -7,7 +7,8 @@
 2. Nsight Compute, when `ncu` is installed and may read the counters: one launch of the M=1
    and the M=16 kernel on 8192x28672, with the speed-of-light, warp-state, scheduler,
    instruction and compute-pipe sections and the stall reasons per issued instruction (the
-   kernel the environment selects, e.g. GPTQ_MARLIN_WIDE=0; --tag names the reports).
+   kernel the dispatch policy picks, or --kind PATH, e.g. marlin:narrow; --tag names the
+   reports).
 
     python benchmarks/marlin/limits.py [--out DIR]
 """
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -23,22 +23,23 @@ import sys
 
 import torch
 
-from common import copies_for, gpu_packed, time_calls
-from gptq_backend_marlin import build, ops
+from common import copies_for, gpu_packed, marlin_call, rotated, time_calls
+from gptq_backend_marlin import build, policy
 from gptq_backend_marlin.prepare import prepare
 
 
+KIND: int | None = None  # --kind: the kernel to time instead of the policy's
+
+
 def gemm_calls(ps, x):
-    return [lambda p=p: ops.gemm(x, p.tiles, p.scales, p.zeros, p.perm, None, p.bits, p.group_size,
-                                 p.size_n, -1, 0) for p in ps]
+    return [lambda p=p: marlin_call(p, x, kind=KIND) for p in ps]
 
 
 def hot_cold() -> None:
     for K, N in ((8192, 8192), (4096, 14336)):
         p = prepare(gpu_packed(4, 128, True, False, K, N, seed=1), torch.device("cuda"), torch.float16)
         nbytes = p.tiles.numel() * 4 + p.scales.numel() * 2
-        cold = [p] + [dataclasses.replace(p, tiles=p.tiles.clone(), scales=p.scales.clone())
-                      for _ in range(copies_for(nbytes) - 1)]
+        cold = rotated(p, copies_for(nbytes))
         w = torch.randn(K, N, device="cuda", dtype=torch.float16)
         ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
         for m in (1, 16):
@@ -77,6 +78,8 @@ def profile(out: str, tag: str = "") -> None:
         for s in sections:
             cmd += ["--section", s]
         cmd += [sys.executable, __file__, "--one", "8192", "28672", str(m)]
+        if KIND is not None:
+            cmd += ["--kind", next(path for path, k in policy.KINDS.items() if k == KIND)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         text = proc.stdout + proc.stderr
         path = os.path.join(out, f"ncu-8192x28672-m{m}{tag}.txt")
@@ -96,7 +99,11 @@ def main() -> int:
     parser.add_argument("--one", nargs=3, type=int, metavar=("K", "N", "M"))
     parser.add_argument("--ncu-only", action="store_true", help="skip the L2 hot/cold timing")
     parser.add_argument("--tag", default="", help="suffix of the ncu report files")
+    parser.add_argument("--kind", choices=[p for p in policy.KINDS if p.startswith("marlin:")],
+                        help="time this kernel instead of the one the dispatch policy picks")
     args = parser.parse_args()
+    global KIND
+    KIND = policy.KINDS[args.kind] if args.kind else None
     build.load()
     if args.one:
         one(*args.one)
