@@ -12,8 +12,11 @@ import torch
 LIBRARY = "gptq_marlin"
 
 _lib = torch.library.Library(LIBRARY, "DEF")
-# kind: the kernel (policy.KINDS, csrc/kernels.h KernelKind) or dequantize + cuBLAS; slots and
-# counters: the stream-K workspace (workspace.py), which the op uses and leaves at zero.
+# kind: the kernel (policy.KINDS, csrc/kernels.h KernelKind) or dequantize + cuBLAS. slots and
+# counters: the stream-K workspace (workspace.py). The op leaves the counters at zero and uses the
+# slots as scratch whose contents mean nothing between calls (like cuBLAS's workspace); they
+# are declared unmutated on purpose, so that functionalization under torch.compile never
+# copies them. Calls sharing a workspace run in stream order.
 _lib.define(
     "gemm(Tensor a, Tensor b, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
     "Tensor slots, Tensor counters, int bits, int group_size, int size_n, int kind) -> Tensor"
