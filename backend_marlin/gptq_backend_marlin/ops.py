@@ -64,8 +64,10 @@ def _gather_cols_fake(x, perm):
     return x.new_empty(x.shape[0], x.shape[1])
 
 
-gemm = torch.ops.gptq_marlin.gemm
-dequantize = torch.ops.gptq_marlin.dequantize
+# The overloads themselves: a call skips resolving the packet's overload (eager decode pays
+# for every microsecond between QuantLinear.forward and the launch, docs/DESIGN.md §11).
+gemm = torch.ops.gptq_marlin.gemm.default
+dequantize = torch.ops.gptq_marlin.dequantize.default
 
 
 def gather_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

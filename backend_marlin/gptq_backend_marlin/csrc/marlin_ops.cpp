@@ -155,18 +155,18 @@ std::string kind_problem(int64_t kind, int64_t bits, int64_t k, int64_t m, int m
     return msg("marlin: kernel kind ", kind, " does not exist (0..", kKernelKinds - 1,
                " are kernels, ", static_cast<int>(kDequantCublas), " dequantize + cuBLAS)");
   const KernelTraits t = kernel_traits(static_cast<int>(kind));
-  const std::string name = msg("marlin: kernel '", t.name, "' (kind ", kind, ") ");
-  if (t.bits != 0 && t.bits != bits) return msg(name, "serves ", t.bits, "-bit weights, not ", bits, "-bit");
+  const auto name = [&] { return msg("marlin: kernel '", t.name, "' (kind ", kind, ") "); };
+  if (t.bits != 0 && t.bits != bits) return msg(name(), "serves ", t.bits, "-bit weights, not ", bits, "-bit");
   if (k % (kTileK * t.stage_tiles) != 0)
-    return msg(name, "needs K % ", kTileK * t.stage_tiles, " == 0, K=", k);
-  if (t.max_m != 0 && m > t.max_m) return msg(name, "serves at most ", t.max_m, " rows, M=", m);
+    return msg(name(), "needs K % ", kTileK * t.stage_tiles, " == 0, K=", k);
+  if (t.max_m != 0 && m > t.max_m) return msg(name(), "serves at most ", t.max_m, " rows, M=", m);
   if (m_blocks > built_m_blocks(static_cast<int>(kind), static_cast<int>(bits)))
-    return msg(name, "serves at most ", 16 * built_m_blocks(static_cast<int>(kind), static_cast<int>(bits)),
+    return msg(name(), "serves at most ", 16 * built_m_blocks(static_cast<int>(kind), static_cast<int>(bits)),
                " rows per slice, M=", m);
   if (t.copy == CopyEngine::kBulk && slices != 1)
-    return msg(name, "serves one slice (M <= ", 16 * max_m_blocks(static_cast<int>(bits)), "), M=", m);
+    return msg(name(), "serves one slice (M <= ", 16 * max_m_blocks(static_cast<int>(bits)), "), M=", m);
   if (cc_major < t.min_cc_major)
-    return msg(name, "needs compute capability >= ", t.min_cc_major, ".0, this GPU has ", cc_major, ".x");
+    return msg(name(), "needs compute capability >= ", t.min_cc_major, ".0, this GPU has ", cc_major, ".x");
   return "";
 }
 
