@@ -227,12 +227,18 @@ def part_compile(args) -> None:
                     res = reference_error(compiled(x).clone(), x, packed)
                     if not res.ok:
                         fail(f"torch.compile reduce-overhead M={m} call {i}: {res.message}")
+            # Per call at M=1: a replay plus guards. Far above the kernel's time would mean the
+            # trees copy the prepared tensors (a workspace of ~34 MB) into static inputs per call.
+            x1 = random_activations(1, 4096, dtype=torch.float16, seed=5, device=DEV)
+            report["compiled_m1_us"] = eager_us(lambda: compiled(x1), calls=500)
+            report["layer_graph_m1_us"] = time_calls([lambda: layer(x1)])
     except Exception:
         fail(f"torch.compile reduce-overhead: {traceback.format_exc(limit=6)}")
     finally:
         torch._dynamo.reset()
     say(f"compile: QuantLinear under torch.compile(mode='reduce-overhead', fullgraph=True), "
-        f"M=1/16/300, {time.perf_counter() - started:.1f} s")
+        f"M=1/16/300, {time.perf_counter() - started:.1f} s; M=1 per call {report.get('compiled_m1_us', 0):.1f} us "
+        f"(the layer's graph replay: {report.get('layer_graph_m1_us', 0):.1f} us)")
 
 
 # ------------------------------------------------------------------------------------ timing
