@@ -11,8 +11,11 @@ export OMP_NUM_THREADS=1
 python -m pytest -q -n 2 tests
 # The portable backends' own tests (torch reference, triton through its interpreter).
 python -m pytest -q -n 2 backends/tests
-# The Marlin backend's CPU-side tests: tile repack, probe, and an nvcc build of its CUDA sources.
+# The Marlin backend's CPU-side tests: tile repack, policy, options, and an nvcc build of its
+# CUDA sources with SASS checks.
 python -m pytest -q -n 2 backend_marlin/tests
+# The conformance suite's own tests (its case plans, its meta checks).
+python -m pytest -q -n 2 conformance_tests/tests
 # The conformance suite (gptq-conformance) against each backend that runs on this CPU:
 # the torch reference, and the example third-party backend through its own test file.
 python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=torch
