@@ -62,7 +62,7 @@ case " $* " in *" marlin "*) ;; *) step build 240 $PY -m gptq_backend_marlin.bui
 
 for name in "$@"; do
     case $name in
-        marlin) step marlin 240 $PY benchmarks/marlin/h200_check.py --parts build,sweep,timing,overhead,capture \
+        marlin) step marlin 240 $PY benchmarks/marlin/h200_check.py --parts "${MARLIN_PARTS:-build,sweep,timing,overhead,capture}" \
                     --build-dir "$GPTQ_MARLIN_BUILD_DIR" --out "$OUT" ;;
         triton) step triton 200 $PY benchmarks/triton_h200_check.py --out "$OUT" ;;
         bench) step bench 180 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 \
@@ -74,7 +74,7 @@ for name in "$@"; do
         fusion) step fusion 180 $PY benchmarks/fusion_h200_check.py --backends marlin,triton ;;
         explain) step explain 150 $PY -m pytest -q -s tests/test_cli_explain.py -k gpu ;;
         gen-fast) step gen-fast 270 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-1,8}" \
-                      --modes eager,fast --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-fast.json" ;;
+                      --modes "${GEN_MODES:-eager,fast}" --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-fast.json" ;;
         gen-static) step gen-static 200 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch 1 \
                         --modes static --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-static.json" ;;
         generate) step generate 480 bash benchmarks/gpu_generate.sh check llama2 ;;
