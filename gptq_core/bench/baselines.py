@@ -37,6 +37,9 @@ class Implementation:
     weight_bytes: int
     note: str = ""
     kind: str = "backend"  # "dense" (the cuBLAS baseline), "tinygemm" or "backend"
+    #: What a model's forward calls, timed eagerly (QuantLinear.forward for backends); None:
+    #: ``calls`` themselves.
+    eager_calls: list[Callable[[torch.Tensor], torch.Tensor]] | None = None
 
 
 def fp16_baseline(copies: list[PackedWeight], dtype: torch.dtype) -> Implementation:

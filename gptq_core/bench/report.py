@@ -18,7 +18,8 @@ def _fmt(v: float, spec: str) -> str:
 
 
 def table(rows: list[Result]) -> str:
-    """One block per shape: a line per M, for each implementation us, TB/s and speed-ups."""
+    """One block per shape: a line per M, for each implementation its graph-replay us, its
+    eager us (called from Python one after another), TB/s and speed-ups."""
     out = []
     shapes = OrderedDict((r.shape, (r.k, r.n)) for r in rows)
     for shape, (k, n) in shapes.items():
@@ -26,7 +27,7 @@ def table(rows: list[Result]) -> str:
         impls = list(OrderedDict.fromkeys(r.impl for r in sub if r.m))
         cols = ["M"]
         for i in impls:
-            cols += [f"{i} us", "TB/s", "x fp16"] + ([] if i in ("fp16", "tinygemm") else ["x tiny"])
+            cols += [f"{i} us", "eager", "TB/s", "x fp16"] + ([] if i in ("fp16", "tinygemm") else ["x tiny"])
         lines = [cols]
         for m in sorted({r.m for r in sub if r.m}):
             line = [str(m)]
@@ -34,9 +35,9 @@ def table(rows: list[Result]) -> str:
                 r = next((r for r in sub if r.m == m and r.impl == i), None)
                 extra = i not in ("fp16", "tinygemm")
                 if r is None or r.status != "ok":
-                    line += ["FAIL" if r is not None else "-", "-", "-"] + (["-"] if extra else [])
+                    line += ["FAIL" if r is not None else "-", "-", "-", "-"] + (["-"] if extra else [])
                     continue
-                line += [_fmt(r.us, ".1f"), _fmt(r.tbps, ".2f"), _fmt(r.x_fp16, ".2f")]
+                line += [_fmt(r.us, ".1f"), _fmt(r.eager_us, ".1f"), _fmt(r.tbps, ".2f"), _fmt(r.x_fp16, ".2f")]
                 if extra:
                     line.append(_fmt(r.x_tinygemm, ".2f"))
             lines.append(line)

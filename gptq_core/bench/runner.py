@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..device import DeviceInfo, default_device
+from .. import selector
 from ..errors import GPTQError
+from ..quant_linear import QuantLinear
 from ..registry import get_registry
 from ..spec import LayerSpec
 from .baselines import Implementation, fp16_baseline, tinygemm_baseline, tinygemm_reason
@@ -41,6 +43,7 @@ class Result:
     x_tinygemm: float = math.nan
     rel_err: float = math.nan
     method: str = ""
+    eager_us: float = math.nan  # per call issued eagerly (QuantLinear.forward for backends)
     copies: int = 0
     note: str = ""
 
@@ -106,9 +109,21 @@ def _implementations(cfg, device, info, spec, weights, rows, base) -> list[Imple
             continue
         qm = backend.qmatmul
         calls = [lambda x, p=p, qm=qm: qm(x, p, None) for p in prepared]
+        layers = [_bound_layer(w, p, backend, info, spec) for w, p in zip(weights, prepared)]
         impls.append(Implementation(backend.name, calls, cfg.dtype, format_bytes(weights[0]),
-                                    f"{backend.info.distribution} {backend.info.version}"))
+                                    f"{backend.info.distribution} {backend.info.version}",
+                                    eager_calls=[layer.forward for layer in layers]))
     return impls
+
+
+def _bound_layer(weight, prepared, backend, info: DeviceInfo, spec: LayerSpec) -> QuantLinear:
+    """A :class:`QuantLinear` over ``weight`` bound to ``prepared`` (no second prepare), so the
+    eager column times what a model's forward pays, QuantLinear's own checks included."""
+    layer = QuantLinear.from_packed(weight, backend=backend.name, act_dtype=None)
+    chain = selector.plan(spec, info, backend.name)
+    layer._bindings[spec.act_dtype] = selector.Binding(backend, prepared, chain)
+    layer._use(layer._bindings[spec.act_dtype], spec.act_dtype)
+    return layer
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = print,
@@ -159,9 +174,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print,
                         r.status = "check failed"
                         r.note = f"relative error {err:.3g} > {MAX_ERROR[impl.dtype]:g}; not timed"
                     else:
+                        eager = [lambda c=c: c(xi) for c in impl.eager_calls or impl.calls]
                         t = time_calls([lambda c=c: c(xi) for c in impl.calls], device,
-                                       cfg.target_seconds)
-                        r.us, r.method = t.us, t.method
+                                       cfg.target_seconds, eager_calls=eager)
+                        r.us, r.method, r.eager_us = t.us, t.method, t.eager_us
                         moved = impl.weight_bytes + m * k * xi.element_size() + m * n * xi.element_size()
                         r.tbps = moved / (t.us * 1e-6) / 1e12
                 except GPTQError as exc:

@@ -22,6 +22,9 @@ class Timing:
     us: float  # median microseconds per call
     method: str  # "cuda-graph", "cuda-events" or "wall-clock"
     samples: int
+    #: Median microseconds per call issued eagerly from Python, one after another (what an
+    #: eager decode loop pays: the kernel or the host's launch path, whichever is longer).
+    eager_us: float = float("nan")
 
 
 def _run_all(calls: list[Callable[[], object]]) -> None:
@@ -42,8 +45,10 @@ def _cuda_median(run: Callable[[], None], reps: int) -> float:
 
 
 def time_calls(calls: list[Callable[[], object]], device: torch.device,
-               target_seconds: float = 0.05, max_reps: int = 100) -> Timing:
-    """Median time per call of ``calls`` (each already compiled/tuned by one warm-up run)."""
+               target_seconds: float = 0.05, max_reps: int = 100,
+               eager_calls: list[Callable[[], object]] | None = None) -> Timing:
+    """Median time per call of ``calls`` (each already compiled/tuned by one warm-up run);
+    ``eager_calls`` (default ``calls``) are also timed issued eagerly, on CUDA."""
     n = len(calls)
     if device.type != "cuda":
         times = []
@@ -52,7 +57,10 @@ def time_calls(calls: list[Callable[[], object]], device: torch.device,
             t0 = time.perf_counter()
             _run_all(calls)
             times.append((time.perf_counter() - t0) / n)
-        return Timing(statistics.median(times) * 1e6, "wall-clock", len(times))
+        us = statistics.median(times) * 1e6
+        return Timing(us, "wall-clock", len(times), us)
+    eager = calls if eager_calls is None else eager_calls
+    _run_all(eager)  # warm-up of the eager path (its own binding, caches)
 
     _run_all(calls)  # warm-up: compile, tune, allocate
     torch.cuda.synchronize()
@@ -70,8 +78,10 @@ def time_calls(calls: list[Callable[[], object]], device: torch.device,
         graph.replay()
         torch.cuda.synchronize()
         us = _cuda_median(graph.replay, reps) / n
-        return Timing(us, "cuda-graph", reps)
+        method = "cuda-graph"
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
         torch.cuda.synchronize()
         us = _cuda_median(lambda: _run_all(calls), reps) / n
-        return Timing(us, "cuda-events", reps)
+        method = "cuda-events"
+    eager_us = _cuda_median(lambda: _run_all(eager), reps) / len(eager)
+    return Timing(us, method, reps, eager_us)
