@@ -278,3 +278,17 @@ def test_cli_generate_fast_prints_the_same_story(capsys):
     plain = capsys.readouterr().out
     assert main([*args, "--fast"]) == 0
     assert capsys.readouterr().out == plain and plain.startswith(PROMPTS[0]) and len(plain) > len(PROMPTS[0]) + 40
+
+
+def test_a_prefill_only_call_keeps_the_path_of_the_last_decode(model, tokenizer):
+    """The bench times a one-token call after the full ones; that call runs no decode step, so
+    it must not relabel how the decode steps ran."""
+    fast = FastGenerator(model)
+    ids = ids_of(tokenizer, PROMPTS[0])
+    fast.generate(ids, max_new_tokens=4)
+    fast.cuda_graphs = False  # any change of path would show
+    fast.last_path = "marker"
+    fast.generate(ids, max_new_tokens=1)
+    assert fast.last_path == "marker"
+    fast.generate(ids, max_new_tokens=2)
+    assert fast.last_path == "eager"

@@ -237,7 +237,9 @@ class FastGenerator:
             done_steps += chunk
             if eos and done_steps < steps and bool(s.done.all()):
                 break
-        self.last_path = ("cuda-graph" if graph is not None else "eager") + (" compiled" if self._compiled is not None else "")
+        if steps:  # a prefill-only call (one new token) says nothing about how decode steps ran
+            self.last_path = ("cuda-graph" if graph is not None else "eager") + (
+                " compiled" if self._compiled is not None else "")
         produced = done_steps + 1
         out = s.out[:, :produced]
         if eos and bool(s.done.all()):
