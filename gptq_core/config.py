@@ -9,6 +9,7 @@ wrote: ``wbits``, ``w_bit``, ``groupsize``, ``q_group_size``, ``format``, ``vers
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,31 @@ _SYNONYMS = {
     "act_order": "desc_act",
     "damp": "damp_percent",
 }
+
+
+#: Fields that must be real bools: the string "false" is truthy, so accepting it would quantize
+#: with the opposite of what was asked.
+_BOOL_FIELDS: tuple[str, ...] = ("desc_act", "sym", "true_sequential", "static_groups")
+
+
+def _check_int(name: str, value: Any) -> None:
+    """An int field must hold an int: ``bits=4.7`` is refused, not truncated to 4."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"{name}={value!r} is not an integer; pass a whole number such as 4")
+
+
+def _check_real(name: str, value: Any) -> None:
+    """A float field must hold a finite number: NaN passes every range comparison unnoticed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{name}={value!r} is not a finite number; pass a float such as 0.01")
+
+
+def _as_int(value: Any) -> Any:
+    """Peers' configs sometimes write ``"bits": "4"``; a digit string becomes the int, anything
+    else is left for :meth:`QuantizeConfig.validate` to refuse by name."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 @dataclass
@@ -50,20 +76,40 @@ class QuantizeConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field's type and range in one place: the constructor, ``from_dict`` (configs
+        read from disk) and the CLI all come through here, so a bad value never reaches a checkpoint."""
+        _check_int("bits", self.bits)
         check_bits(self.bits)
+        _check_int("group_size", self.group_size)
         check_group_size(self.group_size)
-        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise FormatError(
+                    f"{name}={value!r} is not a bool; pass True or False (JSON true/false), "
+                    "not a string or number"
+                )
+        if not isinstance(self.checkpoint_format, str) or self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise FormatError(
                 f"checkpoint_format={self.checkpoint_format!r} cannot be read or written by "
                 f"gptq-core; supported: {sorted(CHECKPOINT_FORMATS)} (repack other formats such "
                 "as marlin or bitblas from their GPTQ source)"
             )
+        _check_real("damp_percent", self.damp_percent)
         if not 0 < self.damp_percent < 1:
             raise FormatError(f"damp_percent={self.damp_percent} must lie in (0, 1), e.g. 0.01")
+        _check_real("damp_auto_increment", self.damp_auto_increment)
         if self.damp_auto_increment < 0:
-            raise FormatError("damp_auto_increment must be >= 0")
+            raise FormatError(
+                f"damp_auto_increment={self.damp_auto_increment} must be >= 0, e.g. 0.0025"
+            )
+        _check_real("mse", self.mse)
         if self.mse < 0:
-            raise FormatError("mse (the MSE scale-search norm) must be 0 (off) or positive, e.g. 2.4")
+            raise FormatError(
+                f"mse={self.mse} (the MSE scale-search norm) must be 0 (off) or positive, e.g. 2.4"
+            )
+        if not isinstance(self.meta, dict):
+            raise FormatError(f"meta={self.meta!r} must be a dict (a JSON object)")
 
     @property
     def zero_format(self) -> ZeroFormat:
@@ -119,7 +165,10 @@ class QuantizeConfig:
         elif fmt == "v2":
             fmt = "gptq_v2"
         if "zero_point" in data and "sym" not in data:
-            data["sym"] = not bool(data.pop("zero_point"))
+            zero_point = data.pop("zero_point")
+            if not isinstance(zero_point, bool):
+                raise FormatError(f"{source}: zero_point={zero_point!r} is not a bool; write true or false")
+            data["sym"] = not zero_point
         meta = data.pop("meta", None) or {}
         if not isinstance(meta, dict):
             meta = {}
@@ -132,10 +181,10 @@ class QuantizeConfig:
             kwargs["group_size"] = -1
         if kwargs.get("damp_percent") is None:
             kwargs.pop("damp_percent", None)
+        for k in ("bits", "group_size"):
+            if k in kwargs:
+                kwargs[k] = _as_int(kwargs[k])
         try:
-            for k in ("bits", "group_size"):
-                if k in kwargs:
-                    kwargs[k] = int(kwargs[k])
             return cls(checkpoint_format=fmt, meta=meta, **kwargs)
         except FormatError as exc:
             raise FormatError(f"{source}: {exc}") from None

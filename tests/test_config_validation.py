@@ -1,0 +1,73 @@
+"""QuantizeConfig refuses every wrong type and out-of-range value by name, in the constructor,
+in ``from_dict`` and when read from a checkpoint folder (issue 12: values that slipped through
+were quantized with the opposite meaning or wrote checkpoints that could not be loaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gptq_core import QuantizeConfig
+from gptq_core.checkpoint import read_quantize_config
+from gptq_core.errors import CheckpointError, FormatError
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("bits", 4.7, r"bits=4\.7 is not an integer"),
+        ("bits", "four", r"bits='four' is not an integer"),
+        ("bits", True, r"bits=True is not an integer"),
+        ("group_size", 128.0, r"group_size=128\.0 is not an integer"),
+        ("sym", "false", r"sym='false' is not a bool"),
+        ("desc_act", 1, r"desc_act=1 is not a bool"),
+        ("true_sequential", "yes", r"true_sequential='yes' is not a bool"),
+        ("static_groups", None, r"static_groups=None is not a bool"),
+        ("damp_percent", math.nan, r"damp_percent=nan is not a finite number"),
+        ("damp_percent", "0.01", r"damp_percent='0.01' is not a finite number"),
+        ("damp_auto_increment", math.inf, r"damp_auto_increment=inf is not a finite number"),
+        ("mse", math.nan, r"mse=nan is not a finite number"),
+        ("mse", -math.inf, r"mse=-inf is not a finite number"),
+        ("checkpoint_format", ["gptq"], r"checkpoint_format=\['gptq'\] cannot be read or written"),
+        ("meta", [], r"meta=\[\] must be a dict"),
+    ],
+)
+def test_constructor_refuses_wrong_types_by_name(field, value, message):
+    with pytest.raises(FormatError, match=message):
+        QuantizeConfig(**{field: value})
+
+
+def test_replace_validates_too():
+    with pytest.raises(FormatError, match="sym='false' is not a bool"):
+        QuantizeConfig().replace(sym="false")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"bits": "four"}, r"config.json: bits='four' is not an integer"),
+        ({"bits": 4.7}, r"config.json: bits=4\.7 is not an integer"),
+        ({"sym": "false"}, r"config.json: sym='false' is not a bool"),
+        ({"zero_point": "true"}, r"config.json: zero_point='true' is not a bool"),
+        ({"meta": {"mse": math.nan}}, r"config.json: mse=nan is not a finite number"),
+        ({"damp_percent": "0.1"}, r"config.json: damp_percent='0.1' is not a finite number"),
+    ],
+)
+def test_from_dict_refuses_by_source_and_field(raw, message):
+    with pytest.raises(FormatError, match=message):
+        QuantizeConfig.from_dict(raw, source="config.json")
+
+
+def test_checkpoint_folder_with_bad_value_names_file_and_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": "four", "group_size": 128}))
+    with pytest.raises(CheckpointError, match=r"quantize_config.json: bits='four' is not an integer"):
+        read_quantize_config(tmp_path)
+
+
+def test_valid_values_still_pass():
+    cfg = QuantizeConfig(bits=3, group_size=-1, sym=False, desc_act=True, damp_percent=0.1, mse=2.4,
+                         damp_auto_increment=0, checkpoint_format="gptq_v2")
+    assert QuantizeConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
