@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ._version import __version__
 from .errors import FormatError
 from .format import ZeroFormat, check_group_size
@@ -188,3 +190,27 @@ class QuantizeConfig:
             return cls(checkpoint_format=fmt, meta=meta, **kwargs)
         except FormatError as exc:
             raise FormatError(f"{source}: {exc}") from None
+
+
+#: dtypes a checkpoint's non-quantized tensors (embeddings, norms, head) may be saved in: the
+#: float types every peer loader reads. An integer dtype would cast float weights to integers.
+SAVE_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+def check_save_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The ``torch_dtype`` of ``save_quantized`` as a torch dtype (``None``: keep the model's),
+    or a clear error for anything but float16, bfloat16 and float32 (given as dtype or name)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in SAVE_DTYPES:
+        return SAVE_DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in SAVE_DTYPES.values():
+        return dtype
+    raise FormatError(
+        f"torch_dtype={dtype!r} cannot hold a checkpoint's float tensors; use one of "
+        f"{', '.join('torch.' + name for name in SAVE_DTYPES)} (or None to keep the model's dtype)"
+    )

@@ -8,9 +8,11 @@ import json
 import math
 
 import pytest
+import torch
 
 from gptq_core import QuantizeConfig
 from gptq_core.checkpoint import read_quantize_config
+from gptq_core.config import check_save_dtype
 from gptq_core.errors import CheckpointError, FormatError
 
 
@@ -71,3 +73,15 @@ def test_valid_values_still_pass():
     cfg = QuantizeConfig(bits=3, group_size=-1, sym=False, desc_act=True, damp_percent=0.1, mse=2.4,
                          damp_auto_increment=0, checkpoint_format="gptq_v2")
     assert QuantizeConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, "bfloat16", "torch.float32"])
+def test_save_dtype_accepts_the_float_types(dtype):
+    assert check_save_dtype(dtype) in (torch.float16, torch.bfloat16, torch.float32)
+    assert check_save_dtype(None) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, torch.bool, "int8", 16])
+def test_save_dtype_refuses_others_with_the_fix(dtype):
+    with pytest.raises(FormatError, match=r"cannot hold a checkpoint's float tensors; use one of torch.float16"):
+        check_save_dtype(dtype)
