@@ -146,6 +146,7 @@ class AutoGPTQForCausalLM:
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         fuse: bool = True,
         fast: bool = False,
+        verify: bool = True,
     ) -> AutoGPTQForCausalLM:
         """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend.
 
@@ -153,9 +154,10 @@ class AutoGPTQForCausalLM:
         (``gptq backends list --options`` lists them); unknown names are an error.
         ``fuse=False`` keeps q/k/v and gate/up as separate matmuls (see ``load_quantized``).
         ``fast=True`` makes :meth:`generate` use gptq-core's decode path (:meth:`fast_generate`).
+        ``verify=False`` skips checking the weights against ``gptq_manifest.json`` (faster).
         """
         model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code,
-                               backend_options=backend_options, fuse=fuse)
+                               backend_options=backend_options, fuse=fuse, verify=verify)
         wrapper = cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
         wrapper.fast = fast
         return wrapper

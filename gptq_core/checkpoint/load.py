@@ -29,6 +29,7 @@ from ..quant_linear import QuantLinear
 from .configs import check_model_dir, read_json, read_quantize_config
 from .files import GENERATION_CONFIG_FILE, QUANTIZE_CONFIG_FILE
 from .inventory import TensorEntry, load_tensors, read_inventory, weight_files
+from .manifest import verify_files
 from .save import tied_weight_keys
 from .skeleton import build_skeleton, load_config
 from .validate import QUANT_TENSORS, check_entry, check_layer_values
@@ -209,6 +210,7 @@ def load_quantized(
     quantize_config: QuantizeConfig | None = None,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     fuse: bool = True,
+    verify: bool = True,
 ) -> nn.Module:
     """Load a GPTQ checkpoint folder as a transformers causal LM whose linears are QuantLinear.
 
@@ -220,6 +222,8 @@ def load_quantized(
     one input (q/k/v, gate/up; the architecture table's fusion groups) by one matmul over
     their concatenated weights (docs/DESIGN.md §11; ``gptq_core.fusion``); the module names,
     ``state_dict`` keys and saved checkpoint stay those of the separate layers.
+    ``verify`` checks the weight files against the checkpoint's ``gptq_manifest.json`` (when
+    it has one; peers' checkpoints do not); ``verify=False`` skips hashing for speed.
     Every layer is bound before returning.
     """
     from ..models import replace_with_quant_linear
@@ -272,6 +276,8 @@ def load_quantized(
     sources = {k: e.file.name for k, e in inventory.items()}
     for name, layer in layers.items():
         check_layer_values(name, layer, sources)
+    if verify:  # after the checks above, whose errors name what is wrong more precisely
+        verify_files(path, files)
 
     del stored, tensors, state, expected  # the modules hold what is needed now
     model.to(dev)

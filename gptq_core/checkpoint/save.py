@@ -33,6 +33,7 @@ from .files import (
     plan_shards,
     shard_names,
 )
+from .manifest import write_manifest
 
 DEFAULT_MAX_SHARD_SIZE = "4GB"
 _QUANT_SUFFIXES = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx")
@@ -192,7 +193,8 @@ def save_quantized(
     (fp16, as the peers do; None keeps the model's). Tokenizer files come from ``tokenizer``
     or from ``source_dir`` (default: the folder the model was loaded from). ``extra_files``
     maps a file name in the checkpoint to a path to copy or bytes to write (e.g. the
-    quantization log). The folder appears complete or not at all; an existing non-empty
+    quantization log). ``gptq_manifest.json`` records every weight file's size and sha256 for
+    the loader to verify (``gptq_core.checkpoint.manifest``). The folder appears complete or not at all; an existing non-empty
     ``out_dir`` is replaced only with ``overwrite=True``.
     """
     layers = packed_weights_of(model, packed)
@@ -204,7 +206,7 @@ def save_quantized(
     tensors = checkpoint_names(model, quantized_state_dict(model, layers, config, torch_dtype))
     source = _source_dir(model, source_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        write_weights(tensors, tmp, max_shard_size)
+        weight_names = write_weights(tensors, tmp, max_shard_size)
         write_configs(model, config, tmp, torch_dtype)
         if source is not None and (source / GENERATION_CONFIG_FILE).is_file():
             shutil.copyfile(source / GENERATION_CONFIG_FILE, tmp / GENERATION_CONFIG_FILE)
@@ -223,4 +225,5 @@ def save_quantized(
                 target.write_bytes(content)
             else:
                 shutil.copyfile(content, target)
+        write_manifest(tmp, weight_names)  # last: it vouches for the files as written
     return Path(out_dir)
