@@ -4,12 +4,16 @@ exit 2 for usage errors, 1 for runtime failures, no traceback unless ``gptq --de
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
 from gptq_core.cli import backends as backends_cli
 from gptq_core.cli.main import main
-from gptq_core.errors import CheckpointError
+from gptq_core.errors import CalibrationError, CheckpointError
+from gptq_core.quantize import prepare_calibration, token_stream
+
+STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
 
 #: (exception escaping a command, exit code, text the one-line error must hold)
 FAILURES = [
@@ -48,3 +52,40 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
     assert main(["--debug", "backends", "list"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().endswith("(a runtime failure; `gptq --debug ...` shows the traceback)")
+
+
+# ---------------------------------------------------------------------------- text files
+
+#: (file name, bytes, text the error must hold): text that is not UTF-8, and binary data.
+NOT_TEXT = [
+    ("latin1.txt", "Once upon a time, a café.".encode("latin-1"), "not UTF-8 text"),
+    ("records.jsonl", '{"text": "na\xefve"}\n'.encode("latin-1"), "not UTF-8 text"),
+    ("weights.txt", bytes(range(256)) * 8, "binary"),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "text"), NOT_TEXT, ids=[n for n, _, _ in NOT_TEXT])
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path, name, raw, text):
+    path = tmp_path / name
+    path.write_bytes(raw)
+    with pytest.raises(CalibrationError, match=f"calibration file '{path}' is {text}"):
+        prepare_calibration(path, None, nsamples=1, seqlen=4)
+    with pytest.raises(CalibrationError, match=f"text file '{path}' is"):
+        token_stream(path)
+
+
+def test_a_folder_given_as_a_file_is_named(tmp_path):
+    with pytest.raises(CalibrationError, match="is a folder; give a text"):
+        prepare_calibration(tmp_path, None, nsamples=1, seqlen=4)
+    with pytest.raises(CalibrationError, match=f"text file '{tmp_path}' is a folder"):
+        token_stream(tmp_path)
+
+
+def test_gptq_eval_on_binary_text_is_one_line(tmp_path, capsys):
+    """The whole path through the CLI: exit 2, the file named, the word "text" (eval does not
+    calibrate)."""
+    path = tmp_path / "eval.txt"
+    path.write_bytes(b"\xdf\xff" * 100)
+    assert main(["eval", str(STORIES), "--text", str(path), "--window", "64"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' load progress
+    assert last.startswith("gptq eval: error: text file") and f"'{path}' is not UTF-8 text" in last

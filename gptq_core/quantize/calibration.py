@@ -21,6 +21,7 @@ seeded generator: distinct non-overlapping windows when the stream is long enoug
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -42,33 +43,49 @@ Docs = list[torch.Tensor]
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_text_file(path: Path) -> list[str]:
+def _read_utf8(path: Path, role: str) -> str:
+    """The file's text, or one error naming the file when it is binary or not UTF-8."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise CalibrationError(
+            f"{role} file '{path}' is binary (it holds NUL bytes), not UTF-8 text; give a plain "
+            "text, .jsonl or .json file"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"{role} file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); convert "
+            "it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or give a UTF-8 text file"
+        ) from None
+
+
+def _read_text_file(path: Path, role: str) -> list[str]:
     docs, current = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip() == DOCUMENT_SEPARATOR:
-                docs.append("".join(current))
-                current = []
-            else:
-                current.append(line)
+    for line in io.StringIO(_read_utf8(path, role), newline=None):  # lines as open() gives them
+        if line.strip() == DOCUMENT_SEPARATOR:
+            docs.append("".join(current))
+            current = []
+        else:
+            current.append(line)
     docs.append("".join(current))
     return docs
 
 
-def _read_json_file(path: Path, text_field: str) -> list[Any]:
+def _read_json_file(path: Path, text_field: str, role: str) -> list[Any]:
+    text = _read_utf8(path, role)
     if path.suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise CalibrationError(f"{path}, line {number}: not valid JSON ({exc})") from None
+        for number, line in enumerate(io.StringIO(text, newline=None), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path}, line {number}: not valid JSON ({exc})") from None
         return records
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CalibrationError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, list):
@@ -121,19 +138,26 @@ def _as_token_tensor(ids: Any, where: str) -> torch.Tensor:
     return t.reshape(-1).long()
 
 
-def _collect(data: Any, text_field: str) -> tuple[list[str], Docs, str]:
-    """(texts, token documents, description of the source) for any accepted data."""
+def _collect(data: Any, text_field: str, role: str) -> tuple[list[str], Docs, str]:
+    """(texts, token documents, description of the source) for any accepted data.
+
+    ``role`` names the data in errors ("calibration" or "text"): eval reads text through here too.
+    """
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
+        if path.is_dir():
+            raise CalibrationError(
+                f"{role} file '{data}' is a folder; give a text, .jsonl or .json file inside it"
+            )
         if not path.is_file():
             raise CalibrationError(
-                f"calibration file '{data}' does not exist (to calibrate on text itself, pass "
-                "a list of strings)"
+                f"{role} file '{data}' does not exist (to use text itself, pass a list of strings)"
             )
         if path.suffix in (".jsonl", ".json"):
-            texts, tokens = _records_to_docs(_read_json_file(path, text_field), text_field, str(path))
+            records = _read_json_file(path, text_field, role)
+            texts, tokens = _records_to_docs(records, text_field, str(path))
             return texts, tokens, str(path)
-        return _read_text_file(path), [], str(path)
+        return _read_text_file(path, role), [], str(path)
     if isinstance(data, torch.Tensor):
         if data.dim() not in (1, 2):
             raise CalibrationError(f"a token id tensor must be [T] or [n, T], got {tuple(data.shape)}")
@@ -186,7 +210,7 @@ def token_stream(data: Any, tokenizer: Any = None, text_field: str = "text") -> 
 
     Accepts everything :func:`prepare_calibration` does; also what perplexity is measured on.
     """
-    texts, tokens, _ = _collect(data, text_field)
+    texts, tokens, _ = _collect(data, text_field, "text")
     docs = tokens + _tokenize(texts, tokenizer)
     if not docs:
         return torch.zeros(0, dtype=torch.long)
@@ -208,7 +232,7 @@ def prepare_calibration(
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
         if not isinstance(value, int) or value <= 0:
             raise CalibrationError(f"{name} must be a positive integer, got {value!r}")
-    texts, tokens, where = _collect(data, text_field)
+    texts, tokens, where = _collect(data, text_field, "calibration")
     docs = tokens + _tokenize(texts, tokenizer)
     stream = torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long)
     total, wanted = stream.numel(), nsamples * seqlen
