@@ -96,6 +96,33 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def check_apart(
+    out_dir: str | os.PathLike, *, what: str = "output folder", **others: str | os.PathLike | None
+) -> None:
+    """Refuse a folder the run writes (``what``) that is, contains or lies inside another one.
+
+    ``others`` names the folders by their role (``model_dir=..., work_dir=...``): replacing
+    the output would otherwise delete the float model or the run's progress.
+    """
+    out = Path(out_dir).resolve()
+    for role, other in others.items():
+        if other is None:
+            continue
+        theirs = Path(other).resolve()
+        name = role.replace("_", " ")
+        if out == theirs:
+            relation = f"is the {name}"
+        elif theirs.is_relative_to(out):
+            relation = f"contains the {name} {theirs}"
+        elif out.is_relative_to(theirs):
+            relation = f"lies inside the {name} {theirs}"
+        else:
+            continue
+        raise CheckpointError(
+            f"{what} {out} {relation}; writing there could destroy it: choose a {what} outside it"
+        )
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():

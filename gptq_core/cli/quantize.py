@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..checkpoint.files import check_target
+from ..checkpoint.files import check_apart, check_target
 
 
 def default_work_dir(output_dir: str | Path) -> Path:
@@ -50,8 +50,10 @@ def _run(args: argparse.Namespace) -> int:
     from ..auto import AutoGPTQForCausalLM
 
     out = Path(args.output_dir)
-    check_target(out.absolute(), args.overwrite)  # fail before hours of work, not after
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(out)
+    check_apart(out, model_dir=args.model_dir, work_dir=work_dir)  # before anything is written
+    check_apart(work_dir, what="work folder", model_dir=args.model_dir)
+    check_target(out.absolute(), args.overwrite)  # fail before hours of work, not after
     config = quantize_config_from_args(args)
     start = time.perf_counter()
     model = AutoGPTQForCausalLM.from_pretrained(args.model_dir, config, torch_dtype=args.dtype)
