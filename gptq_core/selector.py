@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .options import BackendOptions, check_backend_names, parse_value
 from .policy import DispatchPolicy
 from .registry import BACKEND_ENV, Registry, get_registry, names_from_env
 from .spec import LayerSpec
+
+logger = logging.getLogger("gptq_core.selector")
 
 INSTALL_HINT = (
     "install more backends with `pip install gptq-core[all]` (or [cuda], [marlin], [exllama], "
@@ -173,6 +176,10 @@ class Selector:
                     b = registry.get(name)
                 except GPTQError as exc:
                     rejected[name] = [str(exc)]
+                    if name in registry.disabled:  # asked for by name: never skip it silently
+                        logger.warning("backend %r was asked for but is %s, so it is skipped; "
+                                       "remove it from that variable to use it", name,
+                                       registry.disabled[name].reason)
                     continue
                 reasons = b.reasons(device, spec)
                 if reasons:

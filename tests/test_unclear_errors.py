@@ -89,3 +89,40 @@ def test_gptq_eval_on_binary_text_is_one_line(tmp_path, capsys):
     assert main(["eval", str(STORIES), "--text", str(path), "--window", "64"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' load progress
     assert last.startswith("gptq eval: error: text file") and f"'{path}' is not UTF-8 text" in last
+
+
+# ---------------------------------------------------------------------------- disabled backends
+@pytest.fixture
+def torch_disabled(monkeypatch):
+    """The process-wide registry discovered again with GPTQ_DISABLED_BACKENDS=torch."""
+    from gptq_core import get_registry
+
+    monkeypatch.setenv("GPTQ_DISABLED_BACKENDS", "torch")
+    monkeypatch.delenv("GPTQ_BACKEND", raising=False)
+    yield get_registry(refresh=True)
+    monkeypatch.delenv("GPTQ_DISABLED_BACKENDS")
+    get_registry(refresh=True)
+
+
+def _bind(backend: str):
+    import torch
+
+    from gptq_core import DeviceInfo, LayerSpec, selector
+    from gptq_core.testing import random_packed
+
+    weight = random_packed(4, 32, in_features=64, out_features=16, seed=7)
+    return selector.bind(weight, DeviceInfo.of("cpu"), LayerSpec.of(weight, torch.float16), backend=backend)
+
+
+def test_asking_for_a_disabled_backend_says_so(torch_disabled):
+    from gptq_core.errors import NoBackendError
+
+    with pytest.raises(NoBackendError, match="'torch' is disabled by GPTQ_DISABLED_BACKENDS; remove it"):
+        _bind("torch")
+
+
+def test_a_disabled_backend_first_in_a_chain_is_not_skipped_silently(torch_disabled, caplog):
+    with caplog.at_level("WARNING", logger="gptq_core.selector"):
+        binding = _bind("torch,example")
+    assert binding.backend.name == "example"
+    assert "backend 'torch' was asked for but is disabled by GPTQ_DISABLED_BACKENDS" in caplog.text
