@@ -10,7 +10,8 @@ import math
 import torch
 
 from ..errors import CheckpointError
-from ..format import default_g_idx
+from ..format import PackedWeight, default_g_idx
+from ..packing import packed_length, unpack_rows
 from ..quant_linear import QuantLinear
 from .inventory import TensorEntry
 
@@ -85,6 +86,68 @@ def check_entry(entry: TensorEntry, expected: torch.Tensor, layer: QuantLinear |
         )
 
 
+#: Input channels sampled to measure where the zero points sit among the quantized values:
+#: a multiple of 32 (whole packing periods for every bit width), plenty for a mean.
+ZERO_SAMPLE_K = 1024
+#: Off-centre shift (in quantization steps) beyond which an asymmetric layer's zeros are
+#: taken to be stored in the other convention: a convention error shifts by exactly one
+#: step, correct min-max (RTN/GPTQ) layers sit within a fraction of a step of centre.
+ZERO_SHIFT_LIMIT = 0.5
+#: How many standard errors the shift must exceed: tiny layers give noisy means.
+ZERO_SHIFT_SIGMAS = 6.0
+#: Widest bit width the shift is judged at: one 8-bit step is too small against the
+#: spread of per-layer means to tell a convention error from the weights' own offset.
+ZERO_SHIFT_MAX_BITS = 4
+
+
+def zero_shift(weight: PackedWeight) -> tuple[float, float]:
+    """Mean of ``q - z`` over a sample of input channels, in quantization steps, and its
+    standard error.
+
+    Weights are centred on zero, so a correctly read asymmetric layer gives about 0; v1
+    zeros (stored zero - 1) read as v2 give about +1, v2 zeros read as v1 about -1
+    (docs/DESIGN.md §2). One pass at load over at most ``ZERO_SAMPLE_K`` channels.
+    """
+    count = min(weight.in_features, ZERO_SAMPLE_K)
+    q = unpack_rows(weight.qweight[: packed_length(count, weight.bits)], weight.bits, count)
+    z = weight.zeros()[weight.g_idx[:count].long()]
+    d = q.to(torch.float32) - z.to(torch.float32)
+    if d.numel() < 2:
+        return float(d.mean()), math.inf
+    return float(d.mean()), float(d.std()) / math.sqrt(d.numel())
+
+
+def check_zero_convention(where: str, weight: PackedWeight) -> None:
+    """Reject an asymmetric layer whose zeros are evidently stored in the other convention.
+
+    A v1 tensor (zero - 1) labelled v2 reads every zero one too low: the zeros never reach
+    the top code 2**bits - 1 and the values sit a whole step above them. Both must hold,
+    so random or correctly labelled tensors (zeros reaching the top code) never trip it,
+    and the shift must stand clear of its standard error.
+    """
+    if weight.sym or weight.bits > ZERO_SHIFT_MAX_BITS:
+        return
+    maxq = 2**weight.bits - 1
+    zeros = weight.zeros()
+    shift, stderr = zero_shift(weight)
+    if abs(shift) < ZERO_SHIFT_LIMIT or abs(shift) < ZERO_SHIFT_SIGMAS * stderr:
+        return  # centred, or too few values to tell (tiny layers)
+    if weight.zero_format == "v2" and int(zeros.max()) < maxq and shift > 0:
+        raise CheckpointError(
+            f"{where} holds GPTQ v1 zero points (stored as zero - 1) but the config says "
+            f"checkpoint_format=\"gptq_v2\": its zeros never reach {maxq} and the weights sit "
+            f"{shift:+.2f} quantization steps off centre; set checkpoint_format (and format) to "
+            "\"gptq\" in quantize_config.json and config.json[\"quantization_config\"]"
+        )
+    if weight.zero_format == "v1" and int(zeros.min()) > 1 and shift < 0:
+        raise CheckpointError(
+            f"{where} holds GPTQ v2 zero points (stored as the zero itself) but the config says "
+            f"checkpoint_format=\"gptq\": its zeros never go below 2 and the weights sit "
+            f"{shift:+.2f} quantization steps off centre; set checkpoint_format (and format) to "
+            "\"gptq_v2\" in quantize_config.json and config.json[\"quantization_config\"]"
+        )
+
+
 def check_layer_values(name: str, layer: QuantLinear, files: dict[str, str]) -> None:
     """Value checks of one loaded layer: finite scales/bias, g_idx range and order, sym zeros.
 
@@ -124,3 +187,5 @@ def check_layer_values(name: str, layer: QuantLinear, files: dict[str, str]) -> 
                 f"sym=true requires {want} everywhere; the checkpoint is asymmetric (set sym to "
                 "false) or its checkpoint_format (gptq = v1, gptq_v2 = v2) is wrong"
             )
+    else:
+        check_zero_convention(where("qzeros"), layer.packed())

@@ -1,0 +1,96 @@
+"""Inputs that used to give a wrong answer without a word (issue 12): each must now give a
+clear error of the library's own type, or the right result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gptq_core import CheckpointError, QuantizeConfig, quantize_rtn
+from gptq_core.checkpoint import load_quantized, save_quantized
+from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization, sequential_groups
+from gptq_core.quantize.driver import quantize_model
+from gptq_core.threads import single_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one torch thread is fastest."""
+    with single_thread():
+        yield
+
+
+STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
+
+
+@pytest.fixture(scope="module")
+def stories() -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+
+
+def save_rtn(model: torch.nn.Module, config: QuantizeConfig, out: Path) -> Path:
+    """A real stories260K checkpoint, every decoder linear quantized by RTN."""
+    packed = {
+        name: quantize_rtn(mod.weight, config.bits, config.group_size, config.sym,
+                           zero_format=config.zero_format)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name
+    }
+    return save_quantized(model, packed, config, out)
+
+
+def relabel(out: Path, checkpoint_format: str) -> None:
+    """Rewrite the checkpoint_format of every config file, as a careless converter would."""
+    for path in (out / "quantize_config.json", out / "config.json"):
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        section = data.get("quantization_config", data) if path.name == "config.json" else data
+        if path.name == "config.json" and "quantization_config" not in data:
+            continue
+        section["checkpoint_format"] = section["format"] = checkpoint_format
+        path.write_text(json.dumps(data))
+
+
+# ---------------------------------------------------------------- (1) zero-point convention
+def test_gptq_asymmetric_v1_labelled_v2_is_refused(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    cfg = QuantizeConfig(bits=4, group_size=32, sym=False)
+    arch = get_architecture(model)
+    prepare_model_for_quantization(model, arch)
+    samples = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    packed = quantize_model(model, samples, cfg, decoder_layers(model, arch),
+                            lambda index, layer: sequential_groups(layer, arch), device="cpu", progress=False)
+    out = save_quantized(model, packed, cfg, tmp_path / "ck")
+    load_quantized(out, torch_dtype=torch.float32)  # correctly labelled: no false alarm
+    relabel(out, "gptq_v2")
+    with pytest.raises(CheckpointError, match=r"v1 zero points"):
+        load_quantized(out, torch_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 64), (2, -1)])
+def test_asymmetric_v1_labelled_v2_is_refused(stories, tmp_path, bits, group_size):
+    out = save_rtn(stories, QuantizeConfig(bits=bits, group_size=group_size, sym=False), tmp_path / "ck")
+    relabel(out, "gptq_v2")
+    with pytest.raises(CheckpointError, match=r"qzeros.*v1 zero points.*checkpoint_format.*\"gptq\""):
+        load_quantized(out, torch_dtype=torch.float32)
+
+
+def test_asymmetric_v2_labelled_v1_is_refused(stories, tmp_path):
+    cfg = QuantizeConfig(bits=4, group_size=32, sym=False, checkpoint_format="gptq_v2")
+    out = save_rtn(stories, cfg, tmp_path / "ck")
+    relabel(out, "gptq")
+    with pytest.raises(CheckpointError, match=r"qzeros.*v2 zero points.*\"gptq_v2\""):
+        load_quantized(out, torch_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 64), (2, -1), (8, 32)])
+def test_correctly_labelled_asymmetric_checkpoints_load(stories, tmp_path, checkpoint_format, bits, group_size):
+    cfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, checkpoint_format=checkpoint_format)
+    model = load_quantized(save_rtn(stories, cfg, tmp_path / "ck"), torch_dtype=torch.float32)
+    assert model.model.layers[0].self_attn.q_proj.zero_format == cfg.zero_format
