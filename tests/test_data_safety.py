@@ -69,3 +69,44 @@ def test_output_overlapping_input_or_work_folder_is_refused_before_writing(
     assert words in err and "choose" in err and len(err.strip().splitlines()) == 1, err
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the work folder
+def test_a_users_non_empty_folder_is_refused_as_work_folder_and_left_untouched(
+    model_dir, calib, tmp_path, capsys
+):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "progress.json").write_text('{"done": 99}')
+    (mine / "weights.safetensors").write_bytes(b"precious")
+    capsys.readouterr()
+    assert quantize(model_dir, tmp_path / "out", calib, "--work-dir", str(mine)) == 2
+    err = capsys.readouterr().err
+    assert str(mine) in err and "not made by gptq-core" in err and "new or empty folder" in err, err
+    assert snapshot(mine) == {"progress.json": b'{"done": 99}', "weights.safetensors": b"precious"}
+    assert not (tmp_path / "out").exists()
+
+
+def test_work_folder_that_is_a_file_is_a_clear_error(model_dir, calib, tmp_path, capsys):
+    afile = tmp_path / "work.txt"
+    afile.write_text("not a folder")
+    capsys.readouterr()
+    assert quantize(model_dir, tmp_path / "out", calib, "--work-dir", str(afile)) == 2
+    err = capsys.readouterr().err
+    assert f"work folder '{afile}' is a file" in err and len(err.strip().splitlines()) == 1, err
+    assert afile.read_text() == "not a folder"
+
+
+def test_the_library_refuses_a_users_folder_too(tmp_path):
+    from gptq_core.errors import GPTQError
+    from gptq_core.quantize.workdir import MARKER, WorkDir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "layer_00000.safetensors").write_bytes(b"user data")
+    with pytest.raises(GPTQError, match="not made by gptq-core"):
+        WorkDir(mine, {"run": 1}, resume=False)
+    assert (mine / "layer_00000.safetensors").read_bytes() == b"user data"
+    fresh = WorkDir(tmp_path / "fresh", {"run": 1})
+    assert (fresh.path / MARKER).is_file()
+    WorkDir(tmp_path / "fresh", {"run": 2}, resume=False)  # ours: may be cleaned and reused

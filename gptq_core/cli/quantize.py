@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint.files import check_apart, check_target
+from ..quantize.workdir import check_work_dir
 
 
 def default_work_dir(output_dir: str | Path) -> Path:
@@ -53,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(out)
     check_apart(out, model_dir=args.model_dir, work_dir=work_dir)  # before anything is written
     check_apart(work_dir, what="work folder", model_dir=args.model_dir)
+    check_work_dir(work_dir)
     check_target(out.absolute(), args.overwrite)  # fail before hours of work, not after
     config = quantize_config_from_args(args)
     start = time.perf_counter()

@@ -8,6 +8,10 @@ leaves a half-written file; ``progress.json`` is written last and is the commit 
     hidden_00003.safetensors  outputs of (quantized) layer 3 for every calibration batch
     progress.json             {"done": 4}: layers 0..3 are finished
     quantize_log.jsonl        one JSON line per quantized linear
+    .gptq-work                marker: this folder was made by gptq-core
+
+The tool uses (and cleans) only a folder it made itself: an absent or empty folder gets the
+marker; a non-empty folder without it belongs to the user and is refused, untouched.
 
 On a restart with the same folder and a matching fingerprint the driver skips finished
 layers and continues from the saved hidden states, which gives byte-identical results.
@@ -32,6 +36,7 @@ from ..format import PackedWeight
 FINGERPRINT = "fingerprint.json"
 PROGRESS = "progress.json"
 LOG = "quantize_log.jsonl"
+MARKER = ".gptq-work"
 _TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _FIELDS = ("bits", "group_size", "in_features", "out_features", "sym", "desc_act", "zero_format")
 
@@ -71,12 +76,36 @@ def samples_digest(batches: list[dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
+def check_work_dir(path: str | os.PathLike) -> Path:
+    """Refuse ``path`` as a work folder if it is a file or a user's non-empty folder."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise GPTQError(
+            f"work folder '{folder}' is a file; give the path of a folder (it is created if absent)"
+        )
+    if folder.is_dir() and not (folder / MARKER).is_file() and any(folder.iterdir()):
+        raise GPTQError(
+            f"work folder '{folder}' is not empty and was not made by gptq-core (no {MARKER} "
+            "marker), so it is left untouched; give a new or empty folder"
+        )
+    return folder
+
+
+def claim_work_dir(path: str | os.PathLike) -> Path:
+    """Create (or accept) ``path`` as a work folder and mark it ours; refuse a user's folder."""
+    folder = check_work_dir(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / MARKER
+    if not marker.is_file():
+        _atomic_write_text(marker, "gptq-core work folder: resumable quantization state\n")
+    return folder
+
+
 class WorkDir:
     """One run's state in a folder; ``done`` layers are finished and can be skipped."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool = True) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = claim_work_dir(path)
         fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         fp_file = self.path / FINGERPRINT
         if fp_file.exists() and resume:
