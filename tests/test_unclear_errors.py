@@ -126,3 +126,25 @@ def test_a_disabled_backend_first_in_a_chain_is_not_skipped_silently(torch_disab
         binding = _bind("torch,example")
     assert binding.backend.name == "example"
     assert "backend 'torch' was asked for but is disabled by GPTQ_DISABLED_BACKENDS" in caplog.text
+
+
+# ---------------------------------------------------------------------------- unknown model types
+def _config_folder(tmp_path, **config) -> Path:
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_an_unknown_model_type_gets_advice_the_cli_can_follow(tmp_path):
+    from gptq_core.models import check_model_type_known
+
+    folder = _config_folder(tmp_path, model_type="foobar")
+    with pytest.raises(CheckpointError, match="model_type 'foobar' is unknown to transformers .*upgrade") as err:
+        check_model_type_known(folder)
+    assert "trust_remote_code" not in str(err.value) and "\n" not in str(err.value)
+    remote = _config_folder(tmp_path, model_type="foobar", auto_map={"AutoConfig": "x.FooConfig"})
+    with pytest.raises(CheckpointError, match="from Python with trust_remote_code=True; the gptq CLI never"):
+        check_model_type_known(remote)
+    check_model_type_known(remote, trust_remote_code=True)  # trusted: transformers runs its code
+    check_model_type_known(_config_folder(tmp_path, model_type="llama"))

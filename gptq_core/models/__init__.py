@@ -11,7 +11,7 @@ GPTQ checkpoint.
 from __future__ import annotations
 
 from .architecture import EXPERT, Architecture, MoE, checkpoint_key, model_key
-from .detect import get_architecture, infer_architecture, supported_model_types
+from .detect import check_model_type_known, get_architecture, infer_architecture, supported_model_types
 from .experts import UnfusedExperts, unfuse_experts
 from .layers import (
     decoder_layers,
@@ -32,6 +32,7 @@ __all__ = [
     "MoE",
     "UnfusedExperts",
     "apply_packed_weights",
+    "check_model_type_known",
     "checkpoint_key",
     "decoder_layers",
     "get_architecture",

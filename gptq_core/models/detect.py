@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..errors import GPTQError
+from ..errors import CheckpointError, GPTQError
 from .architecture import Architecture, MoE
 from ..modules import is_linear_like
 from .layers import get_module, linear_names, sibling_modules
@@ -53,6 +55,36 @@ def _unsupported(model_type: str | None, why: str) -> GPTQError:
         f"model_type {model_type!r} is not in the architecture table and {why}. Supported "
         f"model types: {types}. Add an Architecture for it to gptq_core.models.table "
         "(see `gptq models list` for examples)."
+    )
+
+
+def check_model_type_known(model_dir: str | Path, trust_remote_code: bool = False) -> None:
+    """Refuse, before transformers is asked, a ``config.json`` whose ``model_type`` transformers
+    does not know: one line with advice that works from where the user is (the ``gptq`` CLI
+    never runs a checkpoint's own code, so it has no ``trust_remote_code`` flag to advise).
+
+    A folder without a readable ``config.json`` passes: the loaders name that problem themselves.
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING or trust_remote_code:
+        return
+    if config.get("auto_map"):
+        fix = ("the model ships its own code (auto_map): if you trust its author, load it from "
+               "Python with trust_remote_code=True; the gptq CLI never runs a checkpoint's code")
+    else:
+        fix = ("upgrade transformers if the model is newer than it, or check model_type for a "
+               f"typo (gptq-core's table knows: {', '.join(supported_model_types())})")
+    raise CheckpointError(
+        f"{path}: model_type {model_type!r} is unknown to transformers "
+        f"{transformers.__version__}; {fix}"
     )
 
 
