@@ -110,3 +110,81 @@ def test_the_library_refuses_a_users_folder_too(tmp_path):
     fresh = WorkDir(tmp_path / "fresh", {"run": 1})
     assert (fresh.path / MARKER).is_file()
     WorkDir(tmp_path / "fresh", {"run": 2}, resume=False)  # ours: may be cleaned and reused
+
+
+# ---------------------------------------------------------------- SIGTERM, SIGKILL and temporary folders
+KILL_DURING_SAVE = """
+import os, signal, sys
+from gptq_core.checkpoint import save
+real = save.write_configs
+def write_then_die(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.{signal})
+save.write_configs = write_then_die
+from gptq_core.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def quantize_and_die(signal_name: str, model: Path, out: Path, calib: Path):
+    import subprocess
+    import sys
+
+    code = KILL_DURING_SAVE.replace("{signal}", signal_name)
+    argv = ["quantize", str(model), str(out), "--calibration", str(calib), *QUANTIZE]
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def test_sigterm_during_save_cleans_up_like_ctrl_c(model_dir, calib, tmp_path):
+    out = tmp_path / "out"
+    done = quantize_and_die("SIGTERM", model_dir, out, calib)
+    assert done.returncode == 143, done.stderr
+    assert "terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
+    assert temporaries(tmp_path) == [] and not out.exists()
+    assert (tmp_path / ".out.gptq-work" / "progress.json").is_file()  # resumable
+
+
+def test_a_killed_saves_temporary_folder_is_swept_by_the_next_save(model_dir, calib, tmp_path):
+    out = tmp_path / "out"
+    done = quantize_and_die("SIGKILL", model_dir, out, calib)
+    assert done.returncode == -9
+    assert len(temporaries(tmp_path)) == 1 and not out.exists()
+    assert quantize(model_dir, out, calib) == 0
+    assert temporaries(tmp_path) == []
+    assert (out / "model.safetensors").is_file() and not (out / ".gptq-partial").exists()
+
+
+def test_only_our_dead_temporaries_are_swept(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from gptq_core.checkpoint.files import PARTIAL_MARKER, atomic_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+
+    def make(name: str, pid: int | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+        if pid is not None:
+            (folder / PARTIAL_MARKER).write_text(json.dumps({"pid": pid, "host": host}))
+        return folder
+
+    stale = make(".out.tmp-dead1", int(dead.stdout))
+    running = make(".out.tmp-alive", os.getpid())  # a save still in progress
+    users = make(".out.tmp-user", None)  # our pattern, but no marker: not provably ours
+    other = make(".other.tmp-dead", int(dead.stdout))  # another output's
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "file.txt").write_text("x")
+    assert not stale.exists()
+    assert running.exists() and users.exists() and other.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["file.txt"]

@@ -7,9 +7,11 @@ half-written mix.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -123,6 +125,41 @@ def check_apart(
         )
 
 
+#: Written first into every temporary folder of a save: proves the folder is ours and says
+#: which process made it, so a later save may remove it once that process is gone.
+PARTIAL_MARKER = ".gptq-partial"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temporaries(out: Path) -> list[Path]:
+    """Remove temporary folders of earlier saves of ``out`` whose process died (SIGKILL).
+
+    Only folders named by :func:`atomic_directory`'s pattern that hold its marker, written on
+    this host by a process that no longer exists, are removed; anything else is left alone.
+    """
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            owner = json.loads((tmp / PARTIAL_MARKER).read_text(encoding="utf-8"))
+            mine = owner["host"] == socket.gethostname() and not pid_alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no marker (not ours) or unreadable: leave it
+        if mine and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -134,13 +171,17 @@ def _fsync_tree(root: Path) -> None:
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; on success move it into place atomically.
 
-    On any error (or Ctrl-C) the temporary folder is removed and ``out_dir`` is untouched.
+    On any error (or Ctrl-C) the temporary folder is removed and ``out_dir`` is untouched;
+    one left by a killed process is removed by the next save of the same ``out_dir``.
     """
     out = Path(out_dir).absolute()
     check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        marker = {"pid": os.getpid(), "host": socket.gethostname()}
+        (tmp / PARTIAL_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         yield tmp
         _fsync_tree(tmp)
         check_target(out, overwrite)  # it may have appeared while we were writing
@@ -156,6 +197,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             if trash is not None:
                 trash.rename(out)
             raise
+        (out / PARTIAL_MARKER).unlink(missing_ok=True)  # only now: a kill before the rename leaves it for the sweep
         if trash is not None:
             if trash.is_dir():
                 shutil.rmtree(trash, ignore_errors=True)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +78,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by ``timeout``, Docker, SLURM) raised like Ctrl-C, so the same cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _run_until_terminated(args: argparse.Namespace) -> int:
+    """:func:`_run` with SIGTERM handled as SIGINT: the temporary checkpoint folder is removed,
+    finished layers stay in the work folder, and the exit status is 143."""
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)  # signal handlers can only be set from the main thread
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    except Terminated:
+        print("gptq quantize: terminated (SIGTERM); no checkpoint was written, finished layers "
+              "are kept: rerun the same command to resume", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "quantize", help="GPTQ-quantize a float model folder and save the checkpoint",
@@ -92,4 +119,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-shard-size", default="4GB", help="split weights into files of at most this size (default 4GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run_until_terminated)
