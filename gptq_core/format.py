@@ -57,7 +57,8 @@ def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
 class PackedWeight:
     """One quantized linear layer in the GPTQ checkpoint format (see module docstring).
 
-    Instances are validated on construction; backends receive them and must not mutate them.
+    Instances are validated on construction, values included (g_idx range, finite scales:
+    one pass, never per call); backends receive them and must not mutate them.
     """
 
     qweight: torch.Tensor
@@ -75,6 +76,7 @@ class PackedWeight:
 
     def __post_init__(self) -> None:
         self.validate()
+        self.check_values()
 
     # ------------------------------------------------------------------ shape contract
     @property
@@ -128,16 +130,31 @@ class PackedWeight:
                 )
 
     def check_values(self) -> None:
-        """Expensive value checks (g_idx range, finite scales); run once at load, not per call."""
+        """Value checks (g_idx range, finite scales and bias): one pass at construction.
+
+        A g_idx outside [0, G) indexes past the scales and NaN scales poison every output;
+        neither is visible in shapes, so both are checked here once, never per forward.
+        """
+        if self.qweight.device.type == "meta":
+            return  # a layer not loaded yet holds no values
         G = self.num_groups
-        if self.in_features:
-            lo, hi = int(self.g_idx.min()), int(self.g_idx.max())
-            if lo < 0 or hi >= G:
-                raise FormatError(f"g_idx values must lie in [0, {G - 1}], found [{lo}, {hi}]")
+        layer = f"layer K={self.in_features}, N={self.out_features}, group_size={self.group_size}"
+        lo, hi = (int(v) for v in torch.aminmax(self.g_idx))
+        if lo < 0 or hi >= G:
+            raise FormatError(
+                f"g_idx values must lie in [0, {G - 1}], found [{lo}, {hi}] ({layer}, {G} "
+                "groups); g_idx[k] is the group of input channel k: use k // group_size, or "
+                "the act-order permutation the quantizer wrote"
+            )
         if not bool(torch.isfinite(self.scales).all()):
-            raise FormatError("scales contain NaN or Inf; the checkpoint is corrupt")
+            raise FormatError(
+                f"scales contain NaN or Inf ({layer}); the quantized weight is corrupt: "
+                "quantize the layer again"
+            )
         if self.bias is not None and not bool(torch.isfinite(self.bias).all()):
-            raise FormatError("bias contains NaN or Inf; the checkpoint is corrupt")
+            raise FormatError(
+                f"bias contains NaN or Inf ({layer}); the checkpoint is corrupt"
+            )
 
     # ------------------------------------------------------------------ conversions
     def replace(self, **changes) -> PackedWeight:

@@ -3,14 +3,20 @@ clear error of the library's own type, or the right result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from gptq_core import CheckpointError, QuantizeConfig, quantize_rtn
+from gptq_core.errors import FormatError
+from gptq_core.format import PackedWeight, pack_weight
+from gptq_core.quant_linear import QuantLinear
+from gptq_core.testing import random_packed
 from gptq_core.checkpoint import load_quantized, save_quantized
 from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization, sequential_groups
 from gptq_core.quantize.driver import quantize_model
@@ -94,3 +100,64 @@ def test_correctly_labelled_asymmetric_checkpoints_load(stories, tmp_path, check
     cfg = QuantizeConfig(bits=bits, group_size=group_size, sym=False, checkpoint_format=checkpoint_format)
     model = load_quantized(save_rtn(stories, cfg, tmp_path / "ck"), torch_dtype=torch.float32)
     assert model.model.layers[0].self_attn.q_proj.zero_format == cfg.zero_format
+
+
+# ---------------------------------------------------------------- (2) packed-weight values
+def _bad_g_idx(pw: PackedWeight, value: int) -> torch.Tensor:
+    g = pw.g_idx.clone()
+    g[3] = value
+    return g
+
+
+
+
+@pytest.mark.parametrize("value", [-1, 2])  # K=64, group_size=32: groups 0 and 1 only
+def test_packed_weight_rejects_g_idx_outside_its_groups(value):
+    pw = random_packed(4, 32, in_features=64, out_features=16)
+    with pytest.raises(FormatError, match=rf"g_idx values must lie in \[0, 1\], found .*{value}"):
+        PackedWeight(**{**_fields(pw), "g_idx": _bad_g_idx(pw, value)})
+    with pytest.raises(FormatError, match="g_idx values must lie in"):
+        pack_weight(pw.unpack_qweight().t().int(), pw.scales, pw.zeros(), bits=4, group_size=32,
+                    g_idx=_bad_g_idx(pw, value))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_packed_weight_rejects_non_finite_scales(bad):
+    pw = random_packed(4, 32, in_features=64, out_features=16)
+    scales = pw.scales.clone()
+    scales[1, 5] = bad
+    with pytest.raises(FormatError, match=r"scales contain NaN or Inf \(layer K=64, N=16"):
+        pw.replace(scales=scales)
+    with pytest.raises(FormatError, match="scales contain NaN or Inf"):
+        pack_weight(pw.unpack_qweight().t().int(), scales, pw.zeros(), bits=4, group_size=32)
+
+
+def test_quant_linear_rejects_a_packed_weight_corrupted_after_construction():
+    """Tensors are mutable: a weight changed in place is caught when the layer binds."""
+    pw = random_packed(4, 32, in_features=64, out_features=16)
+    pw.g_idx[3] = -1
+    with pytest.raises(FormatError, match="g_idx values must lie in"):
+        QuantLinear.from_packed(pw, act_dtype=torch.float32)
+    pw = random_packed(4, 32, in_features=64, out_features=16)
+    pw.scales[0, 0] = float("nan")
+    layer = QuantLinear.from_packed(pw, act_dtype=None)
+    with pytest.raises(FormatError, match="scales contain NaN"):
+        layer(torch.randn(2, 64))
+
+
+def _fields(pw: PackedWeight) -> dict:
+    return {f.name: getattr(pw, f.name) for f in dataclasses.fields(pw)}
+
+
+@pytest.mark.parametrize("field", ["g_idx", "scales"])
+def test_loading_names_the_layer_of_a_corrupt_value(stories, tmp_path, field):
+    out = save_rtn(stories, QuantizeConfig(bits=4, group_size=32, desc_act=True), tmp_path / "ck")
+    shard = out / "model.safetensors"
+    tensors = load_file(shard)
+    key = f"model.layers.1.mlp.up_proj.{field}"
+    t = tensors[key].clone()
+    t.view(-1)[0] = 7 if field == "g_idx" else float("nan")
+    tensors[key] = t
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"'{key}' in model.safetensors"):
+        load_quantized(out, torch_dtype=torch.float32)

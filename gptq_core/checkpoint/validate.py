@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..errors import CheckpointError
-from ..format import PackedWeight, default_g_idx
+from ..format import PackedWeight, default_g_idx, num_groups
 from ..packing import packed_length, unpack_rows
 from ..quant_linear import QuantLinear
 from .inventory import TensorEntry
@@ -162,7 +162,7 @@ def check_layer_values(name: str, layer: QuantLinear, files: dict[str, str]) -> 
         raise CheckpointError(f"{where('scales')} contains NaN or Inf; the checkpoint is corrupt")
     if layer.bias is not None and not bool(torch.isfinite(layer.bias).all()):
         raise CheckpointError(f"{where('bias')} contains NaN or Inf; the checkpoint is corrupt")
-    G = layer.packed().num_groups
+    G = num_groups(layer.in_features, layer.group_size)  # packed() would reject g_idx unnamed
     lo, hi = int(layer.g_idx.min()), int(layer.g_idx.max())
     if lo < 0 or hi >= G:
         raise CheckpointError(
