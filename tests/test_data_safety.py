@@ -188,3 +188,23 @@ def test_only_our_dead_temporaries_are_swept(tmp_path):
     assert not stale.exists()
     assert running.exists() and users.exists() and other.exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["file.txt"]
+
+
+# ---------------------------------------------------------------- file modes
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_and_work_folder_honour_the_umask(umask, model_dir, calib, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        assert quantize(model_dir, tmp_path / "out", calib, "--keep-work-dir") == 0
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "out", *(tmp_path / "out").rglob("*"),
+               tmp_path / ".out.gptq-work", *(tmp_path / ".out.gptq-work").rglob("*")]
+    assert any(p.name == "model.safetensors" for p in written)
+    assert any(p.name.startswith("layer_") for p in written)
+    for path in written:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(path.stat().st_mode)}"

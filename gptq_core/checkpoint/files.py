@@ -160,6 +160,32 @@ def sweep_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes plain ``open``/``mkdir`` would.
+
+    ``tempfile.mkdtemp`` makes 0700 and safetensors writes 0600, which would hide a checkpoint
+    from the other users of a shared machine whatever their umask says.
+    """
+    mask = current_umask()
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -183,6 +209,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         marker = {"pid": os.getpid(), "host": socket.gethostname()}
         (tmp / PARTIAL_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         yield tmp
+        honour_umask(tmp)
         _fsync_tree(tmp)
         check_target(out, overwrite)  # it may have appeared while we were writing
         trash = None

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoint.files import honour_umask
 from ..errors import CheckpointError, GPTQError
 from ..format import PackedWeight
 
@@ -53,6 +54,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
+    honour_umask(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
 
 
