@@ -16,7 +16,7 @@ from torch import nn
 from . import selector
 from .device import DeviceInfo
 from .errors import FormatError, GPTQError, NotSupportedError
-from .format import PackedWeight, ZeroFormat, default_g_idx, num_groups
+from .format import ZERO_FORMATS, PackedWeight, ZeroFormat, check_group_size, default_g_idx, num_groups
 from .options import BackendOptions
 from .packing import check_bits, packed_length
 from .spec import LayerSpec, Mode
@@ -46,6 +46,12 @@ class QuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         check_bits(bits)
+        check_group_size(group_size)
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise FormatError(f"QuantLinear {name} must be a positive integer, got {value!r}")
+        if zero_format not in ZERO_FORMATS:
+            raise FormatError(f"zero_format={zero_format!r} is unknown; use 'v1' (gptq) or 'v2' (gptq_v2)")
         self.bits, self.group_size = bits, group_size
         self.in_features, self.out_features = in_features, out_features
         self.sym, self.desc_act, self.zero_format = sym, desc_act, zero_format
@@ -178,11 +184,17 @@ class QuantLinear(nn.Module):
         # step, and eager decode pays for each microsecond here (docs/DESIGN.md §11).
         if x.dtype != self._binding_dtype or self._qmatmul is None:
             self._binding_for(x)
-        if x.shape[-1] != self.in_features:
+        try:  # free unless it raises: a 0-d input has no x.shape[-1]
+            if x.shape[-1] != self.in_features:
+                raise NotSupportedError(
+                    f"input has {x.shape[-1]} features in its last dimension, this layer takes "
+                    f"K={self.in_features} (shape {tuple(x.shape)})"
+                )
+        except IndexError:
             raise NotSupportedError(
-                f"input has {x.shape[-1]} features in its last dimension, this layer takes "
-                f"K={self.in_features} (shape {tuple(x.shape)})"
-            )
+                f"input is a 0-d tensor (a scalar); this layer takes [..., K={self.in_features}] "
+                "inputs: give it at least one dimension"
+            ) from None
         if x.device != self._device:
             raise NotSupportedError(
                 f"input is on {x.device} but this layer's weights are on {self.qweight.device}; "

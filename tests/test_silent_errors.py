@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from gptq_core import CheckpointError, QuantizeConfig, quantize_rtn
-from gptq_core.errors import FormatError
+from gptq_core.errors import FormatError, NotSupportedError
 from gptq_core.format import PackedWeight, pack_weight
 from gptq_core.quant_linear import QuantLinear
 from gptq_core.testing import random_packed
@@ -161,3 +161,28 @@ def test_loading_names_the_layer_of_a_corrupt_value(stories, tmp_path, field):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"'{key}' in model.safetensors"):
         load_quantized(out, torch_dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- (3) QuantLinear arguments
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"group_size": 0}, "group_size=0 is invalid"),
+        ({"group_size": -5}, "group_size=-5 is invalid"),
+        ({"in_features": 0}, "in_features must be a positive integer"),
+        ({"out_features": -3}, "out_features must be a positive integer"),
+        ({"zero_format": "v3"}, "zero_format='v3' is unknown"),
+    ],
+)
+def test_quant_linear_constructor_rejects_bad_arguments(change, message):
+    args = {"bits": 4, "group_size": 32, "in_features": 64, "out_features": 16, **change}
+    with pytest.raises(FormatError, match=message):
+        QuantLinear(**args)
+
+
+def test_quant_linear_rejects_a_0d_input():
+    layer = QuantLinear.from_packed(random_packed(4, 32, in_features=64, out_features=16),
+                                    act_dtype=torch.float32)
+    with pytest.raises(NotSupportedError, match="0-d tensor"):
+        layer(torch.tensor(1.0))
+    assert layer(torch.randn(3, 64)).shape == (3, 16)
