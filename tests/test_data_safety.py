@@ -208,3 +208,41 @@ def test_checkpoint_and_work_folder_honour_the_umask(umask, model_dir, calib, tm
     for path in written:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(path.stat().st_mode)}"
+
+
+# ---------------------------------------------------------------- one run per output
+def test_a_second_run_to_a_locked_output_stops_at_once_naming_the_holder(model_dir, calib, tmp_path, capsys):
+    import os
+    import socket
+
+    from gptq_core.checkpoint.locks import hold_lock
+
+    out = tmp_path / "out"
+    with hold_lock(out):  # a run in progress (this process: alive)
+        capsys.readouterr()
+        assert quantize(model_dir, out, calib) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()} on {socket.gethostname()}, started " in err, err
+        assert "in use by another gptq run" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists() and not (tmp_path / ".out.gptq-work").exists()
+    work = tmp_path / "shared-work"
+    with hold_lock(work, "work folder"):
+        assert quantize(model_dir, tmp_path / "other", calib, "--work-dir", str(work)) == 2
+        assert "work folder" in capsys.readouterr().err
+    assert quantize(model_dir, out, calib) == 0  # released
+    assert not (tmp_path / ".out.gptq-lock").exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(model_dir, calib, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lock = tmp_path / ".out.gptq-lock"
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                "started": "2026-01-01 00:00:00 UTC"}))
+    assert quantize(model_dir, tmp_path / "out", calib) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not lock.exists()

@@ -78,6 +78,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_locked(args: argparse.Namespace) -> int:
+    """:func:`_run` holding the locks of the output and work folders, so a second run to
+    either stops at once naming this one (:mod:`gptq_core.checkpoint.locks`)."""
+    from ..checkpoint.locks import hold_locks
+
+    out = Path(args.output_dir)
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(out)
+    with hold_locks({"output folder": out, "work folder": work_dir}):
+        return _run(args)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (sent by ``timeout``, Docker, SLURM) raised like Ctrl-C, so the same cleanup runs."""
 
@@ -90,10 +101,10 @@ def _run_until_terminated(args: argparse.Namespace) -> int:
     """:func:`_run` with SIGTERM handled as SIGINT: the temporary checkpoint folder is removed,
     finished layers stay in the work folder, and the exit status is 143."""
     if threading.current_thread() is not threading.main_thread():
-        return _run(args)  # signal handlers can only be set from the main thread
+        return _run_locked(args)  # signal handlers can only be set from the main thread
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _run(args)
+        return _run_locked(args)
     except Terminated:
         print("gptq quantize: terminated (SIGTERM); no checkpoint was written, finished layers "
               "are kept: rerun the same command to resume", file=sys.stderr)
