@@ -41,12 +41,15 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
     """The transformers config of ``model_dir`` (never runs checkpoint code unless trusted)."""
     from transformers import AutoConfig
 
+    from ..models import check_model_type_known
+
+    check_model_type_known(model_dir, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
         raise CheckpointError(
-            f"{model_dir}/config.json cannot be turned into a transformers config: {exc}. If the "
-            "model ships its own code and you trust its author, pass trust_remote_code=True"
+            f"{model_dir}/config.json cannot be turned into a transformers config: "
+            f"{_first_line(exc)}; {REMOTE_CODE_HINT}"
         ) from None
 
 
@@ -64,7 +67,17 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) 
             )
     except ValueError as exc:
         raise CheckpointError(
-            f"transformers cannot build a causal LM from this config: {exc}. If the model ships "
-            "its own code and you trust its author, pass trust_remote_code=True"
+            f"transformers cannot build a causal LM from this config: {_first_line(exc)}; "
+            f"{REMOTE_CODE_HINT}"
         ) from None
     return model
+
+
+#: Advice that works from where the user is: the ``gptq`` CLI never runs a checkpoint's code.
+REMOTE_CODE_HINT = ("if the model ships its own code and you trust its author, load it from Python "
+                    "with trust_remote_code=True (the gptq command line never runs a checkpoint's code)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
