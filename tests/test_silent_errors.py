@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gptq_core.format import PackedWeight, pack_weight
 from gptq_core.quant_linear import QuantLinear
 from gptq_core.testing import random_packed
 from gptq_core.checkpoint import load_quantized, save_quantized
+from gptq_core.cli.main import main
 from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization, sequential_groups
 from gptq_core.quantize.driver import quantize_model
 from gptq_core.threads import single_thread
@@ -186,3 +188,25 @@ def test_quant_linear_rejects_a_0d_input():
     with pytest.raises(NotSupportedError, match="0-d tensor"):
         layer(torch.tensor(1.0))
     assert layer(torch.randn(3, 64)).shape == (3, 16)
+
+
+# ---------------------------------------------------------------- (4) generate on NaN weights
+def test_generate_on_nan_weights_is_an_error_like_eval(tmp_path, capsys):
+    model_dir = tmp_path / "nan"
+    shutil.copytree(STORIES, model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors["model.layers.0.input_layernorm.weight"][0] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    code = main(["generate", str(model_dir), "--prompt", "Once upon a time", "--max-new-tokens", "4",
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "gptq generate: error: the model produced NaN/Inf logits" in captured.err
+    assert "Once upon a time" not in captured.out  # nothing printed as if it had worked
+
+
+def test_generate_on_finite_weights_still_prints_text(capsys):
+    code = main(["generate", str(STORIES), "--prompt", "Once upon a time", "--max-new-tokens", "4",
+                 "--device", "cpu"])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")

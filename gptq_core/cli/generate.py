@@ -8,6 +8,7 @@ import sys
 import torch
 
 from ..errors import GPTQError
+from ..numerics import check_finite_logits
 from ..options import parse_cli_options
 from .main import add_backend_option_argument
 
@@ -46,6 +47,11 @@ def generate_text(model, tokenizer, prompt: str, seed: int = 0, fast: bool = Fal
         raise GPTQError("the model folder has no tokenizer files; copy them into it to generate text")
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    # One prompt forward before decoding: NaN weights otherwise decode token 0 silently
+    # and print only the prompt (docs/DESIGN.md §10); both decode paths are covered.
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False)
+    check_finite_logits(getattr(out, "logits", out)[:, -1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if fast:
         from ..generation import FastGenerator
