@@ -280,7 +280,7 @@ def test_gpt2_conv1d_linears():
 # ---------------------------------------------------------------------------- real model
 def test_stories260k_gptq_beats_rtn_on_held_out_text():
     tok = AutoTokenizer.from_pretrained(DATA / "stories260K")
-    docs = _read_text_file(DATA / "text" / "tinystories-sample.txt")
+    docs = _read_text_file(DATA / "text" / "tinystories-sample.txt", "calibration")
     cut = 2 * len(docs) // 3
     calib = prepare_calibration(docs[:cut], tok, nsamples=16, seqlen=128, seed=0)
     held = token_stream(docs[cut:], tok)[: 4 * 512]
