@@ -72,7 +72,11 @@ def load_float_model(
     """A float transformers causal LM from a local folder, safetensors only unless trusted."""
     from transformers import AutoModelForCausalLM
 
+    from .checkpoint.skeleton import REMOTE_CODE_HINT
+    from .models import check_model_type_known
+
     path = check_model_dir(model_dir)
+    check_model_type_known(path, trust_remote_code)
     dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) or torch_dtype == "auto" else (
         resolve_dtype(torch_dtype, torch.device("cpu"))
     )
@@ -82,10 +86,26 @@ def load_float_model(
             use_safetensors=None if trust_remote_code else True,
         )
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot load the float model in {path}: {exc}. gptq-core reads safetensors weights "
-            "only, unless you trust the model's author and pass trust_remote_code=True"
+            f"cannot load the float model in {path}: {first}; gptq-core reads safetensors weights "
+            f"only; {REMOTE_CODE_HINT}"
         ) from None
+
+
+def check_token_ids(input_ids: torch.Tensor, model: nn.Module) -> None:
+    """Token ids outside the embedding table are an error naming the id, not an index fault
+    deep inside the embedding (or a silent wrong row on some devices)."""
+    if input_ids.numel() == 0 or input_ids.is_floating_point():
+        return
+    vocab = model.get_input_embeddings().num_embeddings
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise GPTQError(
+            f"input_ids hold token id {bad}, outside the model's vocabulary [0, {vocab}); "
+            "encode text with the model's own tokenizer"
+        )
 
 
 def _packed_with_bias(model: nn.Module, name: str, pw: PackedWeight) -> PackedWeight:
@@ -257,6 +277,9 @@ class AutoGPTQForCausalLM:
 
     def generate(self, *args, **kwargs):
         """transformers' ``generate``; with ``fast=True`` at load, gptq-core's decode path."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            check_token_ids(ids, self.model)
         if self.fast:
             return self.fast_generate(*args, **kwargs)
         return self.model.generate(*args, **kwargs)
@@ -287,12 +310,13 @@ def load_for_inference(
     trust_remote_code: bool = False,
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     fuse: bool = True,
+    verify: bool = True,
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a GPTQ checkpoint, or of a float model folder for comparison."""
     dev = resolve_device(device)
     if is_quantized_checkpoint(model_dir):
         model = load_quantized(model_dir, dev, backend, torch_dtype, trust_remote_code,
-                               backend_options=backend_options, fuse=fuse)
+                               backend_options=backend_options, fuse=fuse, verify=verify)
     else:
         model = load_float_model(model_dir, resolve_dtype(torch_dtype, dev), trust_remote_code).to(dev).eval()
     return model, load_tokenizer(model_dir, trust_remote_code)

@@ -4,13 +4,15 @@ exit 2 for usage errors, 1 for runtime failures, no traceback unless ``gptq --de
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptq_core.cli import backends as backends_cli
 from gptq_core.cli.main import main
-from gptq_core.errors import CalibrationError, CheckpointError
+from gptq_core.errors import CalibrationError, CheckpointError, GPTQError
 from gptq_core.quantize import prepare_calibration, token_stream
 
 STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
@@ -148,3 +150,22 @@ def test_an_unknown_model_type_gets_advice_the_cli_can_follow(tmp_path):
         check_model_type_known(remote)
     check_model_type_known(remote, trust_remote_code=True)  # trusted: transformers runs its code
     check_model_type_known(_config_folder(tmp_path, model_type="llama"))
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
+    from gptq_core import AutoGPTQForCausalLM, QuantizeConfig
+
+    model = AutoGPTQForCausalLM.from_pretrained(STORIES, QuantizeConfig(bits=4, group_size=32))
+    with pytest.raises(GPTQError, match="token id 1000000, outside the model's vocabulary"):
+        model.generate(torch.tensor([[5, 10**6]]), max_new_tokens=2)
+
+
+def test_a_stock_model_saves_no_auto_map_pointing_at_code_it_did_not_copy(tmp_path):
+    from gptq_core import AutoGPTQForCausalLM, QuantizeConfig
+
+    model = AutoGPTQForCausalLM.from_pretrained(STORIES, QuantizeConfig(bits=4, group_size=32))
+    model.model.config.auto_map = {"AutoConfig": "configuration_x.XConfig"}
+    model.quantize(torch.randint(3, 500, (4, 32)), progress=False)
+    out = model.save_quantized(tmp_path / "q")
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    AutoGPTQForCausalLM.from_quantized(out, device="cpu", trust_remote_code=True)

@@ -9,6 +9,7 @@ transformers/optimum write them, so each of them (and vLLM/TGI) can read it.
 from __future__ import annotations
 
 import copy
+import logging
 import json
 import shutil
 from collections.abc import Mapping
@@ -34,6 +35,8 @@ from .files import (
     shard_names,
 )
 from .manifest import write_manifest
+
+logger = logging.getLogger("gptq_core")
 
 DEFAULT_MAX_SHARD_SIZE = "4GB"
 _QUANT_SUFFIXES = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx")
@@ -168,6 +171,13 @@ def write_configs(model: nn.Module, config: QuantizeConfig, folder: Path, dtype:
     cfg = copy.deepcopy(model_config)
     cfg.quantization_config = qdict
     cfg.architectures = [type(model).__name__]
+    if getattr(cfg, "auto_map", None) and type(model).__module__.startswith("transformers."):
+        # The model was built by transformers' own class, and the custom code auto_map names is
+        # not copied: left in, it would make trust_remote_code loads look for missing files.
+        logger.warning("config.auto_map dropped: the model was built by transformers' class %s, "
+                       "and the custom code auto_map names is not part of the checkpoint",
+                       type(model).__name__)
+        del cfg.auto_map
     if dtype is not None:
         cfg.dtype = dtype
     cfg.save_pretrained(str(folder))
