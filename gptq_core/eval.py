@@ -9,7 +9,8 @@ perplexity is ``exp(mean negative log-likelihood)`` over all predicted tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,22 @@ def _as_stream(token_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     if ids.numel() < 2:
         raise GPTQError(f"perplexity needs at least 2 tokens, got {ids.numel()}")
     return ids.long()
+
+
+#: config keys that state a model's longest sequence, in the order architectures use them.
+MAX_POSITION_KEYS: tuple[str, ...] = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def max_positions(config: Mapping[str, Any] | Any) -> int | None:
+    """The longest sequence a model was built for, from its config (a config.json dict or a
+    transformers config); None when the config does not say."""
+    raw = config if isinstance(config, Mapping) else getattr(config, "to_dict", dict)()
+    for scope in (raw, raw.get("text_config") or {}):
+        for key in MAX_POSITION_KEYS:
+            value = scope.get(key) if isinstance(scope, Mapping) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def module_device(model: nn.Module) -> torch.device:
@@ -56,6 +73,12 @@ def perplexity(
     """
     if window < 2:
         raise GPTQError(f"window must be at least 2 tokens, got {window}")
+    longest = max_positions(model.config) if hasattr(model, "config") else None
+    if longest is not None and window > longest:
+        raise GPTQError(
+            f"window={window} is longer than the model's {longest} positions; use a window of "
+            f"at most {longest} tokens"
+        )
     ids = _as_stream(token_ids)
     count = ids.numel() // window
     windows = ids[: count * window].view(count, window) if count else ids.view(1, -1)

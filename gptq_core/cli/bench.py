@@ -15,6 +15,19 @@ import torch
 
 from ..bench.cases import DTYPES
 from ..errors import GPTQError
+from .generate import Rule, check_arguments, check_device_argument, positive
+
+#: Range rules of ``gptq bench``'s flags (--m is checked by parse_m).
+BENCH_RULES: tuple[Rule, ...] = (
+    ("--seconds", positive, "a positive number of seconds per measurement (0.05 is usual)"),
+    ("--copies", lambda v: v >= 0, "0 (enough copies to overflow the L2 cache) or a positive count"),
+)
+
+#: Range rules of ``gptq bench generate``'s flags (batches, lengths and modes: GenerateBenchConfig.check).
+BENCH_GENERATE_RULES: tuple[Rule, ...] = (
+    ("--seconds", positive, "a positive number of seconds per measurement (1 is usual)"),
+    ("--layers", lambda v: v >= 1, "at least 1 decoder layer"),
+)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -22,6 +35,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..bench import report  # noqa: PLC0415
     from ..bench.cases import CPU_M  # noqa: PLC0415
 
+    check_arguments(args, BENCH_RULES)
+    check_device_argument(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cpu = torch.device(device).type == "cpu"
     shapes = parse_shapes(args.shapes) if args.shapes else (cpu_shapes() if on_cpu else None)
@@ -43,8 +58,11 @@ def _run(args: argparse.Namespace) -> int:
 
     csv_file = writer = None
     if args.csv:  # rows are appended as they come, so an interrupted run keeps what it measured
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        csv_file = open(args.csv, "w", newline="")  # noqa: SIM115
+        try:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            csv_file = open(args.csv, "w", newline="")  # noqa: SIM115
+        except OSError as exc:
+            raise GPTQError(f"--csv {args.csv} cannot be written ({exc.strerror}); give a writable path") from None
         writer = csv.DictWriter(csv_file, fieldnames=report.FIELDS)
         writer.writeheader()
 
@@ -127,6 +145,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     from ..checkpoint.load import resolve_device  # noqa: PLC0415
     from ..generation import benchmark, report  # noqa: PLC0415
 
+    check_arguments(args, BENCH_GENERATE_RULES)
+    check_device_argument(args.device)
     if (args.model_dir is None) == (args.synthetic is None):
         raise GPTQError("give a MODEL_DIR or --synthetic NAME (exactly one of them)")
     if args.layers is not None and not args.synthetic:

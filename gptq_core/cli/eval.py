@@ -4,8 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from .generate import add_model_arguments, load_arguments
+from ..errors import GPTQError
+from .generate import (
+    Rule,
+    add_model_arguments,
+    check_arguments,
+    check_device_argument,
+    load_arguments,
+    model_max_positions,
+)
+
+#: Range rules of ``gptq eval``'s flags (the window's upper bound is the model's, checked apart).
+EVAL_RULES: tuple[Rule, ...] = (
+    ("--window", lambda v: v >= 2, "at least 2 (each token is predicted from the ones before it)"),
+    ("--max-tokens", lambda v: v >= 2, "at least 2 (perplexity needs a token to predict from)"),
+)
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """Every flag of ``gptq eval`` checked before the model loads (minutes on a large one)."""
+    check_arguments(args, EVAL_RULES)
+    check_device_argument(args.device)
+    text = Path(args.text)
+    if not text.is_file():
+        what = "is a folder" if text.is_dir() else "does not exist"
+        raise GPTQError(f"--text: the text file '{args.text}' {what}; give a .txt, .jsonl or .json file to score")
+    longest = model_max_positions(args.model_dir)
+    if longest is not None and args.window > longest:
+        raise GPTQError(
+            f"--window {args.window} is longer than the model's {longest} positions "
+            f"(config.json); use --window {longest} or less"
+        )
 
 
 def text_perplexity(model, tokenizer, text, window: int = 512, max_tokens: int | None = None) -> tuple[float, int]:
@@ -22,6 +53,7 @@ def text_perplexity(model, tokenizer, text, window: int = 512, max_tokens: int |
 def _run(args: argparse.Namespace) -> int:
     from ..auto import load_for_inference
 
+    check_eval_arguments(args)
     model, tokenizer = load_for_inference(args.model_dir, **load_arguments(args))
     ppl, tokens = text_perplexity(model, tokenizer, args.text, args.window, args.max_tokens)
     if args.json:

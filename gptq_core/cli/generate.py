@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,6 +16,66 @@ from ..errors import GPTQError
 from ..numerics import check_finite_logits
 from ..options import parse_cli_options
 from .main import add_backend_option_argument
+
+
+#: One range rule of a command's flags: (flag, test of its value, what the value must be).
+#: A flag whose value is None (not given, no default) is not checked.
+Rule = tuple[str, Callable[[Any], bool], str]
+
+
+def positive(value: float) -> bool:
+    """True for a finite number above 0 (NaN and inf are not)."""
+    return math.isfinite(value) and value > 0
+
+
+def check_arguments(args: argparse.Namespace, rules: Sequence[Rule]) -> None:
+    """Refuse the first flag whose value breaks its rule, before any model is loaded: a bad
+    value otherwise surfaces late as a transformers traceback or silently changes the result."""
+    for flag, ok, requirement in rules:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and not ok(value):
+            raise GPTQError(f"{flag} {value} is out of range; it must be {requirement}")
+
+
+#: Device types gptq-core can load a model on (rocm is torch's "cuda").
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps", "xpu", "hpu")
+
+
+def check_device_argument(device: str | None) -> None:
+    """A ``--device`` that torch knows, of a type gptq-core runs on, and present on this machine."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise GPTQError(f"--device {device!r} is not a device gptq-core can run on; use cpu, cuda or cuda:N")
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise GPTQError(f"--device {device!r}: no {dev.type} device is available on this machine; use --device cpu")
+
+
+def model_max_positions(model_dir: str | Path) -> int | None:
+    """The longest sequence the model in ``model_dir`` was built for, from its config.json
+    (None when the file is missing, unreadable or does not say: loading reports those)."""
+    from ..eval import max_positions
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return max_positions(config) if isinstance(config, dict) else None
+
+
+#: Range rules of ``gptq generate``'s flags.
+GENERATE_RULES: tuple[Rule, ...] = (
+    ("--max-new-tokens", lambda v: v >= 1, "at least 1 (the number of tokens to generate)"),
+    ("--temperature", positive, "a positive number (1.0: the model's distribution; lower: greedier)"),
+    ("--top-k", lambda v: v >= 0, "0 (off) or a positive number of tokens"),
+    ("--top-p", lambda v: 0 < v <= 1, "in (0, 1] (1.0: off)"),
+    ("--repetition-penalty", positive, "a positive number (1.0: off)"),
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +134,8 @@ def generate_text(model, tokenizer, prompt: str, seed: int = 0, fast: bool = Fal
 def _run(args: argparse.Namespace) -> int:
     from ..auto import load_for_inference
 
+    check_arguments(args, GENERATE_RULES)
+    check_device_argument(args.device)
     model, tokenizer = load_for_inference(args.model_dir, **load_arguments(args))
     print(generate_text(model, tokenizer, args.prompt, seed=args.seed, fast=args.fast, **generation_kwargs(args)))
     return 0

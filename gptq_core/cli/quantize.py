@@ -17,6 +17,17 @@ from pathlib import Path
 
 from ..checkpoint.files import check_apart, check_target
 from ..quantize.workdir import check_work_dir
+from ..errors import GPTQError
+from .generate import Rule, check_arguments, check_device_argument, model_max_positions
+
+#: --seqlen when none is given: the usual GPTQ calibration length, or the model's own if shorter.
+DEFAULT_SEQLEN = 2048
+
+#: Range rules of ``gptq quantize``'s calibration flags.
+QUANTIZE_RULES: tuple[Rule, ...] = (
+    ("--nsamples", lambda v: v >= 1, "at least 1 calibration sample (128 is usual)"),
+    ("--seqlen", lambda v: v >= 1, "at least 1 token per sample (2048 is usual)"),
+)
 
 
 def default_work_dir(output_dir: str | Path) -> Path:
@@ -35,9 +46,28 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static-groups", action="store_true", help="fix every group's grid before act-order")
     parser.add_argument("--mse", type=float, default=0.0, help="MSE scale search norm, e.g. 2.4 (default 0: min-max)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+    parser.add_argument("--seqlen", type=int, default=None,
+                        help=f"tokens per calibration sample (default {DEFAULT_SEQLEN}, or the model's maximum if shorter)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
     parser.add_argument("--device", default=None, help="device to quantize on: cpu, cuda, cuda:1 (default: cuda if present)")
+
+
+def check_quantize_arguments(args: argparse.Namespace) -> None:
+    """The calibration flags checked before hours of work; fills in the default --seqlen.
+
+    A --seqlen beyond the model's positions is refused, not clamped: the user asked for a
+    length the model cannot attend over, and silently changing it would change the result.
+    """
+    check_arguments(args, QUANTIZE_RULES)
+    check_device_argument(args.device)
+    longest = model_max_positions(args.model_dir)
+    if args.seqlen is None:
+        args.seqlen = min(DEFAULT_SEQLEN, longest or DEFAULT_SEQLEN)
+    elif longest is not None and args.seqlen > longest:
+        raise GPTQError(
+            f"--seqlen {args.seqlen} is longer than the model's {longest} positions "
+            f"(config.json); use --seqlen {longest} or less"
+        )
 
 
 def quantize_config_from_args(args: argparse.Namespace):
@@ -53,6 +83,7 @@ def quantize_config_from_args(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from ..auto import AutoGPTQForCausalLM
 
+    check_quantize_arguments(args)  # before anything is checked on disk or written
     out = Path(args.output_dir)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(out)
     check_apart(out, model_dir=args.model_dir, work_dir=work_dir)  # before anything is written
