@@ -111,8 +111,8 @@ def test_quantize_default_seqlen_fits_the_model(model_dir):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--seconds", "-1"], "--seconds -1.0 is out of range; it must be a positive number"),
-        (["--seconds", "0"], "--seconds 0.0 is out of range"),
+        (["--seconds", "-1"], "--seconds -1.0 is out of range; it must be a number of seconds >= 0"),
+        (["--seconds", "nan"], "--seconds nan is out of range"),
         (["--seconds", "inf"], "--seconds inf is out of range"),
         (["--copies", "-1"], "--copies -1 is out of range; it must be 0 (enough copies"),
         (["--m", "0"], "--m needs positive batch sizes"),

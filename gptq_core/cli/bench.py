@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -15,17 +16,17 @@ import torch
 
 from ..bench.cases import DTYPES
 from ..errors import GPTQError
-from .generate import Rule, check_arguments, check_device_argument, positive
+from .generate import Rule, check_arguments, check_device_argument
 
 #: Range rules of ``gptq bench``'s flags (--m is checked by parse_m).
 BENCH_RULES: tuple[Rule, ...] = (
-    ("--seconds", positive, "a positive number of seconds per measurement (0.05 is usual)"),
+    ("--seconds", lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0 per measurement (0.05 is usual; 0: the fewest repeats)"),
     ("--copies", lambda v: v >= 0, "0 (enough copies to overflow the L2 cache) or a positive count"),
 )
 
 #: Range rules of ``gptq bench generate``'s flags (batches, lengths and modes: GenerateBenchConfig.check).
 BENCH_GENERATE_RULES: tuple[Rule, ...] = (
-    ("--seconds", positive, "a positive number of seconds per measurement (1 is usual)"),
+    ("--seconds", lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0 per measurement (1 is usual; 0: one repeat)"),
     ("--layers", lambda v: v >= 1, "at least 1 decoder layer"),
 )
 
