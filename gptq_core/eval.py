@@ -73,13 +73,13 @@ def perplexity(
     """
     if window < 2:
         raise GPTQError(f"window must be at least 2 tokens, got {window}")
+    ids = _as_stream(token_ids)
     longest = max_positions(model.config) if hasattr(model, "config") else None
-    if longest is not None and window > longest:
+    if longest is not None and min(window, ids.numel()) > longest:  # a short stream is one window
         raise GPTQError(
             f"window={window} is longer than the model's {longest} positions; use a window of "
             f"at most {longest} tokens"
         )
-    ids = _as_stream(token_ids)
     count = ids.numel() // window
     windows = ids[: count * window].view(count, window) if count else ids.view(1, -1)
     device = module_device(model)

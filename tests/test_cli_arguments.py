@@ -133,3 +133,17 @@ def test_bench_csv_unwritable_fails_before_the_run(capsys, tmp_path):
     blocker.write_text("")
     refused(capsys, ["bench", "--shapes", "64x64", "--m", "1", "--quiet", "--csv", str(blocker / "rows.csv")],
             f"--csv {blocker / 'rows.csv'} cannot be written")
+
+
+def test_perplexity_refuses_a_window_beyond_the_model():
+    """The API too: a window past the model's positions scores tokens it cannot place."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptq_core.errors import GPTQError
+    from gptq_core.eval import perplexity
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                         max_position_embeddings=MAX_POSITIONS))
+    with pytest.raises(GPTQError, match=r"window=128 is longer than the model's 64 positions; use a window of at most 64"):
+        perplexity(model, list(range(1, 60)) * 4, window=128)
