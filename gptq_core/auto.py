@@ -31,7 +31,7 @@ from .checkpoint.configs import check_model_dir
 from .checkpoint.files import CONFIG_FILE, QUANTIZE_CONFIG_FILE
 from .checkpoint.load import resolve_device, resolve_dtype
 from .checkpoint.save import DEFAULT_MAX_SHARD_SIZE
-from .config import QuantizeConfig
+from .config import QuantizeConfig, check_save_dtype
 from .errors import CheckpointError, GPTQError
 from .format import PackedWeight
 from .quant_linear import QuantLinear
@@ -248,6 +248,7 @@ class AutoGPTQForCausalLM:
         After :meth:`quantize`, the per-module log (error, damp used, seconds) is written
         beside the weights as ``quantize_log.jsonl``.
         """
+        torch_dtype = check_save_dtype(torch_dtype)
         extra = dict(extra_files or {})
         if self.quantize_log and QUANTIZE_LOG_FILE not in extra:
             extra[QUANTIZE_LOG_FILE] = "".join(json.dumps(r) + "\n" for r in self.quantize_log).encode()

@@ -85,3 +85,18 @@ def test_save_dtype_accepts_the_float_types(dtype):
 def test_save_dtype_refuses_others_with_the_fix(dtype):
     with pytest.raises(FormatError, match=r"cannot hold a checkpoint's float tensors; use one of torch.float16"):
         check_save_dtype(dtype)
+
+
+def test_save_quantized_refuses_an_integer_dtype_before_writing(tmp_path):
+    from pathlib import Path
+
+    import torch
+
+    from gptq_core import AutoGPTQForCausalLM, QuantizeConfig
+    from gptq_core.errors import GPTQError
+
+    stories = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
+    model = AutoGPTQForCausalLM.from_pretrained(stories, QuantizeConfig(bits=4, group_size=32))
+    with pytest.raises(GPTQError, match="int8"):
+        model.save_quantized(tmp_path / "q", torch_dtype=torch.int8)
+    assert not (tmp_path / "q").exists()
