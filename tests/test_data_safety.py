@@ -246,3 +246,26 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(model_dir, calib, tmp_path
                                 "started": "2026-01-01 00:00:00 UTC"}))
     assert quantize(model_dir, tmp_path / "out", calib) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file() and not lock.exists()
+
+
+def _unwritable_folder() -> Path | None:
+    """A folder of a file system that takes no new files even for root (sysfs), if any."""
+    sys_dir = Path("/sys")
+    probe = sys_dir / ".gptq-probe"
+    try:
+        probe.write_bytes(b"0")
+    except OSError:
+        return sys_dir
+    probe.unlink()
+    return None
+
+
+def test_an_unwritable_output_fails_before_any_work(capsys):
+    folder = _unwritable_folder()
+    if folder is None:
+        pytest.skip("no read-only file system on this machine")
+    code = main(["quantize", str(STORIES), str(folder / "gptq-out"), "--calibration",
+                 str(DATA / "text" / "tinystories-sample.txt"), "--nsamples", "2", "--seqlen", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "cannot be written" in err[0] and "writable file system" in err[0]

@@ -98,6 +98,26 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
+    """Refuse, before hours of quantization, a ``folder`` whose nearest existing parent cannot
+    take a file (a read-only or full file system, no permission): one line naming it."""
+    parent = Path(folder).absolute()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    probe = parent / f".gptq-write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0")
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CheckpointError(
+            f"the {what} {folder} cannot be written ({parent}: {reason}); choose a folder on a "
+            "writable file system with free space"
+        ) from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def check_apart(
     out_dir: str | os.PathLike, *, what: str = "output folder", **others: str | os.PathLike | None
 ) -> None:

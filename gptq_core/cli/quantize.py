@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..checkpoint.files import check_apart, check_target
+from ..checkpoint.files import check_apart, check_target, check_writable
 from ..quantize.workdir import check_work_dir
 from ..errors import GPTQError
 from .generate import Rule, check_arguments, check_device_argument, model_max_positions
@@ -116,6 +116,8 @@ def _run_locked(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(out)
+    check_writable(out)  # a read-only or full file system fails now, not after the work
+    check_writable(work_dir, "work folder")
     with hold_locks({"output folder": out, "work folder": work_dir}):
         return _run(args)
 
