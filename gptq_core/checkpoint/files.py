@@ -104,6 +104,8 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> No
     parent = Path(folder).absolute()
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        return  # a file in the way: the folder checks name that problem
     probe = parent / f".gptq-write-probe-{os.getpid()}"
     try:
         with open(probe, "wb") as f:
