@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import GPTQError
+from .numerics import NON_FINITE_LOGITS
 
 
 def _as_stream(token_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -100,7 +101,7 @@ def perplexity(
         model.train(was_training)
     value = math.exp(nll / predicted)
     if not math.isfinite(value):
-        raise GPTQError("perplexity is not finite: the model produced NaN/Inf logits")
+        raise GPTQError(f"perplexity is not finite: {NON_FINITE_LOGITS}")
     return value
 
 
