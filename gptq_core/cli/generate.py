@@ -84,12 +84,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="backend name or 'a,b' preference (default auto)")
     parser.add_argument("--dtype", default="auto", help="activation dtype: float16, bfloat16, float32 (default: fp16 on GPU, fp32 on CPU)")
     add_backend_option_argument(parser)
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the checksum check of the checkpoint's weight files (faster on very large models)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep q/k/v and gate/up as separate matmuls instead of fusing them at load")
 
 
 def load_arguments(args: argparse.Namespace) -> dict:
     """``load_for_inference`` keyword arguments of :func:`add_model_arguments`' flags."""
     return {"device": args.device, "backend": args.backend, "torch_dtype": args.dtype,
-            "backend_options": parse_cli_options(args.backend_option)}
+            "backend_options": parse_cli_options(args.backend_option),
+            "verify": not args.no_verify, "fuse": not args.no_fuse}
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
