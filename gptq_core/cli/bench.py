@@ -247,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip fp16 and tinygemm")
     p.add_argument("--device", help="device to run on (default: cuda if present, else cpu)")
     p.add_argument("--copies", type=int, default=0,
-                   help="weight copies to rotate (default: enough to overflow the L2 cache)")
+                   help="weight copies to rotate; 0 (the default): enough to overflow the L2 cache")
     p.add_argument("--seconds", type=float, default=0.05,
                    help="timing budget per measurement (default 0.05)")
     p.add_argument("--csv", help="write every row to this CSV file")
