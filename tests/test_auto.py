@@ -11,15 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptq_core import AutoGPTQForCausalLM, CheckpointError, QuantizeConfig
-from gptq_core.threads import single_thread
 from gptq_core.quant_linear import QuantLinear
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one torch thread is fastest, and two pytest workers do not oversubscribe."""
-    with single_thread():
-        yield
 
 
 ROOT = Path(__file__).resolve().parents[1] / "gptq_core" / "data"

@@ -30,14 +30,6 @@ STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories2
 MODES = ("eager", "static", "fast")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_bench_generate_on_stories_cpu(tmp_path, capsys):
     out = tmp_path / "gen.json"
     rc = main(["bench", "generate", str(STORIES), "--device", "cpu", "--batch", "1,2",

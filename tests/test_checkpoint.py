@@ -14,16 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from gptq_core import CheckpointError, QuantizeConfig, quantize_rtn
 from gptq_core.checkpoint import load_quantized, read_quantize_config, save_quantized
-from gptq_core.threads import single_thread
 from gptq_core.quant_linear import QuantLinear
 from gptq_core.testing import random_packed
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one torch thread is fastest, and two pytest workers do not oversubscribe."""
-    with single_thread():
-        yield
 
 
 STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"

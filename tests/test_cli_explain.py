@@ -20,16 +20,9 @@ from gptq_core.cli.explain import group_layers
 from gptq_core.format import PackedWeight
 from gptq_core.policy import EXPLAIN_M
 from gptq_core.testing import StubBackend
-from gptq_core.threads import single_thread
 
 STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
 M_KEYS = [str(m) for m in EXPLAIN_M]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -10,17 +10,9 @@ from pathlib import Path
 import pytest
 
 from gptq_core.cli.main import main
-from gptq_core.threads import single_thread
 from gptq_core.quantize import driver
 from gptq_core.quantize.workdir import WorkDir
 from gptq_core.registry import get_registry
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one torch thread is fastest, and two pytest workers do not oversubscribe."""
-    with single_thread():
-        yield
 
 
 DATA = Path(__file__).resolve().parents[1] / "gptq_core" / "data"

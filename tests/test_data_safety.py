@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 
 from gptq_core.cli.main import main
-from gptq_core.threads import single_thread
 
 DATA = Path(__file__).resolve().parents[1] / "gptq_core" / "data"
 STORIES = DATA / "stories260K"
 QUANTIZE = ["--bits", "4", "--group-size", "32", "--nsamples", "4", "--seqlen", "32",
             "--seed", "1", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture

@@ -21,13 +21,6 @@ from gptq_core.models import ARCHITECTURE_LIST, ARCHITECTURES, decoder_layers, p
 from gptq_core.models.layers import get_module
 from gptq_core.quant_linear import QuantLinear
 from gptq_core.testing import random_activations, random_packed, tiny_model
-from gptq_core.threads import single_thread
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"

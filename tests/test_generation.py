@@ -29,15 +29,6 @@ PROMPTS = ["Once upon a time", "The little dog ran to the park and saw a big", "
 NEW = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is fastest and leaves the other core to other tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     tok = AutoTokenizer.from_pretrained(STORIES)

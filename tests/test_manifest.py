@@ -15,17 +15,10 @@ from gptq_core import CheckpointError, QuantizeConfig, quantize_rtn
 from gptq_core.auto import AutoGPTQForCausalLM
 from gptq_core.checkpoint import load_quantized, save_quantized
 from gptq_core.checkpoint.manifest import MANIFEST_FILE
-from gptq_core.threads import single_thread
 
 STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
 CONFIG = QuantizeConfig(bits=4, group_size=32)
 DOWN = "model.layers.2.mlp.down_proj"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptq_core import QuantizeConfig, quantize_rtn
 from gptq_core.checkpoint import load_quantized, save_quantized
-from gptq_core.threads import single_thread
 from gptq_core.quant_linear import QuantLinear
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one torch thread is fastest, and two pytest workers do not oversubscribe."""
-    with single_thread():
-        yield
 
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -25,18 +25,11 @@ from gptq_core.format import PackedWeight, num_groups, pack_weight
 from gptq_core.packing import packed_length
 from gptq_core.rtn import quantize_rtn
 from gptq_core.testing import random_packed
-from gptq_core.threads import single_thread
 
 #: Small budgets: the whole module runs in well under a minute on two cores.
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=12, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def _outcome(call):

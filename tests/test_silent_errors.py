@@ -22,14 +22,6 @@ from gptq_core.checkpoint import load_quantized, save_quantized
 from gptq_core.cli.main import main
 from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization, sequential_groups
 from gptq_core.quantize.driver import quantize_model
-from gptq_core.threads import single_thread
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one torch thread is fastest."""
-    with single_thread():
-        yield
 
 
 STORIES = Path(__file__).resolve().parents[1] / "gptq_core" / "data" / "stories260K"
