@@ -35,16 +35,8 @@ def prepare(w: PackedWeight, dtype: torch.dtype = torch.float16):
     return dispatch.prepare(w, DEVICE, OPTIONS, dtype)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """Without a GPU, run the kernels under Triton's interpreter (only while this module runs;
-    the kernels module is imported lazily, inside the first test)."""
-    if ON_GPU:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 M_VALUES = (1, 5, 16, 33)
 

@@ -32,14 +32,7 @@ OPTIONS = TritonOptions(autotune=False, shipped_configs=False,
                         cache_dir=Path(os.devnull) / "no-tuned-tables")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    if ON_GPU:
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def weight(K=256, N=48, bits=4, group=128, act=False, bias=True, seed=0):
