@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,6 +127,7 @@ def _summarize(exc: BaseException, limit: int = 1500) -> str:
 
 _lock = threading.Lock()
 _loaded: Path | None = None
+_module: Any = None
 _error: str | None = None
 
 
@@ -137,7 +139,7 @@ def load(archs: str | list[tuple[int, int]] | None = None, folder: Path | None =
     options. The extension loads once per process: later calls return at once, whatever
     they ask for; a failure is remembered likewise and raised again at once.
     """
-    global _loaded, _error
+    global _loaded, _module, _error
     with _lock:
         if _loaded is not None:
             return _loaded
@@ -160,14 +162,14 @@ def load(archs: str | list[tuple[int, int]] | None = None, folder: Path | None =
             from torch.utils import cpp_extension
 
             try:
-                cpp_extension.load(
+                module = cpp_extension.load(
                     name=EXTENSION_NAME,
                     sources=[str(p) for p in sources()],
                     extra_cflags=["-O3"],
                     extra_cuda_cflags=["-O3", "-std=c++17", *arch_flags(archs)],
                     extra_include_paths=[str(CSRC)],
                     build_directory=str(folder),
-                    is_python_module=False,
+                    is_python_module=True,
                     verbose=verbose,
                 )
             except Exception as exc:  # noqa: BLE001 - compiler and loader errors alike
@@ -175,8 +177,13 @@ def load(archs: str | list[tuple[int, int]] | None = None, folder: Path | None =
         except BuildError as exc:
             _error = str(exc)
             raise
-        _loaded = folder
+        _loaded, _module = folder, module
         return folder
+
+
+def module() -> Any:
+    """The loaded extension's Python module (its direct ``gemm``), or None before :func:`load`."""
+    return _module
 
 
 def failure() -> str | None:

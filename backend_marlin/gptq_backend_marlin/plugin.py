@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gptq_core import BackendInfo, Capabilities, hookimpl
+from gptq_core.tracing import plain_eager
 
 from . import __version__, build
 from .layout import TILE_K, WARP_N
@@ -70,5 +71,8 @@ def gptq_qmatmul(x, prepared, bias):
     if kind == DENSE_KIND:
         y = torch.nn.functional.linear(x, p.dense)
         return y if bias is None else y.add_(bias)
-    return gemm(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.slots, p.counters, p.bits,
+    # The extension's direct entry eagerly (no dispatcher: docs/DESIGN.md §11), the custom op
+    # when traced or recorded.
+    run = build.module().gemm if plain_eager() else gemm
+    return run(x, p.tiles, p.scales, p.zeros, p.perm, bias, p.slots, p.counters, p.bits,
                 p.group_size, p.size_n, kind)

@@ -180,7 +180,10 @@ def part_capture(args) -> None:
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # Captured on the warm-up's stream: cuBLAS keeps a workspace per stream, made on
+                # first use, so a capture on a stream new to cuBLAS (the dequant+cublas path)
+                # would allocate that workspace in the graph's pool and count it as a leak.
+                with torch.cuda.graph(graph, stream=side):
                     y = marlin_call(p, x, bias=bias)
                 for rep in range(3):
                     x.copy_(torch.randn(m, K, device=DEV, generator=g).to(dtype))

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -320,6 +321,13 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scal
 }
 
 }  // namespace gptq_marlin
+
+// The direct entry point of the eager hot path (docs/DESIGN.md §11): the same function as the
+// custom op, called through pybind11 without the dispatcher's argument boxing. plugin.py takes
+// it only when nothing traces or records the call (gptq_core.tracing.plain_eager).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gptq_marlin::gemm, "marlin GEMM (the gptq_marlin::gemm op without the dispatcher)");
+}
 
 TORCH_LIBRARY_IMPL(gptq_marlin, CUDA, m) {
   m.impl("gemm", &gptq_marlin::gemm);

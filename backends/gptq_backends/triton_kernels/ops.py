@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from gptq_core.tracing import plain_eager
 
 from . import configs, dispatch, scratch
 from .configs import KernelConfig
@@ -31,14 +32,6 @@ PLAN_MAX_M = 256
 
 #: What replaced a configuration that failed to compile or launch, per (GPU, shape key).
 _replaced: dict[tuple[str, str, KernelConfig], KernelConfig] = {}
-
-
-def _dispatch_modes() -> int:
-    return 1 if _get_current_dispatch_mode() is not None else 0
-
-
-#: Active TorchDispatchModes (fake tensors, operator recorders): then the custom op runs.
-_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", _dispatch_modes)
 
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -208,8 +201,7 @@ def run(x: torch.Tensor, p: TritonPrepared, bias: torch.Tensor | None) -> torch.
 def qmatmul(x: torch.Tensor, prepared: TritonPrepared, bias: torch.Tensor | None) -> torch.Tensor:
     """The backend's hot path (the ``gptq_qmatmul`` hook): the layer's worked-out launch for
     this shape when called eagerly, the custom op when traced."""
-    # Eager: not traced by torch.compile and no dispatch mode active (fake tensors, recorders).
-    if not torch.compiler.is_compiling() and _dispatch_depth() == 0:
+    if plain_eager():
         plan = prepared.plans.get((x.shape[0], x.dtype, bias is not None))
         if plan is not None and plan.accepts(x, bias):
             return plan(x, bias)
