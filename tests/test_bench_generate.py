@@ -120,3 +120,19 @@ def test_build_synthetic_writes_a_float_model_and_its_checkpoint(tmp_path):
     assert (again.float_dir / "model.safetensors").read_bytes() == (pair.float_dir / "model.safetensors").read_bytes()
     with pytest.raises(GPTQError, match="not empty"):
         build_synthetic(TINY, tmp_path, device="cpu")
+
+
+def test_a_mismatch_names_its_row_column_and_eager_logit_gap():
+    from gptq_core.generation.benchmark import _mismatch, logit_gap
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    ref = torch.tensor([[1, 5, 9, 14, 20, 30], [1, 7, 8, 12, 22, 40]])
+    out = ref.clone()
+    assert _mismatch(out, ref, prompt_len=2) is None
+    out[1, 4] = 3  # row 1 differs from the third generated token
+    assert _mismatch(out, ref, prompt_len=2) == (1, 2)
+    with torch.no_grad():
+        logits = model(ref[1:2, :4]).logits[0, -1]
+    top = torch.topk(logits, 2).values
+    assert logit_gap(model, ref, 1, 4) == pytest.approx(float(top[0] - top[1]))
+    assert logit_gap(model, ref, 1, 4) >= 0

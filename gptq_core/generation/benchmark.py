@@ -95,6 +95,9 @@ class Row:
     compiled: bool | None = None
     tokens_match: bool | None = None  # greedy tokens equal eager's (None for eager itself)
     first_mismatch: int | None = None
+    #: Eager's top-1 minus top-2 logit where the first differing row first differs: a gap of a
+    #: few fp16 steps means a near-tie that other arithmetic may break the other way.
+    mismatch_gap: float | None = None
     breakdown: dict[str, float] | None = field(default=None)
 
     def as_dict(self) -> dict:
@@ -171,14 +174,25 @@ def warmup_tokens(mode: str, new_tokens: int) -> int:
     return new_tokens if mode == "static" else 2
 
 
-def _mismatch(out: torch.Tensor, ref: torch.Tensor, prompt_len: int) -> int | None:
-    """Index of the first generated token where any row differs, or None when all agree."""
+def _mismatch(out: torch.Tensor, ref: torch.Tensor, prompt_len: int) -> tuple[int, int] | None:
+    """(row, generated token) of the first column where any row differs, or None when all
+    agree."""
     a, b = out[:, prompt_len:].cpu(), ref[:, prompt_len:].cpu()
     n = min(a.shape[1], b.shape[1])
     differs = (a[:, :n] != b[:, :n]).any(dim=0).nonzero()
     if differs.numel():
-        return int(differs[0])
-    return None if a.shape[1] == b.shape[1] else n
+        col = int(differs[0])
+        return int((a[:, col] != b[:, col]).nonzero()[0]), col
+    return None if a.shape[1] == b.shape[1] else (0, n)
+
+
+@torch.no_grad()
+def logit_gap(model, ref: torch.Tensor, row: int, upto: int) -> float:
+    """Eager's top-1 minus top-2 logit for the token after ``ref[row, :upto]`` (one forward of
+    that row's prefix, as eager generate computed it)."""
+    logits = model(ref[row:row + 1, :upto]).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
 
 
 def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str], None]) -> list[Row]:
@@ -237,11 +251,14 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
                 if mode == "eager":
                     reference = out
                 elif reference is not None:
-                    row.first_mismatch = _mismatch(out, reference, cfg.prompt_len)
-                    row.tokens_match = row.first_mismatch is None
-                    if not row.tokens_match:
+                    where = _mismatch(out, reference, cfg.prompt_len)
+                    row.tokens_match = where is None
+                    if where is not None:
+                        at_row, row.first_mismatch = where
+                        row.mismatch_gap = logit_gap(model, reference, at_row, cfg.prompt_len + row.first_mismatch)
                         log(f"MISMATCH: {entry.label} {mode} batch {batch}: greedy tokens differ from "
-                            f"eager's from generated token {row.first_mismatch}")
+                            f"eager's from generated token {row.first_mismatch} (row {at_row}; eager's "
+                            f"top-1/top-2 logit gap there {row.mismatch_gap:.4f})")
                 if mode == "fast" and cfg.breakdown and dev.type == "cuda" and call.fast.fallback_reason is None:
                     try:
                         row.breakdown = call.fast.step_breakdown(ids)

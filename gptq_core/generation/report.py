@@ -18,7 +18,10 @@ def _f(v, spec: str) -> str:
 def _tokens(r: Row) -> str:
     if r.tokens_match is None:
         return "ref" if r.mode == "eager" and r.status == "ok" else "-"
-    return "same" if r.tokens_match else f"DIFFER@{r.first_mismatch}"
+    if r.tokens_match:
+        return "same"
+    gap = f" gap {r.mismatch_gap:.3g}" if r.mismatch_gap is not None else ""
+    return f"DIFFER@{r.first_mismatch}{gap}"
 
 
 def table(rows: list[Row], models: list[ModelEntry]) -> str:
@@ -57,7 +60,9 @@ def table(rows: list[Row], models: list[ModelEntry]) -> str:
     mismatches = [r for r in rows if r.tokens_match is False]
     if mismatches:
         out.append("GREEDY TOKENS DIFFER FROM EAGER: " + ", ".join(
-            f"{r.model} {r.mode} batch {r.batch} from token {r.first_mismatch}" for r in mismatches))
+            f"{r.model} {r.mode} batch {r.batch} from token {r.first_mismatch}"
+            + (f" (eager's top-1/top-2 gap {r.mismatch_gap:.4f})" if r.mismatch_gap is not None else "")
+            for r in mismatches))
     return "\n".join(out)
 
 
