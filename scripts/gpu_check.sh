@@ -14,6 +14,11 @@
 #   conformance the conformance suite's quick set (capture cases included) for marlin, triton
 #   fusion      benchmarks/fusion_h200_check.py: fused q/k/v and gate/up against unfused
 #   explain     tests/test_cli_explain.py's GPU case (7B-wide layers served by GPU backends)
+#   training    the conformance suite's backward and opcheck cases (gradients against float64
+#               through gptq_core/training.py) for marlin and triton, quick set
+#   cuda        the cuda backend: build, the conformance suite (quick), gptq bench at 2/3/4/8 bits
+#   exllama     the exllama backend: build, the conformance suite (quick), gptq bench at 4 bits
+#   lora        benchmarks/lora_step.py: LoRA step of a Llama-2-7B-shaped 4-bit model against fp16
 #   gen-fast    gptq bench generate --synthetic llama-2-7b, batch 1 and 8, eager and fast path
 #   gen-static  the same model, batch 1, transformers' static cache + compile
 #   generate    benchmarks/gpu_generate.sh check llama2 (fast path correctness, bench generate)
@@ -53,7 +58,7 @@ step() {
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$SUMMARY" 2>&1
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >>"$SUMMARY" 2>&1
-step install 120 $PY -m pip install -q --no-deps --no-build-isolation $(sed 's/^/-e /' scripts/distributions.txt)
+step install 120 $PY -m pip install -q --no-deps --no-build-isolation $(grep -v '^#' scripts/distributions.txt | sed 's/^/-e /')
 # One build folder for every step (the marlin option build_dir's environment fallback): the
 # marlin step times a fresh build into it, later steps load it.
 export GPTQ_MARLIN_BUILD_DIR=${GPTQ_MARLIN_BUILD_DIR:-/tmp/gptq-marlin-build}
@@ -73,6 +78,22 @@ for name in "$@"; do
             step conformance-triton 240 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=triton --gptq-quick ;;
         fusion) step fusion 180 $PY benchmarks/fusion_h200_check.py --backends marlin,triton ;;
         explain) step explain 150 $PY -m pytest -q -s tests/test_cli_explain.py -k gpu ;;
+        training)
+            step training-marlin 120 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=marlin --gptq-quick --gptq-partial -k "backward or opcheck"
+            step training-triton 150 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=triton --gptq-quick --gptq-partial -k "backward or opcheck" ;;
+        cuda)
+            step cuda-build 300 $PY -m gptq_backend_cuda.build
+            step conformance-cuda 300 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=cuda --gptq-quick
+            for b in 2 3 4 8; do
+                step bench-cuda-b$b 150 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8,16,64 \
+                    --bits $b --group-size 128 --backends cuda,marlin,triton --json "$OUT/bench-cuda-b$b.json" --quiet
+            done ;;
+        exllama)
+            step exllama-build 300 $PY -m gptq_backend_exllama.build
+            step conformance-exllama 300 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=exllama --gptq-quick
+            step bench-exllama 150 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8,16,64 \
+                --bits 4 --group-size 128 --backends exllama,marlin,triton --json "$OUT/bench-exllama.json" --quiet ;;
+        lora) step lora 200 $PY benchmarks/lora_step.py --backends marlin,triton --cache-mb "${LORA_CACHE_MB:-0}" --json "$OUT/lora.json" ${LORA_ARGS:-} ;;
         gen-fast) step gen-fast 270 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-1,8}" \
                       --modes "${GEN_MODES:-eager,fast}" --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-fast.json" ;;
         gen-static) step gen-static 200 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch 1 \

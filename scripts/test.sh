@@ -14,6 +14,12 @@ python -m pytest -q -n 2 backends/tests
 # The Marlin backend's CPU-side tests: tile repack, policy, options, and an nvcc build of its
 # CUDA sources with SASS checks.
 python -m pytest -q -n 2 backend_marlin/tests
+# The cuda backend's CPU-side tests: fragment layout, a bit-level model of the kernel against the
+# float64 reference, policy, options, probe, and nvcc builds for sm_75..sm_90 with SASS checks.
+python -m pytest -q -n 2 backend_cuda/tests
+# The ExLlama-style backend's CPU-side tests: its kernel model against float64, probe, and an
+# nvcc build of its CUDA sources for sm_75..sm_90 with SASS checks.
+python -m pytest -q -n 2 backend_exllama/tests
 # The conformance suite's own tests (its case plans, its meta checks).
 python -m pytest -q -n 2 conformance_tests/tests
 # The conformance suite (gptq-conformance) against each backend that runs on this CPU:

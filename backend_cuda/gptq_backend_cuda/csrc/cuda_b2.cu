@@ -1,0 +1,4 @@
+// 2-bit kernels (launch.cuh).
+#include "launch.cuh"
+
+GPTQ_CUDA_LAUNCHERS(2)

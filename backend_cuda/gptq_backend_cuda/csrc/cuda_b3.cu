@@ -1,0 +1,4 @@
+// 3-bit kernels (launch.cuh).
+#include "launch.cuh"
+
+GPTQ_CUDA_LAUNCHERS(3)

@@ -1,0 +1,4 @@
+// 8-bit kernels (launch.cuh).
+#include "launch.cuh"
+
+GPTQ_CUDA_LAUNCHERS(8)

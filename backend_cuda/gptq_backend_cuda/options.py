@@ -1,0 +1,46 @@
+"""The cuda backend's options (docs/DESIGN.md §12): set at load, parsed once, never read per call.
+
+    from_quantized(path, backend_options={"cuda": {"dequant_threshold": 32}})
+    gptq generate ... --backend-option cuda.build_dir=/opt/gptq-cuda-ext
+
+No field has an environment fallback: an image that builds ahead of time
+(``python -m gptq_backend_cuda.build --build-dir DIR``) passes the same folder as ``build_dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptq_core.options import BackendOptions, OptionsError, option
+
+#: The largest ``dequant_threshold``: the decode kernel runs larger batches as slices of 16 rows,
+#: each streaming the whole weight again, so beyond a few slices dequantize + cuBLAS wins.
+MAX_KERNEL_M = 256
+
+
+@dataclass(frozen=True)
+class CudaOptions(BackendOptions):
+    """Typed settings of the cuda backend; see the README's options table."""
+
+    build_dir: Path | None = option(
+        None, "folder of the compiled extension (default: a cache folder per torch, CUDA, "
+        "architectures and source hash)")
+    archs: str | None = option(
+        None, 'compute capabilities to build for, e.g. "7.5;9.0" (default: the GPUs present)')
+    dequant_threshold: int | None = option(
+        None, f"rows above which a call dequantizes the layer and calls cuBLAS (0..{MAX_KERNEL_M}; "
+        "default: the policy table by bit width)")
+
+    def __post_init__(self) -> None:
+        if self.dequant_threshold is not None and not 0 <= self.dequant_threshold <= MAX_KERNEL_M:
+            raise OptionsError(
+                f"cuda option dequant_threshold={self.dequant_threshold} must be in "
+                f"0..{MAX_KERNEL_M}; leave it unset for the policy table")
+        if self.archs is not None:
+            from .build import BuildError, parse_archs  # noqa: PLC0415 (build imports torch's builder lazily)
+
+            try:
+                parse_archs(self.archs)
+            except BuildError as exc:
+                raise OptionsError(f"cuda option archs: {exc}") from None

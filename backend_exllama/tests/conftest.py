@@ -1,0 +1,15 @@
+"""Shared fixtures of the exllama backend's tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptq_core.threads import single_thread
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Small matrices: one torch thread is fastest, and CI's two pytest workers do not
+    oversubscribe its two cores."""
+    with single_thread():
+        yield
