@@ -9,8 +9,10 @@ wrote: ``wbits``, ``w_bit``, ``groupsize``, ``q_group_size``, ``format``, ``vers
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +32,25 @@ _SYNONYMS = {
     "q_group_size": "group_size",
     "act_order": "desc_act",
     "damp": "damp_percent",
+}
+
+
+#: Settings GPTQModel writes inside ``meta`` rather than at the top level
+#: (gptqmodel/quantization/config.py META_FIELD_*); read from there when the top level lacks them.
+_META_FIELDS: tuple[str, ...] = ("damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse")
+
+#: Keys peers write whose non-default values gptq-core cannot honour -> (is default, fix).
+#: GPTQModel's per-module overrides, quantized lm_head, other pack dtypes and rotations change
+#: which tensors exist or how they are read, so loading them as plain GPTQ would be wrong.
+_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dynamic": (lambda v: not v, "per-module overrides (GPTQModel's dynamic) are not supported; "
+                "requantize with one setting for every layer"),
+    "lm_head": (lambda v: not v, "a quantized lm_head is not supported; requantize with lm_head=False"),
+    "pack_dtype": (lambda v: v in (None, "int32", "torch.int32"),
+                   "only int32 packing (the GPTQ format) is supported; repack with pack_dtype=int32"),
+    "rotation": (lambda v: not v, "rotated (SpinQuant/QuaRot) checkpoints are not supported"),
+    "is_marlin_format": (lambda v: not v, "Marlin-format checkpoints are not supported; use the "
+                         "GPTQ checkpoint they were repacked from"),
 }
 
 
@@ -146,11 +167,17 @@ class QuantizeConfig:
         if not isinstance(raw, dict):
             raise FormatError(f"{source} must be a JSON object, got {type(raw).__name__}")
         data = dict(raw)
-        method = str(data.pop("quant_method", "gptq")).lower()
+        method = data.pop("quant_method", "gptq")
+        if isinstance(method, enum.Enum):  # transformers' GPTQConfig.to_dict() keeps its enum
+            method = method.value
+        method = str(method).lower()
         if method != "gptq":
             raise FormatError(
                 f"{source} has quant_method={method!r}; gptq-core loads GPTQ checkpoints only"
             )
+        for key, (is_default, fix) in _UNSUPPORTED.items():
+            if key in data and not is_default(data[key]):
+                raise FormatError(f"{source} has {key}={data[key]!r}: {fix}")
         for old, new in _SYNONYMS.items():
             if old in data and new not in data:
                 data[new] = data.pop(old)
@@ -176,8 +203,8 @@ class QuantizeConfig:
             meta = {}
         known = {f.name for f in dataclasses.fields(cls)} - {"meta", "checkpoint_format"}
         kwargs = {k: data[k] for k in known if k in data}
-        for k in ("damp_auto_increment", "mse"):
-            if k not in kwargs and k in meta:
+        for k in _META_FIELDS:
+            if k not in kwargs and meta.get(k) is not None:
                 kwargs[k] = meta[k]
         if kwargs.get("group_size") is None:
             kwargs["group_size"] = -1

@@ -37,6 +37,22 @@ BACKEND_ENV = "GPTQ_BACKEND"
 #: Backends not to import at all, e.g. ``triton,example``.
 DISABLED_ENV = "GPTQ_DISABLED_BACKENDS"
 
+#: GPTQModel's backend names (gptqmodel/utils/backend.py, BACKEND) -> the gptq-core backend that
+#: serves the same role, so a user's ``backend="gptq_marlin"`` or ``GPTQ_BACKEND=gptq_triton``
+#: works unchanged. Only names with a counterpart here are listed.
+BACKEND_ALIASES: dict[str, str] = {
+    "gptq_marlin": "marlin",
+    "gptq_triton": "triton",
+    "gptq_torch": "torch",
+    "gptq_exllama_v2": "exllama",
+    "exllama_v2": "exllama",
+}
+
+
+def canonical_backend_name(name: str) -> str:
+    """``name`` with GPTQModel's spelling mapped onto gptq-core's (:data:`BACKEND_ALIASES`)."""
+    return BACKEND_ALIASES.get(name.strip().lower(), name) if isinstance(name, str) else name
+
 
 @dataclass(frozen=True)
 class BrokenBackend:
@@ -67,7 +83,8 @@ def names_from_env(variable: str) -> tuple[str, ...]:
     Read with the options' own parser (:func:`gptq_core.options.parse_value`), so a list means
     the same in every variable and option.
     """
-    return parse_value(tuple, os.environ.get(variable, ""), variable)
+    names = parse_value(tuple, os.environ.get(variable, ""), variable)
+    return tuple(canonical_backend_name(n) for n in names)
 
 
 def disabled_backends() -> set[str]:
@@ -262,7 +279,9 @@ class Registry:
 
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> Backend:
-        """The backend called ``name``, or a clear error saying what is installed."""
+        """The backend called ``name`` (or a GPTQModel alias of it), or a clear error saying
+        what is installed."""
+        name = canonical_backend_name(name)
         if name in self.backends:
             return self.backends[name]
         if name in self.broken:

@@ -22,7 +22,7 @@ from .device import DeviceInfo
 from .errors import GPTQError, NoBackendError, NotSupportedError
 from .options import BackendOptions, check_backend_names, parse_value
 from .policy import DispatchPolicy
-from .registry import BACKEND_ENV, Registry, get_registry, names_from_env
+from .registry import BACKEND_ENV, Registry, canonical_backend_name, get_registry, names_from_env
 from .spec import LayerSpec
 
 logger = logging.getLogger("gptq_core.selector")
@@ -34,11 +34,14 @@ INSTALL_HINT = (
 
 
 def parse_preference(backend: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """``"auto"``/None -> GPTQ_BACKEND or None (automatic); ``"a,b"`` or [a, b] -> ("a", "b")."""
+    """``"auto"``/None -> GPTQ_BACKEND or None (automatic); ``"a,b"`` or [a, b] -> ("a", "b").
+
+    GPTQModel's names (``gptq_marlin``...) are read as their gptq-core counterparts
+    (:data:`gptq_core.registry.BACKEND_ALIASES`)."""
     if backend is None or backend == "auto":
         names = names_from_env(BACKEND_ENV)
     else:
-        names = parse_value(tuple, backend, "backend")
+        names = tuple(canonical_backend_name(n) for n in parse_value(tuple, backend, "backend"))
     return None if names in ((), ("auto",)) else names
 
 
@@ -116,6 +119,8 @@ def parse_backend_options(
     Parsed once per load; an unknown backend or option is one clear :class:`OptionsError`.
     """
     registry = registry or get_registry()
+    if values:
+        values = {canonical_backend_name(name): fields for name, fields in values.items()}
     check_backend_names(values, set(registry.backends) | set(registry.broken) | set(registry.disabled))
     parsed = {}
     for name, fields in (values or {}).items():

@@ -38,7 +38,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(
             f"{model_dir} is not a folder; gptq-core loads local checkpoint folders (download "
-            "a hub model first, e.g. with `huggingface-cli download`)"
+            "a hub model first, e.g. with `hf download ORG/NAME --local-dir DIR`)"
         )
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} has no {CONFIG_FILE}; it is not a transformers model folder")

@@ -42,6 +42,38 @@ DEFAULT_MAX_SHARD_SIZE = "4GB"
 _QUANT_SUFFIXES = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx")
 
 
+def written_config(config: QuantizeConfig, packed: Mapping[str, PackedWeight]) -> QuantizeConfig:
+    """The config as written: ``desc_act`` false when every ``g_idx`` is ``k // group_size``.
+
+    Act-order with static groups (or with one group) quantizes in a permuted order yet stores
+    every column in its natural group, so nothing a reader sees is reordered; ``desc_act: true``
+    would only make vLLM refuse the checkpoint (docs/COMPATIBILITY.md).
+    """
+    from ..compat import natural_g_idx
+
+    if not config.desc_act or not packed:
+        return config
+    if all(natural_g_idx(pw.g_idx, pw.group_size) for pw in packed.values()):
+        logger.info("desc_act written as false: every g_idx is in natural order (act-order with "
+                    "static groups reorders nothing a reader sees)")
+        return config.replace(desc_act=False)
+    return config
+
+
+def warn_if_vllm_refuses(config: QuantizeConfig, packed: Mapping[str, PackedWeight], out_dir: str | Path) -> None:
+    """One warning line when vLLM will refuse the checkpoint, with its reasons
+    (rules in gptq_core/compat/rules.py, docs/COMPATIBILITY.md)."""
+    from ..compat import vllm_verdict
+
+    verdict = vllm_verdict(config, packed)
+    if not verdict.loads:
+        reasons = "; ".join(
+            f"{r.reason} ({r.found.split('; ')[0]}{', ...' if '; ' in r.found else ''})" for r in verdict.reasons
+        )
+        logger.warning("vLLM %s will refuse %s: %s; `gptq check %s` lists every reader and the fix",
+                       verdict.reader.version, out_dir, reasons, out_dir)
+
+
 def tied_weight_keys(model: nn.Module) -> dict[str, str]:
     """``{tied parameter: the parameter it is tied to}`` as transformers declares it."""
     expand = getattr(model, "get_expanded_tied_weights_keys", None)
@@ -205,7 +237,9 @@ def save_quantized(
     maps a file name in the checkpoint to a path to copy or bytes to write (e.g. the
     quantization log). ``gptq_manifest.json`` records every weight file's size and sha256 for
     the loader to verify (``gptq_core.checkpoint.manifest``). The folder appears complete or not at all; an existing non-empty
-    ``out_dir`` is replaced only with ``overwrite=True``.
+    ``out_dir`` is replaced only with ``overwrite=True``. ``desc_act`` is written as false when
+    every ``g_idx`` is in natural order (:func:`written_config`), and a warning names what vLLM
+    will refuse (:func:`warn_if_vllm_refuses`).
     """
     layers = packed_weights_of(model, packed)
     if not layers:
@@ -213,6 +247,7 @@ def save_quantized(
             "nothing to save: the model has no quantized layers and no packed weights were given; "
             "quantize it first"
         )
+    config = written_config(config, layers)
     tensors = checkpoint_names(model, quantized_state_dict(model, layers, config, torch_dtype))
     source = _source_dir(model, source_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -236,4 +271,5 @@ def save_quantized(
             else:
                 shutil.copyfile(content, target)
         write_manifest(tmp, weight_names)  # last: it vouches for the files as written
+    warn_if_vllm_refuses(config, layers, out_dir)
     return Path(out_dir)

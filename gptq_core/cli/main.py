@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import sys
 import traceback
 
@@ -12,7 +13,13 @@ from .._version import __version__
 
 #: Subcommand modules of this package; each defines ``register(subparsers)`` which adds its
 #: parser and sets ``func`` (args -> exit code) as the default.
-COMMANDS: tuple[str, ...] = ("backends", "quantize", "generate", "eval", "demo", "models", "bench")
+COMMANDS: tuple[str, ...] = ("backends", "quantize", "generate", "eval", "demo", "models", "bench", "check")
+
+#: ``--log-level`` choices; ``-v`` means INFO and ``-vv`` DEBUG. Default: warnings and errors.
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "WARNING"
+#: The logger every module of the package logs under (``gptq_core.*``).
+LOGGER_NAME = "gptq_core"
 
 
 #: Exceptions that, escaping a command, mean a path or file the user gave is wrong: exit 2 and
@@ -68,6 +75,44 @@ def add_backend_option_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_logging_arguments(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``--log-level`` and ``-v`` on the top parser and on every subcommand (so both
+    ``gptq -v quantize`` and ``gptq quantize ... -v`` work); a subcommand's value wins."""
+    default = DEFAULT_LOG_LEVEL if top else argparse.SUPPRESS
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default,
+                        help=f"messages shown on stderr from this level up (default {DEFAULT_LOG_LEVEL})")
+    parser.add_argument("-v", "--verbose", action="count", default=0 if top else argparse.SUPPRESS,
+                        help="more messages: -v for INFO, -vv for DEBUG (overrides --log-level)")
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """The logging level the arguments ask for."""
+    verbose = getattr(args, "verbose", 0)
+    if verbose:
+        return logging.DEBUG if verbose > 1 else logging.INFO
+    return getattr(logging, getattr(args, "log_level", DEFAULT_LOG_LEVEL))
+
+
+class _CliHandler(logging.StreamHandler):
+    """The one stderr handler the CLI installs (replaced, never stacked, on a second run);
+    it writes to whatever ``sys.stderr`` is when a record comes (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def configure_logging(level: int) -> None:
+    """Send the package's log records at ``level`` and above to stderr, one line each."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in [h for h in logger.handlers if isinstance(h, _CliHandler)]:
+        logger.removeHandler(handler)
+    handler = _CliHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptq",
@@ -76,10 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptq-core {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="print the Python traceback of a failure (before its one-line error)")
+    add_logging_arguments(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__package__}.{name}").register(sub)
+    _add_to_subcommands(parser)
     return parser
+
+
+def _add_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """The logging arguments on every subcommand, nested ones (``backends list``) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                add_logging_arguments(command, top=False)
+                _add_to_subcommands(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    configure_logging(log_level(args))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
