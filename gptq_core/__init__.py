@@ -30,6 +30,11 @@ from .rtn import quantize_rtn
 from .selector import Binding, Plan, bind, plan
 from .spec import LayerSpec
 from .auto import AutoGPTQForCausalLM
+from .integrations import install as _install_integrations
+
+# transformers' from_pretrained loads GPTQ checkpoints through gptq-core once this package is
+# imported; registration waits for transformers' quantizer table to be imported (it is slow).
+_install_integrations()
 
 __all__ = [
     "BackendOptions",

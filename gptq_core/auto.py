@@ -34,6 +34,8 @@ from .checkpoint.save import DEFAULT_MAX_SHARD_SIZE
 from .config import QuantizeConfig, check_save_dtype
 from .errors import CheckpointError, GPTQError
 from .format import PackedWeight
+from .hub import resolve_model_dir
+from .placement import DeviceMap
 from .quant_linear import QuantLinear
 
 logger = logging.getLogger("gptq_core")
@@ -144,8 +146,11 @@ class AutoGPTQForCausalLM:
         *,
         torch_dtype: torch.dtype | str = "auto",
         trust_remote_code: bool = False,
+        revision: str | None = None,
     ) -> AutoGPTQForCausalLM:
-        """Load a float model (on the CPU) to be quantized with ``quantize_config``."""
+        """Load a float model (on the CPU) to be quantized with ``quantize_config``; a hub id
+        (``org/name``) with ``revision`` is fetched through huggingface_hub's cache."""
+        model_dir = resolve_model_dir(model_dir, revision)
         if is_quantized_checkpoint(model_dir):
             raise CheckpointError(
                 f"{model_dir} is already a GPTQ checkpoint; load it with "
@@ -167,18 +172,43 @@ class AutoGPTQForCausalLM:
         fuse: bool = True,
         fast: bool = False,
         verify: bool = True,
+        *,
+        revision: str | None = None,
+        device_map: DeviceMap | None = None,
+        max_memory: Mapping[int | str, int | str] | None = None,
+        offload_folder: str | Path | None = None,
+        progress: bool | None = None,
+        training_options: Mapping[str, Any] | None = None,
     ) -> AutoGPTQForCausalLM:
         """Load a GPTQ checkpoint (this project's or a peer's), every layer bound to a backend.
+
+        ``model_dir`` is a folder or a hub id (``org/name``, with ``revision``: a branch, tag
+        or commit), fetched through huggingface_hub's cache (``HF_HUB_OFFLINE=1`` reads only
+        the cache). ``device_map`` ("auto", "balanced", a device or {module: device}, with
+        ``max_memory``) places the model through accelerate instead of ``device``: each layer
+        is bound on the device it lands on, "cpu" layers run on the CPU, "disk" layers are kept
+        in ``offload_folder`` and read per call (``gptq_core.placement``). ``progress`` shows a
+        loading bar (None: for large checkpoints on a terminal).
 
         ``backend_options`` tunes backends by name, e.g. ``{"marlin": {"dense_cache_mb": 512}}``
         (``gptq backends list --options`` lists them); unknown names are an error.
         ``fuse=False`` keeps q/k/v and gate/up as separate matmuls (see ``load_quantized``).
         ``fast=True`` makes :meth:`generate` use gptq-core's decode path (:meth:`fast_generate`).
         ``verify=False`` skips checking the weights against ``gptq_manifest.json`` (faster).
+        ``training_options`` (:class:`gptq_core.training.TrainingOptions`, e.g.
+        ``{"dequant_cache_mb": 4096}``) tunes the backward pass that LoRA training runs.
         """
-        model = load_quantized(model_dir, device, backend, torch_dtype, trust_remote_code,
-                               backend_options=backend_options, fuse=fuse, verify=verify)
-        wrapper = cls(model, model.quantize_config, load_tokenizer(model_dir, trust_remote_code), model_dir)
+        from .training import TrainingOptions, configure_training
+
+        training = TrainingOptions.of(training_options) if training_options is not None else None
+        path = resolve_model_dir(model_dir, revision)
+        model = load_quantized(path, device, backend, torch_dtype, trust_remote_code,
+                               backend_options=backend_options, fuse=fuse, verify=verify,
+                               device_map=device_map, max_memory=max_memory,
+                               offload_folder=offload_folder, progress=progress)
+        if training is not None:
+            configure_training(model, training)
+        wrapper = cls(model, model.quantize_config, load_tokenizer(path, trust_remote_code), path)
         wrapper.fast = fast
         return wrapper
 
@@ -312,12 +342,26 @@ def load_for_inference(
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     fuse: bool = True,
     verify: bool = True,
+    *,
+    revision: str | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a GPTQ checkpoint, or of a float model folder for comparison."""
-    dev = resolve_device(device)
-    if is_quantized_checkpoint(model_dir):
-        model = load_quantized(model_dir, dev, backend, torch_dtype, trust_remote_code,
-                               backend_options=backend_options, fuse=fuse, verify=verify)
+    """(model, tokenizer) of a GPTQ checkpoint, or of a float model folder for comparison;
+    ``model_dir`` may be a hub id with ``revision``, placed by ``device_map`` as in
+    :meth:`AutoGPTQForCausalLM.from_quantized`."""
+    path = resolve_model_dir(model_dir, revision)
+    if is_quantized_checkpoint(path):
+        model = load_quantized(path, None if device_map is not None else resolve_device(device), backend,
+                               torch_dtype, trust_remote_code, backend_options=backend_options, fuse=fuse,
+                               verify=verify, device_map=device_map, max_memory=max_memory,
+                               offload_folder=offload_folder)
+    elif device_map is not None:
+        raise GPTQError(
+            f"{path} is a float model; device_map places GPTQ checkpoints only: load it with --device"
+        )
     else:
-        model = load_float_model(model_dir, resolve_dtype(torch_dtype, dev), trust_remote_code).to(dev).eval()
-    return model, load_tokenizer(model_dir, trust_remote_code)
+        dev = resolve_device(device)
+        model = load_float_model(path, resolve_dtype(torch_dtype, dev), trust_remote_code).to(dev).eval()
+    return model, load_tokenizer(path, trust_remote_code)

@@ -225,6 +225,9 @@ class FusedSlice(QuantLinear):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not any(k.startswith(prefix) for k in state_dict):
+            # Nothing for this layer (a PEFT adapter loaded with strict=False): load nothing.
+            return nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
         raise GPTQError(
             f"'{prefix.rstrip('.')}' is part of a fused layer ({self.fusion}); loading a state "
             "dict into it would leave the fused weights stale. Load the checkpoint with "

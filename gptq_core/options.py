@@ -88,6 +88,9 @@ def parse_value(kind: type, raw: Any, what: str, optional: bool = False) -> Any:
 class BackendOptions:
     """Base of every backend's options (a backend without options uses it as it is)."""
 
+    #: Where an unknown option's error sends the user.
+    LISTED_BY: typing.ClassVar[str] = "`gptq backends list --options` lists every backend's options"
+
     @classmethod
     def fields_table(cls) -> list[dict[str, Any]]:
         """name, type, default, environment fallback and help of every field (docs, CLI help)."""
@@ -117,7 +120,7 @@ class BackendOptions:
             known = ", ".join(names) or "none"
             raise OptionsError(
                 f"{label} has no option {', '.join(map(repr, unknown))} (its options: {known}); "
-                "`gptq backends list --options` lists every backend's options"
+                f"{cls.LISTED_BY}"
             )
         parsed = {}
         for f in dataclasses.fields(cls):

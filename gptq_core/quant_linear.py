@@ -8,6 +8,7 @@ asks the selector once for a backend and keeps the prepared weight and the backe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -20,8 +21,11 @@ from .format import ZERO_FORMATS, PackedWeight, ZeroFormat, check_group_size, de
 from .options import BackendOptions
 from .packing import check_bits, packed_length
 from .spec import LayerSpec, Mode
+from .training import DequantBudget, WeightSource, differentiable_qmatmul
 
 _FORMAT_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+logger = logging.getLogger("gptq_core")
 
 
 class QuantLinear(nn.Module):
@@ -76,6 +80,10 @@ class QuantLinear(nn.Module):
         self._trainable = False
         self._device: torch.device | None = None
         self._bias: torch.Tensor | None = None
+        # What the backward pass reads (gptq_core.training), built at the first forward that
+        # needs a gradient and dropped with the binding; the budget is shared per model.
+        self._grad_source: WeightSource | None = None
+        self._dequant_budget: DequantBudget | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -138,6 +146,7 @@ class QuantLinear(nn.Module):
             self.unbind()
         if self.qweight.device.type == "meta":
             raise GPTQError("QuantLinear has no weights yet (meta device); load a state dict first")
+        self._drop_grad_source()  # the weights may have changed since it was built
         weight = self.packed()
         binding = selector.bind(
             weight, DeviceInfo.of(self.qweight.device), self.spec(act_dtype), self.backend,
@@ -161,6 +170,18 @@ class QuantLinear(nn.Module):
         """Forget prepared weights (after the buffers changed device or content)."""
         self._bindings.clear()
         self._use(None, None)
+        self._drop_grad_source()
+
+    def set_dequant_budget(self, budget: DequantBudget | None) -> None:
+        """Share ``budget`` for the dequantized copy the backward pass may keep (None: none);
+        see :func:`gptq_core.training.configure_training`."""
+        self._drop_grad_source()
+        self._dequant_budget = budget
+
+    def _drop_grad_source(self) -> None:
+        if self._grad_source is not None:
+            self._grad_source.release()
+            self._grad_source = None
 
     @property
     def binding(self) -> selector.Binding | None:
@@ -200,16 +221,43 @@ class QuantLinear(nn.Module):
                 f"input is on {x.device} but this layer's weights are on {self.qweight.device}; "
                 "move the input or the model"
             )
-        if x.requires_grad and not self._trainable:
-            raise NotSupportedError(
-                f"backend '{self._binding.backend.name}' has no backward pass; bind the model "
-                "with mode='training' to pick a backend that has one"
-            )
+        if x.requires_grad and torch.is_grad_enabled():
+            return self._forward_with_grad(x)
         if x.dim() == 2:
             return self._qmatmul(x if x.is_contiguous() else x.contiguous(), self._prepared, self._bias)
         lead = x.shape[:-1]
         y = self._qmatmul(x.reshape(-1, self.in_features).contiguous(), self._prepared, self._bias)
         return y.reshape(*lead, self.out_features)
+
+    def _forward_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward whose input needs a gradient: the same kernel, wrapped so that the
+        backward computes ``dY @ W`` (gptq_core.training; the weight itself stays frozen)."""
+        if not self._trainable:
+            self._bind_for_training(x)
+        source = self._grad_source
+        if source is None:
+            source = WeightSource(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                  self.group_size, self.zero_format, self._dequant_budget)
+            if not torch.compiler.is_compiling():  # a traced graph rebuilds it inline
+                self._grad_source = source
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = differentiable_qmatmul(self._qmatmul, x2.contiguous(), self._prepared, self._bias, source)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _bind_for_training(self, x: torch.Tensor) -> None:
+        """A gradient is wanted but the bound backend declares no backward pass: when the
+        backend was chosen automatically, choose again among those that have one (as binding
+        with mode='training' would have; PEFT users never call bind); an explicit choice is
+        kept and refused."""
+        served = self._binding.backend.name
+        if selector.parse_preference(self.backend) is not None or torch.compiler.is_compiling():
+            raise NotSupportedError(
+                f"backend '{served}' has no backward pass; bind the model "
+                "with mode='training' to pick a backend that has one"
+            )
+        binding = self.bind(act_dtype=x.dtype, mode="training")
+        logger.info("QuantLinear K=%d N=%d: backend '%s' has no backward pass, '%s' serves it "
+                    "for training", self.in_features, self.out_features, served, binding.backend.name)
 
     # ------------------------------------------------------------------ nn.Module plumbing
     def _apply(self, fn, recurse=True):

@@ -25,7 +25,7 @@ CAPABILITIES = Capabilities(
     min_compute_capability=(8, 0),
     k_multiple=TILE_K,
     n_multiple=WARP_N,
-    training=False,
+    training=True,  # backward dX = dY @ W by the core around this forward (gptq_core/training.py)
     compile=True,  # no allocation outlives a call, no host sync: CUDA graphs capture it
 )
 

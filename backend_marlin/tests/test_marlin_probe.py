@@ -28,7 +28,7 @@ def test_registered_through_the_entry_point_with_its_priority():
     b = marlin()
     assert b.info.distribution == "gptq-backend-marlin"
     assert b.info.priority_for(FAKE_H100) == 100
-    assert b.info.capabilities.training is False
+    assert b.info.capabilities.training is True
 
 
 def test_cpu_is_not_served():
@@ -47,7 +47,6 @@ def test_old_gpus_are_not_served():
         (LayerSpec(3, 128, 256, 64), "3-bit is not supported"),
         (LayerSpec(4, 48, 256, 64), "group size 48 is not supported"),
         (LayerSpec(4, 128, 256, 64, act_dtype=torch.float32), "activation dtype float32"),
-        (LayerSpec(4, 128, 256, 64, mode="training"), "no backward pass"),
     ],
 )
 def test_layers_the_tiles_cannot_serve_are_rejected_with_the_reason(spec, reason):

@@ -307,8 +307,10 @@ def build_plan(caps: Capabilities, device_reasons: list[str], quick: bool,
             f"torch.cuda.graph capture needs a CUDA or ROCm device and this run is on "
             f"'{device_type}'; test_compile_replay compiles the layer here instead"
         )
+    # Every bit width (the backward dequantizes each one its own way), and in the full suite
+    # every activation dtype of it (GPU GEMMs accumulate fp16/bf16 differently).
     plan.families["training"] = (
-        sample(qm, key=lambda c: (c.bits, c.dtype), limit=2 if quick else 6)
+        (by_bits if quick else sample(qm, key=lambda c: (c.bits, c.dtype)))
         if caps.training else []
     )
     plan.families["limit"] = limit_cases(caps)

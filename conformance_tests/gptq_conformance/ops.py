@@ -40,6 +40,17 @@ def _clone(value: Any) -> Any:
     return value
 
 
+def without_grad(value: Any) -> Any:
+    """``value`` (an argument, or a tuple/list/dict of them) with every tensor detached."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(without_grad(v) for v in value)
+    if isinstance(value, dict):
+        return {k: without_grad(v) for k, v in value.items()}
+    return value
+
+
 class CustomOpRecorder(TorchDispatchMode):
     """Records the first call of each non-builtin op made while the mode is active."""
 

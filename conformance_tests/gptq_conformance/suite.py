@@ -25,6 +25,7 @@ from gptq_core.device import DEVICE_KINDS
 from gptq_core.errors import NoBackendError, NotSupportedError
 from gptq_core.packing import SUPPORTED_BITS
 from gptq_core.quant_linear import QuantLinear
+from gptq_core.training import WeightSource, differentiable_qmatmul
 from gptq_core.testing import (
     TOLERANCES,
     assert_matches_reference,
@@ -40,7 +41,7 @@ from gptq_core.testing import (
 from .cases import Case, LimitCase
 from .context import SuiteContext
 from .graphs import capture, capture_ms, warm_up
-from .ops import CustomOpRecorder
+from .ops import CustomOpRecorder, without_grad
 
 #: Calls per batch size in the capture checks: cudagraph trees warm up on the first, record
 #: on the second and replay from the third on; a captured graph replays as many fresh inputs.
@@ -310,22 +311,28 @@ class BackendConformance:
     # ------------------------------------------------------------------ torch integration
     @family("opcheck")
     def test_opcheck(self, gptq_suite: SuiteContext, case: Case) -> None:
-        """Every custom op qmatmul dispatches (and its backward, if any) passes opcheck."""
+        """Every custom op qmatmul dispatches passes opcheck (in training, run as QuantLinear
+        runs it: inside the core's autograd function, forward and backward)."""
         ctx = gptq_suite
         training = ctx.backend.info.capabilities.training
         packed = make_weight(ctx, case)
         prepared = ctx.prepare(packed, case.spec("training" if training else "inference"))
         x = make_x(ctx, case, 7, case.in_features).requires_grad_(training)
         with CustomOpRecorder() as recorder:
-            y = ctx.backend.qmatmul(x, prepared, packed.bias)
             if training:
+                y = differentiable_qmatmul(ctx.backend.qmatmul, x, prepared, packed.bias,
+                                           WeightSource.of(packed))
                 y.backward(torch.ones_like(y))
+            else:
+                ctx.backend.qmatmul(x, prepared, packed.bias)
         assert recorder.calls, (
             f"backend '{ctx.name}' computed without any torch.library custom op; register its "
             "kernel as a custom op with a fake implementation so torch.compile can capture it"
         )
         for call in recorder.calls.values():
-            torch.library.opcheck(call.op, call.args, call.kwargs)
+            # The core's autograd function owns the gradient (gptq_core/training.py): a backend
+            # op runs below it, so it is checked without autograd on its inputs.
+            torch.library.opcheck(call.op, without_grad(call.args), without_grad(call.kwargs))
 
     @family("compile")
     def test_compile(self, gptq_suite: SuiteContext, case: Case) -> None:

@@ -25,6 +25,8 @@ from ..errors import CheckpointError, GPTQError
 from ..format import default_g_idx
 from ..fusion import fuse_linears
 from ..models.architecture import Architecture
+from ..hub import resolve_model_dir
+from ..placement import DeviceMap, bind_placed, dispatch, planned_main_device, resolve_device_map
 from ..quant_linear import QuantLinear
 from .configs import check_model_dir, read_json, read_quantize_config
 from .files import GENERATION_CONFIG_FILE, QUANTIZE_CONFIG_FILE
@@ -39,6 +41,42 @@ IGNORED_UNEXPECTED = (r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)attn\.masked_bias$
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+#: Checkpoints at least this large show a progress bar while loading (``progress=None``) when
+#: stderr is a terminal; tiny ones load too fast for a bar to mean anything.
+PROGRESS_BYTES = 256 * 2**20
+
+
+def _nbytes(entry: TensorEntry) -> int:
+    dtype = entry.torch_dtype
+    size = torch.empty((), dtype=dtype).element_size() if dtype is not None else 1
+    count = 1
+    for n in entry.shape:
+        count *= n
+    return count * size
+
+
+def _progress(items, show: bool, desc: str, unit: str, total: int | None = None, **kwargs):
+    """``items`` under a tqdm bar when ``show`` (and stderr is a terminal: tqdm's ``disable=None``),
+    as ``gptq quantize`` shows its layers."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=None if show else True, leave=False, **kwargs)
+
+
+def _read_tensors(entries: list[TensorEntry], show: bool) -> dict[str, torch.Tensor]:
+    """:func:`load_tensors` file by file, with a bar in bytes when ``show``."""
+    by_file: dict[Path, list[TensorEntry]] = {}
+    for e in entries:
+        by_file.setdefault(e.file, []).append(e)
+    out: dict[str, torch.Tensor] = {}
+    total = sum(_nbytes(e) for e in entries)
+    with _progress(None, show, "reading tensors", "B", total=total, unit_scale=True, unit_divisor=1024) as bar:
+        for group in by_file.values():
+            out.update(load_tensors(group))
+            bar.update(sum(_nbytes(e) for e in group))
+    return out
 
 
 def resolve_dtype(torch_dtype: torch.dtype | str, device: torch.device) -> torch.dtype:
@@ -211,6 +249,12 @@ def load_quantized(
     backend_options: Mapping[str, Mapping[str, Any]] | None = None,
     fuse: bool = True,
     verify: bool = True,
+    *,
+    revision: str | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Load a GPTQ checkpoint folder as a transformers causal LM whose linears are QuantLinear.
 
@@ -224,20 +268,30 @@ def load_quantized(
     ``state_dict`` keys and saved checkpoint stay those of the separate layers.
     ``verify`` checks the weight files against the checkpoint's ``gptq_manifest.json`` (when
     it has one; peers' checkpoints do not); ``verify=False`` skips hashing for speed.
-    Every layer is bound before returning.
+    ``model_dir`` may be a hub id (``org/name``) with a ``revision`` (``gptq_core.hub``).
+    ``device_map`` ("auto", "balanced", a device, or {module: device}) with ``max_memory``
+    places the model across devices, the CPU and ``offload_folder`` ("disk") instead of
+    ``device`` (``gptq_core.placement``); fusion is then left off. ``progress`` shows a bar
+    while reading tensors and binding layers (None: for checkpoints above
+    :data:`PROGRESS_BYTES` on a terminal).
+    Every layer is bound before returning (layers offloaded to disk: checked, bound per call).
     """
     from ..models import replace_with_quant_linear
     from ..selector import parse_backend_options
 
     options = parse_backend_options(backend_options)
-    path = check_model_dir(model_dir)
+    path = check_model_dir(resolve_model_dir(model_dir, revision))
     qcfg = quantize_config or read_quantize_config(path)
-    dev = resolve_device(device)
-    dtype = resolve_dtype(torch_dtype, dev)
+    if device_map is not None and device not in (None, "cpu"):
+        raise GPTQError(f"device={device!r} and device_map={device_map!r} both place the model; pass one of them")
+    if max_memory is not None and device_map is None:
+        raise GPTQError("max_memory caps the devices of a device map; pass device_map='auto' with it")
+    dev = resolve_device(device) if device_map is None else planned_main_device(device_map)
     config = load_config(path, trust_remote_code)
     files, weight_map = weight_files(path, _model_basename(path))
     inventory = read_inventory(files, weight_map)
 
+    dtype = resolve_dtype(torch_dtype, dev)
     model = build_skeleton(config, dtype, trust_remote_code)
     inventory, arch = _prepare_architecture(model, inventory)
     names = _quantized_names(model, inventory)
@@ -258,7 +312,8 @@ def load_quantized(
     expected, tied = _check_inventory(model, inventory, layers, ignored, ties)
 
     wanted = {k: e for k, e in inventory.items() if k in expected}
-    stored = load_tensors(wanted.values())
+    show = progress if progress is not None else sum(_nbytes(e) for e in wanted.values()) >= PROGRESS_BYTES
+    stored = _read_tensors(list(wanted.values()), show)
     tensors = {k: stored[e.name] for k, e in wanted.items()}
     state = {}
     for key, value in tensors.items():
@@ -280,12 +335,20 @@ def load_quantized(
         verify_files(path, files)
 
     del stored, tensors, state, expected  # the modules hold what is needed now
-    model.to(dev)
-    if fuse and arch is not None:
-        fuse_linears(model, arch, layers)  # before bind: each fused layer binds once
-    for layer in layers.values():
-        layer.bind(act_dtype=dtype, backend=backend, options=options)
+    # A map is computed on the loaded model: packed layers count at their real sizes.
+    placed = {"": str(dev)} if device_map is None else resolve_device_map(model, device_map, max_memory)
     model.eval()
+    dispatch(model, placed, offload_folder)
+    single = len(set(placed.values())) == 1 and "disk" not in placed.values()
+    if fuse and arch is not None and single:
+        fuse_linears(model, arch, layers)  # before bind: each fused layer binds once
+    if single:
+        for layer in _progress(layers.values(), show, "binding layers", "layer"):
+            layer.bind(act_dtype=dtype, backend=backend, options=options)
+    else:
+        bind_placed(layers, dtype, backend, options)
+    if device_map is not None:
+        model.hf_device_map = dict(placed)
     if (path / GENERATION_CONFIG_FILE).is_file():
         from transformers import GenerationConfig
 

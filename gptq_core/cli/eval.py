@@ -14,6 +14,7 @@ from .generate import (
     check_device_argument,
     load_arguments,
     model_max_positions,
+    resolve_model,
 )
 
 #: Range rules of ``gptq eval``'s flags (the window's upper bound is the model's, checked apart).
@@ -23,15 +24,16 @@ EVAL_RULES: tuple[Rule, ...] = (
 )
 
 
-def check_eval_arguments(args: argparse.Namespace) -> None:
-    """Every flag of ``gptq eval`` checked before the model loads (minutes on a large one)."""
+def check_eval_arguments(args: argparse.Namespace, folder: str | None = None) -> None:
+    """Every flag of ``gptq eval`` checked before the model loads (minutes on a large one);
+    ``folder`` is the model's local folder when MODEL was a hub id."""
     check_arguments(args, EVAL_RULES)
     check_device_argument(args.device)
     text = Path(args.text)
     if not text.is_file():
         what = "is a folder" if text.is_dir() else "does not exist"
         raise GPTQError(f"--text: the text file '{args.text}' {what}; give a .txt, .jsonl or .json file to score")
-    longest = model_max_positions(args.model_dir)
+    longest = model_max_positions(folder or args.model_dir)
     if longest is not None and args.window > longest:
         raise GPTQError(
             f"--window {args.window} is longer than the model's {longest} positions "
@@ -53,8 +55,9 @@ def text_perplexity(model, tokenizer, text, window: int = 512, max_tokens: int |
 def _run(args: argparse.Namespace) -> int:
     from ..auto import load_for_inference
 
-    check_eval_arguments(args)
-    model, tokenizer = load_for_inference(args.model_dir, **load_arguments(args))
+    folder = resolve_model(args)
+    check_eval_arguments(args, folder)
+    model, tokenizer = load_for_inference(folder, **load_arguments(args))
     ppl, tokens = text_perplexity(model, tokenizer, args.text, args.window, args.max_tokens)
     if args.json:
         print(json.dumps({"model": args.model_dir, "text": args.text, "window": args.window,
@@ -66,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="perplexity of a GPTQ checkpoint on a text file")
-    parser.add_argument("model_dir", help="GPTQ checkpoint folder (a float model folder also works)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="GPTQ checkpoint folder or hub id org/name (a float model also works)")
     parser.add_argument("--text", required=True, help="text file (.txt, .jsonl or .json) to score")
     parser.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")

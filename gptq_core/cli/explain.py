@@ -18,6 +18,7 @@ from torch import nn
 from ..options import parse_cli_options
 from ..policy import EXPLAIN_M
 from .backends import text_table
+from .generate import add_placement_arguments
 from .main import add_backend_option_argument
 
 #: "model.layers.12.mlp.down_proj" -> ("model.layers", 12, "mlp.down_proj"): the first index.
@@ -115,10 +116,11 @@ def format_choices(rows: list[dict]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_quantized
+    from .generate import placement_arguments
 
     model = load_quantized(
         args.model_dir, device=args.device, backend=args.backend, torch_dtype=args.dtype,
-        backend_options=parse_cli_options(args.backend_option),
+        backend_options=parse_cli_options(args.backend_option), **placement_arguments(args),
     )
     rows = layer_choices(model)
     if args.json:
@@ -133,11 +135,12 @@ def register_explain(bsub: argparse._SubParsersAction) -> None:
     """Add ``explain`` under ``gptq backends``."""
     parser = bsub.add_parser(
         "explain", help="the backend and path per batch size chosen for each layer of a checkpoint, and why")
-    parser.add_argument("model_dir", help="GPTQ checkpoint folder")
+    parser.add_argument("model_dir", metavar="MODEL", help="GPTQ checkpoint folder or hub id org/name")
     parser.add_argument("--device", default=None, help="device to load on (default: cuda if present, else cpu)")
     parser.add_argument("--backend", default="auto", help="backend name or 'a,b' preference (default auto)")
     parser.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPU, fp32 on CPU)")
     add_backend_option_argument(parser)
+    add_placement_arguments(parser)
     parser.add_argument("--json", action="store_true",
                         help="print a JSON list, one object per layer, each with its 'paths' per M")
     parser.set_defaults(func=_run)

@@ -78,6 +78,51 @@ GENERATE_RULES: tuple[Rule, ...] = (
 )
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--revision`` of a hub id, and ``--device-map``/``--max-memory``/``--offload-folder``;
+    shared by generate, eval and ``backends explain``."""
+    parser.add_argument("--revision", default=None,
+                        help="branch, tag or commit of a hub id MODEL (default main); read from the "
+                             "huggingface_hub cache, fetched unless HF_HUB_OFFLINE=1")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="place the model across devices instead of --device: auto, balanced, "
+                             "sequential, or a JSON object {module: device|'cpu'|'disk'}")
+    parser.add_argument("--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
+                        help="cap a device for --device-map auto, e.g. 0=20GiB or cpu=64GiB (repeatable)")
+    parser.add_argument("--offload-folder", default=None,
+                        help="folder for the tensors --device-map puts on 'disk'")
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """``--device-map``: a strategy or device name as given, or a JSON object."""
+    if text is None or not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise GPTQError(f"--device-map {text!r} is not valid JSON ({exc}); write e.g. "
+                        "'{\"model.layers.0\": \"cpu\", \"\": \"disk\"}' or auto") from None
+    return value
+
+
+def parse_max_memory(items: Sequence[str]) -> dict[int | str, str] | None:
+    """``--max-memory 0=20GiB --max-memory cpu=64GiB`` -> ``{0: "20GiB", "cpu": "64GiB"}``."""
+    caps: dict[int | str, str] = {}
+    for item in items:
+        device, sep, size = item.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise GPTQError(f"--max-memory {item!r} must be DEVICE=SIZE, e.g. 0=20GiB or cpu=64GiB")
+        key = device.strip()
+        caps[int(key) if key.isdigit() else key] = size.strip()
+    return caps or None
+
+
+def placement_arguments(args: argparse.Namespace) -> dict:
+    """``load_for_inference``/``load_quantized`` keyword arguments of the placement flags."""
+    return {"revision": args.revision, "device_map": parse_device_map(args.device_map),
+            "max_memory": parse_max_memory(args.max_memory), "offload_folder": args.offload_folder}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how to run a loaded model; shared by generate and eval."""
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
@@ -88,13 +133,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the checksum check of the checkpoint's weight files (faster on very large models)")
     parser.add_argument("--no-fuse", action="store_true",
                         help="keep q/k/v and gate/up as separate matmuls instead of fusing them at load")
+    add_placement_arguments(parser)
 
 
 def load_arguments(args: argparse.Namespace) -> dict:
     """``load_for_inference`` keyword arguments of :func:`add_model_arguments`' flags."""
+    placement = placement_arguments(args)
+    placement.pop("revision")  # the commands resolve MODEL first (resolve_model)
     return {"device": args.device, "backend": args.backend, "torch_dtype": args.dtype,
             "backend_options": parse_cli_options(args.backend_option),
-            "verify": not args.no_verify, "fuse": not args.no_fuse}
+            "verify": not args.no_verify, "fuse": not args.no_fuse, **placement}
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """``args.model_dir`` as a local folder: a hub id (with ``--revision``) is fetched into, or
+    read from, the huggingface_hub cache (``gptq_core.hub``)."""
+    from ..hub import resolve_model_dir
+
+    return str(resolve_model_dir(args.model_dir, args.revision))
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -141,14 +197,15 @@ def _run(args: argparse.Namespace) -> int:
 
     check_arguments(args, GENERATE_RULES)
     check_device_argument(args.device)
-    model, tokenizer = load_for_inference(args.model_dir, **load_arguments(args))
+    model, tokenizer = load_for_inference(resolve_model(args), **load_arguments(args))
     print(generate_text(model, tokenizer, args.prompt, seed=args.seed, fast=args.fast, **generation_kwargs(args)))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("generate", help="generate text with a GPTQ checkpoint")
-    parser.add_argument("model_dir", help="GPTQ checkpoint folder (a float model folder also works)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="GPTQ checkpoint folder or hub id org/name (a float model also works)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")

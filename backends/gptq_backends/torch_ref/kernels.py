@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gptq_core.packing import unpack_rows
+from gptq_core.training import dequantize_rows
 
 # Rows of K dequantized at once: a multiple of 32 (a period of every bit width), sized so a
 # chunk of a wide layer stays near 16M elements.
@@ -57,6 +58,15 @@ def _(x, qweight, zeros, scales, g_idx, bias, bits):
     return x.new_empty(x.shape[0], scales.shape[1])
 
 
+def grad_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the input gradient is computed in: the activations' own (fp16/bf16) on a GPU,
+    where the GEMM accumulates in fp32 and tensor cores serve it, float32 otherwise (the CPU
+    keeps the reference's float32, which the float64 checks hold to its tight tolerance)."""
+    if device.type != "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return _COMPUTE_DTYPE
+
+
 @torch.library.custom_op("gptq_torch::qmatmul_grad_input", mutates_args=())
 def qmatmul_grad_input_op(
     grad: torch.Tensor,
@@ -66,15 +76,20 @@ def qmatmul_grad_input_op(
     g_idx: torch.Tensor,
     bits: int,
 ) -> torch.Tensor:
-    """``grad @ W`` (W as [N, K]): the input gradient of ``qmatmul``, chunked the same way."""
+    """``grad @ W`` (W as [N, K]): the input gradient of ``qmatmul``, chunked the same way.
+
+    Each chunk of W is dequantized directly in the compute dtype (docs/DESIGN.md §2 math,
+    through the core's :func:`~gptq_core.training.dequantize_rows`), never in float32 first
+    on a GPU.
+    """
     K, N = g_idx.shape[0], scales.shape[1]
-    cdt = _COMPUTE_DTYPE
+    cdt = grad_compute_dtype(grad.dtype, grad.device)
     out = torch.empty(grad.shape[0], K, dtype=grad.dtype, device=grad.device)
     step = chunk_rows(K, N)
     g = grad.to(cdt)
     for k0 in range(0, K, step):
         k1 = min(K, k0 + step)
-        w = _dequant_chunk(qweight, zeros, scales, g_idx, bits, k0, k1, cdt)
+        w = dequantize_rows(qweight, zeros, scales, g_idx, bits, k0, k1, cdt)
         out[:, k0:k1] = (g @ w.t()).to(grad.dtype)
     return out
 

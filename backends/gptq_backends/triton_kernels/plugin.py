@@ -39,6 +39,8 @@ def gptq_backend_info() -> BackendInfo:
             bits=(2, 3, 4, 8),
             group_sizes=GROUP_SIZES,
             min_compute_capability=(8, 0),
+            # backward dX = dY @ W by the core around this forward (gptq_core/training.py)
+            training=True,
             compile=True,
         ),
         options=TritonOptions,
