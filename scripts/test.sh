@@ -25,6 +25,8 @@ python -m pytest -q -n 2 conformance_tests/tests
 # The conformance suite (gptq-conformance) against each backend that runs on this CPU:
 # the torch reference, and the example third-party backend through its own test file.
 python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=torch
+# The cpu backend's C++ kernels (built on first use into its cache folder, ~30-50 s).
+python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=cpu
 python -m pytest -q -n 2 examples/third_party_backend/tests
 # Triton's kernels on the CPU through its interpreter: the quick case set (the interpreter is slow).
 TRITON_INTERPRET=1 python -m pytest -q -n 2 --pyargs gptq_conformance --gptq-backend=triton --gptq-quick

@@ -84,19 +84,22 @@ def explain(capsys, checkpoint: Path, *args: str) -> list[dict]:
     return json.loads(capsys.readouterr().out)
 
 
-def test_cpu_layers_show_the_torch_path_for_every_m(checkpoint, capsys):
+def test_cpu_layers_show_the_cpu_paths_for_every_m_and_torch_on_request(checkpoint, capsys):
     rows = explain(capsys, checkpoint)
     assert len(rows) == 35
     for row in rows:
         assert list(row["paths"]) == M_KEYS
-        assert row["backend"] == "torch", row["layer"]
-        assert all(path.startswith("torch") for path in row["paths"].values()), row["paths"]
+        assert row["backend"] == "cpu", row["layer"]  # the CPU's default backend
+        assert all(path.startswith("cpu:") for path in row["paths"].values()), row["paths"]
+    rows = explain(capsys, checkpoint, "--backend", "torch")
+    assert all(r["backend"] == "torch" for r in rows)
+    assert all(p.startswith("torch") for r in rows for p in r["paths"].values())
     assert main(["backends", "explain", str(checkpoint), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["layers", "backend", *(f"M={m}" for m in EXPLAIN_M), "spec", "fusion"]
     down = next(line for line in lines if line.startswith("model.layers.[0-4].mlp.down_proj "))
     backend, *paths = down.split()[1:7]
-    assert backend == "torch" and all(p.startswith("torch") for p in paths) and "K=172 N=64" in down
+    assert backend == "cpu" and all(p.startswith("cpu:") for p in paths) and "K=172 N=64" in down
 
 
 def test_paths_follow_the_backends_policy_and_options(checkpoint, capsys, tiered):

@@ -79,7 +79,7 @@ def test_binds_per_activation_dtype_and_defers_when_asked(packed):
         x = random_activations(3, 96, dtype=dtype, seed=2)
         assert_matches_reference(layer(x), x, packed)
         assert layer.binding.plan.spec.act_dtype == dtype
-    assert "backend=torch" in repr(layer)
+    assert "backend=cpu" in repr(layer)  # the cpu backend serves CPU layers by default
 
 
 def test_explicit_backend_and_environment_preference(packed, monkeypatch):

@@ -89,7 +89,7 @@ def test_no_environment_reads_but_the_interpreter_flag():
     import pathlib
     import re
 
-    root = pathlib.Path(dispatch.__file__).parents[1]
+    root = pathlib.Path(dispatch.__file__).parent
     hits = []
     for path in sorted(root.rglob("*.py")):
         for line in path.read_text().splitlines():
