@@ -12,8 +12,14 @@ DEVICE_KINDS = ("cpu", "cuda", "rocm", "hpu", "xpu", "mps")
 
 
 def default_device() -> torch.device:
-    """Where models load and compute when no device is named: the GPU torch sees, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where models load and compute when no device is named: the GPU torch sees, a Gaudi HPU
+    (``torch.hpu`` exists once habana_frameworks.torch is imported), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    hpu = getattr(torch, "hpu", None)
+    if hpu is not None and hpu.is_available():
+        return torch.device("hpu")
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)

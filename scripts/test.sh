@@ -20,6 +20,17 @@ python -m pytest -q -n 2 backend_cuda/tests
 # The ExLlama-style backend's CPU-side tests: its kernel model against float64, probe, and an
 # nvcc build of its CUDA sources for sm_75..sm_90 with SASS checks.
 python -m pytest -q -n 2 backend_exllama/tests
+# The AMD backend: its probe, the hipified cuda/exllama sources through Debian's hipcc (installed
+# here when running as root; its tests skip naming the apt command otherwise), and the triton
+# backend's kernels compiled for gfx90a and gfx942 through Triton's AMD backend, no GPU needed.
+if ! command -v hipcc >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hipcc >/dev/null) \
+        || echo "hipcc could not be installed: the HIP compile tests will skip"
+fi
+python -m pytest -q backend_rocm/tests
+# The Gaudi backend's CPU-side tests: its layout through a model of convert_from_uint4 against
+# float64, probe and selector fallback (the one device test skips without an HPU).
+python -m pytest -q backend_hpu/tests
 # The conformance suite's own tests (its case plans, its meta checks).
 python -m pytest -q -n 2 conformance_tests/tests
 # The conformance suite (gptq-conformance) against each backend that runs on this CPU:

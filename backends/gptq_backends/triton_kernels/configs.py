@@ -42,6 +42,7 @@ import torch
 
 from .layout import LAYOUT_VERSIONS
 from .options import DEFAULT_CACHE_DIR, TritonOptions
+from .target import is_hip
 
 #: Small-M split-K aims at this many programs per SM.
 PROGRAMS_PER_SM = 2
@@ -91,6 +92,20 @@ DEFAULT_RULES: tuple[tuple[int, KernelConfig], ...] = (
 )
 
 
+#: The default rules on AMD GPUs (``target.is_hip``): the same buckets, sized for CDNA's 64-lane
+#: wavefronts and MFMA. 4 waves are 256 lanes (what 8 warps are on NVIDIA), so the 128x128 tile
+#: takes 4; 2 stages, the depth Triton's AMD stream pipeliner is built around. Every tile
+#: compiles for gfx90a and gfx942 through Triton's AMD backend, lowers to v_mfma and fits their
+#: 64 KiB of LDS (backend_rocm/tests/test_rocm_triton_compile.py); none was timed on AMD
+#: hardware yet (backend_rocm/README.md).
+AMD_DEFAULT_RULES: tuple[tuple[int, KernelConfig], ...] = (
+    (16, KernelConfig("fused", 16, 64, 0, 4, 2)),
+    (64, KernelConfig("fused", 32, 128, 0, 4, 2)),
+    (256, KernelConfig("fused", 128, 128, 1, 4, 2)),
+    (math.inf, KernelConfig("dequant")),
+)
+
+
 #: The largest M bucket: every M above 4096 shares its configuration.
 MAX_BUCKET = 4096
 #: Every M bucket, smallest first (the bounds of a dispatch policy's routes).
@@ -102,17 +117,19 @@ def m_bucket(m: int) -> int:
     return min(1 << max(0, (m - 1).bit_length()), MAX_BUCKET)
 
 
-def default_config(m: int, bits: int | None = None) -> KernelConfig:
+def default_config(m: int, bits: int | None = None, hip: bool | None = None) -> KernelConfig:
     """The rule for M (and the bit width, where given). 3-bit tiles are 512 channels deep, so
     x's share of shared memory is 2-4x that of other widths: 128x128 at 3 stages needs
     450560 B (the H100 has 232448; ``benchmarks/triton_sass.py --bits 3``), and 3-bit
-    takes dequant + matmul from M > 64 (what the H100 table chose at M=256)."""
+    takes dequant + matmul from M > 64 (what the H100 table chose at M=256). ``hip`` picks
+    ``AMD_DEFAULT_RULES`` (default: whether this torch is a ROCm build, ``target.is_hip``)."""
+    rules = AMD_DEFAULT_RULES if (is_hip() if hip is None else hip) else DEFAULT_RULES
     if bits == 3 and m > 64:
-        return DEFAULT_RULES[-1][1]
-    for limit, cfg in DEFAULT_RULES:
+        return rules[-1][1]
+    for limit, cfg in rules:
         if m <= limit:
             return cfg
-    return DEFAULT_RULES[-1][1]
+    return rules[-1][1]
 
 
 def resolve_split_k(cfg: KernelConfig, m: int, n: int, tiles: int, sm_count: int) -> int:

@@ -65,6 +65,12 @@ def mode_for(dtype: torch.dtype, bits: int) -> int:
     return 2
 
 
+def is_hip() -> bool:
+    """Whether torch is a ROCm build, so its "cuda" devices are AMD GPUs (64-lane wavefronts,
+    MFMA): the configurations then come from ``configs.AMD_DEFAULT_RULES``."""
+    return torch.version.hip is not None
+
+
 def use_asm(device: torch.device, dtype: torch.dtype, bits: int) -> bool:
     """Whether the fused kernel dequantizes through the single-LOP3 inline PTX: fp16 on CUDA,
     2/4/8-bit (3-bit has its own sequence); never under the interpreter or on ROCm. It was
