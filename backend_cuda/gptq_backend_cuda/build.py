@@ -4,7 +4,8 @@
 capabilities of the GPUs present, once per cache key, then loads it so that
 ``torch.ops.gptq_cuda.*`` run on CUDA. Any failure (no CUDA build of torch, no nvcc, no ninja,
 a compiler error) is raised as :class:`BuildError` with the reason and remembered, so the probe
-reports it and the selector falls back to the next backend.
+reports it and the selector falls back to the next backend. The machinery is
+:class:`gptq_core.jit.Extension`; this module declares the extension and its architectures.
 
 Which compute capabilities can be built is decided by the user's nvcc: ``nvcc
 --list-gpu-arch`` names the virtual architectures it targets (CUDA 13: compute_75 and newer;
@@ -22,20 +23,12 @@ Build ahead of time (e.g. in a container image) with::
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
-import os
-import re
-import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-from gptq_core.errors import GPTQError
+from gptq_core import jit
 
 from . import ops  # noqa: F401  (the schemas must exist before the library registers kernels)
 
@@ -47,69 +40,40 @@ MIN_ARCH = (7, 5)
 MIN_BF16_ARCH = (8, 0)
 
 
-class BuildError(GPTQError, RuntimeError):
+class BuildError(jit.BuildError):
     """The extension could not be built or loaded; the message says why and what to do."""
 
 
-def sources() -> list[Path]:
-    """The files compiled into the extension (the .cuh/.h headers are included by them)."""
-    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))
+EXTENSION = jit.Extension(
+    name=EXTENSION_NAME, csrc=CSRC, cache_name="gptq-backend-cuda", what="the cuda extension",
+    shared_headers=True, python_module=False, error=BuildError,
+)
 
-
-def source_hash() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()):
-        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+#: the extension's own answers, under the names plugins, tests and scripts use
+sources = EXTENSION.sources
+source_hash = EXTENSION.source_hash
+toolchain_problems = EXTENSION.toolchain_problems
+failure = EXTENSION.failure
 
 
 def parse_archs(text: str) -> list[tuple[int, int]]:
     """"7.5;9.0" (or "75,90") -> [(7, 5), (9, 0)]; raises BuildError on anything else."""
-    archs = []
-    for item in text.replace(",", ";").split(";"):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            if "." in item:
-                major, minor = (int(p) for p in item.split("."))
-            else:
-                major, minor = int(item[:-1]), int(item[-1])
-        except ValueError:
-            raise BuildError(f"cannot read compute capability {item!r}; write it like 7.5 or 9.0") from None
-        archs.append((major, minor))
-    return sorted(set(archs))
+    return jit.parse_archs(text, "7.5 or 9.0", BuildError)
 
 
 def nvcc_path() -> str | None:
     """nvcc on PATH, else under CUDA_HOME as torch's builder finds it."""
-    found = shutil.which("nvcc")
-    if found is None:
-        from torch.utils import cpp_extension
-
-        if cpp_extension.CUDA_HOME is not None:
-            found = shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin"))
-    return found
+    return jit.nvcc_path()
 
 
 def parse_arch_list(text: str) -> frozenset[tuple[int, int]]:
     """``nvcc --list-gpu-arch`` output ("compute_75\\ncompute_80 ...") -> {(7, 5), (8, 0), ...}."""
-    return frozenset((int(m.group(1)[:-1]), int(m.group(1)[-1])) for m in re.finditer(r"compute_(\d+)", text))
+    return frozenset(jit.parse_arch_list(text))
 
 
-@functools.lru_cache(maxsize=1)
 def nvcc_archs() -> frozenset[tuple[int, int]] | None:
     """The compute capabilities the user's nvcc targets (None: no nvcc, or it cannot say)."""
-    nvcc = nvcc_path()
-    if nvcc is None:
-        return None
-    try:
-        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_arch_list(out) or None
+    return frozenset(jit.nvcc_arch_list()) or None
 
 
 def arch_problem(cc: tuple[int, int], act_dtype: torch.dtype | None = None,
@@ -132,52 +96,17 @@ def arch_problem(cc: tuple[int, int], act_dtype: torch.dtype | None = None,
 
 
 def arch_flags(archs: list[tuple[int, int]]) -> list[str]:
-    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in archs]
+    return jit.gencode_flags(archs)
 
 
 def present_archs() -> list[tuple[int, int]]:
     """Compute capabilities (>= 7.5) of the visible GPUs."""
-    if torch.version.cuda is None or not torch.cuda.is_available():
-        return []
-    found = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-    return sorted(a for a in found if a >= MIN_ARCH)
+    return jit.present_archs(MIN_ARCH)
 
 
 def build_dir(archs: list[tuple[int, int]], folder: Path | None = None) -> Path:
     """``folder`` when given, else a cache folder named by everything the build depends on."""
-    if folder is not None:
-        return Path(folder).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    arch_tag = "_".join(f"sm{a}{b}" for a, b in archs) or "none"
-    key = f"torch{torch.__version__}-cuda{torch.version.cuda}-{arch_tag}-{source_hash()}"
-    return cache / "gptq-backend-cuda" / key.replace("+", "_")
-
-
-def toolchain_problems() -> list[str]:
-    """What is missing to compile at all (empty when a build can be attempted)."""
-    problems = []
-    if torch.version.cuda is None:
-        problems.append(
-            f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch"
-        )
-    elif nvcc_path() is None:
-        problems.append("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
-    if shutil.which("ninja") is None:
-        problems.append("ninja not found: pip install ninja")
-    return problems
-
-
-def _summarize(exc: BaseException, limit: int = 1500) -> str:
-    """The compiler's own error lines when there are any, else the exception text, shortened."""
-    text = str(exc)
-    lines = [ln for ln in text.splitlines() if "error" in ln.lower()]
-    summary = "\n".join(lines[:12]) if lines else text
-    return summary if len(summary) <= limit else summary[:limit] + " ..."
-
-
-_lock = threading.Lock()
-_loaded: Path | None = None
-_error: str | None = None
+    return EXTENSION.build_dir(jit.cuda_key(archs), folder)
 
 
 def load(archs: str | list[tuple[int, int]] | None = None, folder: Path | None = None,
@@ -188,83 +117,40 @@ def load(archs: str | list[tuple[int, int]] | None = None, folder: Path | None =
     options. The extension loads once per process: later calls return at once, whatever they
     ask for; a failure is remembered likewise and raised again at once.
     """
-    global _loaded, _error
-    with _lock:
-        if _loaded is not None:
-            return _loaded
-        if _error is not None:
-            raise BuildError(_error)
-        try:
-            problems = toolchain_problems()
-            if problems:
-                raise BuildError("; ".join(problems))
-            if isinstance(archs, str):
-                archs = parse_archs(archs)
-            archs = present_archs() if archs is None else [a for a in archs if a >= MIN_ARCH]
-            toolkit = nvcc_archs()
-            if toolkit is not None:
-                skipped = [a for a in archs if a not in toolkit]
-                if skipped:
-                    raise BuildError("; ".join(arch_problem(a, toolkit=toolkit) or "" for a in skipped))
-            if not archs:
-                raise BuildError(
-                    "no CUDA GPU of compute capability >= 7.5 to build for; pass --arch 7.5 "
-                    "(option archs) to build ahead of time"
-                )
-            folder = build_dir(archs, folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            from torch.utils import cpp_extension
+    def target() -> jit.Target:
+        chosen = parse_archs(archs) if isinstance(archs, str) else archs
+        chosen = present_archs() if chosen is None else [a for a in chosen if a >= MIN_ARCH]
+        toolkit = nvcc_archs()
+        if toolkit is not None:
+            skipped = [a for a in chosen if a not in toolkit]
+            if skipped:
+                raise BuildError("; ".join(arch_problem(a, toolkit=toolkit) or "" for a in skipped))
+        if not chosen:
+            raise BuildError(
+                "no CUDA GPU of compute capability >= 7.5 to build for; pass --arch 7.5 "
+                "(option archs) to build ahead of time"
+            )
+        return jit.Target(jit.cuda_key(chosen), tuple(arch_flags(chosen)))
 
-            try:
-                cpp_extension.load(
-                    name=EXTENSION_NAME,
-                    sources=[str(p) for p in sources()],
-                    extra_cflags=["-O3"],
-                    extra_cuda_cflags=["-O3", "-std=c++17", *arch_flags(archs)],
-                    extra_include_paths=[str(CSRC)],
-                    build_directory=str(folder),
-                    is_python_module=False,
-                    verbose=verbose,
-                )
-            except Exception as exc:  # noqa: BLE001 - compiler and loader errors alike
-                raise BuildError(f"building the cuda extension failed: {_summarize(exc)}") from exc
-        except BuildError as exc:
-            _error = str(exc)
-            raise
-        _loaded = folder
-        return folder
-
-
-def failure() -> str | None:
-    """The reason an earlier build failed in this process, or None."""
-    return _error
+    return EXTENSION.load(target, folder, verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gptq_backend_cuda.build",
-        description="Compile the cuda backend's extension ahead of time into its cache folder.",
-    )
-    parser.add_argument("--arch", default=None,
-                        help='compute capabilities, e.g. "7.5;9.0" (default: the GPUs present)')
-    parser.add_argument("--build-dir", default=None, type=Path,
-                        help="where to build (default: a cache folder; pass the same folder as the "
-                             "option build_dir at load)")
-    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
-    args = parser.parse_args(argv)
-    from .options import CudaOptions  # noqa: PLC0415
+    def build(args: argparse.Namespace) -> tuple[str, Path]:
+        from .options import CudaOptions  # noqa: PLC0415
 
-    try:
         options = CudaOptions.parse({k: v for k, v in (("archs", args.arch), ("build_dir", args.build_dir))
                                      if v is not None}, "cuda")
-        started = time.perf_counter()
         folder = load(options.archs, options.build_dir, verbose=args.verbose)
-    except GPTQError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"built gptq_cuda for {options.archs or present_archs()} in "
-          f"{time.perf_counter() - started:.1f} s: {folder}")
-    return 0
+        return f"gptq_cuda for {options.archs or present_archs()}", folder
+
+    return EXTENSION.main(
+        argv, build, prog="python -m gptq_backend_cuda.build",
+        description="Compile the cuda backend's extension ahead of time into its cache folder.",
+        arch_help='compute capabilities, e.g. "7.5;9.0" (default: the GPUs present)',
+        build_dir_help="where to build (default: a cache folder; pass the same folder as the "
+                       "option build_dir at load)",
+    )
 
 
 if __name__ == "__main__":

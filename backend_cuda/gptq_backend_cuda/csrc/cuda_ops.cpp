@@ -12,27 +12,14 @@
 #include <string>
 
 #include "cuda_kernels.h"
+#include "gptq_check.h"
 
 namespace gptq_cuda {
 namespace {
 
-inline std::string piece(const char* s) { return s; }
-inline std::string piece(const std::string& s) { return s; }
-inline std::string piece(int64_t v) { return std::to_string(v); }
-inline std::string piece(int v) { return std::to_string(v); }
-inline std::string piece(at::ScalarType t) { return c10::toString(t); }
-inline std::string piece(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); i++) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + "]";
-}
-template <typename... Args>
-std::string msg(const Args&... args) {
-  std::string s;
-  ((s += piece(args)), ...);
-  return s;
-}
-#define CUDA_GPTQ_CHECK(cond, ...) TORCH_CHECK(cond, ::gptq_cuda::msg(__VA_ARGS__))
+// Messages are one std::string made by gptq_check::msg (gptq_core/csrc/gptq_check.h says why).
+using ::gptq_check::msg;
+#define CUDA_GPTQ_CHECK(cond, ...) GPTQ_CHECK(cond, __VA_ARGS__)
 
 constexpr int64_t kSmemLimit = 48 * 1024;  // policy.py SMEM_DEFAULT_LIMIT
 

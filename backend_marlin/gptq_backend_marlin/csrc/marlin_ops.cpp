@@ -18,36 +18,14 @@
 
 #include "kernels.h"
 #include "marlin.h"
+#include "gptq_check.h"
 
 namespace gptq_marlin {
 namespace {
 
-// Error messages are built here, without iostreams: on the H100 machine (torch 2.11, CUDA 13)
-// a TORCH_CHECK whose message streamed a number, sizes or a device killed the process with
-// SIGSEGV instead of raising, while one that streamed only text raised cleanly
-// (NOTES/perf-marlin.md, "The SIGSEGV on a bad argument"; benchmarks/marlin/cxx_error_probe.py). TORCH_CHECK with a single std::string argument does not
-// touch an ostream, so every check below passes one string made by msg().
-inline std::string piece(const char* s) { return s; }
-inline std::string piece(const std::string& s) { return s; }
-inline std::string piece(int64_t v) { return std::to_string(v); }
-inline std::string piece(int v) { return std::to_string(v); }
-inline std::string piece(at::ScalarType t) { return c10::toString(t); }
-inline std::string piece(c10::Device d) {
-  std::string s = d.is_cuda() ? "cuda" : d.is_cpu() ? "cpu" : "device type " + std::to_string(static_cast<int>(d.type()));
-  return d.has_index() ? s + ":" + std::to_string(d.index()) : s;
-}
-inline std::string piece(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); i++) s += (i ? ", " : "") + std::to_string(sizes[i]);
-  return s + "]";
-}
-template <typename... Args>
-std::string msg(const Args&... args) {
-  std::string s;
-  ((s += piece(args)), ...);
-  return s;
-}
-#define MARLIN_CHECK(cond, ...) TORCH_CHECK(cond, ::gptq_marlin::msg(__VA_ARGS__))
+// Messages are one std::string made by gptq_check::msg (gptq_core/csrc/gptq_check.h says why).
+using ::gptq_check::msg;
+#define MARLIN_CHECK(cond, ...) GPTQ_CHECK(cond, __VA_ARGS__)
 
 int dtype_code(at::ScalarType t) {
   if (t == at::kHalf) return kF16;

@@ -6,7 +6,8 @@ the CPU. The kernels are compiled for AVX-512, AVX2 and plain C++ in one library
 running CPU picks one (no ``-march=native``: a cache folder may be shared by several machines).
 Any failure (no compiler, no ninja, a compiler error) is raised as :class:`BuildError` with the
 reason in one line, and remembered: the backend then serves through torch's own kernels
-(``fallback.py``) and says why.
+(``fallback.py``) and says why. The machinery is :class:`gptq_core.jit.Extension`; this module
+declares the extension.
 
 Build ahead of time (e.g. in a container image) with::
 
@@ -20,18 +21,12 @@ The option ``build_dir`` (:class:`~.options.CpuOptions`, environment fallback
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import shutil
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from gptq_core.errors import GPTQError
+from gptq_core import jit
 
 from . import ops  # noqa: F401  (the schema must exist before the library registers kernels)
 
@@ -43,59 +38,33 @@ CFLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
 
-class BuildError(GPTQError, RuntimeError):
+class BuildError(jit.BuildError):
     """The extension could not be built or loaded; the message says why and what to do."""
 
 
-def sources() -> list[Path]:
-    return sorted(CSRC.glob("*.cpp"))
+EXTENSION = jit.Extension(
+    name=EXTENSION_NAME, csrc=CSRC, cache_name="gptq-backend-cpu", what="the cpu C++ kernels",
+    source_globs=("*.cpp",), hashed_suffixes=(".cpp", ".h"), cflags=tuple(CFLAGS), ldflags=tuple(LDFLAGS),
+    hash_salt=" ".join(CFLAGS), cuda=False, python_module=True, summary_lines=1, summary_limit=600,
+    error=BuildError,
+)
 
-
-def source_hash() -> str:
-    digest = hashlib.sha256(" ".join(CFLAGS).encode())
-    for path in sorted(CSRC.iterdir()):
-        if path.suffix in (".cpp", ".h"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+#: the extension's own answers, under the names plugins, tests and scripts use
+sources = EXTENSION.sources
+source_hash = EXTENSION.source_hash
+toolchain_problems = EXTENSION.toolchain_problems
+failure = EXTENSION.failure
+module = EXTENSION.module
 
 
 def compiler() -> str:
     """The C++ compiler torch's builder will call (``$CXX``, else ``c++``)."""
-    return os.environ.get("CXX", "c++")
+    return jit.compiler()
 
 
 def build_dir(folder: Path | None = None) -> Path:
     """``folder`` when given, else a cache folder named by everything the build depends on."""
-    if folder is not None:
-        return Path(folder).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    key = f"torch{torch.__version__}-{Path(compiler()).name}-{source_hash()}"
-    return cache / "gptq-backend-cpu" / key.replace("+", "_")
-
-
-def toolchain_problems() -> list[str]:
-    """What is missing to compile at all (empty when a build can be attempted)."""
-    problems = []
-    if shutil.which(compiler()) is None:
-        problems.append(f"C++ compiler {compiler()!r} not found: install g++ (or set CXX)")
-    if shutil.which("ninja") is None:
-        problems.append("ninja not found: pip install ninja")
-    return problems
-
-
-def _summarize(exc: BaseException, limit: int = 600) -> str:
-    """The compiler's first error line when there is one, else the exception's first line."""
-    text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
-    summary = lines[0] if lines else (text.strip().splitlines() or [type(exc).__name__])[0]
-    return summary if len(summary) <= limit else summary[:limit] + " ..."
-
-
-_lock = threading.Lock()
-_loaded: Path | None = None
-_module: Any = None
-_error: str | None = None
+    return EXTENSION.build_dir((Path(compiler()).name,), folder)
 
 
 def load(folder: Path | None = None, verbose: bool = False) -> Path:
@@ -104,48 +73,7 @@ def load(folder: Path | None = None, verbose: bool = False) -> Path:
     The extension loads once per process: later calls return at once, whatever folder they
     name; a failure is remembered likewise and raised again at once.
     """
-    global _loaded, _module, _error
-    with _lock:
-        if _loaded is not None:
-            return _loaded
-        if _error is not None:
-            raise BuildError(_error)
-        try:
-            problems = toolchain_problems()
-            if problems:
-                raise BuildError("; ".join(problems))
-            folder = build_dir(folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            from torch.utils import cpp_extension  # noqa: PLC0415 (slow import, first use only)
-
-            try:
-                module = cpp_extension.load(
-                    name=EXTENSION_NAME,
-                    sources=[str(p) for p in sources()],
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=LDFLAGS,
-                    extra_include_paths=[str(CSRC)],
-                    build_directory=str(folder),
-                    is_python_module=True,
-                    verbose=verbose,
-                )
-            except Exception as exc:  # noqa: BLE001 - compiler and loader errors alike
-                raise BuildError(f"building the cpu C++ kernels failed: {_summarize(exc)}") from exc
-        except BuildError as exc:
-            _error = str(exc)
-            raise
-        _loaded, _module = folder, module
-        return folder
-
-
-def module() -> Any:
-    """The loaded extension's Python module (its direct ``qmatmul``), or None before :func:`load`."""
-    return _module
-
-
-def failure() -> str | None:
-    """The reason an earlier build failed in this process, or None."""
-    return _error
+    return EXTENSION.load(lambda: jit.Target((Path(compiler()).name,)), folder, verbose)
 
 
 def isa() -> str:
@@ -160,26 +88,19 @@ def use_isa(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gptq_backends.cpu_kernels.build",
-        description="Compile the cpu backend's C++ kernels ahead of time into their cache folder.",
-    )
-    parser.add_argument("--build-dir", default=None, type=Path,
-                        help="where to build (default: option build_dir / GPTQ_CPU_BUILD_DIR, "
-                             "else the cache folder)")
-    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
-    args = parser.parse_args(argv)
-    from .options import CpuOptions  # noqa: PLC0415
+    def build(args: argparse.Namespace) -> tuple[str, Path]:
+        from .options import CpuOptions  # noqa: PLC0415
 
-    try:
         options = CpuOptions.parse({"build_dir": args.build_dir} if args.build_dir else None, "cpu")
-        started = time.perf_counter()
         folder = load(options.build_dir, verbose=args.verbose)
-    except GPTQError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"built gptq_cpu ({isa()}) in {time.perf_counter() - started:.1f} s: {folder}")
-    return 0
+        return f"gptq_cpu ({isa()})", folder
+
+    return EXTENSION.main(
+        argv, build, prog="python -m gptq_backends.cpu_kernels.build",
+        description="Compile the cpu backend's C++ kernels ahead of time into their cache folder.",
+        build_dir_help="where to build (default: option build_dir / GPTQ_CPU_BUILD_DIR, "
+                       "else the cache folder)",
+    )
 
 
 if __name__ == "__main__":
