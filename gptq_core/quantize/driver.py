@@ -12,6 +12,13 @@
 3. With a ``work_dir``, every finished layer is committed atomically (:mod:`.workdir`) and a
    rerun with the same folder and settings resumes after the last finished layer.
 
+Speed (DESIGN.md §6): calibration samples go through each layer ``batch_size`` at a time
+(default :data:`DEFAULT_BATCH_SIZE`), linears that read the same input tensor (q/k/v,
+gate/up) share one Hessian (one ``X^T X`` per batch), and a child of the layer whose linears
+are all quantized (the attention, once o_proj is done) is computed once per batch and reused
+by the later passes (:mod:`.reuse`). Sharing and reuse are bit-exact; batching only reorders
+floating-point sums (bound pinned in tests/test_driver.py, figures in NOTES/quantizer.md).
+
 The driver knows no model types: it gets the decoder-layer ``ModuleList`` and the groups of
 linear names (relative to a layer) from the architecture table. A linear that no calibration
 token reaches (an MoE expert nobody was routed to) is round-to-nearest quantized and the log
@@ -37,9 +44,15 @@ from ..format import PackedWeight
 from ..modules import is_conv1d, is_linear_like
 from .capture import LayerCall, capture_inputs, make_batches
 from .gptq import GPTQ, quantize_linear
+from .reuse import FinishedOutputs
 from .workdir import WorkDir, samples_digest, tensor_digest
 
 logger = logging.getLogger("gptq_core.quantize")
+
+#: Calibration samples per layer forward. Batching 8 x 256-token samples makes quantizing
+#: stories260K on the CPU ~9x faster than one sample at a time (NOTES/quantizer.md); larger
+#: batches gain nothing there and only cost activation memory.
+DEFAULT_BATCH_SIZE = 8
 
 Groups = Callable[[int, nn.Module], Sequence[Sequence[str]]] | Sequence[Sequence[str]]
 
@@ -161,7 +174,7 @@ def quantize_model(
     work_dir: str | None = None,
     progress: bool = True,
     *,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     resume: bool = True,
 ) -> QuantizeResult:
     """Quantize every listed linear of every decoder layer of ``model`` with GPTQ.
@@ -173,7 +186,10 @@ def quantize_model(
     CUDA when available). ``work_dir``: folder for the resumable state and the per-module log
     ``quantize_log.jsonl``. The model is modified in place (its quantized linears hold the
     dequantized weights). Returns ``{full module name: PackedWeight}`` (CPU tensors) with the
-    log records in ``.records``.
+    log records in ``.records``. ``batch_size``: consecutive equal-length samples run through
+    each layer together (padding tokens of a given ``attention_mask`` never enter a Hessian);
+    batching changes only the order of floating-point sums (tolerance pinned in
+    tests/test_driver.py, figures in NOTES/quantizer.md).
     """
     if not isinstance(config, QuantizeConfig):
         raise GPTQError(f"config must be a QuantizeConfig, got {type(config).__name__}")
@@ -242,23 +258,29 @@ def _quantize_layer(
     home = module_device(layer)
     layer.to(device)
     packed: dict[str, PackedWeight] = {}
+    memo = FinishedOutputs(layer, [n for g in groups for n in g])
     try:
-        for group in groups:
-            modules = _resolve(layer, index, group)
-            accs = _collect_hessians(layer, modules, hidden, calls, masks, device)
-            for name, module in modules.items():
-                bias = module.bias if module.bias is not None else None
-                pw, stats = quantize_linear(linear_weight(module), accs[name], config, bias, device=device)
-                set_quantized(module, pw)
-                packed[name] = pw
-                record = {"layer": index, "module": name, "name": f"{full}.{name}", **stats.to_dict()}
-                result.records.append(record)
-                if state:
-                    state.append_log(record)
-                if stats.warning:
-                    logger.warning("%s.%s: %s", full, name, stats.warning)
-                bar.set_postfix_str(f"layer {index} {name} err={stats.error:.4g} {stats.seconds:.2f}s")
-        outputs = [call(layer, h) for call, h in zip(calls, hidden)]
+        with memo.installed():
+            for group in groups:
+                modules = _resolve(layer, index, group)
+                accs = _collect_hessians(layer, modules, hidden, calls, masks, device, memo=memo)
+                for name, module in modules.items():
+                    bias = module.bias if module.bias is not None else None
+                    pw, stats = quantize_linear(linear_weight(module), accs[name], config, bias, device=device)
+                    set_quantized(module, pw)
+                    memo.finish(name)
+                    packed[name] = pw
+                    record = {"layer": index, "module": name, "name": f"{full}.{name}", **stats.to_dict()}
+                    result.records.append(record)
+                    if state:
+                        state.append_log(record)
+                    if stats.warning:
+                        logger.warning("%s.%s: %s", full, name, stats.warning)
+                    bar.set_postfix_str(f"layer {index} {name} err={stats.error:.4g} {stats.seconds:.2f}s")
+            outputs = []
+            for number, (call, h) in enumerate(zip(calls, hidden)):
+                memo.begin(number)
+                outputs.append(call(layer, h))
     finally:
         layer.to(home)
     return packed, outputs
@@ -271,19 +293,44 @@ def _collect_hessians(
     calls: list[LayerCall],
     masks: list[torch.Tensor | None],
     device: torch.device,
+    share: bool = True,
+    memo: FinishedOutputs | None = None,
 ) -> dict[str, GPTQ]:
-    """Run the layer on every batch; hooks fold each module's inputs into its Hessian."""
-    accs = {name: GPTQ(linear_weight(m).shape[1], device=device) for name, m in modules.items()}
+    """Run the layer on every batch; hooks fold each module's inputs into its Hessian.
+
+    Linears that read the very same input tensor (q/k/v, gate/up: DESIGN.md §6's
+    true-sequential groups) share one accumulator, so each batch costs one ``X^T X`` per
+    distinct input. The sharing found on the first batch must hold on every batch; if it
+    does not (a model that feeds them different tensors later), the Hessians are collected
+    again without sharing.
+    """
+    accs: dict[str, GPTQ] = {}
     fired: set[str] = set()
     mask: list[torch.Tensor | None] = [None]
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this batch: input -> first reader
+    born: dict[str, int] = {}  # linear -> the batch that first reached it
+    batch = [0]
+    owner: dict[str, str] = {}  # linear -> linear whose accumulator it uses
+    broken: list[bool] = [False]
 
     def hook_for(name: str):
         def hook(module, inputs, output):
             x = inputs[0]
-            m = mask[0]
-            if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m]  # padding tokens do not count
-            accs[name].add_batch(x)
+            # the tensor itself is kept in ``seen`` so its memory cannot be reused this batch
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
+            first = seen.setdefault(key, (name, x))[0] if share else name
+            if name not in owner:  # the first batch that reaches it decides the sharing
+                fresh = first == name or born[first] != batch[0]
+                owner[name] = name if fresh else first
+                born[name] = batch[0]
+                accs[name] = GPTQ(linear_weight(module).shape[1], device=device) if fresh else accs[first]
+            elif owner[name] != first:
+                broken[0] = True
+            if owner[name] == name:
+                m = mask[0]
+                if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                    x = x[m]  # padding tokens do not count
+                accs[name].add_batch(x)
             fired.add(name)
             if len(fired) == len(modules):
                 raise _StopLayer  # the rest of the layer is not needed for this group
@@ -292,14 +339,29 @@ def _collect_hessians(
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
     try:
-        for call, h, m in zip(calls, hidden, masks):
+        for number, (call, h, m) in enumerate(zip(calls, hidden, masks)):
             fired.clear()
+            seen.clear()
             mask[0] = m
+            batch[0] = number
+            if memo is not None:
+                memo.begin(number)
             try:
                 call(layer, h)
             except _StopLayer:
                 pass
+            seen.clear()
+            # an alias must see exactly the batches its owner sees
+            if any((n in fired) != (o in fired) for n, o in owner.items() if n != o):
+                broken[0] = True
+            if broken[0]:
+                break
     finally:
         for handle in handles:
             handle.remove()
+    if broken[0]:
+        logger.debug("linears %s did not read the same inputs on every batch; Hessians not shared", list(modules))
+        return _collect_hessians(layer, modules, hidden, calls, masks, device, share=False, memo=memo)
+    for name, module in modules.items():  # a linear no batch reached: empty Hessian, RTN fallback
+        accs.setdefault(name, GPTQ(linear_weight(module).shape[1], device=device))
     return accs
