@@ -223,13 +223,15 @@ class AutoGPTQForCausalLM:
         work_dir: str | Path | None = None,
         progress: bool = True,
         tokenizer: Any = None,
+        batch_size: int | None = None,
     ) -> AutoGPTQForCausalLM:
         """Quantize every decoder linear with GPTQ, layer by layer, on ``calibration``.
 
         ``calibration`` is anything :func:`prepare_calibration` takes (a text/JSONL file, strings,
         token ids) or a ready [nsamples, seqlen] LongTensor. ``work_dir`` makes the run
         resumable: rerun with the same folder after a crash to continue where it stopped.
-        Afterwards the linears are :class:`QuantLinear` and the model runs quantized.
+        ``batch_size``: calibration samples per forward (default: the driver's measured
+        ``DEFAULT_BATCH_SIZE``; a smaller one lowers peak memory). Afterwards the linears are :class:`QuantLinear` and the model runs quantized.
         """
         from .models import (
             apply_packed_weights,
@@ -239,9 +241,12 @@ class AutoGPTQForCausalLM:
             sequential_groups,
         )
         from .quantize import prepare_calibration, quantize_model
+        from .quantize.driver import DEFAULT_BATCH_SIZE
 
         if any(isinstance(m, QuantLinear) for m in self.model.modules()):
             raise GPTQError("this model is already quantized; load the float model to quantize again")
+        if batch_size is not None and batch_size < 1:
+            raise GPTQError(f"batch_size={batch_size} must be >= 1 (calibration samples per forward)")
         if isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and not calibration.is_floating_point():
             samples = calibration.long()
         else:
@@ -254,6 +259,7 @@ class AutoGPTQForCausalLM:
             self.model, samples, self.quantize_config, layers,
             lambda index, layer: sequential_groups(layer, arch),
             device=dev, work_dir=work_dir, progress=progress,
+            batch_size=batch_size or DEFAULT_BATCH_SIZE,
         )
         self.quantize_log = list(getattr(result, "records", []))
         zero_format = self.quantize_config.zero_format

@@ -93,6 +93,7 @@ def test_eval_calls_its_input_a_text_file(capsys, model_dir, tmp_path):
                                f"(config.json); use --seqlen {MAX_POSITIONS} or less"),
         (["--seqlen", "0"], "--seqlen 0 is out of range; it must be at least 1"),
         (["--nsamples", "0"], "--nsamples 0 is out of range; it must be at least 1"),
+        (["--calibration-batch-size", "0"], "--calibration-batch-size 0 is out of range; it must be at least 1"),
         (["--device", "tpu"], "--device 'tpu' is not a device"),
     ],
 )
@@ -103,7 +104,8 @@ def test_quantize_refuses_out_of_range_flags(capsys, model_dir, text_file, tmp_p
 
 
 def test_quantize_default_seqlen_fits_the_model(model_dir):
-    args = argparse.Namespace(model_dir=str(model_dir), seqlen=None, nsamples=128, device=None)
+    args = argparse.Namespace(model_dir=str(model_dir), seqlen=None, nsamples=128, device=None,
+                              calibration_batch_size=None)
     check_quantize_arguments(args)
     assert args.seqlen == MAX_POSITIONS
 

@@ -27,6 +27,7 @@ DEFAULT_SEQLEN = 2048
 QUANTIZE_RULES: tuple[Rule, ...] = (
     ("--nsamples", lambda v: v >= 1, "at least 1 calibration sample (128 is usual)"),
     ("--seqlen", lambda v: v >= 1, "at least 1 token per sample (2048 is usual)"),
+    ("--calibration-batch-size", lambda v: v >= 1, "at least 1 sample per forward pass (8 is the default)"),
 )
 
 
@@ -49,6 +50,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int, default=None,
                         help=f"tokens per calibration sample (default {DEFAULT_SEQLEN}, or the model's maximum if shorter)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default 0)")
+    parser.add_argument("--calibration-batch-size", type=int, default=None,
+                        help="calibration samples per forward pass (default 8; lower it to save memory)")
     parser.add_argument("--device", default=None, help="device to quantize on: cpu, cuda, cuda:1 (default: cuda if present)")
 
 
@@ -96,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     model.quantize(
         args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, work_dir=work_dir, progress=not args.no_progress,
+        batch_size=args.calibration_batch_size,
     )
     model.save_quantized(out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     if not args.keep_work_dir and not args.work_dir:
