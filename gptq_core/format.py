@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from .errors import FormatError
+from .errors import FormatError, NotSupportedError
 from .packing import check_bits, pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 
 ZeroFormat = Literal["v1", "v2"]
@@ -51,6 +51,32 @@ def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
     """The g_idx of a layer quantized without act-order: ``k // group_size``."""
     k = torch.arange(in_features, dtype=torch.int32, device=device)
     return torch.zeros_like(k) if group_size == -1 else k // group_size
+
+
+def act_order_permutation(g_idx: torch.Tensor, in_features: int, group_size: int,
+                          who: str = "this kernel") -> torch.Tensor | None:
+    """The stable sort of ``g_idx`` when it differs from ``k // group_size``, else None.
+
+    Kernels that walk contiguous groups sort ``g_idx`` once at load, permute the weight rows to
+    match and the activation columns at run time (docs/DESIGN.md §2). Raises NotSupportedError,
+    naming ``who``, when the sorted groups are not equal runs of ``group_size`` channels (GPTQ's
+    act-order always produces those).
+    """
+    expected = default_g_idx(in_features, group_size, device=g_idx.device).long()
+    g = g_idx.long()
+    if torch.equal(g, expected):
+        return None
+    order = torch.argsort(g, stable=True)
+    if not torch.equal(g[order], expected):
+        counts = torch.bincount(g).tolist()
+        raise NotSupportedError(
+            f"{who} needs each group of g_idx to hold exactly group_size={group_size} input "
+            f"channels (as GPTQ's act-order produces); this g_idx has group sizes "
+            f"{counts[:8]}{'...' if len(counts) > 8 else ''}; use another backend (the torch "
+            "backend serves it)",
+            ["g_idx groups are not of equal size group_size"],
+        )
+    return order
 
 
 @dataclass(frozen=True, eq=False)

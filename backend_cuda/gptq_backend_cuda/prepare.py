@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from gptq_core.errors import NotSupportedError
-from gptq_core.format import PackedWeight, default_g_idx
+from gptq_core.format import PackedWeight, act_order_permutation, default_g_idx
 from gptq_core.policy import DispatchPolicy
 
 from . import layout, policy, workspace
@@ -56,28 +56,6 @@ def check_group_size(group_size: int) -> None:
         )
 
 
-def act_order_permutation(g_idx: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor | None:
-    """The stable sort of ``g_idx`` when it differs from ``k // group_size``, else None.
-
-    Raises NotSupportedError when the sorted groups are not the equal, contiguous groups the
-    kernel's group arithmetic needs (GPTQ's act-order always produces those).
-    """
-    expected = default_g_idx(in_features, group_size, device=g_idx.device).long()
-    g = g_idx.long()
-    if torch.equal(g, expected):
-        return None
-    order = torch.argsort(g, stable=True)
-    if not torch.equal(g[order], expected):
-        counts = torch.bincount(g).tolist()
-        raise NotSupportedError(
-            f"the cuda kernels need each group of g_idx to hold exactly group_size={group_size} "
-            f"input channels (as GPTQ's act-order produces); this g_idx has group sizes "
-            f"{counts[:8]}{'...' if len(counts) > 8 else ''}; the torch backend serves it",
-            ["g_idx groups are not of equal size group_size"],
-        )
-    return order
-
-
 def padded_groups(size_k: int, group_size: int, bits: int) -> int:
     """Groups of the padded K (the kernel may look one group past the last real one)."""
     k_pad = layout.padded(size_k, 1, bits)[0]
@@ -103,7 +81,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
     w = weight.to(device)
     K, N, bits, gs = w.in_features, w.out_features, w.bits, w.group_size
     q = w.unpack_qweight()
-    perm = act_order_permutation(w.g_idx, K, gs)
+    perm = act_order_permutation(w.g_idx, K, gs, "the cuda kernels")
     if perm is not None:
         q = q[perm]
     qweight, qhigh = layout.repack(q, bits)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gptq_core.errors import NotSupportedError
-from gptq_core.format import PackedWeight, default_g_idx
+from gptq_core.format import PackedWeight, act_order_permutation
 from gptq_core.policy import DispatchPolicy
 
 from . import layout, policy, workspace
@@ -42,27 +42,6 @@ class ExllamaPrepared:
     @property
     def act_dtype(self) -> torch.dtype:
         return torch.float16 if self.sz.dtype == torch.float16 else torch.bfloat16
-
-
-def act_order_permutation(g_idx: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor | None:
-    """The stable sort of ``g_idx`` when it differs from ``k // group_size``, else None.
-
-    Raises NotSupportedError when the sorted groups are not the contiguous groups of
-    ``group_size`` rows the kernel walks (GPTQ's act-order always produces those).
-    """
-    g = g_idx.long()
-    if torch.equal(g, default_g_idx(in_features, group_size, device=g_idx.device).long()):
-        return None
-    order = torch.argsort(g, stable=True)
-    if not torch.equal(g[order], default_g_idx(in_features, group_size, device=g_idx.device).long()):
-        counts = torch.bincount(g).tolist()
-        raise NotSupportedError(
-            f"exllama needs each group of g_idx to hold exactly group_size={group_size} input "
-            f"channels (as GPTQ's act-order produces); this g_idx has group sizes "
-            f"{counts[:8]}{'...' if len(counts) > 8 else ''}; use another backend",
-            ["g_idx groups are not of equal size group_size"],
-        )
-    return order
 
 
 def group_rows(group_size: int, K: int) -> int:
@@ -92,7 +71,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
     K, N = w.in_features, w.out_features
     rows = group_rows(w.group_size, K)
     q = w.unpack_qweight()
-    perm = act_order_permutation(w.g_idx, K, w.group_size)
+    perm = act_order_permutation(w.g_idx, K, w.group_size, "exllama")
     if perm is not None:
         q = q[perm]
     words = layout.shuffle(q)

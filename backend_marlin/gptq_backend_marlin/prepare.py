@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from gptq_core.errors import NotSupportedError
-from gptq_core.format import PackedWeight, default_g_idx
+from gptq_core.format import PackedWeight, act_order_permutation, default_g_idx
 from gptq_core.policy import DispatchPolicy
 
 from . import layout, policy, workspace
@@ -65,28 +65,6 @@ class MarlinPrepared:
     dense: torch.Tensor | None = None  # [N, K] activation dtype, original k order (cache)
 
 
-def act_order_permutation(g_idx: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor | None:
-    """The stable sort of ``g_idx`` when it differs from ``k // group_size``, else None.
-
-    Raises NotSupportedError when the sorted groups are not the contiguous, equal groups the
-    kernel needs (GPTQ's act-order always produces those).
-    """
-    expected = default_g_idx(in_features, group_size, device=g_idx.device).long()
-    g = g_idx.long()
-    if torch.equal(g, expected):
-        return None
-    order = torch.argsort(g, stable=True)
-    if not torch.equal(g[order], expected):
-        counts = torch.bincount(g).tolist()
-        raise NotSupportedError(
-            f"marlin needs each group of g_idx to hold exactly group_size={group_size} input "
-            f"channels (as GPTQ's act-order produces); this g_idx has group sizes "
-            f"{counts[:8]}{'...' if len(counts) > 8 else ''}; use another backend",
-            ["g_idx groups are not of equal size group_size"],
-        )
-    return order
-
-
 def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
             options: MarlinOptions | None = None, gpu: policy.GpuFacts | None = None) -> MarlinPrepared:
     """Repack ``weight`` for the kernel on ``device``; ``weight`` itself is not modified.
@@ -105,7 +83,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
     w = weight.to(device)
     K, N, bits = w.in_features, w.out_features, w.bits
     q = w.unpack_qweight()
-    perm = act_order_permutation(w.g_idx, K, w.group_size)
+    perm = act_order_permutation(w.g_idx, K, w.group_size, "marlin")
     if perm is not None:
         q = q[perm]
     zeros = w.zeros()
