@@ -26,7 +26,7 @@ BENCH_RULES: tuple[Rule, ...] = (
 
 #: Range rules of ``gptq bench generate``'s flags (batches, lengths and modes: GenerateBenchConfig.check).
 BENCH_GENERATE_RULES: tuple[Rule, ...] = (
-    ("--seconds", lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0 per measurement (1 is usual; 0: one repeat)"),
+    ("--seconds", lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0 per measurement (1 is usual; 0: three repeats, the fewest)"),
     ("--layers", lambda v: v >= 1, "at least 1 decoder layer"),
 )
 
@@ -215,7 +215,7 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
     g.add_argument("--no-fast-compile", action="store_true",
                    help="capture the fast path's decode step without compiling it first (to measure what compiling gains)")
-    g.add_argument("--seconds", type=float, default=1.0, help="time budget of each timed measurement (default 1)")
+    g.add_argument("--seconds", type=float, default=1.0, help="time budget of each timed measurement (default 1; three repeats at least, five at most)")
     g.add_argument("--work-dir", help="where synthetic/quantized models are written and kept, and a synthetic "
                                       "pair already there is reused (default: a temporary folder)")
     g.add_argument("--json", help="write every number to this JSON file")
