@@ -37,7 +37,10 @@ _SYNONYMS = {
 
 #: Settings GPTQModel writes inside ``meta`` rather than at the top level
 #: (gptqmodel/quantization/config.py META_FIELD_*); read from there when the top level lacks them.
-_META_FIELDS: tuple[str, ...] = ("damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse")
+_META_FIELDS: tuple[str, ...] = (
+    "damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse",
+    "act_group_aware", "float_target",
+)
 
 #: Keys peers write whose non-default values gptq-core cannot honour -> (is default, fix).
 #: GPTQModel's per-module overrides, quantized lm_head, other pack dtypes and rotations change
@@ -56,7 +59,7 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 #: Fields that must be real bools: the string "false" is truthy, so accepting it would quantize
 #: with the opposite of what was asked.
-_BOOL_FIELDS: tuple[str, ...] = ("desc_act", "sym", "true_sequential", "static_groups")
+_BOOL_FIELDS: tuple[str, ...] = ("desc_act", "sym", "true_sequential", "static_groups", "act_group_aware")
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -81,7 +84,17 @@ def _as_int(value: Any) -> Any:
 
 @dataclass
 class QuantizeConfig:
-    """GPTQ settings. Defaults follow the ecosystem (4-bit, group 128, sym, no act-order)."""
+    """GPTQ settings. Defaults follow the ecosystem (4-bit, group 128, sym, no act-order).
+
+    Quality methods beyond the paper (DESIGN.md §6; measured in NOTES/quantizer.md):
+    ``mse`` searches each group's range (the norm of the error it minimises; 0 is min-max);
+    ``act_group_aware`` quantizes whole groups in order of their most important input channel
+    and, inside a group, channel by channel in order of importance: act-order's quality with a
+    monotone ``g_idx`` (readable by every kernel and engine, unlike ``desc_act``);
+    ``float_target`` (0 to 1) pulls each layer toward the *float* model's outputs instead of
+    its quantized predecessors' (asymmetric calibration, as GPTAQ), at 1 fully. The paper's
+    plain GPTQ is ``mse=0, act_group_aware=False, float_target=0``.
+    """
 
     bits: int = 4
     group_size: int = 128
@@ -92,6 +105,9 @@ class QuantizeConfig:
     true_sequential: bool = True
     static_groups: bool = False
     mse: float = 0.0
+    act_group_aware: bool = False
+    #: On by default: the measured best within 1.5x of plain GPTQ's time (NOTES/quantizer.md).
+    float_target: float = 0.5
     checkpoint_format: str = "gptq"
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -131,6 +147,16 @@ class QuantizeConfig:
             raise FormatError(
                 f"mse={self.mse} (the MSE scale-search norm) must be 0 (off) or positive, e.g. 2.4"
             )
+        if self.act_group_aware and self.desc_act:
+            raise FormatError(
+                "act_group_aware and desc_act are two orders for the same thing; pick one "
+                "(act_group_aware keeps g_idx monotone, which vLLM and exllama-style kernels need)"
+            )
+        _check_real("float_target", self.float_target)
+        if not 0 <= self.float_target <= 1:
+            raise FormatError(
+                f"float_target={self.float_target} must lie in [0, 1] (0: off, e.g. 0.25)"
+            )
         if not isinstance(self.meta, dict):
             raise FormatError(f"meta={self.meta!r} must be a dict (a JSON object)")
 
@@ -144,9 +170,15 @@ class QuantizeConfig:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` dict as the ecosystem writes it."""
+        # The fields win over a ``meta`` read from disk: a config changed with ``replace`` must
+        # write what it quantized with.
         meta = {"quantizer": [f"gptq-core:{__version__}"], **self.meta}
-        meta.setdefault("damp_auto_increment", self.damp_auto_increment)
-        meta.setdefault("mse", self.mse)
+        meta.update(
+            damp_auto_increment=self.damp_auto_increment,
+            mse=self.mse,
+            act_group_aware=self.act_group_aware,
+            float_target=self.float_target,
+        )
         return {
             "quant_method": "gptq",
             "bits": self.bits,
@@ -213,6 +245,9 @@ class QuantizeConfig:
         for k in ("bits", "group_size"):
             if k in kwargs:
                 kwargs[k] = _as_int(kwargs[k])
+        if kwargs.get("desc_act") is True and kwargs.get("act_group_aware") is True:
+            # only how it was quantized, not how it is read: desc_act decides the loading
+            kwargs["act_group_aware"] = False
         try:
             return cls(checkpoint_format=fmt, meta=meta, **kwargs)
         except FormatError as exc:

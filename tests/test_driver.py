@@ -36,7 +36,8 @@ LLAMA_GROUPS = [
     ["mlp.gate_proj", "mlp.up_proj"],
     ["mlp.down_proj"],
 ]
-CFG = QuantizeConfig(bits=4, group_size=16, sym=False)
+#: The paper's GPTQ (the float target, on by default, has its own test below).
+CFG = QuantizeConfig(bits=4, group_size=16, sym=False, float_target=0.0)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -111,6 +112,43 @@ def test_true_sequential_hessians_come_from_the_quantized_prefix(padded):
         assert torch.equal(model.get_submodule(name).weight, packed.dequantize(torch.float32).t())
 
 
+def test_float_target_pairs_each_quantized_input_with_the_float_models():
+    """With ``float_target`` each Hessian's reference is what the *float* model feeds the same
+    linear on the same rows: rebuilt here from two ordinary forwards (the quantized model's
+    and the original's), quantizing the original weights gives the driver's bytes."""
+    original = tiny_llama(7)
+    model = copy.deepcopy(original)
+    data = samples(seed=7)
+    cfg = CFG.replace(float_target=1.0)
+    result = quantize_model(model, data, cfg, model.model.layers, LLAMA_GROUPS, device="cpu",
+                            progress=False, batch_size=1)
+    for i in range(2):
+        quant_in = _inputs_from_forward(model, i, list(data))
+        float_in = _inputs_from_forward(original, i, list(data))
+        for name, orig in _linears(original.model.layers[i], LLAMA_GROUPS).items():
+            acc = GPTQ(orig.in_features)
+            for xq, xf in zip(quant_in[name], float_in[name]):
+                acc.add_batch(xq, xf)
+            expected, _ = quantize_linear(orig, acc, cfg)
+            _assert_same({name: result[f"model.layers.{i}.{name}"]}, {name: expected})
+            if i == 1:  # the float target did move layer 1 (its inputs differ from the float model's)
+                alone, _ = quantize_linear(orig, acc, CFG)
+                assert not torch.equal(alone.qweight, expected.qweight)
+
+
+def _inputs_from_forward(model, layer_index, batches) -> dict[str, list[torch.Tensor]]:
+    """Each linear's input of one layer, per sample, from ordinary forwards of ``model``."""
+    out: dict[str, list[torch.Tensor]] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, o, n=n: out.setdefault(n, []).append(inp[0]))
+               for n, m in _linears(model.model.layers[layer_index], LLAMA_GROUPS).items()]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids[None], use_cache=False)
+    for h in handles:
+        h.remove()
+    return out
+
+
 def test_not_true_sequential_uses_unquantized_layer_inputs():
     original = tiny_llama(1)
     model = copy.deepcopy(original)
@@ -149,10 +187,12 @@ def test_quantized_model_matches_quant_linear_and_beats_rtn():
     assert (out.double() - want).norm() < (got_rtn - want).norm()
 
 
-def test_interrupted_run_resumes_byte_identically(tmp_path):
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(float_target=0.5, act_group_aware=True, mse=2.0)],
+                         ids=["plain", "quality-methods"])
+def test_interrupted_run_resumes_byte_identically(tmp_path, cfg):
     data = samples(seed=4)
     full = quantize_model(
-        (m1 := tiny_llama(4)), data, CFG, m1.model.layers, LLAMA_GROUPS, device="cpu",
+        (m1 := tiny_llama(4)), data, cfg, m1.model.layers, LLAMA_GROUPS, device="cpu",
         work_dir=tmp_path / "a", progress=False,
     )
     crashing = tiny_llama(4)
@@ -162,7 +202,7 @@ def test_interrupted_run_resumes_byte_identically(tmp_path):
 
     handle = crashing.model.layers[1].mlp.down_proj.register_forward_hook(crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        quantize_model(crashing, data, CFG, crashing.model.layers, LLAMA_GROUPS, device="cpu",
+        quantize_model(crashing, data, cfg, crashing.model.layers, LLAMA_GROUPS, device="cpu",
                        work_dir=tmp_path / "b", progress=False)
     handle.remove()
     assert json.loads((tmp_path / "b" / "progress.json").read_text()) == {"done": 1}
@@ -170,7 +210,7 @@ def test_interrupted_run_resumes_byte_identically(tmp_path):
     fresh = tiny_llama(4)  # a new process would load the original weights again
     calls = []
     fresh.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
-    resumed = quantize_model(fresh, data, CFG, fresh.model.layers, LLAMA_GROUPS, device="cpu",
+    resumed = quantize_model(fresh, data, cfg, fresh.model.layers, LLAMA_GROUPS, device="cpu",
                              work_dir=tmp_path / "b", progress=False)
     assert calls == []  # layer 0 was not run again
     _assert_same(full, resumed)
@@ -377,11 +417,16 @@ def test_shared_hessians_and_reused_outputs_change_no_byte(model_type, monkeypat
     assert [r["error"] for r in results[0].records] == [r["error"] for r in results[1].records]
 
 
-def test_stories260k_batched_within_tolerance_of_one_sample_at_a_time():
+@pytest.mark.parametrize("float_target,error_tol,ppl_tol,same_share", [(0.0, 1e-2, 5e-3, 0.8), (0.5, 6e-2, 1.5e-2, 0.2)],
+                         ids=["plain", "float-target"])
+def test_stories260k_batched_within_tolerance_of_one_sample_at_a_time(float_target, error_tol, ppl_tol, same_share):
     """Batching only reorders floating-point sums; the bound is documented in NOTES/quantizer.md.
 
-    Measured (32 x 128 tokens, w4 g32, seeds 0-2): per-linear GPTQ error ratio within 1e-4 of 1,
-    held-out perplexity within 0.04 %, 34-35 of 35 linears bit-identical.
+    Measured (32 x 128 tokens, w4 g32, seeds 0-2), plain GPTQ: per-linear GPTQ error ratio
+    within 1e-4 of 1, held-out perplexity within 0.04 %, 34-35 of 35 linears bit-identical.
+    With the float target (the default) the sums' noise moves the target weight through
+    ``Hd^-1`` and the differences grow layer by layer: error ratios within 3.5 % of 1,
+    perplexity within 0.6 %, the first 10 linears bit-identical.
     """
     tok = AutoTokenizer.from_pretrained(DATA / "stories260K")
     docs = _read_text_file(DATA / "text" / "tinystories-sample.txt", "calibration")
@@ -389,14 +434,15 @@ def test_stories260k_batched_within_tolerance_of_one_sample_at_a_time():
     calib = prepare_calibration(docs[:cut], tok, nsamples=32, seqlen=128, seed=2)
     held = token_stream(docs[cut:], tok)[: 4 * 512]
     runs = {}
+    cfg = QuantizeConfig(bits=4, group_size=32, float_target=float_target)
     for batch_size in (1, 8):
         model = AutoModelForCausalLM.from_pretrained(DATA / "stories260K")
-        result = quantize_model(model, calib, QuantizeConfig(bits=4, group_size=32), model.model.layers,
+        result = quantize_model(model, calib, cfg, model.model.layers,
                                 LLAMA_GROUPS, device="cpu", progress=False, batch_size=batch_size)
         runs[batch_size] = (result, perplexity(model, held))
     (one, ppl_one), (batched, ppl_batched) = runs[1], runs[8]
     ratios = [b["error"] / a["error"] for a, b in zip(one.records, batched.records)]
-    assert all(abs(r - 1) < 1e-2 for r in ratios), ratios
-    assert abs(ppl_batched / ppl_one - 1) < 5e-3, (ppl_one, ppl_batched)
+    assert all(abs(r - 1) < error_tol for r in ratios), ratios
+    assert abs(ppl_batched / ppl_one - 1) < ppl_tol, (ppl_one, ppl_batched)
     same = sum(torch.equal(one[k].qweight, batched[k].qweight) for k in one)
-    assert same >= 0.8 * len(one)
+    assert same >= same_share * len(one)

@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 
 from ..checkpoint.files import check_apart, check_target, check_writable
+from ..config import QuantizeConfig
 from ..quantize.workdir import check_work_dir
 from ..errors import GPTQError
 from .generate import Rule, check_arguments, check_device_argument, model_max_positions
+
+#: The quantizer's defaults, shown in the flags' help and used when a flag is not given.
+DEFAULTS = QuantizeConfig()
 
 #: --seqlen when none is given: the usual GPTQ calibration length, or the model's own if shorter.
 DEFAULT_SEQLEN = 2048
@@ -45,7 +49,13 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asym", action="store_true", help="asymmetric quantization (a zero point per group)")
     parser.add_argument("--damp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal (default 0.01)")
     parser.add_argument("--static-groups", action="store_true", help="fix every group's grid before act-order")
-    parser.add_argument("--mse", type=float, default=0.0, help="MSE scale search norm, e.g. 2.4 (default 0: min-max)")
+    parser.add_argument("--mse", type=float, default=DEFAULTS.mse,
+                        help=f"MSE scale search norm, e.g. 2.4; 0: min-max (default {DEFAULTS.mse:g})")
+    parser.add_argument("--act-group-aware", action="store_true",
+                        help="group-aware act-order: whole groups by importance, g_idx stays monotone")
+    parser.add_argument("--float-target", type=float, default=DEFAULTS.float_target,
+                        help="0-1: pull each layer toward the float model's outputs (GPTAQ-style "
+                             f"asymmetric calibration); 0: off (default {DEFAULTS.float_target:g})")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     parser.add_argument("--seqlen", type=int, default=None,
                         help=f"tokens per calibration sample (default {DEFAULT_SEQLEN}, or the model's maximum if shorter)")
@@ -73,12 +83,11 @@ def check_quantize_arguments(args: argparse.Namespace) -> None:
         )
 
 
-def quantize_config_from_args(args: argparse.Namespace):
-    from ..config import QuantizeConfig
-
+def quantize_config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     return QuantizeConfig(
         bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
         damp_percent=args.damp, static_groups=args.static_groups, mse=args.mse,
+        act_group_aware=args.act_group_aware, float_target=args.float_target,
         checkpoint_format=getattr(args, "format", "gptq"),
     )
 

@@ -12,6 +12,12 @@
 3. With a ``work_dir``, every finished layer is committed atomically (:mod:`.workdir`) and a
    rerun with the same folder and settings resumes after the last finished layer.
 
+With ``config.float_target`` the float model's hidden states travel alongside: before its
+first group, each layer (still float) runs once on them; the inputs its linears see there are
+each Hessian's float reference (:class:`.gptq.GPTQ`), and its outputs are the next layer's
+float hidden states. A linear whose calls differ between the two passes (an MoE expert the
+router fed other tokens) gets plain GPTQ.
+
 Speed (DESIGN.md §6): calibration samples go through each layer ``batch_size`` at a time
 (default :data:`DEFAULT_BATCH_SIZE`), linears that read the same input tensor (q/k/v,
 gate/up) share one Hessian (one ``X^T X`` per batch), and a child of the layer whose linears
@@ -28,6 +34,7 @@ says so.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -213,12 +220,19 @@ def quantize_model(
         result.records = state.trim_log(done)
     with _quantization_mode(model), torch.no_grad():
         captured = capture_inputs(model, layers, batches)
-        hidden = captured.hidden if done == 0 else state.load_hidden(done - 1, len(batches))
+        tracks = 2 if config.float_target > 0 else 1  # quantized (and float) hidden states
+        if done == 0:
+            hidden = captured.hidden * tracks
+        else:
+            hidden = state.load_hidden(done - 1, tracks * len(batches))
         memo: dict[int, Any] = {}
         hidden = [h.to(device) for h in hidden]
         calls = [[c.to(device, memo) for c in per_layer] for per_layer in captured.calls]
         masks = [None if m is None else m.to(device) for m in captured.masks]
         bar = tqdm(total=len(layers), desc="GPTQ", unit="layer", disable=not progress, initial=done)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         try:
             for i, layer in enumerate(layers):
                 full = f"{prefix}.{i}" if prefix else str(i)
@@ -228,8 +242,8 @@ def quantize_model(
                         result[f"{full}.{name}"] = packed
                     continue
                 packed_layer, hidden = _quantize_layer(
-                    i, full, layer, all_groups[i], hidden, calls[i], masks, config, device,
-                    state, result, bar,
+                    i, full, layer, all_groups[i], hidden[: len(batches)], hidden[len(batches) :],
+                    calls[i], masks, config, device, state, result, bar,
                 )
                 result.update({f"{full}.{n}": p for n, p in packed_layer.items()})
                 if state:
@@ -237,7 +251,16 @@ def quantize_model(
                 bar.update(1)
         finally:
             bar.close()
+    logger.info("quantized %d decoder layers in %.1f s%s", len(layers) - done, time.perf_counter() - start,
+                _peak_memory(device))
     return result
+
+
+def _peak_memory(device: torch.device) -> str:
+    """'; peak GPU memory X GiB' on CUDA (what sizes the GPU a model needs), else ''."""
+    if device.type != "cuda":
+        return ""
+    return f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
 
 
 def _quantize_layer(
@@ -246,6 +269,7 @@ def _quantize_layer(
     layer: nn.Module,
     groups: list[list[str]],
     hidden: list[torch.Tensor],
+    float_hidden: list[torch.Tensor],
     calls: list[LayerCall],
     masks: list[torch.Tensor | None],
     config: QuantizeConfig,
@@ -254,16 +278,26 @@ def _quantize_layer(
     result: QuantizeResult,
     bar: tqdm,
 ) -> tuple[dict[str, PackedWeight], list[torch.Tensor]]:
-    """GPTQ of one decoder layer, group by group; returns its packed linears and its outputs."""
+    """GPTQ of one decoder layer, group by group; returns its packed linears and its outputs
+    (followed by its float outputs when ``float_hidden`` is given: the float target)."""
     home = module_device(layer)
     layer.to(device)
     packed: dict[str, PackedWeight] = {}
-    memo = FinishedOutputs(layer, [n for g in groups for n in g])
+    names = [n for g in groups for n in g]
+    memo = FinishedOutputs(layer, names)
     try:
+        references, float_outputs = None, []
+        if float_hidden:
+            references, float_outputs = _float_pass(layer, _resolve(layer, index, names), float_hidden, calls)
         with memo.installed():
             for group in groups:
                 modules = _resolve(layer, index, group)
-                accs = _collect_hessians(layer, modules, hidden, calls, masks, device, memo=memo)
+                accs = _collect_hessians(layer, modules, hidden, calls, masks, device, memo=memo,
+                                         references=references)
+                if references is not None:
+                    for refs in references:  # this group's float inputs are not needed again
+                        for key in [k for k in refs if k[0] in modules]:
+                            del refs[key]
                 for name, module in modules.items():
                     bias = module.bias if module.bias is not None else None
                     pw, stats = quantize_linear(linear_weight(module), accs[name], config, bias, device=device)
@@ -283,7 +317,36 @@ def _quantize_layer(
                 outputs.append(call(layer, h))
     finally:
         layer.to(home)
-    return packed, outputs
+    return packed, outputs + float_outputs
+
+
+def _float_pass(
+    layer: nn.Module, modules: dict[str, nn.Module], float_hidden: list[torch.Tensor], calls: list[LayerCall]
+) -> tuple[list[dict[tuple[str, int], torch.Tensor]], list[torch.Tensor]]:
+    """Run the still-float layer on the float hidden states: per batch ``{(linear, call
+    number): its input}`` and the layer's outputs. Linears reading one tensor share it (no
+    copy), so this holds about one layer's activations per batch."""
+    references: list[dict[tuple[str, int], torch.Tensor]] = []
+    current: dict[tuple[str, int], torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module, inputs):
+            count = sum(1 for k in current if k[0] == name)
+            current[(name, count)] = inputs[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
+    outputs = []
+    try:
+        for call, h in zip(calls, float_hidden):
+            current = {}
+            outputs.append(call(layer, h))
+            references.append(current)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return references, outputs
 
 
 def _collect_hessians(
@@ -295,6 +358,7 @@ def _collect_hessians(
     device: torch.device,
     share: bool = True,
     memo: FinishedOutputs | None = None,
+    references: list[dict[tuple[str, int], torch.Tensor]] | None = None,
 ) -> dict[str, GPTQ]:
     """Run the layer on every batch; hooks fold each module's inputs into its Hessian.
 
@@ -302,7 +366,8 @@ def _collect_hessians(
     true-sequential groups) share one accumulator, so each batch costs one ``X^T X`` per
     distinct input. The sharing found on the first batch must hold on every batch; if it
     does not (a model that feeds them different tensors later), the Hessians are collected
-    again without sharing.
+    again without sharing. ``references``: the float pass's inputs (float target); a linear
+    whose call in this pass has no float counterpart of the same shape loses its reference.
     """
     accs: dict[str, GPTQ] = {}
     fired: set[str] = set()
@@ -312,6 +377,8 @@ def _collect_hessians(
     batch = [0]
     owner: dict[str, str] = {}  # linear -> linear whose accumulator it uses
     broken: list[bool] = [False]
+    calls_seen: dict[str, int] = {}  # this batch: linear -> calls so far
+    unpaired: set[str] = set()  # linears that lost their float reference
 
     def hook_for(name: str):
         def hook(module, inputs, output):
@@ -326,11 +393,23 @@ def _collect_hessians(
                 accs[name] = GPTQ(linear_weight(module).shape[1], device=device) if fresh else accs[first]
             elif owner[name] != first:
                 broken[0] = True
+            count = calls_seen.get(name, 0)
+            calls_seen[name] = count + 1
             if owner[name] == name:
+                ref = None
+                if references is not None and name not in unpaired:
+                    ref = references[batch[0]].get((name, count))
+                    if ref is None or ref.shape != x.shape:
+                        unpaired.add(name)
+                        accs[name].D = None
+                        logger.info("%s: its inputs differ between the float and the quantized "
+                                    "pass; quantized without the float target", name)
+                        ref = None
                 m = mask[0]
                 if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
                     x = x[m]  # padding tokens do not count
-                accs[name].add_batch(x)
+                    ref = None if ref is None else ref[m]
+                accs[name].add_batch(x, ref)
             fired.add(name)
             if len(fired) == len(modules):
                 raise _StopLayer  # the rest of the layer is not needed for this group
@@ -342,6 +421,7 @@ def _collect_hessians(
         for number, (call, h, m) in enumerate(zip(calls, hidden, masks)):
             fired.clear()
             seen.clear()
+            calls_seen.clear()
             mask[0] = m
             batch[0] = number
             if memo is not None:
@@ -361,7 +441,8 @@ def _collect_hessians(
             handle.remove()
     if broken[0]:
         logger.debug("linears %s did not read the same inputs on every batch; Hessians not shared", list(modules))
-        return _collect_hessians(layer, modules, hidden, calls, masks, device, share=False, memo=memo)
+        return _collect_hessians(layer, modules, hidden, calls, masks, device, share=False, memo=memo,
+                                 references=references)
     for name, module in modules.items():  # a linear no batch reached: empty Hessian, RTN fallback
         accs.setdefault(name, GPTQ(linear_weight(module).shape[1], device=device))
     return accs

@@ -11,7 +11,17 @@ small. Implemented from the paper:
   weight column;
 * act-order (``desc_act``): columns in order of decreasing ``diag(H)``; ``g_idx`` then maps each
   input channel to its group and is not monotonic;
+* group-aware order (``act_group_aware``): whole groups in order of their largest
+  ``diag(H)``, and inside each group its columns in decreasing ``diag(H)``; every group stays
+  contiguous in that order, so its grid is computed when it comes up (as without act-order)
+  and ``g_idx`` stays monotone;
 * ``static_groups``: every group's grid is fixed up front from the unpermuted weight;
+* float target (``float_target`` = a): when the accumulator also saw the float model's inputs
+  X of the layer (the quantized model feeds it X~), the weight GPTQ rounds is first moved to
+  ``W + a W D Hd^-1`` with ``D = (X - X~) X~^T`` and Hd the damped ``X~ X~^T``: at a = 1 the
+  least-squares weight whose output on X~ best matches the float output W X, so GPTQ then
+  minimises ``||W X - Q X~||`` (the asymmetric calibration of GPTAQ, Li et al. 2025, by this
+  projection instead of their per-column correction);
 * otherwise a group's grid is computed when its first column comes up, from the group's
   weights *as updated so far* (the in-flight lazy updates included, so any group size works,
   also groups that straddle blocks or K not divisible by the group size);
@@ -68,7 +78,9 @@ class GPTQ:
     """Accumulates the Hessian ``H = 2/n X X^T`` of one linear's inputs, batch by batch.
 
     ``add_batch`` takes the layer's input [..., K] (any leading dims); rows are tokens. The
-    running mean is kept in ``dtype`` (float32 by default, float64 for extra headroom).
+    running mean is kept in ``dtype`` (float32 by default, float64 for extra headroom). Given
+    the float model's input of the same rows too (``reference``), it also accumulates
+    ``D = 2/n (X_ref - X)^T X`` for the float target (module docstring).
     """
 
     def __init__(
@@ -79,18 +91,28 @@ class GPTQ:
     ) -> None:
         self.in_features = in_features
         self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.D: torch.Tensor | None = None
         self.nsamples = 0
 
     @classmethod
     def for_linear(cls, layer: nn.Linear, dtype: torch.dtype = torch.float32) -> GPTQ:
         return cls(layer.in_features, device=layer.weight.device, dtype=dtype)
 
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        """Fold the rows of ``inputs`` [..., K] into the Hessian."""
+    def add_batch(self, inputs: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Fold the rows of ``inputs`` [..., K] into the Hessian (and, with the float model's
+        ``reference`` input of the same rows, into ``D``). Either every batch has a reference
+        or none does."""
         if inputs.shape[-1] != self.in_features:
             raise GPTQError(
                 f"input has {inputs.shape[-1]} features, this Hessian is for K={self.in_features}"
             )
+        if reference is not None and reference.shape != inputs.shape:
+            raise GPTQError(
+                f"the float reference input has shape {tuple(reference.shape)}, the input "
+                f"{tuple(inputs.shape)}: they must be the same rows"
+            )
+        if (reference is not None) != (self.D is not None) and self.nsamples:
+            raise GPTQError("give a float reference input with every batch or with none")
         x = inputs.detach().reshape(-1, self.in_features)
         rows = x.shape[0]
         if rows == 0:
@@ -98,9 +120,15 @@ class GPTQ:
         # NaN/Inf rows poison H, which quantize_linear checks once (cheaper than per batch).
         x = x.to(device=self.H.device, dtype=self.H.dtype)
         total = self.nsamples + rows
-        self.H.mul_(self.nsamples / total)
-        x = x.mul(math.sqrt(2.0 / total))
+        keep, scale = self.nsamples / total, math.sqrt(2.0 / total)
+        self.H.mul_(keep)
+        x = x.mul(scale)
         self.H.addmm_(x.t(), x)
+        if reference is not None:
+            if self.D is None:
+                self.D = torch.zeros_like(self.H)
+            ref = reference.detach().reshape(-1, self.in_features).to(device=self.H.device, dtype=self.H.dtype)
+            self.D.mul_(keep).addmm_(ref.mul(scale).sub_(x).t(), x)
         self.nsamples = total
 
     def quantize(
@@ -145,6 +173,7 @@ def quantize_linear(
     N, K = weight.shape
     device = torch.device(device) if device is not None else weight.device
     H, tokens = _resolve_hessian(hessian, inputs, K, device)
+    cross = hessian.D if isinstance(hessian, GPTQ) and config.float_target > 0 else None
     W = weight.detach().to(device=device, dtype=torch.float32, copy=True)
     if not bool(torch.isfinite(W).all()):
         raise FormatError("weight contains NaN or Inf; it cannot be quantized")
@@ -158,7 +187,11 @@ def quantize_linear(
             "(GPTQ needs its inputs' Hessian)"
         )
         H = torch.eye(K, device=device)
-    result = _gptq(W, H, config, block_size)
+    if cross is not None and warning is None:
+        cross = cross.detach().to(device=device, dtype=torch.float32)
+    else:
+        cross = None
+    result = _gptq(W, H, config, block_size, cross)
     packed = pack_weight(
         result.q.cpu(),
         result.scales.cpu(),
@@ -253,8 +286,36 @@ def _inverse_hessian(H: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Ten
     )
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, block_size: int) -> _Result:
-    """The GPTQ column loop on float32 ``W`` [N, K] (modified) and ``H`` [K, K]."""
+def group_aware_order(importance: torch.Tensor, width: int) -> torch.Tensor:
+    """Column order of group-aware reordering: groups of ``width`` consecutive columns by
+    decreasing largest ``importance`` in the group, each group's columns by decreasing
+    importance (ties keep the original order); every group stays contiguous."""
+    K = importance.shape[0]
+    group = torch.arange(K, device=importance.device) // width
+    peak = torch.full((int(group[-1]) + 1,), float("-inf"), device=importance.device)
+    peak = peak.scatter_reduce(0, group, importance.float(), reduce="amax")
+    group_rank = torch.argsort(torch.argsort(peak, descending=True, stable=True), stable=True)
+    within = torch.argsort(importance, descending=True, stable=True)  # global importance order
+    # stable sort by the group's rank keeps each group's columns in importance order
+    return within[torch.argsort(group_rank[group[within]], stable=True)]
+
+
+def _group_spans(col_group: list[int]) -> dict[int, int]:
+    """{first position: end position} of every run of equal groups in processing order."""
+    spans, start = {}, 0
+    for pos in range(1, len(col_group) + 1):
+        if pos == len(col_group) or col_group[pos] != col_group[start]:
+            spans[start] = pos
+            start = pos
+    return spans
+
+
+def _gptq(
+    W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, block_size: int,
+    cross: torch.Tensor | None = None,
+) -> _Result:
+    """The GPTQ column loop on float32 ``W`` [N, K] (modified) and ``H`` [K, K]; ``cross``:
+    the float target's ``D`` (module docstring)."""
     N, K = W.shape
     gs = config.group_size
     grid = GridSpec(
@@ -282,17 +343,25 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, block_size: 
     perm = None
     if config.desc_act:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    elif config.act_group_aware:
+        perm = group_aware_order(torch.diag(H), width)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    # group of each (permuted) column position
-    if static:
-        orig = perm if perm is not None else torch.arange(K, device=dev)
-        col_group = orig // width
-    else:
-        col_group = torch.arange(K, device=dev) // width
+        if cross is not None:
+            cross = cross[perm][:, perm]
+    # group of each (permuted) column position: act-order's groups are runs of the processing
+    # order, the others' (group-aware, static) are the original column blocks
+    orig = perm if perm is not None else torch.arange(K, device=dev)
+    col_group = orig // width if (static or config.act_group_aware) else torch.arange(K, device=dev) // width
     col_group_list = col_group.tolist()
+    spans = {} if static else _group_spans(col_group_list)
 
     Hinv, damp = _inverse_hessian(H, config)
+    if cross is not None and config.float_target > 0:
+        # W + a (W D) Hd^-1 with Hd^-1 = Hinv^T Hinv (Hinv is the upper Cholesky factor)
+        W += config.float_target * ((W @ cross) @ Hinv.t()) @ Hinv
+        W[:, dead[perm] if perm is not None else dead] = 0
     Q = torch.zeros_like(W)
     losses = torch.zeros(N, device=dev)
     for i1 in range(0, K, block_size):
@@ -304,8 +373,8 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig, block_size: 
         for i in range(i2 - i1):
             col = i1 + i
             g = col_group_list[col]
-            if not static and col % width == 0:
-                end = min(col + width, K)
+            end = spans.get(col)
+            if end is not None:
                 current = W1[:, i : min(end, i2) - i1]
                 if end > i2:  # the rest of the group still awaits this block's lazy update
                     rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]

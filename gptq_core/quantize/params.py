@@ -18,6 +18,12 @@ from ..rtn import minmax_params, quantize_values
 #: Shrink grid of the MSE search, as in the GPTQ reference quantizer: 100 steps, down to 20 %.
 MSE_GRID = 100
 MSE_MAX_SHRINK = 0.8
+#: Elements (shrinks x rows x cols) the search evaluates at once, by device type: bounds its
+#: memory; on the CPU larger chunks only spill the caches (measured equal to one shrink at a
+#: time for 4096x128 groups, 3-10x faster for the small groups of small models).
+MSE_CHUNK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20}
+MSE_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+
 
 @dataclass(frozen=True)
 class GridSpec:
@@ -55,17 +61,34 @@ def group_params(w: torch.Tensor, grid: GridSpec) -> tuple[torch.Tensor, torch.T
     scale, zero = _minmax(w, grid)
     if grid.mse <= 0:
         return scale, zero
-    best = torch.full_like(scale, float("inf"))
-    for step in range(int(MSE_MAX_SHRINK * MSE_GRID)):
-        shrink = 1 - step / MSE_GRID
-        s, z = (scale, zero) if step == 0 else _minmax(w * shrink, grid)
-        q = quantize_values(w, s[:, None], z[:, None], grid.bits)
-        err = (dequantize_values(q, s[:, None], z[:, None]) - w).abs().pow(grid.mse).sum(dim=1)
-        better = err < best
-        best = torch.where(better, err, best)
-        if step == 0:
-            best_s, best_z = s.clone(), z.clone()
+    return _mse_search(w, grid)
+
+
+def _mse_search(w: torch.Tensor, grid: GridSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shrink search, all shrinks of a chunk in one batched pass (one Python step per
+    chunk instead of per shrink: this is what makes ``mse`` cheap enough to be a default).
+    Per row the first shrink with the smallest error wins, as in a sequential scan."""
+    rows, cols = w.shape
+    steps = int(MSE_MAX_SHRINK * MSE_GRID)
+    shrinks = 1 - torch.arange(steps, device=w.device, dtype=torch.float32) / MSE_GRID
+    budget = MSE_CHUNK_ELEMENTS.get(w.device.type, MSE_CHUNK_ELEMENTS_DEFAULT)
+    chunk = max(1, min(steps, budget // max(1, rows * cols)))
+    best_err = best_s = best_z = None
+    for lo in range(0, steps, chunk):
+        p = shrinks[lo : lo + chunk]
+        n = p.shape[0]
+        s, z = _minmax((w[None] * p[:, None, None]).reshape(n * rows, cols), grid)
+        s, z = s.view(n, rows, 1), z.view(n, rows, 1)
+        q = quantize_values(w[None], s, z, grid.bits)
+        err = (dequantize_values(q, s, z) - w[None]).abs().pow(grid.mse).sum(dim=2)  # [n, rows]
+        idx = err.argmin(dim=0)  # the first minimum: the largest range among equals
+        e = err.gather(0, idx[None])[0]
+        cs, cz = s[:, :, 0].gather(0, idx[None])[0], z[:, :, 0].gather(0, idx[None])[0]
+        if best_err is None:
+            best_err, best_s, best_z = e, cs, cz
         else:
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best_s = torch.where(better, cs, best_s)
+            best_z = torch.where(better, cz, best_z)
     return best_s, best_z
