@@ -5,6 +5,10 @@ The sources are those the installed gptq-backend-cuda and gptq-backend-exllama s
 ``torch.utils.hipify`` (what PyTorch's ROCm builds use for extensions), never kept twice in
 the repository (docs/DESIGN.md §1). Launches stay ``<<<...>>>`` (hip-clang compiles them):
 hipify's ``hipLaunchKernelGGL`` rewrite misreads exllama's ``select_gemm<DT>(...)<<<...>>>``.
+The JIT build (``build.py``) hands these same hipified files to torch's extension builder,
+whose own hipify pass leaves files marked as hipify output alone; the compile tests here use
+the macros that builder passes to hipcc (:func:`torch_hip_defines`), so they compile the code
+the JIT build compiles.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import portability
@@ -21,7 +26,13 @@ from . import portability
 
 def hipify_into(dist: str, folder: Path) -> dict[str, Path]:
     """Copy ``dist``'s csrc into ``folder/dist`` and hipify it there; returns each original
-    translation unit's name -> its hipified file."""
+    translation unit's name -> its hipified file.
+
+    The CUDA originals of every translated file are removed, so the folder holds exactly what
+    is compiled: torch's extension builder hipifies every CUDA file in its include path again,
+    without ``hip_clang_launch``, and would overwrite ``gemm_hip.cuh`` from ``gemm.cuh`` with
+    the misread launches; files marked as hipify output, and files with nothing to translate,
+    it leaves as they are."""
     from torch.utils.hipify import hipify_python  # noqa: PLC0415
 
     dest = Path(folder) / dist
@@ -34,8 +45,12 @@ def hipify_into(dist: str, folder: Path) -> dict[str, Path]:
     units = {}
     for src, res in result.items():
         path = Path(src)
-        if path.suffix in (".cu", ".cpp") and res.hipified_path:
+        if not res.hipified_path or path.parent != dest:
+            continue
+        if path.suffix in (".cu", ".cpp"):
             units[path.name] = Path(res.hipified_path)
+        if Path(res.hipified_path) != path:
+            path.unlink()
     return units
 
 
@@ -60,14 +75,54 @@ def hipcc_version() -> str | None:
     return m.group(1) if m else None
 
 
-def compile_unit(unit: Path, arch: str, out: Path, syntax_only: bool = False
-                 ) -> subprocess.CompletedProcess:
-    """Compile one hipified translation unit for ``arch`` (device code only: the host side
-    includes torch's ROCm headers, which a CPU torch does not ship)."""
+@functools.lru_cache(maxsize=1)
+def clang_major() -> int | None:
+    """The major version of the clang that hipcc drives (15 for Debian 12's hipcc)."""
+    if hipcc_path() is None:
+        return None
+    out = subprocess.run([hipcc_path(), "--version"], capture_output=True, text=True, env=_env(),
+                         timeout=60).stdout
+    m = re.search(r"clang version (\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def torch_hip_defines() -> list[str]:
+    """The macros torch's extension builder passes to hipcc on a ROCm torch
+    (``COMMON_HIP_FLAGS`` + ``COMMON_HIPCC_FLAGS``: ``__HIP_PLATFORM_AMD__``, ``USE_ROCM``, no
+    implicit half operators or conversions), read from the installed torch."""
+    from torch.utils import cpp_extension  # noqa: PLC0415 (slow import, first use only)
+
+    flags = [*cpp_extension.COMMON_HIP_FLAGS, *cpp_extension.COMMON_HIPCC_FLAGS]
+    return [f for f in flags if f.startswith("-D")]
+
+
+def compile_unit(unit: Path, arch: str, out: Path, syntax_only: bool = False,
+                 device_only: bool = True, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Compile one hipified translation unit for ``arch`` with torch's ROCm macros.
+
+    ``device_only`` (the default) writes the code object of ``arch`` itself (an ELF that
+    ``code_object`` reads), since the host side of ``*_ops.cpp`` includes torch's ROCm headers,
+    which a CPU torch does not ship; the kernel units (``exllama_*.cu``) include only HIP's
+    runtime headers and also compile whole (``device_only=False``: a host object with the code
+    object embedded)."""
     cmd = [hipcc_path() or "hipcc", "-std=c++17", "-O3", "-c", f"--offload-arch={arch}",
-           "--cuda-device-only", "-I", str(unit.parent), str(unit), "-o", str(out)]
+           "-fno-gpu-rdc", *torch_hip_defines(), *extra, "-I", str(unit.parent), str(unit),
+           "-o", str(out)]
+    if device_only:
+        cmd[1:1] = ["--cuda-device-only", "--no-gpu-bundle-output"]
+    else:
+        cmd.insert(1, "-fPIC")
     if syntax_only:
         cmd.insert(1, "-fsyntax-only")
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def link_shared(objects: Sequence[Path], out: Path, arch: str) -> subprocess.CompletedProcess:
+    """Link host objects (``device_only=False``) into a shared library against HIP's runtime,
+    as torch's builder links an extension: every launch and runtime call must resolve. ``arch``
+    is named so that hipcc does not ask ``rocm_agent_enumerator`` for the GPUs present."""
+    cmd = [hipcc_path() or "hipcc", "-shared", "-fPIC", "-fno-gpu-rdc", f"--offload-arch={arch}",
+           *map(str, objects), "-o", str(out), "-Wl,--no-undefined", "-lamdhip64"]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
 
 

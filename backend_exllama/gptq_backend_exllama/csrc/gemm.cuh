@@ -23,8 +23,13 @@ template <bool STREAM>
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   // Weights are read once per call at one row chunk: stream them (evict first, no cache-policy
   // register: docs/DESIGN.md §8 on createpolicy under CUDA 13); several chunks re-read them.
+#if GPTQ_HIP
+  if constexpr (STREAM) return hip::load_streaming(p);
+  else return __ldg(p);
+#else
   if constexpr (STREAM) return __ldcs(p);
   else return __ldg(p);
+#endif
 }
 
 // Activation rows [m0, m0 + rows) x sorted k rows [ks, ke) into shared memory, through the
@@ -149,7 +154,7 @@ __device__ __forceinline__ void store_quad(void* c, const void* bias, size_t at,
 }
 
 template <int DT, int ROWS, bool STREAM>
-__global__ void __launch_bounds__(kThreads, 4) gemm_kernel(const GemmArgs args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) gemm_kernel(const GemmArgs args) {
   __shared__ __align__(16) Staged<DT> stage[ROWS][kStageK];
   __shared__ int last;
   const int chunk = blockIdx.x, col_block = blockIdx.y, splits = gridDim.z;
@@ -206,7 +211,14 @@ __global__ void __launch_bounds__(kThreads, 4) gemm_kernel(const GemmArgs args) 
     for (int m = 0; m < ROWS; m++) {
       if (m >= rows) continue;
       float* p = args.acc + base + static_cast<size_t>(m) * args.n;
-#if __CUDA_ARCH__ >= 900
+#if GPTQ_HIP
+      // The hardware fp32 atomic add (gfx90a: global_atomic_add_f32) instead of a compare-and-swap
+      // loop: valid on the coarse-grained device memory that torch allocates the workspace in.
+      unsafeAtomicAdd(p, acc[m][0]);
+      unsafeAtomicAdd(p + 1, acc[m][1]);
+      unsafeAtomicAdd(p + 2, acc[m][2]);
+      unsafeAtomicAdd(p + 3, acc[m][3]);
+#elif __CUDA_ARCH__ >= 900
       atomicAdd(reinterpret_cast<float4*>(p), make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
 #else
       atomicAdd(p, acc[m][0]);
@@ -228,8 +240,15 @@ __global__ void __launch_bounds__(kThreads, 4) gemm_kernel(const GemmArgs args) 
     for (int m = 0; m < ROWS; m++) {
       if (m >= rows) continue;
       float4* p = reinterpret_cast<float4*>(args.acc + base + static_cast<size_t>(m) * args.n);
+#if GPTQ_HIP
+      // The __threadfence above is an acquire at device scope on AMD (it invalidates the
+      // compute unit's L1), so plain accesses see the other splits' atomics in L2.
+      const float4 s = *p;
+      *p = make_float4(0.f, 0.f, 0.f, 0.f);
+#else
       const float4 s = __ldcg(p);
       __stcg(p, make_float4(0.f, 0.f, 0.f, 0.f));
+#endif
       const float v[4] = {s.x, s.y, s.z, s.w};
       store_quad<DT>(args.c, args.bias, base + static_cast<size_t>(m) * args.n, 4 * quad, v);
     }

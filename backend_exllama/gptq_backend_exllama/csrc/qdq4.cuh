@@ -12,6 +12,8 @@
 #pragma once
 #include <cstdint>
 
+#include "portable.cuh"
+
 namespace gptq_exllama {
 
 constexpr uint32_t kF16Mask = 0x03C003C0u;
@@ -20,11 +22,17 @@ constexpr uint32_t kBF16Mask = 0x00780078u;
 constexpr uint32_t kBF16One = 0x3F803F80u;   // bf16 1.0 in both halves
 
 // (a & b) | c as one LOP3: written in PTX with register operands, since ptxas splits the C++
-// form into two LOP3s when both constants are immediates (an instruction holds one).
+// form into two LOP3s when both constants are immediates (an instruction holds one). AMD: the
+// C++ form, one v_and_or_b32 on gfx10+; on gfx9 (CDNA) a v_and_b32 and a v_or_b32, since a
+// VOP3 instruction there holds no 32-bit literal.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+#if GPTQ_HIP
+  return (a & b) | c;
+#else
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
+#endif
 }
 
 template <int R>
@@ -47,31 +55,48 @@ __device__ __forceinline__ uint32_t pair_bf16(uint32_t w) {
   return and_or(rotr<r[I]>(w), kBF16Mask, kBF16One);
 }
 
+// Round-to-nearest fp16x2 fma (AMD: v_pk_fma_f16 through HIP's __hfma2).
 __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+#if GPTQ_HIP
+  return hip::bits_of(__hfma2(hip::as_half2(a), hip::as_half2(b), hip::as_half2(c)));
+#else
   uint32_t d;
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
+#endif
 }
 
 __device__ __forceinline__ float f16_lo(uint32_t h2) {
+#if GPTQ_HIP
+  return __low2float(hip::as_half2(h2));
+#else
   float f;
   asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %1;\n cvt.f32.f16 %0, l;\n}" : "=f"(f) : "r"(h2));
   return f;
+#endif
 }
 
 __device__ __forceinline__ float f16_hi(uint32_t h2) {
+#if GPTQ_HIP
+  return __high2float(hip::as_half2(h2));
+#else
   float f;
   asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %1;\n cvt.f32.f16 %0, h;\n}" : "=f"(f) : "r"(h2));
   return f;
+#endif
 }
 
 __device__ __forceinline__ float bf16_lo(uint32_t b2) { return __uint_as_float(b2 << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t b2) { return __uint_as_float(b2 & 0xFFFF0000u); }
 
 __device__ __forceinline__ uint16_t f32_to_f16_bits(float f) {
+#if GPTQ_HIP
+  return __half_as_ushort(__float2half_rn(f));
+#else
   uint16_t h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
+#endif
 }
 
 // Round to nearest even; NaN stays NaN (quiet).
@@ -82,9 +107,13 @@ __device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
 }
 
 __device__ __forceinline__ float f16_bits_to_f32(uint16_t h) {
+#if GPTQ_HIP
+  return __half2float(__ushort_as_half(h));
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
   return f;
+#endif
 }
 
 }  // namespace gptq_exllama
