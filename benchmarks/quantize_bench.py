@@ -11,7 +11,8 @@ rows, to separate what batching and what the reuse of finished outputs contribut
 speed-up column is relative to the first row.
 
     python benchmarks/quantize_bench.py [--device cpu|cuda] [--batch-sizes 1 8 32]
-        [--plain-batch-sizes 1 8] [--seeds 0 1 2] [--bits 4] [--group-size 32] [--nsamples 128] [--seqlen 256] [--json F]
+        [--plain-batch-sizes 1 8] [--seeds 0 1 2] [--bits 4] [--group-size 32] [--nsamples 128] [--seqlen 256]
+        [--float-target 0] [--json F]
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def one(args: argparse.Namespace) -> dict:
         calib = prepare_calibration(calib_file, tok, args.nsamples, args.seqlen, args.seeds[0])
         docs = token_stream(held_file, tok)
     model = load(args.device)
-    cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size)
+    cfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, float_target=args.float_target)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--float-target", type=float, default=0.0,
+                   help="QuantizeConfig.float_target (default 0: the paper's GPTQ, as issue 16's speed target)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(one(args)))
         return 0
     common = ["--device", args.device, "--bits", str(args.bits), "--group-size", str(args.group_size),
+              "--float-target", str(args.float_target),
               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--one"]
     settings = [(True, bs) for bs in args.plain_batch_sizes] + [(False, bs) for bs in args.batch_sizes]
     rows = []

@@ -397,8 +397,9 @@ def test_linears_reading_one_input_share_one_hessian():
         torch.testing.assert_close(acc.H, reference[name].H, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(float_target=0.5)], ids=["plain", "float-target"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "qwen3_moe", "lfm2", "qwen3_next", "opt"])
-def test_shared_hessians_and_reused_outputs_change_no_byte(model_type, monkeypatch):
+def test_shared_hessians_and_reused_outputs_change_no_byte(model_type, cfg, monkeypatch):
     from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization, sequential_groups
     from gptq_core.testing import TINY_VOCAB, tiny_model
 
@@ -410,11 +411,34 @@ def test_shared_hessians_and_reused_outputs_change_no_byte(model_type, monkeypat
         model = tiny_model(model_type, seed=2)
         arch = get_architecture(model)
         prepare_model_for_quantization(model, arch)
-        results.append(quantize_model(model, data, CFG, decoder_layers(model, arch),
+        results.append(quantize_model(model, data, cfg, decoder_layers(model, arch),
                                       lambda index, layer: sequential_groups(layer, arch),
                                       device="cpu", progress=False, batch_size=4))
     _assert_same(*results)
     assert [r["error"] for r in results[0].records] == [r["error"] for r in results[1].records]
+
+
+def test_attention_core_runs_once_per_batch_once_q_k_v_are_frozen(monkeypatch):
+    """The o_proj pass computes the attention core, the gate/up pass reuses it (reuse.py), and
+    transformers' attention registry is left as it was."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+
+    calls = []
+    sdpa = registry["sdpa"]
+    monkeypatch.setitem(registry._local_mapping, "sdpa", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    before = dict(registry._local_mapping)
+    model = tiny_llama(8)
+    assert model.config._attn_implementation == "sdpa"
+    quantize_model(model, samples(8, 24, seed=8), CFG, model.model.layers, LLAMA_GROUPS, device="cpu",
+                   progress=False, batch_size=4)
+    assert len(calls) == 2 * 2  # 2 layers x 2 batches: the o_proj pass only
+    assert registry._local_mapping == before
+    calls.clear()
+    _unoptimised(monkeypatch)
+    plain = tiny_llama(8)
+    quantize_model(plain, samples(8, 24, seed=8), CFG, plain.model.layers, LLAMA_GROUPS, device="cpu",
+                   progress=False, batch_size=4)
+    assert len(calls) == 2 * 2 * 4  # o_proj, gate/up, down and output passes each recompute it
 
 
 @pytest.mark.parametrize("float_target,error_tol,ppl_tol,same_share", [(0.0, 1e-2, 5e-3, 0.8), (0.5, 6e-2, 1.5e-2, 0.2)],

@@ -7,12 +7,18 @@ same inputs and weights in every later pass, so its output per batch is computed
 reused: for a Llama layer the attention runs twice instead of four times. Only frozen weights
 are involved, so the results are bit-identical to recomputing; an output that the layer
 modified in place (its tensor version changed) is recomputed instead of reused.
+
+The attention *core* (transformers' attention function: sdpa, flash, flex) is memoised the same
+way: once every linear that ran before it in a pass is frozen (q/k/v quantized), its output for
+a batch no longer changes, so the pass that quantizes o_proj computes it and the gate/up pass
+reuses it: one attention computation per batch less, the largest cost of quantizing on a CPU
+(NOTES/quantizer.md). Models on their own eager attention function are not memoised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -74,8 +80,41 @@ class FinishedOutputs:
         return run
 
     @contextmanager
+    def _attention_memoised(self) -> Iterator[None]:
+        """transformers' registered attention functions wrapped by this memo, for this layer's
+        attention modules only; the registry is restored after."""
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            yield
+            return
+        mine = {id(m) for m in self.layer.modules()}
+        saved = dict(registry._local_mapping)
+        for name in list(registry.keys()):
+            fn = registry[name]
+
+            def memo(module: nn.Module, *args: Any, _fn: Any = fn, _name: str = name, **kwargs: Any) -> Any:
+                if id(module) not in mine:
+                    return _fn(module, *args, **kwargs)
+                return self._wrap(f"attention:{_name}:{id(module)}", _fn, set())(module, *args, **kwargs)
+
+            registry[name] = memo
+        try:
+            yield
+        finally:
+            registry._local_mapping.clear()
+            registry._local_mapping.update(saved)
+
+    @contextmanager
     def installed(self) -> Iterator[FinishedOutputs]:
-        """Wrap the layer's children and track which linears run, for the block's duration."""
+        """Wrap the layer's children and its attention core, and track which linears run, for
+        the block's duration."""
+        with ExitStack() as stack:
+            stack.enter_context(self._attention_memoised())
+            yield stack.enter_context(self._children_wrapped())
+
+    @contextmanager
+    def _children_wrapped(self) -> Iterator[FinishedOutputs]:
         wrapped: list[tuple[nn.Module, Any]] = []
         handles = []
         for name in self.linears:
