@@ -87,27 +87,33 @@ class FusedGroup:
     def __init__(self, layer: QuantLinear, spans: Sequence[tuple[int, int]]) -> None:
         self.layer = layer
         self.spans = tuple(spans)
-        # (input, its _version or None when traced, fused output, members still to read it)
-        self._entry: tuple[torch.Tensor, int | None, torch.Tensor, int] | None = None
+        #: Each member's width, in order; they tile the fused output (one split per step).
+        self.widths = [width for _, width in self.spans]
+        # (input, its version stamp, the members' outputs, members still to read them)
+        self._entry: tuple[torch.Tensor, int | None, tuple[torch.Tensor, ...], int] | None = None
         self._bound: tuple | None = None
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s columns of the fused layer's output for ``x``.
 
-        The entry is one tuple, read and replaced whole, so concurrent callers never pair
-        one input with another's output. In eager mode the input's version counter must
-        also match (an in-place change of ``x`` recomputes); a traced graph cannot read it.
+        The fused output is split into every member's view by one op when it is computed
+        (one call instead of one ``narrow`` per member: eager decode pays per call). The entry
+        is one tuple, read and replaced whole, so concurrent callers never pair one input with
+        another's output. In eager mode the input's version counter must also match (an
+        in-place change of ``x`` recomputes); a traced graph cannot read it, and an inference
+        tensor (``torch.inference_mode``) has none, so for those the input object alone is
+        the key.
         """
         compiling = torch.compiler.is_compiling()
+        version = None if compiling else (-1 if x.is_inference() else x._version)
         entry = self._entry
-        if entry is not None and x is entry[0] and (compiling or x._version == entry[1]):
-            y, left = entry[2], entry[3] - 1
+        if entry is not None and x is entry[0] and (compiling or version == entry[1]):
+            parts, left = entry[2], entry[3] - 1
         else:
-            y, left = self.layer(x), len(self.spans) - 1
+            parts, left = self.layer(x).split_with_sizes(self.widths, -1), len(self.widths) - 1
         # Freed once every member has read it, so no activation outlives the layer's step.
-        self._entry = (x, None if compiling else x._version, y, left) if left > 0 else None
-        start, width = self.spans[index]
-        return y.narrow(-1, start, width)
+        self._entry = (x, version, parts, left) if left > 0 else None
+        return parts[index]
 
     def bind(
         self,

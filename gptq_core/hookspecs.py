@@ -101,6 +101,10 @@ def gptq_pack(
     Everything a call needs (workspaces, scratch buffers) belongs to the prepared object too,
     so that calls allocate nothing that outlives them and CUDA graphs can capture them.
 
+    The prepared object may carry ``eager_qmatmul(x, bias)`` (docs/DESIGN.md §3): a direct
+    entry taking ``[..., K]`` inputs as they are, which ``QuantLinear`` uses for plainly eager
+    calls.
+
     Example::
 
         @hookimpl

@@ -21,6 +21,7 @@ from .format import ZERO_FORMATS, PackedWeight, ZeroFormat, check_group_size, de
 from .options import BackendOptions
 from .packing import check_bits, packed_length
 from .spec import LayerSpec, Mode
+from .tracing import plain_eager
 from .training import DequantBudget, WeightSource, differentiable_qmatmul
 
 _FORMAT_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
@@ -73,10 +74,11 @@ class QuantLinear(nn.Module):
         self._bindings: dict[torch.dtype, selector.Binding] = {}
         self._binding: selector.Binding | None = None
         self._binding_dtype: torch.dtype | None = None
-        # The hot path's three things, copied out of the binding so ``forward`` reads plain
+        # The hot path's things, copied out of the binding so ``forward`` reads plain
         # attributes (docs/DESIGN.md §3: nothing of the selector runs per call).
         self._qmatmul = None
         self._prepared = None
+        self._eager = None
         self._trainable = False
         self._device: torch.device | None = None
         self._bias: torch.Tensor | None = None
@@ -160,6 +162,9 @@ class QuantLinear(nn.Module):
         self._binding, self._binding_dtype = binding, act_dtype
         self._qmatmul = binding.qmatmul if binding is not None else None
         self._prepared = binding.prepared if binding is not None else None
+        # The backend's direct entry for plainly eager calls on [..., K] inputs, where its
+        # prepared object offers one (docs/DESIGN.md §3, ``eager_qmatmul``).
+        self._eager = getattr(binding.prepared, "eager_qmatmul", None) if binding is not None else None
         self._trainable = binding is not None and binding.backend.info.capabilities.training
         # nn.Module.__getattr__ costs about a microsecond per buffer read; these two are
         # read every call, and any change to them (``_apply``, loading) unbinds first.
@@ -201,8 +206,18 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Every check is a plain attribute comparison: this runs once per layer per decode
-        # step, and eager decode pays for each microsecond here (docs/DESIGN.md §11).
+        # This runs once per layer per decode step, and eager decode pays for each microsecond
+        # here (docs/DESIGN.md §11). The backend's eager entry, where it has one, takes the
+        # input as it is (any leading dimensions, no reshapes here) and checks its shape and
+        # device itself; an input it refuses takes the checked path below, which names the
+        # problem.
+        eager = self._eager
+        if (eager is not None and x.dtype == self._binding_dtype
+                and not (x.requires_grad and torch.is_grad_enabled()) and plain_eager()):
+            try:
+                return eager(x, self._bias)
+            except RuntimeError:
+                pass
         if x.dtype != self._binding_dtype or self._qmatmul is None:
             self._binding_for(x)
         try:  # free unless it raises: a 0-d input has no x.shape[-1]

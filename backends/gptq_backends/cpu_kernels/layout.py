@@ -11,6 +11,7 @@ segment has one scale (and zero) vector per column block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,10 @@ class CpuPrepared:
     gemm_above: int
     #: Operands of torch's int4 kernel when the C++ kernels are not built (fallback.py).
     fallback: object | None = None
+    #: The layout bound once into the extension (``EagerLayer``): ``eager_qmatmul(x, bias)``
+    #: for plainly eager calls on [..., K] inputs (``QuantLinear.forward`` takes it; None when
+    #: the C++ kernels are not built).
+    eager_qmatmul: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 def sort_rows(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

@@ -88,8 +88,13 @@ def gptq_pack(weight, device, spec, options: CpuOptions) -> CpuPrepared:
     except build.BuildError as exc:
         return _fallback(weight, str(exc), spec.act_dtype)
     gemm_above = GEMM_ABOVE_M if options.gemm_threshold is None else options.gemm_threshold
-    return CpuPrepared(layout=repack(weight), policy=kernel_policy(gemm_above), bits=weight.bits,
-                       gemm_above=gemm_above)
+    L = repack(weight)
+    # The direct entry with the layout bound once: an eager decode step of a small model is
+    # mostly per-call overhead (NOTES/perf-cpu.md "End to end"; docs/DESIGN.md §3).
+    eager = build.module().EagerLayer(L.qdata, L.scales, L.zeros, L.segs, L.perm, L.vals_per_byte,
+                                      L.sym_zero, L.in_features, L.out_features, gemm_above)
+    return CpuPrepared(layout=L, policy=kernel_policy(gemm_above), bits=weight.bits,
+                       gemm_above=gemm_above, eager_qmatmul=eager)
 
 
 @hookimpl
