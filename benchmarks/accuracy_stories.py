@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     def ours(bits: int, desc_act: bool = False):
         def build(calib):
             model = load(args.device)
-            cfg = QuantizeConfig(bits=bits, group_size=32, desc_act=desc_act)
+            cfg = QuantizeConfig(bits=bits, group_size=32, desc_act=desc_act, float_target=0.0)  # the paper's GPTQ
             quantize_model(model, calib, cfg, model.model.layers, GROUPS, device=args.device, progress=False)
             return model
         return build
