@@ -136,6 +136,9 @@ class AutoGPTQForCausalLM:
         #: ``generate`` goes through :meth:`fast_generate` (``from_quantized(..., fast=True)``).
         self.fast = False
         self.quantize_log: list[dict[str, Any]] = []
+        #: Set by ``from_pretrained(..., stream_weights=True)``: reads each decoder layer's float
+        #: weights from the shards when the quantizer needs them (:mod:`gptq_core.quantize.streaming`).
+        self.stream: Any = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -147,18 +150,35 @@ class AutoGPTQForCausalLM:
         torch_dtype: torch.dtype | str = "auto",
         trust_remote_code: bool = False,
         revision: str | None = None,
+        stream_weights: bool = False,
     ) -> AutoGPTQForCausalLM:
         """Load a float model (on the CPU) to be quantized with ``quantize_config``; a hub id
-        (``org/name``) with ``revision`` is fetched through huggingface_hub's cache."""
+        (``org/name``) with ``revision`` is fetched through huggingface_hub's cache.
+
+        ``stream_weights=True`` loads only the modules outside the decoder layers (embeddings,
+        final norm, head); :meth:`quantize` then reads each layer's float weights from the
+        safetensors shards just before quantizing it and drops them once its packed result is
+        kept, so a model larger than host memory quantizes, to the same checkpoint bytes
+        (docs/DESIGN.md §6). Until then the layers hold no data (meta device).
+        """
         model_dir = resolve_model_dir(model_dir, revision)
         if is_quantized_checkpoint(model_dir):
             raise CheckpointError(
                 f"{model_dir} is already a GPTQ checkpoint; load it with "
                 "AutoGPTQForCausalLM.from_quantized"
             )
-        model = load_float_model(model_dir, torch_dtype, trust_remote_code)
+        stream = None
+        if stream_weights:
+            from .quantize.streaming import load_streamed_model
+
+            model, stream = load_streamed_model(check_model_dir(model_dir), torch_dtype, trust_remote_code)
+        else:
+            model = load_float_model(model_dir, torch_dtype, trust_remote_code)
         model.eval()
-        return cls(model, quantize_config or QuantizeConfig(), load_tokenizer(model_dir, trust_remote_code), model_dir)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code)
+        wrapper = cls(model, quantize_config or QuantizeConfig(), tokenizer, model_dir)
+        wrapper.stream = stream
+        return wrapper
 
     @classmethod
     def from_quantized(
@@ -255,11 +275,16 @@ class AutoGPTQForCausalLM:
         prepare_model_for_quantization(self.model, arch)
         layers = decoder_layers(self.model, arch)
         dev = resolve_device(device) if device is not None else None
+        options: dict[str, Any] = {}
+        if self.stream is not None:
+            options["layer_source"] = self.stream.source(
+                lambda index, layer: [n for g in sequential_groups(layer, arch) for n in g]
+            )
         result = quantize_model(
             self.model, samples, self.quantize_config, layers,
             lambda index, layer: sequential_groups(layer, arch),
             device=dev, work_dir=work_dir, progress=progress,
-            batch_size=batch_size or DEFAULT_BATCH_SIZE,
+            batch_size=batch_size or DEFAULT_BATCH_SIZE, **options,
         )
         self.quantize_log = list(getattr(result, "records", []))
         zero_format = self.quantize_config.zero_format
@@ -267,6 +292,7 @@ class AutoGPTQForCausalLM:
             n: _packed_with_bias(self.model, n, pw).to_format(zero_format) for n, pw in dict(result).items()
         }
         apply_packed_weights(self.model, self.packed)
+        self.stream = None  # every layer now holds its packed weights and float norms
         return self
 
     # ------------------------------------------------------------------ saving

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..checkpoint.files import check_apart, check_target, check_writable
 from ..config import QuantizeConfig
+from ..quantize.streaming import peak_host_memory_bytes
 from ..quantize.workdir import check_work_dir
 from ..errors import GPTQError
 from .generate import Rule, check_arguments, check_device_argument, model_max_positions
@@ -104,7 +105,8 @@ def _run(args: argparse.Namespace) -> int:
     check_target(out.absolute(), args.overwrite)  # fail before hours of work, not after
     config = quantize_config_from_args(args)
     start = time.perf_counter()
-    model = AutoGPTQForCausalLM.from_pretrained(args.model_dir, config, torch_dtype=args.dtype)
+    model = AutoGPTQForCausalLM.from_pretrained(args.model_dir, config, torch_dtype=args.dtype,
+                                                stream_weights=args.stream_weights)
     model.quantize(
         args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, work_dir=work_dir, progress=not args.no_progress,
@@ -114,10 +116,12 @@ def _run(args: argparse.Namespace) -> int:
     if not args.keep_work_dir and not args.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
+    peak = peak_host_memory_bytes()
     print(
         f"quantized {len(model.packed)} linear layers to {config.bits}-bit g{config.group_size} "
         f"({'sym' if config.sym else 'asym'}{', act-order' if config.desc_act else ''}, "
-        f"{config.checkpoint_format}) in {seconds:.1f} s -> {out}"
+        f"{config.checkpoint_format}) in {seconds:.1f} s"
+        f"{f', peak host memory {peak / 2**30:.2f} GiB' if peak is not None else ''} -> {out}"
     )
     return 0
 
@@ -171,6 +175,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quantize_arguments(parser)
     parser.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq", help="checkpoint format: gptq (v1, default) or gptq_v2")
     parser.add_argument("--dtype", default="auto", help="dtype to load the float model in (default: the checkpoint's)")
+    parser.add_argument("--stream-weights", action="store_true",
+                        help="read each decoder layer's float weights from the safetensors shards when it is "
+                             "quantized, never the whole model in memory (same checkpoint bytes)")
     parser.add_argument("--work-dir", default=None, help="folder for resumable progress (kept when given)")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the default work folder after success")
     parser.add_argument("--max-shard-size", default="4GB", help="split weights into files of at most this size (default 4GB)")

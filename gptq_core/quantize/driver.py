@@ -9,7 +9,11 @@
    while hooks accumulate each linear's Hessian, quantize the group with GPTQ and put the
    dequantized weights into the layer, so later groups see quantized inputs; then run the
    quantized layer once more to produce the next layer's inputs.
-3. With a ``work_dir``, every finished layer is committed atomically (:mod:`.workdir`) and a
+3. Where a layer's float weights are between its turns is the ``layer_source``'s business:
+   by default they stay in memory and the layer is moved to ``device`` and back home
+   (:func:`resident_layer`); :mod:`.streaming` reads each layer from the safetensors shards
+   instead, so the whole float model never needs to fit in host memory.
+4. With a ``work_dir``, every finished layer is committed atomically (:mod:`.workdir`) and a
    rerun with the same folder and settings resumes after the last finished layer.
 
 With ``config.float_target`` the float model's hidden states travel alongside: before its
@@ -36,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -52,6 +56,7 @@ from ..modules import is_conv1d, is_linear_like
 from .capture import LayerCall, capture_inputs, make_batches
 from .gptq import GPTQ, quantize_linear
 from .reuse import FinishedOutputs
+from .streaming import peak_host_memory_bytes
 from .workdir import WorkDir, samples_digest, tensor_digest
 
 logger = logging.getLogger("gptq_core.quantize")
@@ -62,6 +67,21 @@ logger = logging.getLogger("gptq_core.quantize")
 DEFAULT_BATCH_SIZE = 8
 
 Groups = Callable[[int, nn.Module], Sequence[Sequence[str]]] | Sequence[Sequence[str]]
+
+#: ``(layer index, layer, device) -> context``: inside the context the layer's float weights
+#: are on ``device``; leaving it puts them wherever the source keeps layers between turns.
+LayerSource = Callable[[int, nn.Module, torch.device], AbstractContextManager[Any]]
+
+
+@contextmanager
+def resident_layer(index: int, layer: nn.Module, device: torch.device) -> Iterator[None]:
+    """The default :data:`LayerSource`: the layer lives in memory, moved to ``device`` and back home."""
+    home = module_device(layer)
+    layer.to(device)
+    try:
+        yield
+    finally:
+        layer.to(home)
 
 
 class QuantizeResult(dict):
@@ -151,10 +171,13 @@ def _quantization_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _fingerprint(
-    config: QuantizeConfig, batches: list, layers: nn.ModuleList, groups: list[list[list[str]]]
+    config: QuantizeConfig, batches: list, layers: nn.ModuleList, groups: list[list[list[str]]],
+    layer_source: LayerSource,
 ) -> dict[str, Any]:
     cfg = config.to_dict()
     cfg["meta"] = {k: v for k, v in cfg["meta"].items() if k != "quantizer"}
+    with layer_source(0, layers[0], torch.device("cpu")):
+        first_layer = tensor_digest(layers[0])
     return {
         "config": cfg,
         "samples": samples_digest(batches),
@@ -162,7 +185,7 @@ def _fingerprint(
         "layers": len(layers),
         "layer_class": type(layers[0]).__name__,
         "groups": groups,
-        "first_layer": tensor_digest(layers[0]),
+        "first_layer": first_layer,
     }
 
 
@@ -183,6 +206,7 @@ def quantize_model(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     resume: bool = True,
+    layer_source: LayerSource = resident_layer,
 ) -> QuantizeResult:
     """Quantize every listed linear of every decoder layer of ``model`` with GPTQ.
 
@@ -196,7 +220,9 @@ def quantize_model(
     log records in ``.records``. ``batch_size``: consecutive equal-length samples run through
     each layer together (padding tokens of a given ``attention_mask`` never enter a Hessian);
     batching changes only the order of floating-point sums (tolerance pinned in
-    tests/test_driver.py, figures in NOTES/quantizer.md).
+    tests/test_driver.py, figures in NOTES/quantizer.md). ``layer_source`` brings each layer's
+    float weights onto the device for its turn (:data:`LayerSource`; default
+    :func:`resident_layer`, :mod:`.streaming` reads them from disk); results do not depend on it.
     """
     if not isinstance(config, QuantizeConfig):
         raise GPTQError(f"config must be a QuantizeConfig, got {type(config).__name__}")
@@ -210,7 +236,7 @@ def quantize_model(
         _resolve(layer, i, [n for g in all_groups[i] for n in g])
     state = None
     if work_dir is not None:
-        state = WorkDir(work_dir, _fingerprint(config, batches, layers, all_groups), resume=resume)
+        state = WorkDir(work_dir, _fingerprint(config, batches, layers, all_groups, layer_source), resume=resume)
     done = state.done if state else 0
     if done > len(layers):
         raise GPTQError(f"work_dir '{work_dir}' reports {done} finished layers, the model has {len(layers)}")
@@ -237,13 +263,14 @@ def quantize_model(
             for i, layer in enumerate(layers):
                 full = f"{prefix}.{i}" if prefix else str(i)
                 if i < done:
-                    for name, packed in state.load_layer(i).items():
-                        set_quantized(layer.get_submodule(name), packed)
-                        result[f"{full}.{name}"] = packed
+                    with layer_source(i, layer, torch.device("cpu")):
+                        for name, packed in state.load_layer(i).items():
+                            set_quantized(layer.get_submodule(name), packed)
+                            result[f"{full}.{name}"] = packed
                     continue
                 packed_layer, hidden = _quantize_layer(
                     i, full, layer, all_groups[i], hidden[: len(batches)], hidden[len(batches) :],
-                    calls[i], masks, config, device, state, result, bar,
+                    calls[i], masks, config, device, state, result, bar, layer_source,
                 )
                 result.update({f"{full}.{n}": p for n, p in packed_layer.items()})
                 if state:
@@ -257,10 +284,15 @@ def quantize_model(
 
 
 def _peak_memory(device: torch.device) -> str:
-    """'; peak GPU memory X GiB' on CUDA (what sizes the GPU a model needs), else ''."""
-    if device.type != "cuda":
-        return ""
-    return f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    """'; peak GPU memory X GiB' on CUDA and '; peak host memory Y GiB' (the process's peak
+    RSS): what sizes the GPU and the host a model needs."""
+    text = ""
+    if device.type == "cuda":
+        text += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    host = peak_host_memory_bytes()
+    if host is not None:
+        text += f"; peak host memory {host / 2**30:.2f} GiB"
+    return text
 
 
 def _quantize_layer(
@@ -277,15 +309,16 @@ def _quantize_layer(
     state: WorkDir | None,
     result: QuantizeResult,
     bar: tqdm,
+    layer_source: LayerSource = resident_layer,
 ) -> tuple[dict[str, PackedWeight], list[torch.Tensor]]:
-    """GPTQ of one decoder layer, group by group; returns its packed linears and its outputs
-    (followed by its float outputs when ``float_hidden`` is given: the float target)."""
-    home = module_device(layer)
-    layer.to(device)
+    """GPTQ of one decoder layer, group by group, its float weights on ``device`` from
+    ``layer_source`` (before the float pass: it runs the still-float layer); returns its packed
+    linears and its outputs (followed by its float outputs when ``float_hidden`` is given: the
+    float target)."""
     packed: dict[str, PackedWeight] = {}
     names = [n for g in groups for n in g]
     memo = FinishedOutputs(layer, names)
-    try:
+    with layer_source(index, layer, device):
         references, float_outputs = None, []
         if float_hidden:
             references, float_outputs = _float_pass(layer, _resolve(layer, index, names), float_hidden, calls)
@@ -315,8 +348,6 @@ def _quantize_layer(
             for number, (call, h) in enumerate(zip(calls, hidden)):
                 memo.begin(number)
                 outputs.append(call(layer, h))
-    finally:
-        layer.to(home)
     return packed, outputs + float_outputs
 
 
