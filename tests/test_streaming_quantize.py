@@ -168,15 +168,6 @@ def test_what_cannot_be_streamed_is_refused_in_one_line_naming_the_fix(sharded, 
 
 
 # ---------------------------------------------------------------------------- peak host memory
-#: Host memory of the quantizing process that does not grow with the model's depth: torch and
-#: transformers imported (~390 MiB), library code pages the kernels touch, and one layer
-#: turn's scratch (GPTQ matrices, the float pass's inputs, allocator slack). Measured: the
-#: 1-layer model below peaks at 681 MiB streamed, 577 MiB beyond its own layer terms; set to
-#: 700 MiB for the allocator slack that grows ~8 MiB a layer. The 8-layer model peaks at
-#: 770 MiB streamed (bound 836 MiB) and 972 MiB in memory (NOTES/quantizer.md, "Streaming
-#: float weights").
-BASELINE_BYTES = 700 * 2**20
-
 #: 8 layers of hidden 1024 / intermediate 2048 in float32: 34 MiB a layer, 272 MiB of layers.
 MEMORY_SHAPE = Shape(hidden=1024, intermediate=2048, layers=8, heads=8, kv_heads=2, vocab=1024,
                      max_positions=512, rope_theta=10000.0, bos=1, eos=2)
@@ -218,24 +209,21 @@ def _peak_of(model_dir: Path, out: Path) -> dict[str, int]:
 
 
 @pytest.mark.skipif(peak_host_memory_bytes() is None, reason="no getrusage peak RSS on this platform")
-def test_peak_host_memory_stays_below_two_layers_plus_activations_plus_baseline(tmp_path):
+def test_peak_host_memory_grows_by_the_packed_result_not_the_float_layers(tmp_path):
+    """Quantizing 8 layers streamed peaks above quantizing 1 layer by the packed growth and
+    less than half the 7 extra layers' float weights (the in-memory path adds all of them).
+    Relative to the 1-layer run in the same environment, so the baseline (torch, transformers,
+    built extensions, allocator) cancels. Measured on the 2-core CPU: 681 MiB for 1 layer,
+    770 MiB for 8 streamed, 972 MiB for 8 in memory (NOTES/quantizer.md, "Streaming float
+    weights")."""
     layer = _float_model(tmp_path / "f8", MEMORY_SHAPE.layers)
-    floats = layer * MEMORY_SHAPE.layers
-    tokens = NSAMPLES * SEQLEN
-    # the float and quantized hidden states in and out of a layer, and one MLP intermediate pair
-    activations = tokens * (4 * MEMORY_SHAPE.hidden + 2 * MEMORY_SHAPE.intermediate) * 4
-    eight = _peak_of(tmp_path / "f8", tmp_path / "q8")
-    kept = 2 * layer + activations + eight["packed"]  # what the bound allows besides the baseline
-    assert floats > kept + layer  # the float weights do not fit the budget (in-memory would not pass)
-    bound = BASELINE_BYTES + kept
-    assert eight["peak"] < bound, (
-        f"peak {eight['peak'] / 2**20:.0f} MiB >= bound {bound / 2**20:.0f} MiB "
-        f"(2 x {layer / 2**20:.0f} MiB layer + {activations / 2**20:.0f} MiB activations + "
-        f"{eight['packed'] / 2**20:.0f} MiB packed + {BASELINE_BYTES / 2**20:.0f} MiB baseline)"
-    )
-    # and what grows with depth is the packed result, not the float layers: 7 more layers add
-    # their packed bytes and less than half of the float weights the in-memory path adds
     _float_model(tmp_path / "f1", 1)
     one = _peak_of(tmp_path / "f1", tmp_path / "q1")
+    eight = _peak_of(tmp_path / "f8", tmp_path / "q8")
     more = MEMORY_SHAPE.layers - 1
-    assert eight["peak"] - one["peak"] < eight["packed"] - one["packed"] + more * layer / 2
+    allowed = eight["packed"] - one["packed"] + more * layer / 2
+    grown = eight["peak"] - one["peak"]
+    assert grown < allowed, (
+        f"8 layers peak {grown / 2**20:.0f} MiB above 1 layer; allowed {allowed / 2**20:.0f} MiB "
+        f"(packed growth + half of {more} x {layer / 2**20:.0f} MiB float layers)"
+    )
