@@ -8,33 +8,9 @@ group-fold branches excluded (they run once per group, not per step).
 from __future__ import annotations
 
 import collections
-import importlib.util
 import re
-import shutil
-from pathlib import Path
 
-
-def cuobjdump() -> str | None:
-    """cuobjdump on PATH, else the copy Triton's wheel carries."""
-    found = shutil.which("cuobjdump")
-    if found is None and importlib.util.find_spec("triton") is not None:
-        bundled = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump"
-        found = str(bundled) if bundled.exists() else None
-    return found
-
-
-def kernels(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """cuobjdump -sass text -> {mangled name: [(address, instruction text)]}."""
-    out = {}
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split()[0]
-        ins = []
-        for ln in body.splitlines()[1:]:
-            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", ln)
-            if m:
-                ins.append((int(m.group(1), 16), m.group(2).strip()))
-        out[name] = ins
-    return out
+from gptq_core.sass import opcode
 
 
 #: gemv_kernel<BITS, DT, MT, ZEROS, ALIGNED> as mangled by nvcc.
@@ -49,10 +25,6 @@ def gemv_id(name: str) -> tuple[int, str, int, bool, bool] | None:
         return None
     return (int(m.group(1)), "bf16" if m.group(2) == "1" else "f16", int(m.group(3)), m.group(4) == "1",
             m.group(5) == "1")
-
-
-def opcode(text: str) -> str:
-    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
 def hot_step(ins: list[tuple[int, str]], mma_per_step: int) -> tuple[collections.Counter, int]:

@@ -20,15 +20,12 @@ import pytest
 
 from gptq_backend_cuda import build, policy
 from gptq_backend_cuda.policy import KINDS
+from gptq_core.sass import TORCH_NVCC_DEFINES, cuobjdump, kernels
 
 import cuda_sass
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA toolkit is not installed")
-# The macros torch.utils.cpp_extension passes to nvcc, so the code is the JIT build's.
-TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-                      "--expt-relaxed-constexpr"]
 KERNEL_FILES = ("cuda_b2", "cuda_b3", "cuda_b4", "cuda_b8")
 #: One file per other architecture: each bit width's dequantization meets an older GPU once.
 OTHER_ARCHS = {"75": "cuda_b4", "80": "cuda_b3", "86": "cuda_b2", "89": "cuda_b8"}
@@ -98,11 +95,11 @@ def test_decode_kernels_use_no_local_memory_and_report_their_registers(built, ca
 
 
 def _sass(obj: Path) -> dict[str, list[tuple[int, str]]]:
-    tool = cuda_sass.cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found: the SASS checks need it (pip install triton carries one)")
     text = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
-    return cuda_sass.kernels(text)
+    return kernels(text)
 
 
 #: Most instructions per step (8 weights a lane, 256 a warp) the sm_90 decode kernel's unrolled

@@ -8,7 +8,6 @@ only on a GPU machine; every .cu file here is plain CUDA and builds anywhere nvc
 from __future__ import annotations
 
 import collections
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -18,24 +17,13 @@ from pathlib import Path
 import pytest
 
 from gptq_backend_exllama import build
+from gptq_core.sass import TORCH_NVCC_DEFINES, cuobjdump, kernels, opcode
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA toolkit is not installed")
 ARCHS = ("75", "80", "86", "89", "90")
-# The macros torch.utils.cpp_extension passes to nvcc, so the code is the JIT build's.
-TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-                      "--expt-relaxed-constexpr"]
 #: gemm_kernel<DT, ROWS, STREAM> as mangled by nvcc.
 GEMM = re.compile(r"gemm_kernelILi(\d)ELi(\d)ELb(\d)E")
-
-
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found is None and importlib.util.find_spec("triton") is not None:
-        bundled = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump"
-        found = str(bundled) if bundled.exists() else None
-    return found
 
 
 def _compile(path: Path, out_dir: Path):
@@ -89,22 +77,16 @@ def test_sources_compile_for_every_arch_without_spills(built):
 
 
 def _opcounts(obj: Path, arch: str) -> dict[tuple[int, int, bool], collections.Counter]:
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found: the SASS checks need it")
     sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", str(obj)], capture_output=True,
                           text=True, timeout=300).stdout
     out = {}
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        m = GEMM.search(body.split()[0])
-        if not m:
-            continue
-        ops = collections.Counter()
-        for ln in body.splitlines()[1:]:
-            ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", ln)
-            if ins:
-                ops[re.sub(r"^@!?U?P\w+\s+", "", ins.group(1)).split()[0].split(".")[0]] += 1
-        out[(int(m.group(1)), int(m.group(2)), m.group(3) == "1")] = ops
+    for name, ins in kernels(sass).items():
+        m = GEMM.search(name)
+        if m:
+            out[(int(m.group(1)), int(m.group(2)), m.group(3) == "1")] = collections.Counter(opcode(t) for _, t in ins)
     return out
 
 
@@ -128,7 +110,7 @@ def test_fp16_kernels_decode_two_weights_per_lop3_and_hfma2(built, arch):
 
 
 def test_streaming_kernels_use_evict_first_loads(built):
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found")
     obj_dir, _ = built

@@ -11,19 +11,7 @@ from __future__ import annotations
 import collections
 import re
 
-
-def kernels(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """cuobjdump -sass text -> {mangled name: [(address, instruction text)]}."""
-    out = {}
-    for body in re.split(r"\n\s*Function : ", sass)[1:]:
-        name = body.split()[0]
-        ins = []
-        for ln in body.splitlines()[1:]:
-            m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", ln)
-            if m:
-                ins.append((int(m.group(1), 16), m.group(2).strip()))
-        out[name] = ins
-    return out
+from gptq_core.sass import opcode
 
 
 #: gemm_kernel<BITS, T, M_BLOCKS, HAS_ZEROS, KIND> as mangled by nvcc.
@@ -36,10 +24,6 @@ def gemm_id(name: str) -> tuple[int, str, int, bool, int] | None:
     if m is None:
         return None
     return int(m.group(1)), "bf16" if "bfloat16" in m.group(2) else "f16", int(m.group(3)), m.group(4) == "1", int(m.group(5))
-
-
-def opcode(text: str) -> str:
-    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
 def _target(text: str) -> int | None:

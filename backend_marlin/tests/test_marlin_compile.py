@@ -6,34 +6,21 @@ on a GPU machine; every .cu file here is plain CUDA and builds anywhere nvcc is.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from gptq_backend_marlin import build
 from gptq_backend_marlin.policy import KINDS
+from gptq_core.sass import TORCH_NVCC_DEFINES, cuobjdump, kernels, opcode
 
 import sass_tools
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA toolkit is not installed")
-# The macros torch.utils.cpp_extension passes to nvcc, so the code is the JIT build's.
-TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-                      "--expt-relaxed-constexpr"]
-
-
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found is None and importlib.util.find_spec("triton") is not None:
-        bundled = Path(importlib.util.find_spec("triton").origin).parent / "backends/nvidia/bin/cuobjdump"
-        found = str(bundled) if bundled.exists() else None
-    return found
 
 
 def _compile(path, out_dir, *extra):
@@ -54,7 +41,7 @@ def built(tmp_path_factory):
 
 
 def _sass(obj) -> str:
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found: the SASS checks need it")
     return subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
@@ -77,7 +64,7 @@ def test_cuda_sources_compile_for_sm90_without_spills(built):
     assert len(results) == 6  # dispatch, 4 gemm variants, the act-order gather
     # ptxas 13.0 once gave a cp.async cache-policy descriptor an odd uniform register pair
     # (desc[UR1]): an illegal instruction on the H100. Every descriptor must be even.
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found: compiled, but the SASS descriptor check was skipped")
     for obj in tmp_path.glob("*.o"):
@@ -88,9 +75,9 @@ def test_cuda_sources_compile_for_sm90_without_spills(built):
         if obj.stem == "marlin_gather":
             # The gather's 8 columns x 4 rows of 2-byte loads must all be issued before the
             # first branch or store (one L2 round trip per thread, not 32).
-            kernels = re.split(r"\n\s*Function : ", sass)[1:]
-            assert len(kernels) == 2, f"expected the int32 and int64 gather kernels, got {len(kernels)}"
-            for body in kernels:
+            bodies = re.split(r"\n\s*Function : ", sass)[1:]
+            assert len(bodies) == 2, f"expected the int32 and int64 gather kernels, got {len(bodies)}"
+            for body in bodies:
                 seg = body[body.find("LDG.E.U16"):]
                 stop = min((i for i in (seg.find("BRA"), seg.find("STG")) if i >= 0), default=len(seg))
                 assert seg[:stop].count("LDG.E.U16") >= 32, f"{body.split()[0]}: gathered loads not batched"
@@ -116,7 +103,7 @@ def _no_local_memory(stem: str, entries) -> None:
 
 def _gemms(obj) -> dict[tuple, list]:
     """The file's gemm kernels' SASS by (bits, dtype, row blocks, zero points, kind)."""
-    return {sass_tools.gemm_id(n): ins for n, ins in sass_tools.kernels(_sass(obj)).items()
+    return {sass_tools.gemm_id(n): ins for n, ins in kernels(_sass(obj)).items()
             if sass_tools.gemm_id(n) is not None}
 
 
@@ -158,7 +145,7 @@ def test_tma_kernels_move_every_stage_by_bulk_copies_without_local_memory(built)
         for key, ins in _gemms(obj_dir / f"{stem}.o").items():
             if key[4] != KIND["tma"]:
                 continue
-            ops = [sass_tools.opcode(t) for _, t in ins]
+            ops = [opcode(t) for _, t in ins]
             assert "LDGSTS" not in ops and "DEPBAR" not in ops, f"{stem}: {key} still uses cp.async"
             assert ops.count("UBLKCP") >= 3, f"{stem}: {key} has {ops.count('UBLKCP')} bulk copies"
             assert any("SYNCS.PHASECHK" in t for _, t in ins), f"{stem}: {key} never waits on an mbarrier"
