@@ -16,8 +16,16 @@
 #   explain     tests/test_cli_explain.py's GPU case (7B-wide layers served by GPU backends)
 #   training    the conformance suite's backward and opcheck cases (gradients against float64
 #               through gptq_core/training.py) for marlin and triton, quick set
-#   cuda        the cuda backend: build, the conformance suite (quick), gptq bench at 2/3/4/8 bits
-#   exllama     the exllama backend: build, the conformance suite (quick), gptq bench at 4 bits
+#   cuda        the cuda backend: build, the conformance suite (quick)
+#   exllama     the exllama backend: build, the conformance suite (quick)
+#   kernels     gptq bench of cuda, exllama, marlin and triton at 4/3/2/8 bits (KERNEL_BITS),
+#               4096x4096 and 8192x28672, M = 1, 8, 16, 64
+#   act-order   gptq bench 4-bit g128 --act-order (desc_act) of exllama, cuda, marlin, triton at M = 1, 8
+#   greedy      benchmarks/backend_greedy_check.py: greedy tokens of marlin, cuda and exllama compared
+#               (stories260K and the synthetic 7B 4-bit checkpoints)
+#   quantize    benchmarks/quantize_synthetic.py: `gptq quantize` wall time of a synthetic
+#               Llama-2-7B shape (QUANTIZE_LAYERS layers, extrapolated to 32), plain and default
+#               methods; needs CALIBRATION (default .cache/wikitext2-raw-test.txt, carried)
 #   lora        benchmarks/lora_step.py: LoRA step of a Llama-2-7B-shaped 4-bit model against fp16
 #   gen-fast    gptq bench generate --synthetic llama-2-7b, batch 1 and 8, eager and fast path
 #   gen-static  the same model, batch 1, transformers' static cache + compile
@@ -27,38 +35,11 @@
 # log.txt and the JSON files the steps write (at most 8 files come back from a lent GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-SUMMARY=$OUT/summary.txt
-LOG=$OUT/log.txt
-: >"$SUMMARY"
-: >"$LOG"
-status=0
-
-say() { echo "== $(date +%T) $*" | tee -a "$SUMMARY"; }
-
-# step NAME LIMIT CMD...: the command's output to log.txt, its last 40 lines to summary.txt
-step() {
-    local name=$1 limit=$2 var
-    shift 2
-    var="LIMIT_${name^^}"  # LIMIT_GEN_FAST=200 shortens that step for a short lease
-    var=${var//-/_}
-    limit=${!var:-$limit}
-    say "$name: $* (limit ${limit}s)"
-    local t0=$SECONDS rc=0 mark
-    mark=$(wc -l <"$LOG")
-    # Straight into log.txt, so a call cut short still brings back what the step printed.
-    timeout "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
-    tail -n +"$((mark + 1))" "$LOG" | tail -n 40 >>"$SUMMARY"
-    say "$name: exit $rc after $((SECONDS - t0)) s"
-    [ "$rc" -eq 0 ] || status=1
-}
-
+. scripts/lib_steps.sh  # say, step (LIMIT_GEN_FAST=200 shortens the gen-fast step), steps_end
+steps_init
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$SUMMARY" 2>&1
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >>"$SUMMARY" 2>&1
-step install 120 $PY -m pip install -q --no-deps --no-build-isolation $(grep -v '^#' scripts/distributions.txt | sed 's/^/-e /')
+install_distributions
 # One build folder for every step (the marlin option build_dir's environment fallback): the
 # marlin step times a fresh build into it, later steps load it.
 export GPTQ_MARLIN_BUILD_DIR=${GPTQ_MARLIN_BUILD_DIR:-/tmp/gptq-marlin-build}
@@ -82,17 +63,22 @@ for name in "$@"; do
             step training-marlin 120 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=marlin --gptq-quick --gptq-partial -k "backward or opcheck"
             step training-triton 150 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=triton --gptq-quick --gptq-partial -k "backward or opcheck" ;;
         cuda)
-            step cuda-build 300 $PY -m gptq_backend_cuda.build
-            step conformance-cuda 300 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=cuda --gptq-quick
-            for b in 2 3 4 8; do
-                step bench-cuda-b$b 150 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8,16,64 \
-                    --bits $b --group-size 128 --backends cuda,marlin,triton --json "$OUT/bench-cuda-b$b.json" --quiet
-            done ;;
+            step cuda-build 240 $PY -m gptq_backend_cuda.build
+            step conformance-cuda 200 $PY -m pytest -q --maxfail=10 -n 4 --pyargs gptq_conformance --gptq-backend=cuda --gptq-quick ;;
         exllama)
-            step exllama-build 300 $PY -m gptq_backend_exllama.build
-            step conformance-exllama 300 $PY -m pytest -q -x -n 4 --pyargs gptq_conformance --gptq-backend=exllama --gptq-quick
-            step bench-exllama 150 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8,16,64 \
-                --bits 4 --group-size 128 --backends exllama,marlin,triton --json "$OUT/bench-exllama.json" --quiet ;;
+            step exllama-build 180 $PY -m gptq_backend_exllama.build
+            step conformance-exllama 150 $PY -m pytest -q --maxfail=10 -n 4 --pyargs gptq_conformance --gptq-backend=exllama --gptq-quick ;;
+        kernels)
+            for b in ${KERNEL_BITS:-4 3 2 8}; do
+                step bench-b$b 100 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8,16,64 \
+                    --bits $b --group-size 128 --backends cuda,exllama,marlin,triton --json "$OUT/bench-b$b.json" --quiet
+            done ;;
+        act-order) step act-order 100 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8 --bits 4 \
+                       --group-size 128 --act-order --backends exllama,cuda,marlin,triton --json "$OUT/bench-b4-act.json" --quiet ;;
+        greedy) step greedy 240 $PY benchmarks/backend_greedy_check.py --backends "${GREEDY_BACKENDS:-auto,cuda,exllama}" \
+                    --work-dir "$WORK" --json "$OUT/greedy.json" ;;
+        quantize) step quantize 300 $PY benchmarks/quantize_synthetic.py --calibration "${CALIBRATION:-.cache/wikitext2-raw-test.txt}" \
+                      --layers "${QUANTIZE_LAYERS:-4}" --methods "${QUANTIZE_METHODS:-plain,default}" --work "$WORK" --json "$OUT/quantize.json" ;;
         lora) step lora 200 $PY benchmarks/lora_step.py --backends marlin,triton --cache-mb "${LORA_CACHE_MB:-0}" --json "$OUT/lora.json" ${LORA_ARGS:-} ;;
         gen-fast) step gen-fast 270 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-1,8}" \
                       --modes "${GEN_MODES:-eager,fast}" --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-fast.json" ;;
@@ -103,5 +89,4 @@ for name in "$@"; do
         *) say "unknown step '$name'"; status=1 ;;
     esac
 done
-say "done, status $status"
-exit $status
+steps_end

@@ -172,7 +172,7 @@ def test_distributions_are_local_paths_pip_cannot_take_for_index_names():
     assert entries and all(e.startswith("./") for e in entries)
     for entry in entries:
         assert (ROOT / entry / "pyproject.toml").is_file(), entry
-    for script in ("setup.sh", "gpu_check.sh"):
+    for script in ("setup.sh", "lib_steps.sh"):
         text = (ROOT / "scripts" / script).read_text()
         assert "grep -v '^#' scripts/distributions.txt" in text, script
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import torch
 
 from ..bench.cases import DTYPES
 from ..errors import GPTQError
-from .generate import Rule, check_arguments, check_device_argument
+from .generate import Rule, check_arguments, check_device_argument, parse_device_map, parse_max_memory
 
 #: Range rules of ``gptq bench``'s flags (--m is checked by parse_m).
 BENCH_RULES: tuple[Rule, ...] = (
@@ -105,6 +106,39 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def parse_bench_device_map(text: str) -> str | dict:
+    """``--device-map``: a strategy (auto, balanced, balanced_low_0, sequential), a device
+    (cpu, cuda:1), a JSON file holding ``{module: device}``, or that object inline."""
+    from ..placement import STRATEGIES  # noqa: PLC0415
+
+    text = text.strip()
+    if text.startswith("{"):
+        value = parse_device_map(text)
+    elif text in STRATEGIES:
+        return text
+    elif text.endswith(".json") or Path(text).is_file():
+        try:
+            raw = Path(text).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise GPTQError(f"--device-map {text}: cannot read it ({exc.strerror}); give auto, balanced, "
+                            "sequential or a JSON file {module: device}") from None
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise GPTQError(f"--device-map {text} is not valid JSON ({exc}); write e.g. "
+                            '{"model.layers.0": "cuda:0", "": "cuda:1"}') from None
+    else:
+        try:
+            torch.device(text)
+        except (RuntimeError, ValueError):
+            raise GPTQError(f"--device-map {text!r} is not a strategy ({', '.join(STRATEGIES)}), a device "
+                            "or a JSON file {module: device}; give e.g. --device-map auto") from None
+        return text
+    if not isinstance(value, dict) or not value:
+        raise GPTQError(f"--device-map {text} must hold a JSON object {{module: device}}, got {type(value).__name__}")
+    return value
+
+
 def _generate_models(args, device: torch.device, work: Path, log) -> tuple[list, dict]:
     """The float/quantized folders to time, building or quantizing them when needed."""
     from ..auto import is_quantized_checkpoint, load_for_inference  # noqa: PLC0415
@@ -154,13 +188,26 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise GPTQError("--layers only applies to --synthetic models")
     if args.plot:
         report.check_plot_available()
-    device = resolve_device(args.device)
+    device_map = max_memory = None
+    if args.device_map is not None:
+        from ..placement import planned_main_device  # noqa: PLC0415
+
+        if args.device is not None:
+            raise GPTQError("--device and --device-map both place the models; give one of them")
+        device_map = parse_bench_device_map(args.device_map)
+        max_memory = parse_max_memory(args.max_memory)
+        device = planned_main_device(device_map)
+    elif args.max_memory:
+        raise GPTQError("--max-memory caps the devices of a device map; give --device-map auto with it")
+    else:
+        device = resolve_device(args.device)
     batches, prompt_len, new_tokens = GENERATE_DEFAULTS["cpu" if device.type == "cpu" else "gpu"]
     cfg = benchmark.GenerateBenchConfig(
         batches=_int_list(args.batch, "--batch") if args.batch else list(batches),
         prompt_len=args.prompt_len or prompt_len, new_tokens=args.new_tokens or new_tokens,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], device=device,
         backend=args.backend, dtype=args.dtype, seconds=args.seconds, fast_compile=not args.no_fast_compile,
+        device_map=device_map, max_memory=max_memory, layer_sum=not args.no_layer_sum,
     )
     cfg.check()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -176,8 +223,12 @@ def _run_generate(args: argparse.Namespace) -> int:
             "command": " ".join(sys.argv), "batches": cfg.batches, "prompt_len": cfg.prompt_len,
             "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": cfg.backend,
             "fast_compile": cfg.fast_compile, **built}
+    if device_map is not None:
+        meta.update(device_map=device_map, max_memory=max_memory)
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
+        if device_map is not None:
+            meta["gpus"] = torch.cuda.device_count()
     print(report.table(rows, models))
     if args.json:
         report.write_json(rows, models, args.json, meta)
@@ -211,6 +262,14 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128 on a GPU, 16 on the CPU)")
     g.add_argument("--modes", default="eager,fast,static", help="comma-separated modes: eager, fast, static (default all)")
     g.add_argument("--device", help="device to run on (default: cuda if present, else cpu)")
+    g.add_argument("--device-map", metavar="MAP",
+                   help="place both models across devices instead of --device (accelerate): auto, balanced, "
+                        "sequential, a device, or a JSON file {module: device}; reports each device's layers "
+                        "and backends, and the single-device per-layer time sum against the step")
+    g.add_argument("--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
+                   help="cap a device for --device-map auto, e.g. 0=20GiB (repeatable)")
+    g.add_argument("--no-layer-sum", action="store_true",
+                   help="with --device-map: skip timing the single-device per-layer time sum")
     g.add_argument("--backend", default="auto", help="backend name or 'a,b' preference for the quantized model")
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
     g.add_argument("--no-fast-compile", action="store_true",

@@ -12,6 +12,14 @@ then timed generating N tokens (whose greedy tokens are compared with ``eager``'
 end-of-sequence ignored. The difference is the decode time of N-1 steps, so prefill
 never inflates the per-step figure (docs/DESIGN.md §9): ``ms_per_step = decode / (N-1)``,
 ``tok_s = batch * (N-1) / decode``.
+
+With a ``device_map`` both models are placed across devices through accelerate (the float one
+by :mod:`gptq_core.placement` as well, so both get the same map), each model's placement is
+reported per device (decoder layers, weights, the backend each quantized layer is bound to),
+and each batch gets a *per-layer time sum*: one decoder layer's eager decode step timed alone
+on its device, times the number of layers, plus the rest of the step (embeddings, norm, head).
+A decode step spread over several GPUs should cost little more than that single-device sum;
+the ratio ``ms_per_step / sum`` is reported per mode (docs/DESIGN.md §9, §4).
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from ..errors import GPTQError
+from ..placement import DeviceMap
 from .fast import FastGenerator
 
 #: Decode modes in the order they run: eager first (the reference for tokens_match), the fast
@@ -52,6 +63,11 @@ class GenerateBenchConfig:
     seconds: float = 1.0  # time budget of one timed measurement (repeats fill it)
     breakdown: bool = True  # profile one fast decode step (CUDA only)
     fast_compile: bool = True  # the fast path compiles its decode forward on GPUs (its default)
+    #: Place both models across devices (accelerate): a strategy, a device or {module: device};
+    #: ``device`` is then the device the map's first modules land on (the prompts go there).
+    device_map: DeviceMap | None = None
+    max_memory: dict[int | str, str] | None = None  # caps per device for a computed map
+    layer_sum: bool = True  # with a device map: time the single-device per-layer sum
 
     def check(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -64,6 +80,50 @@ class GenerateBenchConfig:
             raise GPTQError("--new-tokens must be >= 2 (decode time is that of tokens 2..N)")
         if self.prompt_len < 1:
             raise GPTQError("--prompt-len must be >= 1")
+        if self.max_memory is not None and self.device_map is None:
+            raise GPTQError("--max-memory caps the devices of a device map; give --device-map auto with it")
+
+    def accounted_devices(self) -> list[torch.device]:
+        """The devices whose memory and work the timings cover: ``device``, or with a device
+        map on GPUs every visible GPU (the map decides which ones hold the model)."""
+        if self.device_map is not None and self.device.type == "cuda":
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [self.device]
+
+
+@dataclass
+class DevicePlacement:
+    """What a device map put on one device: decoder layers, other placed modules, weights,
+    and for the quantized model how many linears each backend serves there."""
+
+    device: str
+    layers: list[int]
+    modules: list[str]
+    weights_gb: float
+    backends: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LayerSum:
+    """The single-device reference of one decode step (docs/DESIGN.md §9): a decoder layer's
+    eager decode step timed alone on its device (``layer_ms``), ``layers`` times, plus the rest
+    of the step run without the layers (``head_ms``: embeddings, rotary, norm, head)."""
+
+    batch: int
+    device: str
+    layers: int
+    layer_ms: float
+    head_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.layers * self.layer_ms + self.head_ms
+
+    def ratio(self, ms_per_step: float | None) -> float | None:
+        """A measured step against the sum: 1.0 means spreading costs nothing."""
+        if ms_per_step is None or self.total_ms <= 0:
+            return None
+        return ms_per_step / self.total_ms
 
 
 @dataclass
@@ -75,6 +135,8 @@ class ModelEntry:
     load_s: float | None = None
     weights_gb: float | None = None
     note: str = ""
+    placement: list[DevicePlacement] = field(default_factory=list)  # with a device map
+    layer_sums: list[LayerSum] = field(default_factory=list)  # with a device map, one per batch
 
 
 @dataclass
@@ -101,14 +163,17 @@ class Row:
     #: few fp16 steps means a near-tie that other arithmetic may break the other way.
     mismatch_gap: float | None = None
     breakdown: dict[str, float] | None = field(default=None)
+    layer_sum_ratio: float | None = None  # ms_per_step over the model's per-layer time sum
+    peak_gb_by_device: dict[str, float] | None = None  # with a model on several GPUs
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(device: torch.device | list[torch.device]) -> None:
+    for dev in device if isinstance(device, list) else [device]:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
 
 def prompt_ids(tokenizer, vocab: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -150,7 +215,7 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def measure(call, ids: torch.Tensor, new_tokens: int, device: torch.device, seconds: float,
+def measure(call, ids: torch.Tensor, new_tokens: int, device: torch.device | list[torch.device], seconds: float,
             warmup_tokens: int) -> tuple[float, float, float, int, torch.Tensor]:
     """(warm-up s, 1-token s, N-token s, repeats, output of N tokens) of ``call``; medians."""
 
@@ -197,22 +262,187 @@ def logit_gap(model, ref: torch.Tensor, row: int, upto: int) -> float:
     return float(top[0] - top[1])
 
 
+def load_model(entry: ModelEntry, cfg: GenerateBenchConfig) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of ``entry`` on ``cfg.device``, or placed by ``cfg.device_map``:
+    a GPTQ checkpoint through ``load_for_inference``, a float model loaded on the CPU and then
+    placed by :mod:`gptq_core.placement` (the same map computation and dispatch as the
+    quantized model, so the two are spread alike)."""
+    from ..auto import is_quantized_checkpoint, load_float_model, load_for_inference, load_tokenizer
+    from ..checkpoint.load import resolve_dtype
+    from ..placement import dispatch, planned_main_device, resolve_device_map
+
+    if cfg.device_map is None:
+        return load_for_inference(entry.folder, cfg.device, cfg.backend, cfg.dtype)
+    if is_quantized_checkpoint(entry.folder):
+        return load_for_inference(entry.folder, None, cfg.backend, cfg.dtype, device_map=cfg.device_map,
+                                  max_memory=cfg.max_memory)
+    dtype = resolve_dtype(cfg.dtype, planned_main_device(cfg.device_map))
+    model = load_float_model(entry.folder, dtype).eval()
+    placed = resolve_device_map(model, cfg.device_map, cfg.max_memory)
+    dispatch(model, placed)  # no offload folder: a map that needs "disk" is refused in one line
+    model.hf_device_map = dict(placed)
+    return model, load_tokenizer(entry.folder)
+
+
+def _place_of(name: str, placed: dict[str, str]) -> str:
+    """The device of module ``name`` under a device map: its longest covering key's."""
+    best = None
+    for key in placed:
+        if key == "" or name == key or name.startswith(key + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    return placed[best] if best is not None else "?"
+
+
+def placement_of(model: nn.Module) -> list[DevicePlacement]:
+    """Per device of ``model.hf_device_map``: the decoder layers placed there, the other
+    mapped modules, the weight bytes held there and, for QuantLinear layers, how many each
+    backend serves ("per call" for layers offloaded to disk, bound at each forward)."""
+    from ..models import decoder_layers, get_architecture
+    from ..placement import is_offloaded
+    from ..quant_linear import QuantLinear
+
+    placed = {str(k): str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    if not placed:
+        placed = {"": str(next(model.parameters()).device)}
+    arch = get_architecture(model)
+    out: dict[str, DevicePlacement] = {}
+
+    def at(name: str) -> DevicePlacement:
+        dev = _place_of(name, placed)
+        return out.setdefault(dev, DevicePlacement(dev, [], [], 0.0))
+
+    for i in range(len(decoder_layers(model, arch))):
+        at(f"{arch.layers}.{i}").layers.append(i)
+    if len(placed) > 1:
+        for key in placed:
+            if not key.startswith(arch.layers + "."):
+                at(key).modules.append(key.rpartition(".")[2] or "(rest)")
+    seen: set[int] = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) not in seen:  # tied weights count once
+            seen.add(id(tensor))
+            at(name).weights_gb += tensor.numel() * tensor.element_size() / 2**30
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            served = ("per call" if is_offloaded(module) else
+                      module.binding.backend.name if module.binding is not None else "unbound")
+            backends = at(name).backends
+            backends[served] = backends.get(served, 0) + 1
+    return sorted(out.values(), key=lambda p: (p.layers[:1] or [1 << 30], p.device))
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (the CPU for offloaded ones)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def _to(value, device: torch.device):
+    """Tensors in ``value`` (nested tuples, lists, dicts) moved to ``device``; other objects,
+    the KV cache among them, as they are (each layer's cache lives on the layer's device)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_to(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _unhooked(module: nn.Module) -> Callable:
+    """``module``'s own forward without accelerate's device-alignment hook (whose argument walk
+    is part of the multi-device cost, not of the layer's), unless its tensors are offloaded
+    and the hook must bring them in."""
+    from ..placement import is_offloaded
+    from ..quant_linear import QuantLinear
+
+    offloaded = any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()]) or any(
+        is_offloaded(m) for m in module.modules() if isinstance(m, QuantLinear))
+    old = getattr(module, "_old_forward", None)
+    return old if old is not None and not offloaded else module
+
+
+@torch.no_grad()
+def time_layer_sum(model: nn.Module, ids: torch.Tensor, steps: int, devices: list[torch.device],
+                   repeats: int = MIN_REPEATS) -> LayerSum:
+    """:class:`LayerSum` of ``model`` for the prompts ``ids``: the first decoder layer replays
+    the inputs it got in a real decode step ``steps`` times (its cache growing one position a
+    call, as in decode; one query row needs no mask), and the step without layers (the layer
+    list emptied for the call) runs ``steps`` times; medians over ``repeats``."""
+    from ..models import decoder_layers, get_architecture
+
+    arch = get_architecture(model)
+    layers = decoder_layers(model, arch)
+    first = layers[0]
+    captured: dict[str, object] = {}
+
+    def grab(module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, dict(kwargs)
+
+    def timed(fn) -> float:
+        _sync(devices)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(devices)
+        return (time.perf_counter() - start) / steps * 1e3
+
+    layer_ms, head_ms = [], []
+    forward = _unhooked(first)
+    dev = next((p.device for p in first.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    for _ in range(repeats):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # prefill: the cache to decode on
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        finally:
+            handle.remove()
+        # On the layer's device, as accelerate's hook would put them (the rotary embeddings may
+        # come from another GPU); moved once, outside the timing.
+        args, kwargs = _to(captured["args"], dev), _to({**captured["kwargs"], "attention_mask": None}, dev)
+        layer_ms.append(timed(lambda: forward(*args, **kwargs)))
+        del out, args, kwargs
+        captured.clear()
+        parent_name, _, child = arch.layers.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, nn.ModuleList())
+        try:
+            model(input_ids=token, use_cache=False, logits_to_keep=1)  # warm
+            head_ms.append(timed(lambda: model(input_ids=token, use_cache=False, logits_to_keep=1)))
+        finally:
+            setattr(parent, child, layers)
+    return LayerSum(int(ids.shape[0]), str(dev), len(layers), statistics.median(layer_ms), statistics.median(head_ms))
+
+
+def _memory(devices: list[torch.device], what) -> dict[str, float]:
+    return {str(d): what(d) / 2**30 for d in devices if d.type == "cuda"}
+
+
 def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str], None]) -> list[Row]:
     """Every batch x mode row of one model (loaded once)."""
-    from ..auto import load_for_inference
-
-    dev = cfg.device
-    _sync(dev)
-    if dev.type == "cuda":
+    devices = cfg.accounted_devices()
+    _sync(devices)
+    if cfg.device.type == "cuda":
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(dev)
+        before = _memory(devices, torch.cuda.memory_allocated)
     start = time.perf_counter()
-    model, tokenizer = load_for_inference(entry.folder, dev, cfg.backend, cfg.dtype)
-    _sync(dev)
+    model, tokenizer = load_model(entry, cfg)
+    _sync(devices)
     entry.load_s = time.perf_counter() - start
-    if dev.type == "cuda":
-        entry.weights_gb = (torch.cuda.memory_allocated(dev) - before) / 2**30
+    if cfg.device.type == "cuda":
+        after = _memory(devices, torch.cuda.memory_allocated)
+        entry.weights_gb = sum(after[d] - before[d] for d in after)
     log(f"{entry.label}: loaded {entry.folder} in {entry.load_s:.1f} s")
+    if cfg.device_map is not None:
+        entry.placement = placement_of(model)
+        for place in entry.placement:
+            log(f"{entry.label} on {place.device}: {len(place.layers)} decoder layers"
+                + (f", linears served by {place.backends}" if place.backends else ""))
+    dev = _input_device(model)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     pad = model.generation_config.pad_token_id
     if pad is None:
@@ -225,6 +455,16 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
         for batch in cfg.batches:
             ids = prompts[:batch].contiguous()
             reference = None
+            layer_sum = None
+            if cfg.device_map is not None and cfg.layer_sum:
+                try:
+                    layer_sum = time_layer_sum(model, ids, cfg.new_tokens - 1, devices)
+                    entry.layer_sums.append(layer_sum)
+                    log(f"{entry.label} batch {batch}: per-layer time sum {layer_sum.layers} x "
+                        f"{layer_sum.layer_ms:.3f} ms + head {layer_sum.head_ms:.3f} ms = {layer_sum.total_ms:.2f} ms")
+                except Exception as exc:  # noqa: BLE001 - the reference is a bonus, never a failure
+                    log(f"{entry.label} batch {batch}: no per-layer time sum ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})")
             for mode in cfg.modes:
                 row = Row(entry.label, mode, batch, cfg.prompt_len, cfg.new_tokens, load_s=entry.load_s)
                 rows.append(row)
@@ -232,8 +472,9 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
                 try:
                     call = _runner(mode, model, batch, cfg.prompt_len + cfg.new_tokens, int(pad), log, cfg.fast_compile)
                     if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    warm, one, full, repeats, out = measure(call, ids, cfg.new_tokens, dev, cfg.seconds,
+                        for d in devices:
+                            torch.cuda.reset_peak_memory_stats(d)
+                    warm, one, full, repeats, out = measure(call, ids, cfg.new_tokens, devices, cfg.seconds,
                                                             warmup_tokens(mode, cfg.new_tokens))
                 except Exception as exc:  # noqa: BLE001 - one failing mode must not stop the others
                     row.status, row.note = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -248,8 +489,15 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
                 else:
                     row.note = "decode time below timing noise; raise --new-tokens"
                 if dev.type == "cuda":
-                    row.peak_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+                    peaks = _memory(devices, torch.cuda.max_memory_allocated)
+                    row.peak_gb = sum(peaks.values())
+                    if len(devices) > 1:
+                        row.peak_gb_by_device = peaks
                 row.path = _path(mode, call, model, dev, _compiled_graphs() - graphs, row, compiled)
+                if mode == "fast" and call.fast.fallback_reason is not None:
+                    row.note = _join(row.note, f"fast path fell back to transformers' generate: {call.fast.fallback_reason}")
+                if layer_sum is not None:
+                    row.layer_sum_ratio = layer_sum.ratio(row.ms_per_step)
                 if mode == "eager":
                     reference = out
                 elif reference is not None:
@@ -279,6 +527,10 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
     return rows
 
 
+def _join(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
 def _path(mode: str, call, model, dev: torch.device, new_graphs: int, row: Row, compiled: list[bool]) -> str:
     """How the mode ran; for ``static``, whether transformers really compiled (new dynamo
     graphs now, or earlier for this model and reused)."""
@@ -291,7 +543,7 @@ def _path(mode: str, call, model, dev: torch.device, new_graphs: int, row: Row, 
     if row.compiled:
         return f"compiled ({new_graphs} new graphs)"
     if dev.type == "cuda":
-        row.note = (row.note + "; " if row.note else "") + "transformers did not compile the static-cache decode"
+        row.note = _join(row.note, "transformers did not compile the static-cache decode")
     return "static, not compiled" + (" (CPU)" if dev.type == "cpu" else "")
 
 

@@ -3,6 +3,8 @@
 The fast path drives a transformers causal LM through its own forward with a static cache, an
 explicit 4-D mask, per-row positions and ``logits_to_keep`` (docs/DESIGN.md §11). A model that
 cannot take those is served by transformers' ``generate`` instead, and the reason is said once.
+So is a model a ``device_map`` spreads over several accelerators: its decode step is captured
+as one CUDA graph on one device, and a step that crosses devices is not served.
 """
 
 from __future__ import annotations
@@ -28,11 +30,39 @@ def _static_cache_api() -> str | None:
     return None
 
 
+def placed_devices(model: nn.Module) -> list[str]:
+    """The accelerators the model's ``hf_device_map`` (set by a device map, ours or
+    transformers') places modules on, sorted; empty without a map. "cpu" and "disk" are
+    not counted: the CPU path runs eagerly anyway, and a GPU with CPU parts falls back at
+    capture with its own reason."""
+    placed = getattr(model, "hf_device_map", None)
+    if not isinstance(placed, dict):
+        return []
+    names = set()
+    for value in placed.values():
+        text = f"cuda:{value}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        if text not in ("cpu", "disk", "meta"):
+            names.add(text)
+    return sorted(names)
+
+
+def spanning_reason(model: nn.Module) -> str | None:
+    """Why a model placed on several accelerators is not served, or None."""
+    devices = placed_devices(model)
+    if len(devices) < 2:
+        return None
+    return (f"its device_map spreads it over {len(devices)} devices ({', '.join(devices)}), and the "
+            "fast path captures its decode step on one device")
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the fast path cannot serve ``model``, or None when it can."""
     config = getattr(model, "config", None)
     if config is None:
         return "the model has no transformers config"
+    spanning = spanning_reason(model)
+    if spanning is not None:
+        return spanning
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not served"
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
