@@ -9,10 +9,16 @@ Geometry (shared with ``csrc/exllama.h`` and ``csrc/qdq4.cuh``; change both or n
   word ``j`` holds k rows ``8r + 4(j >> 1) + i`` (``i`` = 0..3) of the column pair
   ``4c + 2(j & 1) + e`` (``e`` = 0 low half, 1 high half).
 * Inside a word, value ``(i, e)`` sits where a right rotation by ``FIELD_ROTATIONS[i]`` puts it
-  at bits ``6 + 16e .. 9 + 16e``: one LOP3 ``(w & 0x03C003C0) | 0x3C003C00`` then gives the
-  half2 ``(1 + q_lo / 16, 1 + q_hi / 16)`` (for bf16 the rotation is 3 bits further).
-* Scales and zero points are folded per group and column quad (:func:`fold_scales`):
-  ``S = 16 * scale`` and ``Z = -(16 + zero) * scale``, so that ``w = x * S + Z`` is one fma.
+  at bits ``6 + 16e .. 9 + 16e``: one LOP3 ``(w & 0x03C003C0) | P`` then gives the half2
+  ``(P (1 + q_lo / 16), P (1 + q_hi / 16))`` for a power of two ``P`` (bf16: the rotation is 3
+  bits further and ``P`` = 1).
+* Scales and zero points are folded per group and column quad (:func:`fold_scales`) so that
+  ``q == zero`` decodes to exactly 0 (an infinite activation times it is NaN, as in the float64
+  reference, docs/DESIGN.md §2 and §5). fp16 layers: ``S = 16 * scale`` and
+  ``-X0 = -P (1 + zero / 16)`` with ``P`` the power of two of :func:`pivots`; the kernel decodes
+  ``d = x - X0`` (exact) and scales the sums of ``d * a`` by ``M = S / P`` (csrc/qdq4.cuh).
+  bf16 layers: ``S = 16 * scale`` and ``Z = -(16 + zero) * scale``, both exact in fp32, so that
+  ``w = x * S + Z`` is one fma that is exactly 0 at ``x == X0``.
 
 Everything here is plain torch and runs on any device; :func:`unshuffle` is the exact inverse
 of :func:`shuffle`.
@@ -28,7 +34,11 @@ STEP_K = 8               # k rows per 16-byte load (csrc/exllama.h kStepK)
 QUAD = 4                 # columns per thread
 FIELD_ROTATIONS = (0, 4, 8, 28)  # right rotation that brings k row i of a word to bits 6-9 / 22-25
 FIELD_BASE = 6           # the value's lowest bit after the rotation (low half; +16 for the high)
-FP16_MAX = 65504.0
+#: fp16 layers: |16 * scale| must stay below 2^15, so that the pivot P <= 2^14 (qdq4.cuh
+#: unfold_f16 forms 2^-e from it) and X0 = 2P of the v1 zero 16 is finite.
+FP16_FOLD_LIMIT = 2.0**15
+PIVOT_MIN_EXPONENT = -14  # fp16's smallest normal: x = P (1 + q / 16) is never subnormal
+MAX_ZERO = 16             # 4-bit zero points: 0..15 (v2), 1..16 (v1, stored + 1)
 
 
 def padded_k(K: int) -> int:
@@ -98,29 +108,58 @@ def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == 0, x, torch.round(x / ulp) * ulp)
 
 
-def fold_scales(scales: torch.Tensor, zeros: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
-    """Per group and column: ``S = 16 * scale`` and ``Z = -(16 + zero) * scale``, laid out per quad.
+def pivots(S: torch.Tensor) -> torch.Tensor:
+    """fp16 folded scales ``S`` (float64 holding fp16 values) -> the kernel's powers of two ``P``
+    (float64): ``S``'s exponent, at least 2^-14 (zero and subnormal ``S`` included), so that
+    ``M = S / P`` is ``S``'s significand (in [1, 2) where ``S`` is normal), exact in fp16."""
+    _, exp = torch.frexp(S)                                  # S = f * 2^exp, |f| in [0.5, 1)
+    e = torch.where(S == 0, torch.full_like(exp, PIVOT_MIN_EXPONENT), exp - 1)
+    return torch.exp2(torch.clamp(e, min=PIVOT_MIN_EXPONENT).to(torch.float64))
 
-    float16 layers: float16 ``[G, N / 4, 8]`` = ``S0 S1 Z0 Z1 S2 S3 Z2 Z3`` (half2 pairs of the
-    kernel's two column pairs). bfloat16 layers: float32 ``[G, N / 4, 8]`` = ``S0..S3 Z0..Z3``.
+
+def _checked_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    z = zeros.to(torch.float64)
+    if z.numel() and (float(z.min()) < 0 or float(z.max()) > MAX_ZERO):
+        raise FormatError(f"exllama folds 4-bit zero points in 0..{MAX_ZERO}, got "
+                          f"{int(z.min())}..{int(z.max())}; the weight is not 4-bit")
+    return z
+
+
+def fold_scales(scales: torch.Tensor, zeros: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
+    """Per group and column, the constants that make ``(q - zero) * scale`` with ``q == zero``
+    exactly 0, laid out per column quad.
+
+    float16 layers: float16 ``[G, N / 4, 8]`` = ``S0 S1 -X0_0 -X0_1 S2 S3 -X0_2 -X0_3`` (half2
+    pairs of the kernel's two column pairs) with ``S = 16 * scale`` and
+    ``-X0 = -P (1 + zero / 16)``, ``P = pivots(S)``. bfloat16 layers: float32 ``[G, N / 4, 8]`` =
+    ``S0..S3 Z0..Z3`` with ``Z = -(16 + zero) * scale``.
     """
     G, N = scales.shape
     _check(1, N)
     s = scales.to(torch.float64)
-    S = 16.0 * s
-    Z = -(16.0 + zeros.to(torch.float64)) * s
+    z = _checked_zeros(zeros)
     if act_dtype == torch.float16:
-        S, Z = round_to_fp16(S), round_to_fp16(Z)
-        if bool((S.abs() > FP16_MAX).any() | (Z.abs() > FP16_MAX).any()):
+        S = round_to_fp16(16.0 * s)                          # exact for fp16 scales
+        if bool((S.abs() >= FP16_FOLD_LIMIT).any()):
             raise NotSupportedError(
-                "exllama folds 16 * scale and (16 + zero) * scale into float16; this layer's "
-                f"largest scale {float(s.abs().max()):.4g} overflows it; use another backend",
-                ["scales too large for the float16 fold (|scale| * 32 > 65504)"],
+                "exllama folds 16 * scale into float16 below 2^15; this layer's largest scale "
+                f"{float(s.abs().max()):.4g} reaches it; use another backend",
+                ["scales too large for the float16 fold (|scale| >= 2048)"],
             )
-        S4, Z4 = S.view(G, N // QUAD, 2, 2), Z.view(G, N // QUAD, 2, 2)
-        out = torch.stack((S4, Z4), dim=3)                  # [G, N/4, pair, S|Z, 2]
+        X0 = pivots(S) * (1.0 + z / 16.0)                    # <= 5 significant bits: exact
+        S4, C4 = S.view(G, N // QUAD, 2, 2), (-X0).view(G, N // QUAD, 2, 2)
+        out = torch.stack((S4, C4), dim=3)                  # [G, N/4, pair, S|-X0, 2]
         return out.reshape(G, N // QUAD, 8).to(torch.float16).contiguous()
     if act_dtype == torch.bfloat16:
+        S = 16.0 * s
+        Z = -(16.0 + z) * s
+        exact = (S.to(torch.float32).to(torch.float64) == S) & (Z.to(torch.float32).to(torch.float64) == Z)
+        if not bool(exact.all()):
+            raise NotSupportedError(
+                "exllama's bfloat16 fold needs 16 * scale and (16 + zero) * scale exact in float32 "
+                "(float16 scales are); this layer's scales are not; use another backend",
+                ["scales not exact in the float32 fold"],
+            )
         out = torch.cat((S.view(G, N // QUAD, 4), Z.view(G, N // QUAD, 4)), dim=2)
         return out.to(torch.float32).contiguous()
     raise NotSupportedError(f"exllama computes in float16 or bfloat16, not {act_dtype}",
@@ -128,10 +167,11 @@ def fold_scales(scales: torch.Tensor, zeros: torch.Tensor, act_dtype: torch.dtyp
 
 
 def unfold_scales(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse view of :func:`fold_scales`: (S, Z) float64 [G, N]."""
+    """Inverse view of :func:`fold_scales`: ``(S, C)`` float64 [G, N], where ``C`` is ``-X0``
+    (float16 ``sz``) or ``Z`` (float32 ``sz``, bfloat16 layers)."""
     G, quads, _ = sz.shape
     t = sz.to(torch.float64)
     if sz.dtype == torch.float16:
-        t = t.view(G, quads, 2, 2, 2)                       # [G, quad, pair, S|Z, e]
+        t = t.view(G, quads, 2, 2, 2)                       # [G, quad, pair, S|-X0, e]
         return t[:, :, :, 0].reshape(G, quads * 4), t[:, :, :, 1].reshape(G, quads * 4)
     return t[:, :, :4].reshape(G, quads * 4), t[:, :, 4:].reshape(G, quads * 4)

@@ -37,7 +37,7 @@ def gptq_backend_info() -> BackendInfo:
         priority={"cuda": 80},
         description=(
             "ExLlama-style 4-bit kernel: rows sorted at load (act-order free), two nibbles per "
-            "LOP3 + HFMA2, split-K over all SMs; dequantize + cuBLAS for large batches"
+            "LOP3 + HADD2 (exact), split-K over all SMs; dequantize + cuBLAS for large batches"
         ),
         capabilities=CAPABILITIES,
         options=ExllamaOptions,

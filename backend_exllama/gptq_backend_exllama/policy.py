@@ -9,8 +9,12 @@ kernel's instruction count against dequantize + cuBLAS on the H200 of docs/DESIG
 are to be replaced by the break-even that ``scripts/h200_check.py`` measures.
 
 * The kernel issues about 1.4 + 0.63 M instructions per weight for fp16 (SASS of
-  ``gemm_kernel``: 11 per 8 weights to decode, one HFMA2 per two weights and row, one fold per
-  32 rows) and about 2.5 + M for bf16 (fp32 FFMA per weight and row).
+  ``gemm_kernel``: 11 per 8 weights to decode, 3 SHF + 4 LOP3 + 4 HADD2, the same count as the
+  earlier LOP3 + HFMA2 decode whose rounded zero term left ``q == zero`` slightly nonzero; one
+  HFMA2 per two weights and row; one FFMA fold by the column factor per 32 rows; 18 per group
+  segment and column quad to derive the pivot and that factor, 0.035 per weight at group size
+  128) and about 2.5 + M for bf16 (fp32 FFMA per weight and row). The dequantize kernel decodes
+  with 15 per 8 weights (one HMUL2 per pair more); it is bandwidth-bound.
 * Dequantize + cuBLAS moves about 4.5 bytes per weight (read 0.5, write 2, read 2 again).
 * At ~4.3 TB/s and ~0.93 T warp-instructions/s (132 SMs x 4 schedulers x 1.76 GHz) these meet
   near M = 48 (fp16) and M = 28 (bf16); ExLlama v2 switches at 50 rows on older GPUs

@@ -3,7 +3,7 @@
 Runs once per layer at load, on the layer's device: act-order ``g_idx`` is sorted and the
 weight rows permuted to match (the kernel reads activation columns through the permutation
 while staging them, so no per-weight ``g_idx`` remains), the ints are shuffled
-(:mod:`.layout`), scales and zero points folded into the two fma constants. The layer's
+(:mod:`.layout`), scales and zero points folded into the kernel's constants. The layer's
 dispatch policy (:mod:`.policy`) and the split-K workspace (:mod:`.workspace`) are decided and
 made here too, so a call only looks them up.
 """
@@ -91,12 +91,18 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
 def reference_weight(prepared: ExllamaPrepared) -> torch.Tensor:
     """The dense [K, N] float64 weight in the *original* k order, rebuilt from the prepared form
     with exact arithmetic (pure torch, for the CPU tests): ``(q - zero) * scale`` recovered as
-    ``(1 + q / 16) * S + Z`` from the folded constants."""
+    ``(P (1 + q / 16) - X0) * S / P`` (fp16 layers) or ``(1 + q / 16) * S + Z`` (bf16 layers)
+    from the folded constants (layout.py). Every step is exact, so this equals the checkpoint's
+    dequantized weight bit for bit."""
     p = prepared
     q = layout.unshuffle(p.q, p.size_k, p.size_n).to(torch.float64)
-    S, Z = layout.unfold_scales(p.sz)
+    S, C = layout.unfold_scales(p.sz)
     g = torch.arange(p.size_k, device=q.device) // p.group_rows
-    w = (1.0 + q / 16.0) * S[g] + Z[g]
+    if p.sz.dtype == torch.float16:
+        P = layout.pivots(S)
+        w = (P[g] * (1.0 + q / 16.0) + C[g]) * (S / P)[g]
+    else:
+        w = (1.0 + q / 16.0) * S[g] + C[g]
     if p.perm is not None:
         out = torch.empty_like(w)
         out[p.perm.long()] = w

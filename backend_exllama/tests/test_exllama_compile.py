@@ -1,5 +1,5 @@
 """The CUDA sources compile with nvcc for sm_75, 80, 86, 89 and 90 without register spills,
-and the hot kernels' SASS decodes two weights per LOP3 + HFMA2 (no GPU needed).
+and the hot kernels' SASS decodes two weights per LOP3 + HADD2 (no GPU needed).
 
 The torch binding (exllama_ops.cpp) needs a CUDA build of torch's headers and is compiled
 only on a GPU machine; every .cu file here is plain CUDA and builds anywhere nvcc is.
@@ -76,6 +76,19 @@ def test_sources_compile_for_every_arch_without_spills(built):
             assert regs <= 96, f"sm_{arch}: the M=1 kernel {kernel} uses {regs} registers"
 
 
+def _op(text: str) -> str:
+    """The opcode, with the fp16 forms told apart: HADD2.F32 (an fp16 -> fp32 conversion) from
+    HADD2, and HFMA2 by 1 (ptxas's spelling of an add on the other pipe, HFMA2.MMA a, 1, 1, b)
+    from a real HFMA2."""
+    op = opcode(text)
+    full = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+    if op == "HADD2" and ".F32" in full:
+        return "HADD2.F32"
+    if op == "HFMA2" and re.search(r", 1, 1, ", text):
+        return "HADD2"
+    return op
+
+
 def _opcounts(obj: Path, arch: str) -> dict[tuple[int, int, bool], collections.Counter]:
     tool = cuobjdump()
     if tool is None:
@@ -86,26 +99,32 @@ def _opcounts(obj: Path, arch: str) -> dict[tuple[int, int, bool], collections.C
     for name, ins in kernels(sass).items():
         m = GEMM.search(name)
         if m:
-            out[(int(m.group(1)), int(m.group(2)), m.group(3) == "1")] = collections.Counter(opcode(t) for _, t in ins)
+            out[(int(m.group(1)), int(m.group(2)), m.group(3) == "1")] = collections.Counter(_op(t) for _, t in ins)
     return out
 
 
 @pytest.mark.parametrize("arch", ["75", "90"])
-def test_fp16_kernels_decode_two_weights_per_lop3_and_hfma2(built, arch):
-    """Each fp16 gemm kernel holds two step bodies (32 and 8 rows: 40 words x 4 pairs = 160
+def test_fp16_kernels_decode_two_weights_per_lop3_and_hadd2(built, arch):
+    """Each fp16 gemm kernel holds two step bodies (32 and 8 rows: 20 words x 4 pairs = 80
     pairs). One LOP3 per pair (plus bookkeeping, < 200: the C++ form of the mask-and-or gave two
-    each), one HFMA2 per pair to decode and one per pair and row for the dot product; no local
-    memory traffic; the weights of one chunk stream (evict-first loads)."""
+    each) and one HADD2 per pair to decode (d = x - X0, exact: csrc/qdq4.cuh), one HFMA2 per
+    pair and row for the dot product, no HMUL2 per pair (the scale is applied once per column
+    and step, by the FFMA that folds the half2 sums into fp32); no local memory traffic."""
     obj_dir, _ = built
     kernels = _opcounts(obj_dir / "exllama_f16.o", arch)
     assert len(kernels) == 9
     for (dt, rows, stream), ops in kernels.items():
         assert dt == 0
-        assert "LDL" not in ops and "STL" not in ops, f"sm_{arch} rows={rows}: local memory"
+        where = f"sm_{arch} rows={rows}: {dict(ops)}"
+        assert "LDL" not in ops and "STL" not in ops, f"{where}: local memory"
+        assert ops["HMUL2"] <= 2, f"{where}: HMUL2 in the hot loop"  # unfold_f16's M, per group
         if rows >= 2:
-            assert ops["LOP3"] < 200, f"sm_{arch} rows={rows}: {ops['LOP3']} LOP3"
-            assert ops["HFMA2"] >= 80 + 80 * rows, f"sm_{arch} rows={rows}: {ops['HFMA2']} HFMA2"
-            assert ops["HFMA2"] <= 80 + 80 * rows + 24, f"sm_{arch} rows={rows}: {ops['HFMA2']} HFMA2"
+            assert ops["LOP3"] < 200, where
+            assert 80 <= ops["HADD2"] <= 88, where
+            assert 80 * rows <= ops["HFMA2"] <= 80 * rows + 24, where
+            assert ops["FFMA"] >= 8 * rows, where  # the fold: two step bodies x 4 columns
+        else:
+            assert ops["HADD2"] <= ops["HFMA2"] <= ops["HADD2"] + 8, where  # one decode per dot
         assert ops["LDS"] >= 10 * rows, "activations are read 16 bytes at a time"
 
 

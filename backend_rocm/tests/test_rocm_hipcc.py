@@ -102,9 +102,10 @@ def test_code_objects_hold_every_kernel_without_spills(built, arch):
 
 @pytest.mark.parametrize("arch", ["gfx90a", "gfx940"])
 def test_fp16_kernels_decode_with_packed_fmas(built, arch):
-    """The AMD branch of qdq4.cuh: two weights per v_pk_fma_f16 to decode and one per two weights
-    and row for the dot product, as many as the HFMA2s on NVIDIA (two step bodies of 40 words x 4
-    pairs: 80 + 80 x ROWS); the streaming kernels load their weights nontemporal (glc slc), the
+    """The AMD branch of qdq4.cuh: two weights per v_pk_add_f16 to decode (the exact ``x - X0``;
+    two step bodies of 40 words x 4 pairs: 80), one v_pk_fma_f16 per two weights and row for the
+    dot product (80 x ROWS), as the HADD2s and HFMA2s on NVIDIA, and the group's two
+    v_pk_mul_f16 of the scale split; the streaming kernels load their weights nontemporal (glc slc), the
     re-reading one does not; split-K adds with the hardware float atomic, not a CAS loop; and the
     last block's acquire (__threadfence) invalidates L1 before it reads the workspace."""
     co = built[("exllama_f16.cu", arch)][1]
@@ -113,7 +114,8 @@ def test_fp16_kernels_decode_with_packed_fmas(built, arch):
     assert len(gemms) == 9
     for name, ops in gemms.items():
         _, rows, stream = (int(g) for g in GEMM.search(name).groups())
-        assert ops["v_pk_fma_f16"] == 80 + 80 * rows, (name, ops["v_pk_fma_f16"])
+        assert ops["v_pk_add_f16"] == 80 and ops["v_pk_fma_f16"] == 80 * rows, (name, ops)
+        assert ops["v_pk_mul_f16"] == 2, (name, ops["v_pk_mul_f16"])
         assert ops["global_atomic_add_f32"] == 4 * rows and ops["global_atomic_cmpswap"] == 0, name
         assert not any(op.startswith("scratch_") or op.startswith("buffer_store") for op in ops), name
         lines = code_object.instruction_lines(co, arch, name)

@@ -1,7 +1,8 @@
 // The ExLlama-style kernel: one thread per 4 output columns, weights decoded in registers by
-// one mask and one fma per pair (qdq4.cuh), implicit split-K over blockIdx.z with an fp32
-// atomic reduction that the last block of each column block finishes (docs/DESIGN.md §11:
-// the workspace belongs to the prepared weight, every call leaves it at zero).
+// one mask and one add (fp16) or fma (bf16) per pair (qdq4.cuh), implicit split-K over
+// blockIdx.z with an fp32 atomic reduction that the last block of each column block finishes
+// (docs/DESIGN.md §11: the workspace belongs to the prepared weight, every call leaves it at
+// zero).
 //
 // Grid: x = chunks of 8 activation rows (fastest, so the chunks of one weight tile run
 // together and share it through L2), y = column blocks of 512, z = k splits.
@@ -51,14 +52,17 @@ __device__ __forceinline__ void stage_activations(Staged<DT> (*stage)[kStageK], 
 }
 
 // STEPS 16-byte loads (8 k rows each) of one thread's column quad, then their dot products with
-// every staged row; fp16 partial sums stay in half2 for the STEPS * 8 rows, then go to fp32.
+// every staged row; fp16 partial sums of d * a (d = x - X0, qdq4.cuh) stay in half2 for the
+// STEPS * 8 rows, then go to fp32 scaled by the column's M (one FFMA each, as an FADD was).
 template <int ROWS, bool STREAM, int STEPS>
 __device__ __forceinline__ void step_f16(const uint4* qp, int quads, int k, int kk0,
-                                         const uint32_t (*stage)[kStageK], const uint4 sz,
+                                         const uint32_t (*stage)[kStageK], const F16Group& gc,
                                          float (&acc)[ROWS][4]) {
   uint4 w[STEPS];
+  // k >= 0: the unsigned division is one shift (the signed one cost ptxas 4 instructions more).
+  const unsigned r0 = static_cast<unsigned>(k) / kStepK;
 #pragma unroll
-  for (int s = 0; s < STEPS; s++) w[s] = load_weights<STREAM>(qp + static_cast<size_t>(k / kStepK + s) * quads);
+  for (int s = 0; s < STEPS; s++) w[s] = load_weights<STREAM>(qp + static_cast<size_t>(r0 + s) * quads);
   uint32_t h[ROWS][2];
 #pragma unroll
   for (int m = 0; m < ROWS; m++) h[m][0] = h[m][1] = 0u;
@@ -68,14 +72,14 @@ __device__ __forceinline__ void step_f16(const uint4* qp, int quads, int k, int 
     for (int hk = 0; hk < 2; hk++) {  // words 2hk, 2hk+1: k rows 4hk..4hk+3, column pairs 0, 1
       const uint32_t w0 = hk ? w[s].z : w[s].x, w1 = hk ? w[s].w : w[s].y;
       uint32_t dq[2][4];
-      dq[0][0] = hfma2(pair_f16<0>(w0), sz.x, sz.y);
-      dq[0][1] = hfma2(pair_f16<1>(w0), sz.x, sz.y);
-      dq[0][2] = hfma2(pair_f16<2>(w0), sz.x, sz.y);
-      dq[0][3] = hfma2(pair_f16<3>(w0), sz.x, sz.y);
-      dq[1][0] = hfma2(pair_f16<0>(w1), sz.z, sz.w);
-      dq[1][1] = hfma2(pair_f16<1>(w1), sz.z, sz.w);
-      dq[1][2] = hfma2(pair_f16<2>(w1), sz.z, sz.w);
-      dq[1][3] = hfma2(pair_f16<3>(w1), sz.z, sz.w);
+      dq[0][0] = hadd2(pair_f16<0>(w0, gc.pivot[0]), gc.neg_x0[0]);
+      dq[0][1] = hadd2(pair_f16<1>(w0, gc.pivot[0]), gc.neg_x0[0]);
+      dq[0][2] = hadd2(pair_f16<2>(w0, gc.pivot[0]), gc.neg_x0[0]);
+      dq[0][3] = hadd2(pair_f16<3>(w0, gc.pivot[0]), gc.neg_x0[0]);
+      dq[1][0] = hadd2(pair_f16<0>(w1, gc.pivot[1]), gc.neg_x0[1]);
+      dq[1][1] = hadd2(pair_f16<1>(w1, gc.pivot[1]), gc.neg_x0[1]);
+      dq[1][2] = hadd2(pair_f16<2>(w1, gc.pivot[1]), gc.neg_x0[1]);
+      dq[1][3] = hadd2(pair_f16<3>(w1, gc.pivot[1]), gc.neg_x0[1]);
 #pragma unroll
       for (int m = 0; m < ROWS; m++) {
         const uint4 a4 = *reinterpret_cast<const uint4*>(&stage[m][kk0 + 8 * s + 4 * hk]);
@@ -90,10 +94,10 @@ __device__ __forceinline__ void step_f16(const uint4* qp, int quads, int k, int 
   }
 #pragma unroll
   for (int m = 0; m < ROWS; m++) {
-    acc[m][0] += f16_lo(h[m][0]);
-    acc[m][1] += f16_hi(h[m][0]);
-    acc[m][2] += f16_lo(h[m][1]);
-    acc[m][3] += f16_hi(h[m][1]);
+    acc[m][0] = fmaf(f16_lo(h[m][0]), gc.m[0], acc[m][0]);
+    acc[m][1] = fmaf(f16_hi(h[m][0]), gc.m[1], acc[m][1]);
+    acc[m][2] = fmaf(f16_lo(h[m][1]), gc.m[2], acc[m][2]);
+    acc[m][3] = fmaf(f16_hi(h[m][1]), gc.m[3], acc[m][3]);
   }
 }
 
@@ -103,8 +107,10 @@ __device__ __forceinline__ void step_bf16(const uint4* qp, int quads, int k, int
                                           const float (*stage)[kStageK], const float4 s4,
                                           const float4 z4, float (&acc)[ROWS][4]) {
   uint4 w[STEPS];
+  // k >= 0: the unsigned division is one shift (the signed one cost ptxas 4 instructions more).
+  const unsigned r0 = static_cast<unsigned>(k) / kStepK;
 #pragma unroll
-  for (int s = 0; s < STEPS; s++) w[s] = load_weights<STREAM>(qp + static_cast<size_t>(k / kStepK + s) * quads);
+  for (int s = 0; s < STEPS; s++) w[s] = load_weights<STREAM>(qp + static_cast<size_t>(r0 + s) * quads);
 #pragma unroll
   for (int s = 0; s < STEPS; s++) {
 #pragma unroll
@@ -182,10 +188,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemm_kernel(const GemmAr
       const int g = k / args.group_size;
       const int seg_end = min((g + 1) * args.group_size, ke);
       if constexpr (DT == kF16) {
-        const uint4 sz = __ldg(static_cast<const uint4*>(args.sz) + static_cast<size_t>(g) * quads + quad);
+        const F16Group gc =
+            unfold_f16(__ldg(static_cast<const uint4*>(args.sz) + static_cast<size_t>(g) * quads + quad));
         for (; k + 4 * kStepK <= seg_end; k += 4 * kStepK)
-          step_f16<ROWS, STREAM, 4>(qp, quads, k, k - ks, stage, sz, acc);
-        for (; k < seg_end; k += kStepK) step_f16<ROWS, STREAM, 1>(qp, quads, k, k - ks, stage, sz, acc);
+          step_f16<ROWS, STREAM, 4>(qp, quads, k, k - ks, stage, gc, acc);
+        for (; k < seg_end; k += kStepK) step_f16<ROWS, STREAM, 1>(qp, quads, k, k - ks, stage, gc, acc);
       } else {
         const float4* p = static_cast<const float4*>(args.sz) + (static_cast<size_t>(g) * quads + quad) * 2;
         const float4 s4 = __ldg(p), z4 = __ldg(p + 1);
@@ -257,7 +264,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gemm_kernel(const GemmAr
 }
 
 // The layer as a dense [k_pad, n] weight in the sorted k order, by the kernel's own arithmetic
-// (the dequantize + cuBLAS path above the policy's break-even).
+// (the dequantize + cuBLAS path above the policy's break-even). fp16: d * M rounded once, so
+// every weight is (q - zero) * scale correctly rounded and q == zero writes exactly 0.
 template <int DT>
 __global__ void __launch_bounds__(256) dequant_kernel(const DequantArgs args) {
   const int quads = args.n / 4;
@@ -276,11 +284,13 @@ __global__ void __launch_bounds__(256) dequant_kernel(const DequantArgs args) {
 #pragma unroll
       for (int p = 0; p < 2; p++) {
         const uint32_t word = words[2 * hk + p];
-        const uint32_t S = p ? sz.z : sz.x, Z = p ? sz.w : sz.y;
-        v[0][p] = hfma2(pair_f16<0>(word), S, Z);
-        v[1][p] = hfma2(pair_f16<1>(word), S, Z);
-        v[2][p] = hfma2(pair_f16<2>(word), S, Z);
-        v[3][p] = hfma2(pair_f16<3>(word), S, Z);
+        const uint32_t S = p ? sz.z : sz.x, neg_x0 = p ? sz.w : sz.y;
+        const uint32_t pivot = pivot_f16(S);
+        const uint32_t M = hmul2(S, 0x78007800u - pivot);  // S / P, exact (unfold_f16)
+        v[0][p] = hmul2(hadd2(pair_f16<0>(word, pivot), neg_x0), M);
+        v[1][p] = hmul2(hadd2(pair_f16<1>(word, pivot), neg_x0), M);
+        v[2][p] = hmul2(hadd2(pair_f16<2>(word, pivot), neg_x0), M);
+        v[3][p] = hmul2(hadd2(pair_f16<3>(word, pivot), neg_x0), M);
       }
     } else {
       const float4* sp = static_cast<const float4*>(args.sz) + (static_cast<size_t>(g) * quads + quad) * 2;
