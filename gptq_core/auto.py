@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,7 @@ class AutoGPTQForCausalLM:
         progress: bool = True,
         tokenizer: Any = None,
         batch_size: int | None = None,
+        devices: Sequence[torch.device | str] | str | None = None,
     ) -> AutoGPTQForCausalLM:
         """Quantize every decoder linear with GPTQ, layer by layer, on ``calibration``.
 
@@ -251,7 +252,10 @@ class AutoGPTQForCausalLM:
         token ids) or a ready [nsamples, seqlen] LongTensor. ``work_dir`` makes the run
         resumable: rerun with the same folder after a crash to continue where it stopped.
         ``batch_size``: calibration samples per forward (default: the driver's measured
-        ``DEFAULT_BATCH_SIZE``; a smaller one lowers peak memory). Afterwards the linears are :class:`QuantLinear` and the model runs quantized.
+        ``DEFAULT_BATCH_SIZE``; a smaller one lowers peak memory). ``devices``: identical devices
+        to spread each layer's work over (``"cuda:0,cuda:1"`` or a list), with the bytes of the
+        first alone (docs/DESIGN.md §6). Afterwards the linears are :class:`QuantLinear` and the
+        model runs quantized.
         """
         from .models import (
             apply_packed_weights,
@@ -284,7 +288,7 @@ class AutoGPTQForCausalLM:
             self.model, samples, self.quantize_config, layers,
             lambda index, layer: sequential_groups(layer, arch),
             device=dev, work_dir=work_dir, progress=progress,
-            batch_size=batch_size or DEFAULT_BATCH_SIZE, **options,
+            batch_size=batch_size or DEFAULT_BATCH_SIZE, devices=devices, **options,
         )
         self.quantize_log = list(getattr(result, "records", []))
         zero_format = self.quantize_config.zero_format

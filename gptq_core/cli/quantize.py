@@ -74,6 +74,15 @@ def check_quantize_arguments(args: argparse.Namespace) -> None:
     """
     check_arguments(args, QUANTIZE_RULES)
     check_device_argument(args.device)
+    devices = getattr(args, "devices", None)
+    if devices is not None:  # a bad list fails now, not at the first layer
+        from ..device import default_device
+        from ..quantize.parallel import resolve_devices
+
+        try:
+            resolve_devices(devices, args.device, default_device())
+        except GPTQError as exc:
+            raise GPTQError(f"--devices {devices!r}: {exc}") from None
     longest = model_max_positions(args.model_dir)
     if args.seqlen is None:
         args.seqlen = min(DEFAULT_SEQLEN, longest or DEFAULT_SEQLEN)
@@ -111,6 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         device=args.device, work_dir=work_dir, progress=not args.no_progress,
         batch_size=args.calibration_batch_size,
+        devices=args.devices,
     )
     model.save_quantized(out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     if not args.keep_work_dir and not args.work_dir:
@@ -178,6 +188,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--stream-weights", action="store_true",
                         help="read each decoder layer's float weights from the safetensors shards when it is "
                              "quantized, never the whole model in memory (same checkpoint bytes)")
+    parser.add_argument("--devices", default=None,
+                        help="spread the work over identical devices, e.g. cuda:0,cuda:1: calibration batches and "
+                             "each group's linears run on all at once, to the same checkpoint bytes as on the first alone")
     parser.add_argument("--work-dir", default=None, help="folder for resumable progress (kept when given)")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the default work folder after success")
     parser.add_argument("--max-shard-size", default="4GB", help="split weights into files of at most this size (default 4GB)")

@@ -15,6 +15,10 @@
    instead, so the whole float model never needs to fit in host memory.
 4. With a ``work_dir``, every finished layer is committed atomically (:mod:`.workdir`) and a
    rerun with the same folder and settings resumes after the last finished layer.
+5. With several ``devices`` the batches of every pass are split over them (each holds a
+   replica of the layer and its share of the hidden states) and a group's linears are
+   quantized on them at once; Hessians are folded over fixed chunks of samples, so the bytes
+   do not depend on the device count (:mod:`.parallel`).
 
 With ``config.float_target`` the float model's hidden states travel alongside: before its
 first group, each layer (still float) runs once on them; the inputs its linears see there are
@@ -40,7 +44,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -54,7 +59,18 @@ from ..eval import module_device
 from ..format import PackedWeight
 from ..modules import is_conv1d, is_linear_like
 from .capture import LayerCall, capture_inputs, make_batches
-from .gptq import GPTQ, quantize_linear
+from .gptq import GPTQ, LinearStats, quantize_linear
+from .parallel import (
+    DEFAULT_CHUNK_SAMPLES,
+    ChunkedHessian,
+    ShardPlan,
+    assign_linears,
+    combine,
+    plan_shards,
+    replicate,
+    resolve_devices,
+    run_on_devices,
+)
 from .reuse import FinishedOutputs
 from .streaming import peak_host_memory_bytes
 from .workdir import WorkDir, samples_digest, tensor_digest
@@ -172,7 +188,7 @@ def _quantization_mode(model: nn.Module) -> Iterator[None]:
 
 def _fingerprint(
     config: QuantizeConfig, batches: list, layers: nn.ModuleList, groups: list[list[list[str]]],
-    layer_source: LayerSource,
+    layer_source: LayerSource, chunk_samples: int,
 ) -> dict[str, Any]:
     cfg = config.to_dict()
     cfg["meta"] = {k: v for k, v in cfg["meta"].items() if k != "quantizer"}
@@ -186,11 +202,8 @@ def _fingerprint(
         "layer_class": type(layers[0]).__name__,
         "groups": groups,
         "first_layer": first_layer,
+        "chunk_samples": chunk_samples,  # fixes the Hessians' summation order; the devices do not
     }
-
-
-def _pick_device(device: torch.device | str | None) -> torch.device:
-    return default_device() if device is None else torch.device(device)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -207,6 +220,8 @@ def quantize_model(
     batch_size: int = DEFAULT_BATCH_SIZE,
     resume: bool = True,
     layer_source: LayerSource = resident_layer,
+    devices: Sequence[torch.device | str] | str | None = None,
+    chunk_samples: int = DEFAULT_CHUNK_SAMPLES,
 ) -> QuantizeResult:
     """Quantize every listed linear of every decoder layer of ``model`` with GPTQ.
 
@@ -223,20 +238,30 @@ def quantize_model(
     tests/test_driver.py, figures in NOTES/quantizer.md). ``layer_source`` brings each layer's
     float weights onto the device for its turn (:data:`LayerSource`; default
     :func:`resident_layer`, :mod:`.streaming` reads them from disk); results do not depend on it.
+
+    ``devices`` (e.g. ``["cuda:0", "cuda:1"]`` or ``"cuda:0,cuda:1"``, identical devices of one
+    kind): the calibration batches and the linears of each group are spread over them
+    (:mod:`.parallel`), to the same bytes as on ``devices[0]`` alone. ``chunk_samples``: the
+    calibration samples per Hessian chunk, which fixes the summation order whatever the device
+    count (a different value changes the last bits; one chunk is the plain running mean).
+    A work folder resumes with any device list.
     """
     if not isinstance(config, QuantizeConfig):
         raise GPTQError(f"config must be a QuantizeConfig, got {type(config).__name__}")
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise GPTQError("layers must be the model's non-empty decoder-layer nn.ModuleList")
-    device = _pick_device(device)
+    devs = resolve_devices(devices, device, default_device())
+    device = devs[0]
     prefix = _prefix_of(model, layers)
     batches = make_batches(samples, batch_size)
+    plan = plan_shards([int(b["input_ids"].shape[0]) for b in batches], chunk_samples, devs)
     all_groups = [_layer_groups(i, layer, groups, config) for i, layer in enumerate(layers)]
     for i, layer in enumerate(layers):
         _resolve(layer, i, [n for g in all_groups[i] for n in g])
     state = None
     if work_dir is not None:
-        state = WorkDir(work_dir, _fingerprint(config, batches, layers, all_groups, layer_source), resume=resume)
+        fingerprint = _fingerprint(config, batches, layers, all_groups, layer_source, chunk_samples)
+        state = WorkDir(work_dir, fingerprint, resume=resume)
     done = state.done if state else 0
     if done > len(layers):
         raise GPTQError(f"work_dir '{work_dir}' reports {done} finished layers, the model has {len(layers)}")
@@ -251,13 +276,16 @@ def quantize_model(
             hidden = captured.hidden * tracks
         else:
             hidden = state.load_hidden(done - 1, tracks * len(batches))
-        memo: dict[int, Any] = {}
-        hidden = [h.to(device) for h in hidden]
-        calls = [[c.to(device, memo) for c in per_layer] for per_layer in captured.calls]
-        masks = [None if m is None else m.to(device) for m in captured.masks]
+        # every batch's tensors live on the device that works on it, from layer to layer
+        memo: dict[str, dict[int, Any]] = {}
+        hidden = [h.to(plan.device_of_batch(j % len(batches))) for j, h in enumerate(hidden)]
+        calls = [[c.to(plan.device_of_batch(b), memo.setdefault(str(plan.device_of_batch(b)), {}))
+                  for b, c in enumerate(per_layer)] for per_layer in captured.calls]
+        masks = [None if m is None else m.to(plan.device_of_batch(b)) for b, m in enumerate(captured.masks)]
         bar = tqdm(total=len(layers), desc="GPTQ", unit="layer", disable=not progress, initial=done)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        for d in set(devs):
+            if d.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(d)
         start = time.perf_counter()
         try:
             for i, layer in enumerate(layers):
@@ -270,7 +298,7 @@ def quantize_model(
                     continue
                 packed_layer, hidden = _quantize_layer(
                     i, full, layer, all_groups[i], hidden[: len(batches)], hidden[len(batches) :],
-                    calls[i], masks, config, device, state, result, bar, layer_source,
+                    calls[i], masks, config, plan, state, result, bar, layer_source,
                 )
                 result.update({f"{full}.{n}": p for n, p in packed_layer.items()})
                 if state:
@@ -278,17 +306,18 @@ def quantize_model(
                 bar.update(1)
         finally:
             bar.close()
-    logger.info("quantized %d decoder layers in %.1f s%s", len(layers) - done, time.perf_counter() - start,
-                _peak_memory(device))
+    logger.info("quantized %d decoder layers in %.1f s%s; devices %s", len(layers) - done,
+                time.perf_counter() - start, _peak_memory(devs), ", ".join(str(d) for d in devs))
     return result
 
 
-def _peak_memory(device: torch.device) -> str:
-    """'; peak GPU memory X GiB' on CUDA and '; peak host memory Y GiB' (the process's peak
-    RSS): what sizes the GPU and the host a model needs."""
+def _peak_memory(devices: Sequence[torch.device]) -> str:
+    """'; peak GPU memory X GiB' per CUDA device and '; peak host memory Y GiB' (the process's
+    peak RSS): what sizes the GPUs and the host a model needs."""
     text = ""
-    if device.type == "cuda":
-        text += f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    for d in dict.fromkeys(devices):
+        if d.type == "cuda":
+            text += f"; peak GPU memory {torch.cuda.max_memory_allocated(d) / 2**30:.2f} GiB ({d})"
     host = peak_host_memory_bytes()
     if host is not None:
         text += f"; peak host memory {host / 2**30:.2f} GiB"
@@ -305,37 +334,52 @@ def _quantize_layer(
     calls: list[LayerCall],
     masks: list[torch.Tensor | None],
     config: QuantizeConfig,
-    device: torch.device,
+    plan: ShardPlan,
     state: WorkDir | None,
     result: QuantizeResult,
     bar: tqdm,
     layer_source: LayerSource = resident_layer,
 ) -> tuple[dict[str, PackedWeight], list[torch.Tensor]]:
-    """GPTQ of one decoder layer, group by group, its float weights on ``device`` from
-    ``layer_source`` (before the float pass: it runs the still-float layer); returns its packed
-    linears and its outputs (followed by its float outputs when ``float_hidden`` is given: the
-    float target)."""
+    """GPTQ of one decoder layer, group by group, its float weights on the primary device from
+    ``layer_source`` (before the float pass: it runs the still-float layer) and a replica on
+    every other device that holds batches (:mod:`.parallel`); returns its packed linears and
+    its outputs (followed by its float outputs when ``float_hidden`` is given: the float
+    target), each on the device of its batch."""
     packed: dict[str, PackedWeight] = {}
     names = [n for g in groups for n in g]
-    memo = FinishedOutputs(layer, names)
-    with layer_source(index, layer, device):
-        references, float_outputs = None, []
+    busy = plan.busy
+    shares = {slot: plan.batches_on(slot) for slot in busy}
+    with layer_source(index, layer, plan.devices[0]):
+        replicas = {slot: layer if slot == 0 else replicate(layer, plan.devices[slot]) for slot in busy}
+        memos = {slot: FinishedOutputs(replica, names) for slot, replica in replicas.items()}
+        references: list[dict[tuple[str, int], torch.Tensor]] | None = None
+        float_outputs: list[torch.Tensor] = []
         if float_hidden:
-            references, float_outputs = _float_pass(layer, _resolve(layer, index, names), float_hidden, calls)
-        with memo.installed():
+            def float_job(slot: int) -> tuple[list, list[torch.Tensor]]:
+                replica, mine = replicas[slot], shares[slot]
+                return _float_pass(replica, _resolve(replica, index, names), [float_hidden[b] for b in mine],
+                                   [calls[b] for b in mine])
+
+            references, float_outputs = [{} for _ in hidden], list(float_hidden)
+            runs = run_on_devices([(plan.devices[s], partial(float_job, s)) for s in busy])
+            for slot, (refs, outs) in zip(busy, runs):
+                for b, ref, out in zip(shares[slot], refs, outs):
+                    references[b], float_outputs[b] = ref, out
+        with ExitStack() as installed:
+            for slot in busy:
+                installed.enter_context(memos[slot].installed())
             for group in groups:
                 modules = _resolve(layer, index, group)
-                accs = _collect_hessians(layer, modules, hidden, calls, masks, device, memo=memo,
-                                         references=references)
+                accs = _collect_hessians(layer, modules, hidden, calls, masks, plan.devices[0], memo=memos[0],
+                                         references=references, plan=plan, replicas=replicas, memos=memos)
                 if references is not None:
                     for refs in references:  # this group's float inputs are not needed again
                         for key in [k for k in refs if k[0] in modules]:
                             del refs[key]
-                for name, module in modules.items():
-                    bias = module.bias if module.bias is not None else None
-                    pw, stats = quantize_linear(linear_weight(module), accs[name], config, bias, device=device)
-                    set_quantized(module, pw)
-                    memo.finish(name)
+                for name, (pw, stats) in _quantize_group(modules, accs, config, plan.devices).items():
+                    for slot, replica in replicas.items():
+                        set_quantized(replica.get_submodule(name), pw)
+                        memos[slot].finish(name)
                     packed[name] = pw
                     record = {"layer": index, "module": name, "name": f"{full}.{name}", **stats.to_dict()}
                     result.records.append(record)
@@ -344,11 +388,38 @@ def _quantize_layer(
                     if stats.warning:
                         logger.warning("%s.%s: %s", full, name, stats.warning)
                     bar.set_postfix_str(f"layer {index} {name} err={stats.error:.4g} {stats.seconds:.2f}s")
-            outputs = []
-            for number, (call, h) in enumerate(zip(calls, hidden)):
-                memo.begin(number)
-                outputs.append(call(layer, h))
+
+            def output_job(slot: int) -> list[torch.Tensor]:
+                replica, memo, outs = replicas[slot], memos[slot], []
+                for number in shares[slot]:
+                    memo.begin(number)
+                    outs.append(calls[number](replica, hidden[number]))
+                return outs
+
+            outputs: list[torch.Tensor] = list(hidden)
+            for slot, outs in zip(busy, run_on_devices([(plan.devices[s], partial(output_job, s)) for s in busy])):
+                for number, out in zip(shares[slot], outs):
+                    outputs[number] = out
     return packed, outputs + float_outputs
+
+
+def _quantize_group(
+    modules: dict[str, nn.Module], accs: dict[str, GPTQ], config: QuantizeConfig, devices: Sequence[torch.device]
+) -> dict[str, tuple[PackedWeight, LinearStats]]:
+    """GPTQ of a group's linears, spread over the devices (:func:`.parallel.assign_linears`);
+    the results in the group's order. Each linear is computed whole on one device, so which
+    (identical) device it is changes no byte."""
+    slots = assign_linears({n: tuple(linear_weight(m).shape) for n, m in modules.items()}, len(devices))
+    per_slot: dict[int, list[str]] = {}
+    for name in modules:
+        per_slot.setdefault(slots[name], []).append(name)
+
+    def job(slot: int) -> list[tuple[str, tuple[PackedWeight, LinearStats]]]:
+        return [(name, quantize_linear(linear_weight(modules[name]), accs[name], config, modules[name].bias,
+                                       device=devices[slot])) for name in per_slot[slot]]
+
+    done = dict(pair for out in run_on_devices([(devices[s], partial(job, s)) for s in per_slot]) for pair in out)
+    return {name: done[name] for name in modules}
 
 
 def _float_pass(
@@ -390,8 +461,46 @@ def _collect_hessians(
     share: bool = True,
     memo: FinishedOutputs | None = None,
     references: list[dict[tuple[str, int], torch.Tensor]] | None = None,
+    *,
+    plan: ShardPlan | None = None,
+    replicas: dict[int, nn.Module] | None = None,
+    memos: dict[int, FinishedOutputs] | None = None,
 ) -> dict[str, GPTQ]:
-    """Run the layer on every batch; hooks fold each module's inputs into its Hessian.
+    """Every linear's Hessian from running the layer on every batch (:func:`_collect_partials`
+    on each device of ``plan`` at once, its replica on its batches), merged on ``device`` in
+    chunk order (:func:`.parallel.combine`). Without a ``plan``: ``layer`` alone on ``device``
+    with the default chunks. Linears that shared one accumulator share the result."""
+    if plan is None:
+        plan = plan_shards([int(h.shape[0]) for h in hidden], DEFAULT_CHUNK_SAMPLES, [device])
+    replicas = replicas or {0: layer}
+    memos = memos or {0: memo}
+    busy = plan.busy
+
+    def job(slot: int) -> dict[str, ChunkedHessian]:
+        replica = replicas[slot]
+        mine = {name: replica.get_submodule(name) for name in modules} if replica is not layer else modules
+        return _collect_partials(replica, mine, plan.batches_on(slot), plan, hidden, calls, masks,
+                                 slot == 0, share, memos.get(slot), references)
+
+    partials = run_on_devices([(plan.devices[s], partial(job, s)) for s in busy])
+    return combine(partials, {n: linear_weight(m).shape[1] for n, m in modules.items()}, device)
+
+
+def _collect_partials(
+    layer: nn.Module,
+    modules: dict[str, nn.Module],
+    numbers: list[int],
+    plan: ShardPlan,
+    hidden: list[torch.Tensor],
+    calls: list[LayerCall],
+    masks: list[torch.Tensor | None],
+    fold: bool,
+    share: bool = True,
+    memo: FinishedOutputs | None = None,
+    references: list[dict[tuple[str, int], torch.Tensor]] | None = None,
+) -> dict[str, ChunkedHessian]:
+    """Run the layer on batches ``numbers`` (one device's share); hooks fold each module's
+    inputs into its per-chunk Hessian partials (:class:`.parallel.ChunkedHessian`).
 
     Linears that read the very same input tensor (q/k/v, gate/up: DESIGN.md §6's
     true-sequential groups) share one accumulator, so each batch costs one ``X^T X`` per
@@ -400,7 +509,10 @@ def _collect_hessians(
     again without sharing. ``references``: the float pass's inputs (float target); a linear
     whose call in this pass has no float counterpart of the same shape loses its reference.
     """
-    accs: dict[str, GPTQ] = {}
+    if not numbers:
+        return {}
+    device = hidden[numbers[0]].device
+    accs: dict[str, ChunkedHessian] = {}
     fired: set[str] = set()
     mask: list[torch.Tensor | None] = [None]
     seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # this batch: input -> first reader
@@ -421,7 +533,7 @@ def _collect_hessians(
                 fresh = first == name or born[first] != batch[0]
                 owner[name] = name if fresh else first
                 born[name] = batch[0]
-                accs[name] = GPTQ(linear_weight(module).shape[1], device=device) if fresh else accs[first]
+                accs[name] = ChunkedHessian(linear_weight(module).shape[1], device, fold) if fresh else accs[first]
             elif owner[name] != first:
                 broken[0] = True
             count = calls_seen.get(name, 0)
@@ -432,7 +544,7 @@ def _collect_hessians(
                     ref = references[batch[0]].get((name, count))
                     if ref is None or ref.shape != x.shape:
                         unpaired.add(name)
-                        accs[name].D = None
+                        accs[name].drop_reference()
                         logger.info("%s: its inputs differ between the float and the quantized "
                                     "pass; quantized without the float target", name)
                         ref = None
@@ -440,7 +552,7 @@ def _collect_hessians(
                 if m is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(m.shape):
                     x = x[m]  # padding tokens do not count
                     ref = None if ref is None else ref[m]
-                accs[name].add_batch(x, ref)
+                accs[name].add_batch(plan.chunk_of[batch[0]], x, ref)
             fired.add(name)
             if len(fired) == len(modules):
                 raise _StopLayer  # the rest of the layer is not needed for this group
@@ -449,16 +561,16 @@ def _collect_hessians(
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
     try:
-        for number, (call, h, m) in enumerate(zip(calls, hidden, masks)):
+        for number in numbers:
             fired.clear()
             seen.clear()
             calls_seen.clear()
-            mask[0] = m
+            mask[0] = masks[number]
             batch[0] = number
             if memo is not None:
                 memo.begin(number)
             try:
-                call(layer, h)
+                calls[number](layer, hidden[number])
             except _StopLayer:
                 pass
             seen.clear()
@@ -472,8 +584,6 @@ def _collect_hessians(
             handle.remove()
     if broken[0]:
         logger.debug("linears %s did not read the same inputs on every batch; Hessians not shared", list(modules))
-        return _collect_hessians(layer, modules, hidden, calls, masks, device, share=False, memo=memo,
-                                 references=references)
-    for name, module in modules.items():  # a linear no batch reached: empty Hessian, RTN fallback
-        accs.setdefault(name, GPTQ(linear_weight(module).shape[1], device=device))
+        return _collect_partials(layer, modules, numbers, plan, hidden, calls, masks, fold, share=False,
+                                 memo=memo, references=references)
     return accs
