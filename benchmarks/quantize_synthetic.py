@@ -32,6 +32,11 @@ METHODS: dict[str, list[str]] = {
     "default": [],
     "default+mse": ["--mse", "2.4"],
 }
+#: ``<method>-torch-loop``: the same with GPTQ's column loop in torch instead of the Triton
+#: kernel (gptq_core/quantize/column_kernel.py), to measure the kernel side by side.
+TORCH_LOOP = "-torch-loop"
+TORCH_LOOP_PATCH = ("import sys, gptq_core.quantize.column_kernel as k; k.available = lambda device: False; "
+                    "from gptq_core.cli.main import main; sys.exit(main(sys.argv[1:]))")
 DONE = re.compile(r"quantized (\d+) decoder layers in ([\d.]+) s(?:; peak GPU memory ([\d.]+) GiB)?")
 
 
@@ -56,7 +61,7 @@ def main() -> int:
     p.add_argument("--calibration", required=True, help="calibration text file (WikiText-2 in the issue)")
     p.add_argument("--shape", default="llama-2-7b")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--methods", default="plain,default", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", default="plain,default", help=f"comma list of {', '.join(METHODS)}, each optionally with {TORCH_LOOP}")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cuda")
@@ -78,11 +83,17 @@ def main() -> int:
         for method in args.methods.split(","):
             out = work / f"out-{method}"
             profile = work / f"profile-{method}.out"
-            runner = ["-m", "cProfile", "-o", str(profile), "-m"] if args.cprofile else ["-m"]
-            cmd = [sys.executable, *runner, "gptq_core", "quantize", str(float_dir), str(out),
+            base = method.removesuffix(TORCH_LOOP)
+            if method.endswith(TORCH_LOOP):
+                runner = ["-c", TORCH_LOOP_PATCH]
+            elif args.cprofile:
+                runner = ["-m", "cProfile", "-o", str(profile), "-m", "gptq_core"]
+            else:
+                runner = ["-m", "gptq_core"]
+            cmd = [sys.executable, *runner, "quantize", str(float_dir), str(out),
                    "--calibration", args.calibration, "--nsamples", str(args.nsamples),
                    "--seqlen", str(args.seqlen), "--device", args.device, "--overwrite", "--no-progress", "-v",
-                   *METHODS[method]]
+                   *METHODS[base]]
             start = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - start
