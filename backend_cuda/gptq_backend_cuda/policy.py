@@ -5,8 +5,8 @@ docs/DESIGN.md §12: the decision is data on the prepared weight: a
 :class:`Launch` records (rows up to, kernel kind, units per split) that ``gptq_qmatmul`` walks;
 the C++ op receives the kind and the split and only checks that they can serve the call.
 
-Nothing here has been measured yet (the backend has not run on a GPU): every number is reasoned
-from the kernel's design and says so; NOTES/perf-cuda.md is where the measurements will go.
+The dequantize thresholds are measured on the H200 (below); the split plan and blocks per SM are
+still reasoned from the kernel's design and say so (NOTES/perf-h200.md, "cuda and exllama").
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ KINDS: dict[str, int] = {
 #: Rows one launch of each kernel kind serves per slice (csrc/cuda_kernels.h ``kRowsPerSlice``).
 ROWS = {"cuda:mma-m8": 8, "cuda:mma-m16": 16}
 
-#: Rows above which each call dequantizes the layer and calls cuBLAS, by bit width. Reasoned,
-#: not measured: a 16-row slice streams the packed weight once (bits/16 of fp16's bytes), so k
-#: slices cost about k * bits/16 of one fp16 GEMM pass, while dequantize + cuBLAS costs one
-#: packed read, one fp16 write and a cuBLAS GEMM (about 2-3 fp16 passes at these M): slicing
-#: wins up to about 16 * 16/bits * 2 rows, halved for the weight re-reads that miss L2.
-DEQUANT_THRESHOLDS: dict[int, int] = {2: 128, 3: 96, 4: 64, 8: 32}
+#: Rows above which each call dequantizes the layer and calls cuBLAS, by bit width. Measured on
+#: the H200 (benchmarks/results/h200-cuda-exllama-conformance-kernels-4bit-3bit.txt and
+#: h200-kernels-2bit-8bit-act-order-and-quantize-7b.txt, 8192x28672 and 4096x4096 at M = 1, 8, 16,
+#: 64): the 16-row slices cost about k x the M=16 time, so M=64 took 343/421/424/1765 us at
+#: 2/3/4/8 bits where dequantize + cuBLAS costs about fp16's 117 us plus one pass over the weight
+#: (~250 us); M=16 still won (87/104/104/132 us). The break-even lies near 32 rows (16 for 8-bit,
+#: whose slices stream twice the bytes); the 4096x4096 layer agrees (M=16 at fp16 + dequant).
+DEQUANT_THRESHOLDS: dict[int, int] = {2: 32, 3: 32, 4: 32, 8: 16}
 
 #: Threads per block and columns per block (csrc/cuda_kernels.h kThreads, kCtaN).
 WARPS = 4

@@ -4,9 +4,11 @@ docs/DESIGN.md §12: the decision is data on the prepared weight (a
 :class:`~gptq_core.policy.DispatchPolicy` for ``gptq backends explain`` and a tuple of
 ``(upto_m, kind)`` ints that ``gptq_qmatmul`` walks); the C++ op receives the kind.
 
-No threshold here has been measured yet (README, "What never ran"): they are reasoned from the
-kernel's instruction count against dequantize + cuBLAS on the H200 of docs/DESIGN.md §9, and
-are to be replaced by the break-even that ``scripts/h200_check.py`` measures.
+The fp16 threshold is measured on the H200 (benchmarks/results/h200-cuda-exllama-conformance-
+kernels-4bit-3bit.txt, 8192x28672, fp16 over cuBLAS): the kernel took 35.9 / 129.0 / 255.3 us at
+M = 1 / 8 / 16 and dequantize + cuBLAS 268.4 us at M = 64 (about 250 us at any M up to there),
+so the two meet at M = 16; the instruction-count reasoning below had put it near 48. bf16 is
+reasoned (never timed).
 
 * The kernel issues about 1.4 + 0.63 M instructions per weight for fp16 (SASS of
   ``gemm_kernel``: 11 per 8 weights to decode, 3 SHF + 4 LOP3 + 4 HADD2, the same count as the
@@ -37,7 +39,7 @@ KINDS: dict[str, int] = {
 }
 
 #: Rows above which each call dequantizes + cuBLAS, by activation dtype (reasoned, see above).
-DEQUANT_THRESHOLDS: dict[torch.dtype, int] = {torch.float16: 32, torch.bfloat16: 16}
+DEQUANT_THRESHOLDS: dict[torch.dtype, int] = {torch.float16: 16, torch.bfloat16: 16}
 
 ROWS_PER_CHUNK = 8   # activation rows per block (csrc/exllama.h kRowsPerChunk)
 BLOCK_N = 512        # columns per block (kBlockN)
