@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -288,13 +288,27 @@ def run_on_devices(jobs: Sequence[tuple[torch.device, Callable[[], T]]]) -> list
     if len(jobs) == 1:
         device, fn = jobs[0]
         return [_on_device(device, fn)]
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="gptq-device") as pool:
-        futures = [pool.submit(_on_device, device, fn) for device, fn in jobs]
-        errors = [f.exception() for f in futures]
+    # Threads of their own, not a pool: a pool hands a second job to a worker that finished
+    # early, and then two devices' shares would run one after the other.
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException | None] = [None] * len(jobs)
+
+    def work(i: int, device: torch.device, fn: Callable[[], T]) -> None:
+        try:
+            results[i] = _on_device(device, fn)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below in the calling thread
+            errors[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i, d, f), name=f"gptq-device-{i}")
+               for i, (d, f) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     for error in errors:
         if error is not None:
             raise error
-    return [f.result() for f in futures]
+    return results
 
 
 def assign_linears(shapes: dict[str, tuple[int, int]], slots: int) -> dict[str, int]:
