@@ -304,8 +304,14 @@ def quantize_model(
                 if state:
                     state.commit(i, packed_layer, hidden)
                 bar.update(1)
+            if state:
+                state.flush()  # the last layer is on disk (or its write error raised) before returning
         finally:
             bar.close()
+            if state:
+                # a crash in layer i+1 still leaves layer i recorded; a write error is logged, not
+                # raised, so the exception already under way is the one reported
+                state.flush(raise_error=False)
     logger.info("quantized %d decoder layers in %.1f s%s; devices %s", len(layers) - done,
                 time.perf_counter() - start, _peak_memory(devs), ", ".join(str(d) for d in devs))
     return result

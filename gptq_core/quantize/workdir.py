@@ -15,13 +15,24 @@ marker; a non-empty folder without it belongs to the user and is refused, untouc
 
 On a restart with the same folder and a matching fingerprint the driver skips finished
 layers and continues from the saved hidden states, which gives byte-identical results.
+
+Resumable after a crash (DESIGN.md §6) must not cost speed: writing a layer's state (two
+hidden-state sets of ~2 GB each per layer of a 7B model with the float target) took about half
+of each layer's time when done in line (NOTES/quantizer.md), so
+:meth:`WorkDir.commit` only copies what it saves to host memory and a background thread writes
+the files, then the progress record, in order; one write is in flight at most (the next commit
+waits for it), and :meth:`WorkDir.flush` waits for it and reports its error. The files on disk
+follow the same order as an in-line write, so a crash at any moment resumes from the last layer
+whose files are complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,8 @@ MARKER = ".gptq-work"
 _TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 _FIELDS = ("bits", "group_size", "in_features", "out_features", "sym", "desc_act", "zero_format")
 
+logger = logging.getLogger("gptq_core.quantize")
+
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -56,6 +69,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
     honour_umask(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that nothing else holds: the caller may reuse or change ``t``
+    (on its device, or in place on the CPU: a layer may write into its input) while the copy
+    waits for the background writer."""
+    return t.detach().to("cpu", copy=True).contiguous()
 
 
 def tensor_digest(module: nn.Module) -> str:
@@ -108,6 +128,8 @@ class WorkDir:
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], resume: bool = True) -> None:
         self.path = claim_work_dir(path)
+        self._writer: threading.Thread | None = None  # the write in flight (one at most)
+        self._error: BaseException | None = None  # what stopped it, until reported
         fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         fp_file = self.path / FINGERPRINT
         if fp_file.exists() and resume:
@@ -128,7 +150,14 @@ class WorkDir:
         else:
             self.clear()
             _atomic_write_text(fp_file, json.dumps(fingerprint, indent=1, sort_keys=True))
-        self.done = self._read_done()
+        self._done = self._read_done()
+
+    @property
+    def done(self) -> int:
+        """Finished layers as recorded on disk. Waits for a write in flight (and raises its
+        error), so no reader counts a layer whose files are not complete yet."""
+        self.flush()
+        return self._done
 
     # ------------------------------------------------------------------ state
     def clear(self) -> None:
@@ -159,24 +188,64 @@ class WorkDir:
 
     # ------------------------------------------------------------------ commit one layer
     def commit(self, index: int, packed: dict[str, PackedWeight], hidden: list[torch.Tensor]) -> None:
-        """Record layer ``index`` as finished: its packed weights and its outputs."""
-        tensors, meta = {}, {}
+        """Record layer ``index`` as finished: its packed weights and its outputs.
+
+        Returns once they are copied to host memory (the caller may reuse the tensors); a
+        background thread writes the files, then ``progress.json``, then deletes the previous
+        layer's hidden states. The previous layer's write is waited for first (and its error
+        raised), so at most one layer's copies are held."""
+        self.flush()
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, dict[str, Any]] = {}
         for name, pw in packed.items():
             meta[name] = {f: getattr(pw, f) for f in _FIELDS}
             for t in _TENSORS:
                 value = getattr(pw, t)
                 if value is not None:
-                    tensors[f"{name}.{t}"] = value
-        _atomic_save(tensors, self._layer_file(index), {"modules": json.dumps(meta)})
-        _atomic_save({f"batch_{b:05d}": h for b, h in enumerate(hidden)}, self._hidden_file(index), {})
-        _atomic_write_text(self.path / PROGRESS, json.dumps({"done": index + 1}))
-        self.done = index + 1
-        old = self._hidden_file(index - 1)
-        if old.exists():
-            old.unlink()
+                    tensors[f"{name}.{t}"] = host_copy(value)
+        states = {f"batch_{b:05d}": host_copy(h) for b, h in enumerate(hidden)}
+        # not a daemon: the interpreter waits for it at exit instead of killing it mid-write
+        writer = threading.Thread(target=self._write, args=(index, tensors, meta, states),
+                                  name=f"gptq-work-layer-{index}", daemon=False)
+        writer.start()
+        self._writer = writer
+
+    def _write(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               states: dict[str, torch.Tensor]) -> None:
+        """The writer thread: the files in the order that makes ``progress.json`` the commit point."""
+        try:
+            _atomic_save(tensors, self._layer_file(index), {"modules": json.dumps(meta)})
+            _atomic_save(states, self._hidden_file(index), {})
+            _atomic_write_text(self.path / PROGRESS, json.dumps({"done": index + 1}))
+            self._done = index + 1
+            old = self._hidden_file(index - 1)
+            if old.exists():
+                old.unlink()
+        except BaseException as exc:  # reported by flush() in the caller's thread
+            self._error = exc
+
+    def flush(self, raise_error: bool = True) -> None:
+        """Wait for the write in flight. Its failure (e.g. a full disk) raises one GPTQError
+        line naming the folder; with ``raise_error=False`` (the caller is already failing for
+        another reason, which must not be masked) it is logged instead."""
+        writer = self._writer
+        if writer is not None:
+            writer.join()
+            self._writer = None
+        error, self._error = self._error, None
+        if error is None:
+            return
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        message = (f"could not write the work folder '{self.path}' ({reason}); it holds {self._done} finished "
+                   "layers: free disk space (or fix the folder) and run again to resume from there")
+        if not raise_error:
+            logger.error("%s", message)
+            return
+        raise GPTQError(message) from None
 
     # ------------------------------------------------------------------ read back
     def load_layer(self, index: int) -> dict[str, PackedWeight]:
+        self.flush()  # never read a file the writer is still writing
         path = self._layer_file(index)
         try:
             tensors = load_file(str(path))
@@ -193,6 +262,7 @@ class WorkDir:
         return out
 
     def load_hidden(self, index: int, count: int) -> list[torch.Tensor]:
+        self.flush()
         path = self._hidden_file(index)
         try:
             tensors = load_file(str(path))
