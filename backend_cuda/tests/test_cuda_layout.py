@@ -143,7 +143,8 @@ def test_irregular_act_order_and_odd_group_sizes_are_refused():
 def test_prepare_plans_for_the_reference_gpu_on_the_cpu():
     packed = random_packed(4, 128, True, False, 256, 72, seed=7)
     prep = prepare(packed, torch.device("cpu"), torch.float16)
-    assert prep.policy.describe() == f"M<=8: cuda:mma-m8; M<=64: cuda:mma-m16; M>64: dequant+cublas"
+    t = policy.DEQUANT_THRESHOLDS[4]  # measured break-even (policy.py)
+    assert prep.policy.describe() == f"M<=8: cuda:mma-m8; M<={t}: cuda:mma-m16; M>{t}: dequant+cublas"
     assert [launch.kind for launch in prep.launches] == [0, 1, 2]
     assert prep.launches[-1].units_per_split == 0
     assert policy.KINDS["dequant+cublas"] == 2
