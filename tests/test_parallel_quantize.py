@@ -18,17 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from gptq_core import GPTQError, QuantizeConfig
 from gptq_core.cli.main import main
+from gptq_core.models import get_architecture
 from gptq_core.quantize import GPTQ, prepare_calibration, quantize_model
 from gptq_core.quantize.calibration import _read_text_file
 from gptq_core.quantize.parallel import ChunkedHessian, combine, merge, plan_shards, resolve_devices
 
 DATA = Path(__file__).resolve().parents[1] / "gptq_core" / "data"
-LLAMA_GROUPS = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
+#: Llama's true-sequential groups, from the architecture table
+LLAMA_GROUPS = [list(g) for g in get_architecture(LlamaConfig()).groups]
 #: float target (the default) and group-aware order: the settings most sensitive to last bits
 CONFIG = QuantizeConfig(bits=4, group_size=32, act_group_aware=True)
 CPU = torch.device("cpu")
@@ -102,7 +99,7 @@ def test_string_device_list_and_padding():
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt2"])
 def test_moe_and_conv1d_models_on_two_devices(model_type):
-    from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization, sequential_groups
+    from gptq_core.models import decoder_layers, prepare_model_for_quantization, sequential_groups
     from gptq_core.testing import TINY_VOCAB, tiny_model
 
     data = torch.randint(3, TINY_VOCAB, (8, 16), generator=torch.Generator().manual_seed(5))
@@ -142,7 +139,7 @@ def test_streamed_weights_on_two_devices(calibration, one_device):
     """The streaming layer source brings each layer onto the primary device; the replicas
     are copied from it there."""
     from gptq_core import AutoGPTQForCausalLM
-    from gptq_core.models import decoder_layers, get_architecture, prepare_model_for_quantization
+    from gptq_core.models import decoder_layers, prepare_model_for_quantization
 
     _, one = one_device
     wrapper = AutoGPTQForCausalLM.from_pretrained(DATA / "stories260K", CONFIG, stream_weights=True)

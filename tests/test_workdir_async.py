@@ -21,16 +21,13 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptq_core import GPTQError, QuantizeConfig, quantize_rtn
+from gptq_core.models import get_architecture
 from gptq_core.quantize import quantize_model
 from gptq_core.quantize import workdir
 from gptq_core.quantize.workdir import WorkDir
 
-GROUPS = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
+#: Llama's true-sequential groups, from the architecture table
+GROUPS = [list(g) for g in get_architecture(LlamaConfig()).groups]
 #: float target on: two hidden-state sets per layer, as in the default CLI run
 CFG = QuantizeConfig(bits=4, group_size=16, sym=False, float_target=0.5)
 LAYERS = 3

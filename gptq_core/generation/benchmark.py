@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import GPTQError
 from ..placement import DeviceMap
+from ..quantize.capture import nested_to
 from .fast import FastGenerator
 
 #: Decode modes in the order they run: eager first (the reference for tokens_match), the fast
@@ -338,20 +339,6 @@ def _input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
 
-def _to(value, device: torch.device):
-    """Tensors in ``value`` (nested tuples, lists, dicts) moved to ``device``; other objects,
-    the KV cache among them, as they are (each layer's cache lives on the layer's device)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(_to(v, device) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def _unhooked(module: nn.Module) -> Callable:
     """``module``'s own forward without accelerate's device-alignment hook (whose argument walk
     is part of the multi-device cost, not of the layer's), unless its tensors are offloaded
@@ -403,7 +390,7 @@ def time_layer_sum(model: nn.Module, ids: torch.Tensor, steps: int, devices: lis
             handle.remove()
         # On the layer's device, as accelerate's hook would put them (the rotary embeddings may
         # come from another GPU); moved once, outside the timing.
-        args, kwargs = _to(captured["args"], dev), _to({**captured["kwargs"], "attention_mask": None}, dev)
+        args, kwargs = nested_to(captured["args"], dev), nested_to({**captured["kwargs"], "attention_mask": None}, dev)
         layer_ms.append(timed(lambda: forward(*args, **kwargs)))
         del out, args, kwargs
         captured.clear()

@@ -13,7 +13,8 @@ changes launch counts, not the algorithm.
 Rounding: division is IEEE round-to-nearest (``div_rn``), rounding to integers is
 half-to-even (as ``torch.round``); the rank-one update may contract into an fma where torch
 rounds the product first, so the last bit of an updated weight, and rarely one integer, can
-differ from the torch loop's (bound pinned in tests/test_column_kernel.py). Deterministic.
+differ from the torch loop's on a GPU. Under Triton's interpreter (numpy arithmetic, no fma)
+the results equal the torch loop's exactly: tests/test_column_kernel.py pins that. Deterministic.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ try:
 except ImportError:  # the CPU build of torch comes without Triton: the torch loop serves
     triton = None
 
-#: Rows per program; the block's columns (at most 128) are held for each row.
+#: Rows per program; the block's columns (at most MAX_BLOCK) are held for each row.
 BLOCK_N = 16
+#: The widest block a program holds in registers.
+MAX_BLOCK = 128
 
 
 def available(device: torch.device) -> bool:
@@ -87,8 +90,8 @@ def quantize_span(
     ``scales``/``zeros`` [G, N] float32 and ``col_group`` [B] int32 give each column's grid.
     ``Hinv1`` is the block's [B, B] slice of the upper Cholesky factor, contiguous."""
     N, B = W1.shape
-    if B > 128:
-        raise ValueError(f"a block of {B} columns is wider than the kernel's 128")
+    if B > MAX_BLOCK:
+        raise ValueError(f"a block of {B} columns is wider than the kernel's {MAX_BLOCK}")
     grid = (triton.cdiv(N, BLOCK_N),)
     _columns_kernel[grid](
         W1, Hinv1, Q1, Err1, losses, scales, zeros, col_group,

@@ -401,10 +401,10 @@ def _gptq(
     # On a GPU the column loop runs as one Triton kernel per span of columns (.column_kernel);
     # the torch loop below is the reference it is tested against, and the CPU's path.
     kernel = use_kernel if use_kernel is not None else column_kernel.available(dev)
-    if kernel and block_size > 128:
-        block_size = 128
-    col_group_dev = col_group.to(torch.int32)
-    maxq = 2**config.bits - 1
+    if kernel:
+        block_size = min(block_size, column_kernel.MAX_BLOCK)
+        col_group_kernel = col_group.to(torch.int32)
+        maxq = 2**config.bits - 1
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1 = W[:, i1:i2].clone()
@@ -425,32 +425,30 @@ def _gptq(
             scales[g], zeros[g] = group_params(current, grid)
 
         if kernel:
-            starts = [c - i1 for c in range(i1, i2) if c in spans]
-            bounds = sorted(set([0, *starts, i2 - i1]))
-            block_groups = col_group_dev[i1:i2].contiguous()
+            # one launch per run of columns whose grids are known when it starts
+            bounds = sorted({0, i2 - i1, *(c - i1 for c in range(i1, i2) if c in spans)})
+            block_groups = col_group_kernel[i1:i2].contiguous()
             hinv_block = Hinv1.contiguous()  # [B, B]: one small copy, plain row stride
             for a, b in zip(bounds, bounds[1:]):
                 if a + i1 in spans:
                     start_group(a)
                 column_kernel.quantize_span(W1, hinv_block, Q1, Err1, losses, scales, zeros, block_groups,
                                             a, b, maxq)
-            Q[:, i1:i2] = Q1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-            continue
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = col_group_list[col]
-            if col in spans:
-                start_group(i)
-            s, z = scales[g], zeros[g]
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = quantize_values(w, s, z, config.bits)
-            err = (w - dequantize_values(q, s, z)) / d
-            Q1[:, i] = q
-            losses += err.square()
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+        else:
+            for i in range(i2 - i1):
+                col = i1 + i
+                g = col_group_list[col]
+                if col in spans:
+                    start_group(i)
+                s, z = scales[g], zeros[g]
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                q = quantize_values(w, s, z, config.bits)
+                err = (w - dequantize_values(q, s, z)) / d
+                Q1[:, i] = q
+                losses += err.square()
+                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                Err1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
