@@ -121,7 +121,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 def set_quantized(module: nn.Module, packed: PackedWeight) -> None:
     """Replace the module's weight (and bias) by what the packed layer dequantizes to."""
     w = module.weight
-    deq = packed.dequantize(torch.float32)  # [K, N]
+    # dequantized where the module lives: the packed layer is small, its float32 [K, N] is not
+    deq = packed.to(w.device).dequantize(torch.float32)  # [K, N]
     deq = deq if is_conv1d(module) else deq.t()
     with torch.no_grad():
         w.copy_(deq.to(device=w.device, dtype=w.dtype))
