@@ -20,6 +20,12 @@
 #   exllama     the exllama backend: build, the conformance suite (quick)
 #   kernels     gptq bench of cuda, exllama, marlin and triton at 4/3/2/8 bits (KERNEL_BITS),
 #               4096x4096 and 8192x28672, M = 1, 8, 16, 64
+#   decode-shapes  gptq bench 4-bit g128 of exllama and marlin (the M <= 8 leaders) on the linears of
+#               Llama-2-7B (q/k/v and gate/up fused) and Llama-3-8B at M = 1, 8, 16, 32
+#   hopper      benchmarks/hopper_check.py: the sm_90a wgmma kernel against float64, then timed
+#               against marlin and fp16 cuBLAS at M = 16..4096
+#   gen-backends  gptq bench generate --synthetic llama-2-7b --modes fast --compare-backends
+#               (GEN_BACKENDS, default marlin,exllama), batch GEN_BATCH (default 1)
 #   act-order   gptq bench 4-bit g128 --act-order (desc_act) of exllama, cuda, marlin, triton at M = 1, 8
 #   greedy      benchmarks/backend_greedy_check.py: greedy tokens of marlin, cuda and exllama compared
 #               (stories260K and the synthetic 7B 4-bit checkpoints)
@@ -73,6 +79,15 @@ for name in "$@"; do
                 step bench-b$b 100 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8,16,64 \
                     --bits $b --group-size 128 --backends cuda,exllama,marlin,triton --json "$OUT/bench-b$b.json" --quiet
             done ;;
+        decode-shapes)
+            step exllama-build 180 $PY -m gptq_backend_exllama.build
+            step decode-shapes 200 $PY -m gptq_core bench --m 1,8,16,32 --bits 4 --group-size 128 \
+                --shapes 4096x12288,4096x4096,4096x22016,11008x4096,4096x6144,4096x28672,14336x4096 \
+                --backends exllama,marlin --json "$OUT/bench-decode-shapes.json" --quiet ;;
+        hopper) step hopper 300 $PY benchmarks/hopper_check.py --out "$OUT/hopper.txt" ;;
+        gen-backends) step gen-backends 330 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-1}" \
+                          --modes fast --compare-backends "${GEN_BACKENDS:-marlin,exllama}" --new-tokens 64 --prompt-len 32 \
+                          --work-dir "$WORK" --json "$OUT/gen-backends.json" ;;
         act-order) step act-order 100 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8 --bits 4 \
                        --group-size 128 --act-order --backends exllama,cuda,marlin,triton --json "$OUT/bench-b4-act.json" --quiet ;;
         greedy) step greedy 240 $PY benchmarks/backend_greedy_check.py --backends "${GREEDY_BACKENDS:-auto,cuda,exllama}" \

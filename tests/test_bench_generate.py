@@ -53,7 +53,23 @@ def test_bench_generate_on_stories_cpu(tmp_path, capsys):
     assert "batch 2: prompt 8 tokens, 8 new tokens" in table and "DIFFER" not in table
 
 
+def test_compare_backends_times_the_quantized_model_once_per_backend(tmp_path):
+    out = tmp_path / "gen.json"
+    rc = main(["bench", "generate", str(STORIES), "--device", "cpu", "--batch", "1", "--modes", "eager",
+               "--new-tokens", "4", "--prompt-len", "4", "--seconds", "0", "--quiet", "--json", str(out),
+               "--compare-backends", "torch,cpu"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [(r["model"], r["status"]) for r in data["rows"]] == [
+        ("float", "ok"), ("quantized[torch]", "ok"), ("quantized[cpu]", "ok")]
+    assert data["meta"]["backend"] == "torch,cpu"
+    assert [(m["label"], m["backend"]) for m in data["models"]] == [
+        ("float", None), ("quantized[torch]", "torch"), ("quantized[cpu]", "cpu")]
+
+
 @pytest.mark.parametrize("args, message", [
+    ([str(STORIES), "--compare-backends", "torch"], "two or more"),
+    ([str(STORIES), "--compare-backends", "torch,cpu", "--backend", "torch"], "give one of them"),
     ([], "exactly one"),
     ([str(STORIES), "--synthetic", "llama-2-7b"], "exactly one"),
     ([str(STORIES), "--modes", "eager,turbo"], "unknown mode"),

@@ -174,6 +174,26 @@ def _generate_models(args, device: torch.device, work: Path, log) -> tuple[list,
             {"quantized_by_bench": True})
 
 
+def _backend_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise GPTQError(f"--compare-backends {text!r}: give two or more different backend names, e.g. marlin,exllama")
+    return names
+
+
+def _per_backend(models: list, wanted: list[str]) -> list:
+    """``--compare-backends a,b``: the quantized model once per backend, side by side."""
+    from ..generation.benchmark import ModelEntry  # noqa: PLC0415
+
+    out = []
+    for entry in models:
+        if entry.label != "quantized":
+            out.append(entry)
+            continue
+        out += [ModelEntry(f"quantized[{name}]", entry.folder, backend=name, note=entry.note) for name in wanted]
+    return out
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import transformers  # noqa: PLC0415
 
@@ -182,6 +202,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     check_arguments(args, BENCH_GENERATE_RULES)
     check_device_argument(args.device)
+    if args.compare_backends and args.backend != "auto":
+        raise GPTQError("--backend and --compare-backends both choose the backend; give one of them")
+    compare = _backend_names(args.compare_backends) if args.compare_backends else None
     if (args.model_dir is None) == (args.synthetic is None):
         raise GPTQError("give a MODEL_DIR or --synthetic NAME (exactly one of them)")
     if args.layers is not None and not args.synthetic:
@@ -218,10 +241,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gptq-bench-generate-")))
         models, built = _generate_models(args, device, work, log)
+        if compare:
+            models = _per_backend(models, compare)
         rows = benchmark.run(models, cfg, log)
     meta = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
             "command": " ".join(sys.argv), "batches": cfg.batches, "prompt_len": cfg.prompt_len,
-            "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": cfg.backend,
+            "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": args.compare_backends or cfg.backend,
             "fast_compile": cfg.fast_compile, **built}
     if device_map is not None:
         meta.update(device_map=device_map, max_memory=max_memory)
@@ -271,6 +296,8 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--no-layer-sum", action="store_true",
                    help="with --device-map: skip timing the single-device per-layer time sum")
     g.add_argument("--backend", default="auto", help="backend name or 'a,b' preference for the quantized model")
+    g.add_argument("--compare-backends", metavar="A,B",
+                   help="time the quantized model once per backend, side by side (rows quantized[A], quantized[B])")
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
     g.add_argument("--no-fast-compile", action="store_true",
                    help="capture the fast path's decode step without compiling it first (to measure what compiling gains)")

@@ -129,10 +129,12 @@ class LayerSum:
 
 @dataclass
 class ModelEntry:
-    """A model to time: "float" or "quantized", its folder, and what loading it cost."""
+    """A model to time: "float" or "quantized" (``quantized[name]`` when backends are compared),
+    its folder, the backend preference that overrides the run's, and what loading it cost."""
 
     label: str
     folder: Path
+    backend: str | None = None
     load_s: float | None = None
     weights_gb: float | None = None
     note: str = ""
@@ -272,10 +274,11 @@ def load_model(entry: ModelEntry, cfg: GenerateBenchConfig) -> tuple[nn.Module, 
     from ..checkpoint.load import resolve_dtype
     from ..placement import dispatch, planned_main_device, resolve_device_map
 
+    backend = entry.backend or cfg.backend
     if cfg.device_map is None:
-        return load_for_inference(entry.folder, cfg.device, cfg.backend, cfg.dtype)
+        return load_for_inference(entry.folder, cfg.device, backend, cfg.dtype)
     if is_quantized_checkpoint(entry.folder):
-        return load_for_inference(entry.folder, None, cfg.backend, cfg.dtype, device_map=cfg.device_map,
+        return load_for_inference(entry.folder, None, backend, cfg.dtype, device_map=cfg.device_map,
                                   max_memory=cfg.max_memory)
     dtype = resolve_dtype(cfg.dtype, planned_main_device(cfg.device_map))
     model = load_float_model(entry.folder, dtype).eval()

@@ -114,7 +114,7 @@ def write_json(rows: list[Row], models: list[ModelEntry], path: str | Path, meta
 
     data = {
         "meta": meta,
-        "models": [{"label": m.label, "folder": str(m.folder), "load_s": m.load_s,
+        "models": [{"label": m.label, "folder": str(m.folder), "backend": m.backend, "load_s": m.load_s,
                     "weights_gb": m.weights_gb, "note": m.note,
                     "placement": [asdict(p) for p in m.placement],
                     "layer_sums": [{**asdict(s), "total_ms": s.total_ms} for s in m.layer_sums]}
