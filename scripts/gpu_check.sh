@@ -24,7 +24,7 @@
 #               Llama-2-7B (q/k/v and gate/up fused) and Llama-3-8B at M = 1, 8, 16, 32
 #   hopper      benchmarks/hopper_check.py: the sm_90a wgmma kernel against float64, then timed
 #               against marlin and fp16 cuBLAS at M = 16..4096
-#   gen-backends  gptq bench generate --synthetic llama-2-7b --modes fast --compare-backends
+#   gen-backends  gptq bench generate --synthetic GEN_SHAPE (default llama-2-7b) --modes fast --compare-backends
 #               (GEN_BACKENDS, default marlin,exllama), batch GEN_BATCH (default 1)
 #   act-order   gptq bench 4-bit g128 --act-order (desc_act) of exllama, cuda, marlin, triton at M = 1, 8
 #   greedy      benchmarks/backend_greedy_check.py: greedy tokens of marlin, cuda and exllama compared
@@ -85,7 +85,7 @@ for name in "$@"; do
                 --shapes 4096x12288,4096x4096,4096x22016,11008x4096,4096x6144,4096x28672,14336x4096 \
                 --backends exllama,marlin --json "$OUT/bench-decode-shapes.json" --quiet ;;
         hopper) step hopper 300 $PY benchmarks/hopper_check.py --out "$OUT/hopper.txt" ;;
-        gen-backends) step gen-backends 330 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-1}" \
+        gen-backends) step gen-backends 330 $PY -m gptq_core bench generate --synthetic "${GEN_SHAPE:-llama-2-7b}" --batch "${GEN_BATCH:-1}" \
                           --modes fast --compare-backends "${GEN_BACKENDS:-marlin,exllama}" --new-tokens 64 --prompt-len 32 \
                           --work-dir "$WORK" --json "$OUT/gen-backends.json" ;;
         act-order) step act-order 100 $PY -m gptq_core bench --shapes 4096x4096,8192x28672 --m 1,8 --bits 4 \

@@ -225,3 +225,14 @@ def test_greedy_tokens_equal_on_the_eager_entry_and_the_op_path(stories_q):
     assert "gptq_cpu.qmatmul" in mode.ops
     assert torch.equal(eager, traced)
     assert torch.equal(plain.generate(ids, **kw), eager)
+
+
+def test_a_profiled_call_takes_the_custom_op():
+    """Under torch.profiler the backends take their custom op, so a decode-step breakdown
+    (gptq_core/generation/profile.py) sees each linear's kernels inside its range."""
+    from gptq_core.tracing import plain_eager
+
+    assert plain_eager()
+    with torch.profiler.profile():
+        assert not plain_eager()
+    assert plain_eager()
