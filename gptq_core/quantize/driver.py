@@ -109,7 +109,7 @@ class QuantizeResult(dict):
 
 
 class _StopLayer(Exception):
-    """Raised by a hook once every linear of the current group has seen the batch."""
+    """Raised by a pre-hook once every linear of the current group has its input for the batch."""
 
 
 # ---------------------------------------------------------------------------- linears
@@ -531,7 +531,9 @@ def _collect_partials(
     unpaired: set[str] = set()  # linears that lost their float reference
 
     def hook_for(name: str):
-        def hook(module, inputs, output):
+        # a pre-hook: the Hessian needs only the input, and once the group's last linear has
+        # its input the pass stops before that linear computes an output nobody reads
+        def hook(module, inputs):
             x = inputs[0]
             # the tensor itself is kept in ``seen`` so its memory cannot be reused this batch
             key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x._version)
@@ -566,7 +568,7 @@ def _collect_partials(
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
     try:
         for number in numbers:
             fired.clear()
