@@ -19,7 +19,8 @@ from gptq_core import GPTQError
 from gptq_core.cli import main
 from gptq_core.cli.bench import parse_bench_device_map
 from gptq_core.generation import FastGenerator
-from gptq_core.generation.benchmark import DevicePlacement, LayerSum, ModelEntry, Row, time_layer_sum
+from gptq_core.generation.benchmark import ModelEntry, Row
+from gptq_core.generation.spread import DevicePlacement, LayerSum, time_layer_sum
 from gptq_core.generation.report import layer_sum_line, placement_line, table
 from gptq_core.generation.support import unsupported_reason
 from gptq_core.models import decoder_layers, get_architecture
@@ -167,7 +168,7 @@ def test_layer_sum_replays_the_first_layer_and_runs_the_head_without_layers(stor
 
 def test_placement_of_a_cpu_and_disk_split_names_layers_and_backends(stories, tmp_path):
     from gptq_core.auto import load_for_inference, load_tokenizer
-    from gptq_core.generation.benchmark import placement_of
+    from gptq_core.generation.spread import placement_of
     from gptq_core.synthetic import write_rtn_checkpoint
 
     folder = write_rtn_checkpoint(stories, load_tokenizer(STORIES), tmp_path / "q", STORIES)

@@ -19,7 +19,8 @@ reported per device (decoder layers, weights, the backend each quantized layer i
 and each batch gets a *per-layer time sum*: one decoder layer's eager decode step timed alone
 on its device, times the number of layers, plus the rest of the step (embeddings, norm, head).
 A decode step spread over several GPUs should cost little more than that single-device sum;
-the ratio ``ms_per_step / sum`` is reported per mode (docs/DESIGN.md §9, §4).
+the ratio ``ms_per_step / sum`` is reported per mode (docs/DESIGN.md §9, §4); both live in
+:mod:`.spread`.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from ..errors import GPTQError
 from ..placement import DeviceMap
-from ..quantize.capture import nested_to
 from .fast import FastGenerator
+from .spread import DevicePlacement, LayerSum, input_device, placement_of, sync, time_layer_sum
 
 #: Decode modes in the order they run: eager first (the reference for tokens_match), the fast
 #: path before transformers' compiled static cache, so a crash inside the latter's CUDA graphs
@@ -93,41 +93,6 @@ class GenerateBenchConfig:
 
 
 @dataclass
-class DevicePlacement:
-    """What a device map put on one device: decoder layers, other placed modules, weights,
-    and for the quantized model how many linears each backend serves there."""
-
-    device: str
-    layers: list[int]
-    modules: list[str]
-    weights_gb: float
-    backends: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class LayerSum:
-    """The single-device reference of one decode step (docs/DESIGN.md §9): a decoder layer's
-    eager decode step timed alone on its device (``layer_ms``), ``layers`` times, plus the rest
-    of the step run without the layers (``head_ms``: embeddings, rotary, norm, head)."""
-
-    batch: int
-    device: str
-    layers: int
-    layer_ms: float
-    head_ms: float
-
-    @property
-    def total_ms(self) -> float:
-        return self.layers * self.layer_ms + self.head_ms
-
-    def ratio(self, ms_per_step: float | None) -> float | None:
-        """A measured step against the sum: 1.0 means spreading costs nothing."""
-        if ms_per_step is None or self.total_ms <= 0:
-            return None
-        return ms_per_step / self.total_ms
-
-
-@dataclass
 class ModelEntry:
     """A model to time: "float" or "quantized" (``quantized[name]`` when backends are compared),
     its folder, the backend preference that overrides the run's, and what loading it cost."""
@@ -171,12 +136,6 @@ class Row:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _sync(device: torch.device | list[torch.device]) -> None:
-    for dev in device if isinstance(device, list) else [device]:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
 
 def prompt_ids(tokenizer, vocab: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -223,10 +182,10 @@ def measure(call, ids: torch.Tensor, new_tokens: int, device: torch.device | lis
     """(warm-up s, 1-token s, N-token s, repeats, output of N tokens) of ``call``; medians."""
 
     def timed(n: int) -> tuple[float, torch.Tensor]:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = call(ids, n)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, out
 
     warm, _ = timed(warmup_tokens)
@@ -288,126 +247,6 @@ def load_model(entry: ModelEntry, cfg: GenerateBenchConfig) -> tuple[nn.Module, 
     return model, load_tokenizer(entry.folder)
 
 
-def _place_of(name: str, placed: dict[str, str]) -> str:
-    """The device of module ``name`` under a device map: its longest covering key's."""
-    best = None
-    for key in placed:
-        if key == "" or name == key or name.startswith(key + "."):
-            if best is None or len(key) > len(best):
-                best = key
-    return placed[best] if best is not None else "?"
-
-
-def placement_of(model: nn.Module) -> list[DevicePlacement]:
-    """Per device of ``model.hf_device_map``: the decoder layers placed there, the other
-    mapped modules, the weight bytes held there and, for QuantLinear layers, how many each
-    backend serves ("per call" for layers offloaded to disk, bound at each forward)."""
-    from ..models import decoder_layers, get_architecture
-    from ..placement import is_offloaded
-    from ..quant_linear import QuantLinear
-
-    placed = {str(k): str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
-    if not placed:
-        placed = {"": str(next(model.parameters()).device)}
-    arch = get_architecture(model)
-    out: dict[str, DevicePlacement] = {}
-
-    def at(name: str) -> DevicePlacement:
-        dev = _place_of(name, placed)
-        return out.setdefault(dev, DevicePlacement(dev, [], [], 0.0))
-
-    for i in range(len(decoder_layers(model, arch))):
-        at(f"{arch.layers}.{i}").layers.append(i)
-    if len(placed) > 1:
-        for key in placed:
-            if not key.startswith(arch.layers + "."):
-                at(key).modules.append(key.rpartition(".")[2] or "(rest)")
-    seen: set[int] = set()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if id(tensor) not in seen:  # tied weights count once
-            seen.add(id(tensor))
-            at(name).weights_gb += tensor.numel() * tensor.element_size() / 2**30
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            served = ("per call" if is_offloaded(module) else
-                      module.binding.backend.name if module.binding is not None else "unbound")
-            backends = at(name).backends
-            backends[served] = backends.get(served, 0) + 1
-    return sorted(out.values(), key=lambda p: (p.layers[:1] or [1 << 30], p.device))
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embedding's device (the CPU for offloaded ones)."""
-    weight = model.get_input_embeddings().weight
-    return torch.device("cpu") if weight.device.type == "meta" else weight.device
-
-
-def _unhooked(module: nn.Module) -> Callable:
-    """``module``'s own forward without accelerate's device-alignment hook (whose argument walk
-    is part of the multi-device cost, not of the layer's), unless its tensors are offloaded
-    and the hook must bring them in."""
-    from ..placement import is_offloaded
-    from ..quant_linear import QuantLinear
-
-    offloaded = any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()]) or any(
-        is_offloaded(m) for m in module.modules() if isinstance(m, QuantLinear))
-    old = getattr(module, "_old_forward", None)
-    return old if old is not None and not offloaded else module
-
-
-@torch.no_grad()
-def time_layer_sum(model: nn.Module, ids: torch.Tensor, steps: int, devices: list[torch.device],
-                   repeats: int = MIN_REPEATS) -> LayerSum:
-    """:class:`LayerSum` of ``model`` for the prompts ``ids``: the first decoder layer replays
-    the inputs it got in a real decode step ``steps`` times (its cache growing one position a
-    call, as in decode; one query row needs no mask), and the step without layers (the layer
-    list emptied for the call) runs ``steps`` times; medians over ``repeats``."""
-    from ..models import decoder_layers, get_architecture
-
-    arch = get_architecture(model)
-    layers = decoder_layers(model, arch)
-    first = layers[0]
-    captured: dict[str, object] = {}
-
-    def grab(module, args, kwargs):
-        captured["args"], captured["kwargs"] = args, dict(kwargs)
-
-    def timed(fn) -> float:
-        _sync(devices)
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync(devices)
-        return (time.perf_counter() - start) / steps * 1e3
-
-    layer_ms, head_ms = [], []
-    forward = _unhooked(first)
-    dev = next((p.device for p in first.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    for _ in range(repeats):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)  # prefill: the cache to decode on
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        finally:
-            handle.remove()
-        # On the layer's device, as accelerate's hook would put them (the rotary embeddings may
-        # come from another GPU); moved once, outside the timing.
-        args, kwargs = nested_to(captured["args"], dev), nested_to({**captured["kwargs"], "attention_mask": None}, dev)
-        layer_ms.append(timed(lambda: forward(*args, **kwargs)))
-        del out, args, kwargs
-        captured.clear()
-        parent_name, _, child = arch.layers.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, nn.ModuleList())
-        try:
-            model(input_ids=token, use_cache=False, logits_to_keep=1)  # warm
-            head_ms.append(timed(lambda: model(input_ids=token, use_cache=False, logits_to_keep=1)))
-        finally:
-            setattr(parent, child, layers)
-    return LayerSum(int(ids.shape[0]), str(dev), len(layers), statistics.median(layer_ms), statistics.median(head_ms))
-
-
 def _memory(devices: list[torch.device], what) -> dict[str, float]:
     return {str(d): what(d) / 2**30 for d in devices if d.type == "cuda"}
 
@@ -415,13 +254,13 @@ def _memory(devices: list[torch.device], what) -> dict[str, float]:
 def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str], None]) -> list[Row]:
     """Every batch x mode row of one model (loaded once)."""
     devices = cfg.accounted_devices()
-    _sync(devices)
+    sync(devices)
     if cfg.device.type == "cuda":
         torch.cuda.empty_cache()
         before = _memory(devices, torch.cuda.memory_allocated)
     start = time.perf_counter()
     model, tokenizer = load_model(entry, cfg)
-    _sync(devices)
+    sync(devices)
     entry.load_s = time.perf_counter() - start
     if cfg.device.type == "cuda":
         after = _memory(devices, torch.cuda.memory_allocated)
@@ -432,7 +271,7 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
         for place in entry.placement:
             log(f"{entry.label} on {place.device}: {len(place.layers)} decoder layers"
                 + (f", linears served by {place.backends}" if place.backends else ""))
-    dev = _input_device(model)
+    dev = input_device(model)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     pad = model.generation_config.pad_token_id
     if pad is None:
@@ -448,7 +287,7 @@ def bench_model(entry: ModelEntry, cfg: GenerateBenchConfig, log: Callable[[str]
             layer_sum = None
             if cfg.device_map is not None and cfg.layer_sum:
                 try:
-                    layer_sum = time_layer_sum(model, ids, cfg.new_tokens - 1, devices)
+                    layer_sum = time_layer_sum(model, ids, cfg.new_tokens - 1, devices, MIN_REPEATS)
                     entry.layer_sums.append(layer_sum)
                     log(f"{entry.label} batch {batch}: per-layer time sum {layer_sum.layers} x "
                         f"{layer_sum.layer_ms:.3f} ms + head {layer_sum.head_ms:.3f} ms = {layer_sum.total_ms:.2f} ms")

@@ -8,7 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GPTQError
-from .benchmark import DevicePlacement, LayerSum, ModelEntry, Row
+from .benchmark import ModelEntry, Row
+from .spread import DevicePlacement, LayerSum
 from .profile import describe
 
 
