@@ -69,6 +69,7 @@ def test_compare_backends_times_the_quantized_model_once_per_backend(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ([str(STORIES), "--compare-backends", "torch"], "two or more"),
+    ([str(STORIES), "--compare-backends", "torch,nosuch"], "no backend named 'nosuch'"),
     ([str(STORIES), "--compare-backends", "torch,cpu", "--backend", "torch"], "give one of them"),
     ([], "exactly one"),
     ([str(STORIES), "--synthetic", "llama-2-7b"], "exactly one"),

@@ -175,9 +175,16 @@ def _generate_models(args, device: torch.device, work: Path, log) -> tuple[list,
 
 
 def _backend_names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    """``--compare-backends``: two or more different installed backends, checked before any
+    model is built or loaded (an unknown name would otherwise fail after minutes of work)."""
+    from ..registry import canonical_backend_name, get_registry  # noqa: PLC0415
+
+    names = [canonical_backend_name(n.strip()) for n in text.split(",") if n.strip()]
     if len(names) < 2 or len(set(names)) != len(names):
         raise GPTQError(f"--compare-backends {text!r}: give two or more different backend names, e.g. marlin,exllama")
+    registry = get_registry()
+    for name in names:
+        registry.get(name)  # raises one line naming what is installed
     return names
 
 
