@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def hipcc_path() -> str | None:
 def _env() -> dict[str, str]:
     # hipcc picks the NVIDIA platform when nvcc is installed; these builds are for AMD.
     return {**os.environ, "HIP_PLATFORM": "amd"}
+
+
+def _run_hipcc(cmd: list[str]) -> subprocess.CompletedProcess:
+    """One hipcc call in a temporary folder of its own as TMPDIR, removed afterwards: hipcc's
+    clang leaves an empty folder per unit there (``exllama_f16-<hash>``), which in /tmp would
+    pile up with every build."""
+    with tempfile.TemporaryDirectory(prefix="gptq-hipcc-") as tmp:
+        return subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "TMPDIR": tmp}, timeout=300)
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +123,7 @@ def compile_unit(unit: Path, arch: str, out: Path, syntax_only: bool = False,
         cmd.insert(1, "-fPIC")
     if syntax_only:
         cmd.insert(1, "-fsyntax-only")
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    return _run_hipcc(cmd)
 
 
 def link_shared(objects: Sequence[Path], out: Path, arch: str) -> subprocess.CompletedProcess:
@@ -123,7 +132,7 @@ def link_shared(objects: Sequence[Path], out: Path, arch: str) -> subprocess.Com
     is named so that hipcc does not ask ``rocm_agent_enumerator`` for the GPUs present."""
     cmd = [hipcc_path() or "hipcc", "-shared", "-fPIC", "-fno-gpu-rdc", f"--offload-arch={arch}",
            *map(str, objects), "-o", str(out), "-Wl,--no-undefined", "-lamdhip64"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    return _run_hipcc(cmd)
 
 
 def error_lines(stderr: str) -> set[tuple[str, int]]:

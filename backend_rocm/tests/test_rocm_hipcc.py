@@ -146,3 +146,17 @@ def test_host_side_links_and_loads(built, tmp_path):
     assert ran.returncode == 0, ran.stderr[-2000:]
     rc, blocks = map(int, ran.stdout.split())
     assert rc != 0 and blocks == -1  # hipErrorNoDevice / hipErrorInvalidDevice: nothing ran
+
+
+def test_a_build_leaves_nothing_in_the_temporary_folder(hipified, tmp_path, monkeypatch):
+    """hipcc's clang leaves an empty folder per unit in TMPDIR; each call gets its own,
+    removed afterwards, so builds do not pile up folders in /tmp."""
+    import tempfile
+
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    done = hip_build.compile_unit(hipified["exllama_dispatch.cu"], LINK_ARCH, tmp_path / "d.o")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list(scratch.iterdir()) == []
