@@ -22,6 +22,8 @@ from gptq_core.errors import FormatError, NotSupportedError
 from gptq_core.sass import TORCH_NVCC_DEFINES, cuobjdump, kernels, opcode
 from gptq_core.testing import random_packed
 
+import hopper_kernel_model as hm
+
 NVCC = shutil.which("nvcc")
 
 
@@ -74,7 +76,7 @@ def test_each_thread_decodes_its_a_fragments(group_size, bf16):
             k0 = kt * layout.TILE_K
             rows = [k0 // gs, (k0 + 32) // gs]  # the two scale rows kernel.cuh stages
             for tid in threads:
-                got = layout.thread_fragments(tiles, K, N, block, kt, tid, z[rows], s[rows], bf16)
+                got = hm.thread_fragments(tiles, K, N, block, kt, tid, z[rows], s[rows], bf16)
                 want = _a_fragment_positions(tid)
                 for j in range(4):
                     for i in range(4):
@@ -91,7 +93,7 @@ def test_decode_word_is_exact_on_every_nibble():
         for z in (1, 8, 16):
             for v in range(16):
                 word = int(sum(((v + p) % 16) << (4 * p) for p in range(8)))
-                regs = layout.decode_word(word, (z, z), (1.0, 1.0), bf16)
+                regs = hm.decode_word(word, (z, z), (1.0, 1.0), bf16)
                 for i in range(4):
                     assert regs[i] == (float((v + i) % 16 - z), float((v + i + 4) % 16 - z))
 

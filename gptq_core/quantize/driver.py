@@ -125,7 +125,7 @@ def set_quantized(module: nn.Module, packed: PackedWeight) -> None:
     deq = packed.to(w.device).dequantize(torch.float32)  # [K, N]
     deq = deq if is_conv1d(module) else deq.t()
     with torch.no_grad():
-        w.copy_(deq.to(device=w.device, dtype=w.dtype))
+        w.copy_(deq.to(w.dtype))
         if packed.bias is not None and module.bias is not None:
             module.bias.copy_(packed.bias.to(device=w.device, dtype=module.bias.dtype))
 

@@ -20,7 +20,8 @@ per warpgroup and instruction), taken from registers. Geometry:
 Scales and zero points stay in GPTQ's natural [G, N] order (in the activation dtype): a
 block copies the 256 bytes of its columns for the group of k offsets 0 and 32 of each tile.
 
-Plain torch, any device; :func:`unrepack` is the exact inverse of :func:`repack`.
+Plain torch, any device; :func:`unrepack` is the exact inverse of :func:`repack`. The
+kernel's decoding is modelled bit for bit in backend_marlin/tests/hopper_kernel_model.py.
 """
 
 from __future__ import annotations
@@ -99,53 +100,3 @@ def unrepack(tiles: torch.Tensor, K: int, N: int) -> torch.Tensor:
     flat[:, :, fragment_table().to(tiles.device).reshape(-1)] = fields
     q = flat.view(N // BN, K // TILE_K, TILE_K, BN).permute(1, 2, 0, 3)
     return q.reshape(K, N).to(torch.uint8)
-
-
-def _halves(reg: int, bf16: bool) -> tuple[float, float]:
-    """A 32-bit register as its (low, high) fp16 or bf16 values."""
-    raw = torch.tensor([reg & 0xFFFF, reg >> 16], dtype=torch.int32).to(torch.int16)
-    return tuple(float(v) for v in raw.view(torch.bfloat16 if bf16 else torch.float16))
-
-
-def decode_word(word: int, zeros: tuple[float, float], scales: tuple[float, float],
-                bf16: bool = False) -> list[tuple[float, float]]:
-    """A model of kernel.cuh's ``dequant4``, bit for bit up to the final products (taken in
-    float64 here): one 32-bit word -> registers a0..a3 as (low, high) values. ``zeros`` and
-    ``scales`` are row lo's and row hi's (a0, a2 use row lo; a1, a3 row hi)."""
-    word &= 0xFFFFFFFF
-    magic = 0x43004300 if bf16 else 0x64006400
-    regs = []
-    for i in range(4):
-        row = i & 1
-        if bf16:
-            lo, hi = _halves(((word >> (4 * i)) & 0x000F000F) | magic, True)
-            vals = (lo - 128.0 - zeros[row], hi - 128.0 - zeros[row])
-        else:
-            shifted = word >> (8 * (i >> 1))
-            mask = 0x00F000F0 if i & 1 else 0x000F000F
-            lo, hi = _halves((shifted & mask) | magic, False)
-            if i & 1:  # 1024 + 16 n, scaled by 1/16 in an exact fma
-                vals = (lo / 16 - 64.0 - zeros[row], hi / 16 - 64.0 - zeros[row])
-            else:
-                vals = (lo - 1024.0 - zeros[row], hi - 1024.0 - zeros[row])
-        regs.append((vals[0] * scales[row], vals[1] * scales[row]))
-    return regs
-
-
-def thread_fragments(tiles: torch.Tensor, K: int, N: int, block: int, kt: int, tid: int,
-                     zero: torch.Tensor, scale: torch.Tensor, bf16: bool = False) -> list[list[tuple[float, float]]]:
-    """What thread ``tid`` holds for tile (``block``, ``kt``): [4 k16 steps][a0..a3] of (low,
-    high) values, decoded by :func:`decode_word` from the repacked words with the zero points
-    and scales ([G, N] tensors, ``group_size``-free: the caller passes the rows of the groups
-    of k offsets 0 and 32 as [2, N]). The tests compare it with the dense weight at the
-    positions PTX's A-fragment table names."""
-    words = tiles.reshape(N // BN, K // TILE_K, THREADS, WORDS)[block, kt, tid].to(torch.int64) & 0xFFFFFFFF
-    lo, _, _ = thread_rows(tid)
-    n_lo = block * BN + lo
-    out = []
-    for j in range(WORDS):
-        r = j >> 1  # the scale row of k offsets 0 (steps 0, 1) and 32 (steps 2, 3)
-        z = (float(zero[r, n_lo]), float(zero[r, n_lo + 8]))
-        s = (float(scale[r, n_lo]), float(scale[r, n_lo + 8]))
-        out.append(decode_word(int(words[j]), z, s, bf16))
-    return out
