@@ -244,6 +244,23 @@ def test_step_breakdown_parts_add_up(quantized_model, tokenizer):
                         rel_tol=1e-6)
 
 
+def test_replayed_step_kernels_sorted_by_the_eager_step_names():
+    """A replayed step's kernels count where the eager step launched them (linears first, a
+    cuBLAS kernel seen in both counts once), the rest is other, and wall time beyond the
+    kernels is gaps; the parts add up to the wall time."""
+    from gptq_core.generation.profile import describe, sort_kernels
+
+    names = {"linears": {"gemm_a", "cublas_x"}, "attention": {"fmha", "cublas_x"}}
+    kernels = {"gemm_a": 10.0, "cublas_x": 5.0, "fmha": 3.0, "triton_fused": 2.0}
+    parts = sort_kernels(kernels, names, wall_us=25.0, launches=4)
+    assert parts == pytest.approx({"linears_ms": 0.015, "attention_ms": 0.003, "other_ms": 0.002,
+                                   "gaps_ms": 0.005, "step_ms": 0.025, "kernels": 4})
+    assert "gaps 0.005 ms (20%)" in describe(parts) and "(4 kernels)" in describe(parts)
+    # a wall time below the kernels' sum (profiler skew) never gives negative gaps
+    short = sort_kernels(kernels, names, wall_us=10.0, launches=4)
+    assert short["gaps_ms"] == 0 and short["step_ms"] == pytest.approx(0.020)
+
+
 def test_decode_forward_traces_as_one_graph_without_recompiles(quantized_model, tokenizer):
     """What torch.compile sees of the decode step on a GPU: one graph, no breaks, and no guard
     that fails from one step to the next (dynamo's own backend: tracing only, no codegen)."""

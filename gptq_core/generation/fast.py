@@ -189,28 +189,41 @@ class FastGenerator:
                 self.fallback_reason = str(exc)
         return self._transformers_generate(input_ids, attention_mask, max_new_tokens, sampling, eos, pad, seed)
 
-    def step_breakdown(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, float]:
-        """Prefill ``input_ids``, then profile one greedy decode step run eagerly and
-        uncompiled, so every kernel is attributed to its module: milliseconds in linears,
-        attention and the rest (kernel time on CUDA, CPU time on the CPU). The linears'
-        kernels are those the captured step replays; the rest is what compilation fuses."""
-        from .profile import breakdown
+    def step_breakdown(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       replays: int = 8) -> dict[str, float]:
+        """Milliseconds of one greedy decode step in linears, attention and the rest, after a
+        prefill of ``input_ids``.
+
+        A step is first profiled eagerly and uncompiled, so every kernel is attributed to its
+        module (kernel time on CUDA, CPU time on the CPU). Where the step is captured (CUDA
+        graphs on), the parts are then those of the captured, compiled step as generation
+        replays it: its kernels sorted by the names the eager step launched in each module,
+        and ``gaps_ms`` between them (profile.py); else the eager step's parts.
+        """
+        from .profile import breakdown, replayed_breakdown
 
         if self.fallback_reason is not None:
             raise GPTQError(f"fast decoding is not available for this model: {self.fallback_reason}")
         ids, real = left_padded(input_ids.to(self.device), attention_mask)
         kind = Sampling().kind
-        compiled, self._compiled = self._compiled, None
-        try:
-            with torch.no_grad(), serving(self.model):
-                s = self._session(ids.shape[0], ids.shape[1] + 1 + WARMUP_STEPS)
-                s.eos.fill_(-1)
+        names: dict[str, set[str]] = {}
+        with torch.no_grad(), serving(self.model):
+            # Room for the prefill, the capture's warm-up steps and every replay.
+            s = self._session(ids.shape[0], ids.shape[1] + 2 + 2 * WARMUP_STEPS + 2 * replays)
+            s.eos.fill_(-1)
+            compiled, self._compiled = self._compiled, None
+            try:
                 self._prefill(s, ids, real, kind)
                 self._decode_step(s, kind, s.generator)  # lazy initialisation outside the profile
-                return breakdown(lambda: self._decode_step(s, kind, s.generator),
-                                 device=self.device.type == "cuda")
-        finally:
-            self._compiled = compiled
+                parts = breakdown(lambda: self._decode_step(s, kind, s.generator),
+                                  device=self.device.type == "cuda", names=names)
+            finally:
+                self._compiled = compiled
+            if not self._use_graphs():
+                return parts
+            self._prefill(s, ids, real, kind)
+            graph = self._graph(s, kind)
+            return parts if graph is None else replayed_breakdown(graph.replay, names, replays)
 
     # ------------------------------------------------------------------ the loop
     def _generate(self, ids, real, max_new_tokens, sampling, eos, pad, seed) -> torch.Tensor:

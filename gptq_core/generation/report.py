@@ -95,7 +95,9 @@ def table(rows: list[Row], models: list[ModelEntry]) -> str:
                     out.append(layer_sum_line(m.label, s, sub))
         for r in sub:
             if r.breakdown:
-                out.append(f"  one {r.model} decode step run eagerly, uncompiled: {describe(r.breakdown)}; "
+                how = ("as the fast path replays it (compiled, CUDA graph)" if "gaps_ms" in r.breakdown
+                       else "run eagerly, uncompiled")
+                out.append(f"  one {r.model} decode step {how}: {describe(r.breakdown)}; "
                            f"the fast path's step takes {_f(r.ms_per_step, '.3f')} ms")
             if r.status == "ok" and r.note:
                 out.append(f"  {r.model} {r.mode}: {r.note}")
