@@ -15,6 +15,7 @@ constexpr int kRowsPerChunk = 8;               // activation rows one block mult
 constexpr int kStageK = 256;                   // k rows of activations staged in shared memory
 constexpr int kStepK = 8;                      // k rows per 16-byte weight load (8 k x 4 columns)
 constexpr int kSplitAlign = 32;                // a split's k range is a multiple of this
+constexpr int kMinSplitRows = 128;             // the op's split-K rule: splits of at least this many rows
 constexpr int kMaxSplits = 65535;              // gridDim.z
 
 // What the gemm op's `kind` argument selects (policy.KINDS; a test compares the two).

@@ -160,11 +160,15 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& q, const at::Tensor& sz,
   const int64_t col_blocks = (N / 4 + kThreads - 1) / kThreads;
   const int rows = chunks == 1 ? static_cast<int>(M) : kRowsPerChunk;
   const int device = a.device().index();
-  // Splits: enough blocks for one full wave of the GPU, each split at least kSplitAlign rows.
+  // Splits: as many as keep every block in one wave of the GPU, and at most one per kMinSplitRows
+  // rows. Rounding the wave up put a few blocks into a second wave, which costs that wave's whole
+  // time (8192x28672 at M = 4: 86.5 us with 10 splits, 560 blocks for a 528-block wave; 71.8 with
+  // 9); shorter splits cost more in staging and reduction than they gain in parallelism (11008x4096
+  // at M = 1: 11.8 us with 115 splits of 96 rows, 11.1 with 86 of 128). NOTES/perf-h200.md.
   const int64_t wave = int64_t{sm_count(device)} * occupancy(device, dtype, rows, chunks == 1);
   const int64_t units = (k_pad + kSplitAlign - 1) / kSplitAlign;
-  int64_t splits = std::min<int64_t>({(wave + chunks * col_blocks - 1) / (chunks * col_blocks), units,
-                                      kMaxSplits});
+  const int64_t most = std::max<int64_t>(units / (kMinSplitRows / kSplitAlign), 1);
+  int64_t splits = std::min<int64_t>({std::max<int64_t>(wave / (chunks * col_blocks), 1), most, kMaxSplits});
   const bool fits = acc.numel() >= M * N && counters.numel() >= chunks * col_blocks;
   if (!fits) splits = 1;  // a workspace made for fewer rows: no split-K, still correct
   int64_t k_split = (units + splits - 1) / splits * kSplitAlign;
