@@ -29,6 +29,23 @@ from .quant_linear import QuantLinear
 
 logger = logging.getLogger("gptq_core")
 
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids go: its input embedding's device, else its first parameter's,
+    else the CPU. An embedding offloaded to disk (its weight on ``meta``, brought to the CPU by
+    accelerate's hook for each call) takes them on the CPU."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):  # transformers' default for models without one
+        embedding = None
+    weight = getattr(embedding, "weight", None)
+    if weight is None:
+        weight = next(model.parameters(), None)
+    if weight is None or weight.device.type == "meta":
+        return torch.device("cpu")
+    return weight.device
+
 #: A device map as transformers and accelerate take it.
 DeviceMap = Union[str, int, torch.device, Mapping[str, Union[str, int, torch.device]]]
 

@@ -99,3 +99,19 @@ def test_bad_maps_are_one_clear_line(checkpoint, kwargs, message):
     with pytest.raises(GPTQError, match=message) as info:
         AutoGPTQForCausalLM.from_quantized(checkpoint, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_input_device_is_the_embeddings_and_cpu_for_an_offloaded_one():
+    """Token ids go where the input embedding is; an embedding offloaded to disk has its
+    weight on meta and takes them on the CPU; a model without embeddings uses its first
+    parameter, and one without parameters the CPU."""
+    from gptq_core.placement import input_device
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
+    assert input_device(model) == torch.device("cpu")
+    model.model.embed_tokens.to("meta")
+    assert model.get_input_embeddings().weight.device.type == "meta"
+    assert input_device(model) == torch.device("cpu")
+    assert input_device(torch.nn.Sequential(torch.nn.Linear(2, 2, device="meta"))) == torch.device("cpu")
+    assert input_device(torch.nn.Sequential(torch.nn.Linear(2, 2))) == torch.device("cpu")
+    assert input_device(torch.nn.Sequential()) == torch.device("cpu")

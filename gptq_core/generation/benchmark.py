@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..errors import GPTQError
-from ..placement import DeviceMap
+from ..placement import DeviceMap, input_device
 from .fast import FastGenerator
-from .spread import DevicePlacement, LayerSum, input_device, placement_of, sync, time_layer_sum
+from .spread import DevicePlacement, LayerSum, placement_of, sync, time_layer_sum
 
 #: Decode modes in the order they run: eager first (the reference for tokens_match), the fast
 #: path before transformers' compiled static cache, so a crash inside the latter's CUDA graphs

@@ -109,12 +109,6 @@ def placement_of(model: nn.Module) -> list[DevicePlacement]:
     return sorted(out.values(), key=lambda p: (p.layers[:1] or [1 << 30], p.device))
 
 
-def input_device(model: nn.Module) -> torch.device:
-    """Where the token ids go: the input embedding's device (the CPU for offloaded ones)."""
-    weight = model.get_input_embeddings().weight
-    return torch.device("cpu") if weight.device.type == "meta" else weight.device
-
-
 def _unhooked(module: nn.Module) -> Callable:
     """``module``'s own forward without accelerate's device-alignment hook (whose argument walk
     is part of the multi-device cost, not of the layer's), unless its tensors are offloaded

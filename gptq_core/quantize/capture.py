@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError, GPTQError
+from ..placement import input_device
 
 logger = logging.getLogger("gptq_core.quantize")
 
@@ -113,19 +114,6 @@ def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def run_model(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     """Call ``model`` on a calibration batch, without KV cache when the model has one."""
     if hasattr(model, "config") and hasattr(model.config, "use_cache"):
@@ -177,7 +165,7 @@ def capture_inputs(
     model: nn.Module, layers: nn.ModuleList, batches: Sequence[dict[str, torch.Tensor]]
 ) -> CapturedInputs:
     """Run ``model`` on every batch with recorders in place of its decoder layers."""
-    device = _input_device(model)
+    device = input_device(model)
     first: list[torch.Tensor] = []
     per_batch: list[dict[int, LayerCall]] = []
     with _recorders(layers, per_batch, first), torch.no_grad():
