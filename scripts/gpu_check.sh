@@ -33,8 +33,9 @@
 #               Llama-2-7B shape (QUANTIZE_LAYERS layers, extrapolated to 32), plain and default
 #               methods; needs CALIBRATION (default .cache/wikitext2-raw-test.txt, carried)
 #   lora        benchmarks/lora_step.py: LoRA step of a Llama-2-7B-shaped 4-bit model against fp16
-#   gen-fast    gptq bench generate --synthetic llama-2-7b, batch 1 and 8, eager and fast path
-#   gen-static  the same model, batch 1, transformers' static cache + compile
+#   gen-fast    gptq bench generate --synthetic llama-2-7b, batch GEN_BATCH (default 1,8), modes
+#               GEN_MODES (default eager,fast); the fast rows carry the replayed step's breakdown
+#   gen-static  the same model, batch GEN_STATIC_BATCH (default 1), transformers' static cache + compile
 #   generate    benchmarks/gpu_generate.sh check llama2 (fast path correctness, bench generate)
 #   llama3      benchmarks/gpu_generate.sh llama3
 # Results land in $OUT (the device machine's output folder), else ./gpu_check_out: summary.txt,
@@ -97,7 +98,7 @@ for name in "$@"; do
         lora) step lora 200 $PY benchmarks/lora_step.py --backends marlin,triton --cache-mb "${LORA_CACHE_MB:-0}" --json "$OUT/lora.json" ${LORA_ARGS:-} ;;
         gen-fast) step gen-fast 270 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-1,8}" \
                       --modes "${GEN_MODES:-eager,fast}" --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-fast.json" ;;
-        gen-static) step gen-static 200 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch 1 \
+        gen-static) step gen-static 200 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_STATIC_BATCH:-1}" \
                         --modes static --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-static.json" ;;
         generate) step generate 480 bash benchmarks/gpu_generate.sh check llama2 ;;
         llama3) step llama3 300 bash benchmarks/gpu_generate.sh llama3 ;;
