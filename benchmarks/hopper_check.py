@@ -1,6 +1,7 @@
 """One H200 run of the Hopper wgmma GEMM (issue 17): build, check against float64, time.
 
     python benchmarks/hopper_check.py --out $OUT/hopper.txt
+    python benchmarks/hopper_check.py --quick --out $OUT/hopper.txt   # < 3 min with the builds
 
 1. build: the sm_90a extension (and, in a subprocess meanwhile, the marlin one for the
    comparison rows);
@@ -10,6 +11,11 @@
    (4-bit g128 sym fp16), then the variants (asym, g -1 / 32 / 64, bf16, act-order) on one;
 3. speed, for cases that passed: CUDA-graph replay over rotated weight copies (beyond the
    L2), median of 5: this kernel, marlin (its dispatch policy), fp16 cuBLAS; a table last.
+
+``--quick``: the correctness cases cut to one per (4096x14336, 8192x28672) x M in 16, 32, 64,
+128, plus one asymmetric, one bf16, one act-order, one g32 and one split-K case (K = 4160 =
+65 x 64, so its last split ends with a 64-k half stage of the 128-k pipeline), then the timing
+table of those two shapes at the same four M.
 
 Never stops on a kernel error: prints the reason and goes on. NOTES/hopper-wgmma.md.
 """
@@ -40,6 +46,15 @@ VARIANTS = [("asym", 128, False, False, torch.float16), ("g-1", -1, True, False,
             ("bf16", 128, True, False, torch.bfloat16), ("bf16-asym", 128, False, False, torch.bfloat16),
             ("act-order", 128, True, True, torch.float16)]
 VARIANT_M = [16, 48, 257]
+#: --quick: the shapes and M of the correctness cases and of the timing table
+QUICK_SHAPES = [(4096, 14336), (8192, 28672)]
+QUICK_M = [16, 32, 64, 128]
+#: --quick variants on 4096x14336: (name, group_size, sym, desc_act, dtype, M); M picks the
+#: token tile (16, 32, 64: the 128-k stages)
+QUICK_VARIANTS = [("asym", 128, False, False, torch.float16, 16), ("bf16", 128, True, False, torch.bfloat16, 48),
+                  ("act-order", 128, True, True, torch.float16, 32), ("g32", 32, True, False, torch.float16, 64)]
+#: --quick split-K case: (K, N, M, splits); K % 128 == 64
+QUICK_SPLIT = (4160, 4096, 16, 3)
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -162,11 +177,40 @@ def floors(K, N, m) -> tuple[float, float]:
     return nbytes / 4.3e12 * 1e6, 2 * m * K * N / 790e12 * 1e6
 
 
+def check_shapes(log, ops, shapes, ms) -> dict:
+    """{(K, N, M): passed} of g128 layers of ``shapes`` at every M of ``ms``, against float64."""
+    passed = {}
+    for K, N in shapes:
+        layer = checked_layer(log, ops, K, N, "g128", seed=K + N)
+        for m in ms:
+            passed[(K, N, m)] = layer is not None and check_case(log, ops, layer, m, seed=K + N + m)
+        del layer
+        torch.cuda.empty_cache()
+    return passed
+
+
+def quick_correctness(log, ops) -> tuple[dict, list]:
+    """--quick's cases: ({(K, N, M): passed} of the main ones, [passed] of the variants)."""
+    passed, others = check_shapes(log, ops, QUICK_SHAPES, QUICK_M), []
+    K, N = QUICK_SHAPES[0]
+    for name, gs, sym, act, dtype, m in QUICK_VARIANTS:
+        layer = checked_layer(log, ops, K, N, name, group_size=gs, sym=sym, desc_act=act, dtype=dtype, seed=11)
+        others.append(layer is not None and check_case(log, ops, layer, m, dtype=dtype, seed=11 + m, name=name))
+        del layer
+    K, N, m, splits = QUICK_SPLIT
+    layer = checked_layer(log, ops, K, N, f"split{splits}", seed=5)
+    others.append(layer is not None and check_case(log, ops, layer, m, seed=5 + m, splits=splits, name=f"split{splits}"))
+    del layer
+    torch.cuda.empty_cache()
+    return passed, others
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the log here")
     parser.add_argument("--no-marlin", action="store_true", help="skip the marlin comparison rows")
-    parser.add_argument("--quick", action="store_true", help="correctness on 4096x4096 only, no timing")
+    parser.add_argument("--quick", action="store_true",
+                        help="13 correctness cases and the timing table of 4096x14336 / 8192x28672 at M 16-128")
     args = parser.parse_args()
     log = Log(args.out)
     if not torch.cuda.is_available():
@@ -175,7 +219,7 @@ def main() -> int:
     log(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     started = time.perf_counter()
     marlin_build = None
-    if not args.no_marlin and not args.quick:
+    if not args.no_marlin:
         marlin_build = subprocess.Popen([sys.executable, "-m", "gptq_backend_marlin.build"],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     from gptq_backend_marlin.hopper import build, ops  # noqa: PLC0415
@@ -189,29 +233,27 @@ def main() -> int:
             marlin_build.kill()
         return 0
 
-    passed = {}
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    for K, N in shapes:
-        layer = checked_layer(log, ops, K, N, "g128", seed=K + N)
-        for m in CHECK_M:
-            passed[(K, N, m)] = layer is not None and check_case(log, ops, layer, m, seed=K + N + m)
-        del layer
-        torch.cuda.empty_cache()
-    K, N = 4096, 4096
-    layer = checked_layer(log, ops, K, N, "split4", seed=5)
-    for m in (16, 256):
-        if layer is not None:
-            check_case(log, ops, layer, m, seed=5 + m, splits=4, name="split4")
-    for name, gs, sym, act, dtype in VARIANTS:
-        layer = checked_layer(log, ops, K, N, name, group_size=gs, sym=sym, desc_act=act, dtype=dtype, seed=11)
-        for m in VARIANT_M:
-            if layer is not None:
-                check_case(log, ops, layer, m, dtype=dtype, seed=11 + m, name=name)
-    del layer
-    log(f"correctness done at {time.perf_counter() - started:.1f} s: "
-        f"{sum(passed.values())}/{len(passed)} main cases passed")
     if args.quick:
-        return 0
+        passed, others = quick_correctness(log, ops)
+        log(f"correctness done at {time.perf_counter() - started:.1f} s: "
+            f"{sum(passed.values())}/{len(passed)} main cases and {sum(others)}/{len(others)} variants passed")
+        speed_shapes, speed_m = QUICK_SHAPES[::-1], QUICK_M
+    else:
+        passed = check_shapes(log, ops, SHAPES, CHECK_M)
+        K, N = 4096, 4096
+        layer = checked_layer(log, ops, K, N, "split4", seed=5)
+        for m in (16, 256):
+            if layer is not None:
+                check_case(log, ops, layer, m, seed=5 + m, splits=4, name="split4")
+        for name, gs, sym, act, dtype in VARIANTS:
+            layer = checked_layer(log, ops, K, N, name, group_size=gs, sym=sym, desc_act=act, dtype=dtype, seed=11)
+            for m in VARIANT_M:
+                if layer is not None:
+                    check_case(log, ops, layer, m, dtype=dtype, seed=11 + m, name=name)
+        del layer
+        log(f"correctness done at {time.perf_counter() - started:.1f} s: "
+            f"{sum(passed.values())}/{len(passed)} main cases passed")
+        speed_shapes, speed_m = SPEED_SHAPES, SPEED_M
 
     want_marlin = False
     if marlin_build is not None:
@@ -219,9 +261,9 @@ def main() -> int:
         want_marlin = marlin_build.returncode == 0
         log(f"marlin build: {out.strip().splitlines()[-1] if out.strip() else marlin_build.returncode}")
     table = {}
-    for K, N in SPEED_SHAPES:
+    for K, N in speed_shapes:
         try:
-            table[(K, N)] = speed(log, ops, K, N, SPEED_M, passed, want_marlin)
+            table[(K, N)] = speed(log, ops, K, N, speed_m, passed, want_marlin)
         except Exception as exc:  # noqa: BLE001
             log(f"speed {K}x{N} failed: {type(exc).__name__}: {str(exc)[:300]}")
             torch.cuda.synchronize()
@@ -232,7 +274,7 @@ def main() -> int:
     log("| shape | M | hopper us | marlin us | cublas us | hopper/cublas | marlin/cublas | bytes floor us | flops floor us |")
     log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (K, N), res in table.items():
-        for m in SPEED_M:
+        for m in speed_m:
             cub = res.get((m, "cublas"))
             row = [f"{K}x{N}", str(m)]
             for impl in ("hopper", "marlin", "cublas"):

@@ -6,7 +6,9 @@ per warpgroup and instruction), taken from registers. Geometry:
 
 * A block owns ``BN`` = 128 output columns (two warpgroups of 64) and streams 64-k tiles.
   One (column block, k tile) is 4 KiB: 256 threads x 16 bytes, in thread order, so the
-  block's copy is one coalesced 16-byte access per thread.
+  block's copy is one coalesced 16-byte access per thread. A pipeline stage is one tile, or
+  two consecutive ones (8 KiB, contiguous) for the token tiles BM <= 64 (``ops.stage_tiles``;
+  csrc/stage.h): the layout is the same for both.
 * Thread ``tid``: warpgroup ``tid // 128``, warp ``(tid // 32) % 4``, lane ``l``
   (``g = l // 4``, ``t = l % 4``); its rows are ``lo = 64 * wg + 16 * warp + g`` and ``lo + 8``.
   Word ``j`` (0..3) of its 16 bytes is k16 step ``j`` of the tile: mma.m16n8k16's A fragment,
@@ -33,7 +35,7 @@ import torch
 from gptq_core.errors import FormatError
 
 BN = 128  #: output columns per block
-TILE_K = 64  #: k per pipeline stage
+TILE_K = 64  #: k per weight tile (a pipeline stage is 1 or 2 tiles: ops.stage_tiles)
 THREADS = 256
 WORDS = 4  #: int32 words per thread per tile (one per k16 step)
 TILE_WORDS = THREADS * WORDS  #: 1024 words = 4 KiB

@@ -24,7 +24,7 @@ from . import build, layout
 TOKEN_TILES = (16, 32, 64, 128, 256)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 16
-MIN_SPLIT_TILES = 8  #: at least 512 k per split: the pipeline's prologue is paid per split
+MIN_SPLIT_TILES = 8  #: at least 512 k (8 tiles of 64) per split: the pipeline's prologue is paid per split
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,22 +73,55 @@ def token_tile(m: int) -> int:
     return next((t for t in TOKEN_TILES if m <= t), TOKEN_TILES[-1])
 
 
+def stage_tiles(bm: int) -> int:
+    """64-k weight tiles per pipeline stage of token tile ``bm`` (csrc/stage.h's stage_tiles):
+    2 (128-k stages, round 3) for BM <= 64, 1 for BM 128 / 256."""
+    return 2 if bm <= 64 else 1
+
+
+def k_stages(k: int, bm: int) -> int:
+    """Pipeline stages over K (the last one may hold a single 64-k tile: K % 128 == 64)."""
+    return math.ceil((k // layout.TILE_K) / stage_tiles(bm))
+
+
+def split_count(k: int, bm: int, splits: int) -> int:
+    """The split count the kernel launches for a requested one: splits own whole stages, every
+    split non-empty (launch_one in csrc/kernel.cuh rejects any other count)."""
+    st = k_stages(k, bm)
+    per = math.ceil(st / max(1, min(splits, st)))
+    return math.ceil(st / per)
+
+
+def split_ranges(k: int, bm: int, splits: int) -> list[tuple[int, int]]:
+    """The k range [begin, end) of each split as the kernel partitions it (``splits`` as
+    normalised by :func:`split_count`): whole stages, so the boundaries of the small tiles fall
+    on multiples of 128; the last range ends at K."""
+    sub, st = stage_tiles(bm), k_stages(k, bm)
+    per = math.ceil(st / splits)
+    step = sub * layout.TILE_K
+    return [(s * per * step, min(k, (s + 1) * per * step)) for s in range(splits)]
+
+
 def plan_splits(m: int, n: int, k: int, bm: int, sms: int, blocks_per_sm: int = 1) -> int:
     """Split K when the (column, token) tiles leave block slots idle: minimise waves x k tiles
     per block, charging the fp32 partials' extra traffic (s x M x N x 8 bytes against the
     weight's K x N / 2). A wave is ``sms x blocks_per_sm`` blocks: at small M one block's
     ring cannot keep an SM's share of the memory system busy, the 2-3 co-resident blocks do
-    (NOTES/hopper-wgmma.md, round 2). Deterministic: the reduction sums splits in order."""
+    (NOTES/hopper-wgmma.md, round 2). Splits own whole pipeline stages (128 k at BM <= 64,
+    round 3) and at least MIN_SPLIT_TILES x 64 k. Deterministic: the reduction sums splits in
+    order. The result is a count the kernel launches as is (:func:`split_count`)."""
     sms = sms * max(1, blocks_per_sm)
     tiles = (n // layout.BN) * math.ceil(m / bm)
-    kt = k // layout.TILE_K
+    sub = stage_tiles(bm)
+    st = k_stages(k, bm)
+    min_stages = math.ceil(MIN_SPLIT_TILES / sub)
     best, best_cost = 1, math.inf
     for s in range(1, MAX_SPLITS + 1):
-        per = math.ceil(kt / s)
-        if s > 1 and per < MIN_SPLIT_TILES:
+        per = math.ceil(st / s)
+        if s > 1 and per < min_stages:
             break
-        used = math.ceil(kt / per)
-        cost = math.ceil(tiles * used / sms) * per
+        used = math.ceil(st / per)
+        cost = math.ceil(tiles * used / sms) * per * sub
         if used > 1:
             cost *= 1 + 16 * used * m / k
         if cost < best_cost - 1e-9:
@@ -146,8 +179,7 @@ def hopper_gemm(x: torch.Tensor, prepared: HopperPrepared, out: torch.Tensor | N
     bm = token_tile(m)
     if splits is None:
         splits = planned_splits(m, p, x.device)
-    kt = p.in_features // layout.TILE_K
-    splits = math.ceil(kt / math.ceil(kt / max(1, min(splits, kt))))  # every split non-empty
+    splits = split_count(p.in_features, bm, splits)  # whole stages, every split non-empty
     ws = torch.empty(splits, m, p.out_features, dtype=torch.float32, device=x.device) if splits > 1 else None
     stream = torch.cuda.current_stream(x.device).cuda_stream
     mod.gemm(x2, p.tiles, p.scales, p.zeros, y, ws, p.group_size, bm, splits, stream)

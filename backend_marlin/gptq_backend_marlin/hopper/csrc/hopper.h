@@ -4,15 +4,15 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
-namespace gptq_hopper {
+#include "stage.h"  // kThreads, kBN, kBK and the pipeline-stage geometry
 
-constexpr int kThreads = 256;  // two consumer warpgroups
-constexpr int kBN = 128;       // output columns per block (64 per warpgroup: one wgmma M)
-constexpr int kBK = 64;        // k per pipeline stage (4 wgmma k16 steps)
+namespace gptq_hopper {
 
 // Y[M, N] (or fp32 partial sums ws[splits, M, N] when splits > 1) = X[M, K] . W[K, N].
 // `w` is layout.py's repacked tiles, `scales` / `zeros` [G, N] in the activation type
-// (zeros null: symmetric, zero 8). `bm` is the token tile (16, 32, 64, 128, 256).
+// (zeros null: symmetric, zero 8). `bm` is the token tile (16, 32, 64, 128, 256). `splits`
+// split K into runs of whole pipeline stages (stage.h: 128 k at bm <= 64, 64 k above), every
+// split non-empty (ops.split_count); any other count is cudaErrorInvalidValue.
 cudaError_t launch_f16(const void* x, const void* w, const void* scales, const void* zeros, void* y,
                        float* ws, int M, int N, int K, int group_size, int bm, int splits,
                        cudaStream_t stream);

@@ -7,42 +7,26 @@
 // with the 128-byte swizzle. wgmma's N is the token tile BM (16 .. 256).
 //
 // A block is two warpgroups (128 output columns) x BM tokens; its k range (all of K, or one
-// split of it) streams through a multi-stage cp.async ring: per 64-k stage the X tile
-// (BM x 128 bytes, swizzled), the weight tile (4 KiB: thread t's 16 bytes are its four k16
-// steps' A fragments) and two rows of scales (and zero points) for k offsets 0 and 32 (group
-// sizes that are multiples of 32). Dequantization of the next k16 step overlaps the running
-// wgmma (commit / wait_group 1). The epilogue stages the fp32 tile in shared memory and writes
-// 16-byte rows: fp16/bf16 Y, or fp32 partial sums for the split-K reduction.
+// split of it: whole stages) streams through a multi-stage cp.async ring. A stage is kSub 64-k
+// tiles (stage.h: 2 for BM <= 64, i.e. 128 k and eight wgmma k16 steps per stage, round 3; 1 for
+// BM 128 / 256): per 64-k tile the X sub-tile (BM x 128 bytes, swizzled), the weight tile (4 KiB:
+// thread t's 16 bytes are its four k16 steps' A fragments) and two rows of scales (and zero
+// points) for k offsets 0 and 32 (group sizes that are multiples of 32). Dequantization of the
+// next k16 step overlaps the running wgmma (commit / wait_group 1). The epilogue stages the fp32
+// tile in shared memory and writes 16-byte rows: fp16/bf16 Y, or fp32 partial sums for the
+// split-K reduction.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
 
 #include "hopper.h"
+#include "stage.h"
 #include "wgmma.cuh"
 
 namespace gptq_hopper {
 
-template <int BM>
-struct Cfg {
-  // Ring depth: the most stages that keep the blocks per SM of v1 (3 at BM <= 32, 2 at 64 / 128,
-  // 1 at 256; 227 KiB per block, 228 KiB per SM). kLoadAhead = kStages - 2 of them are in
-  // flight: one slot is being read, one still feeds the previous stage's last wgmma.
-  static constexpr int kStages = BM <= 16 ? 9 : (BM <= 32 ? 8 : (BM <= 64 ? 7 : (BM <= 128 ? 5 : 6)));
-  static constexpr int kLoadAhead = kStages - 2;
-  static constexpr int kXBytes = BM * 128;     // BM rows of 64 halves
-  static constexpr int kWBytes = kBN * kBK / 2;  // 4 KiB of 4-bit weights
-  static constexpr int kSBytes = 2 * kBN * 2;    // two rows of 128 scales
-  static constexpr int kStageBytes = kXBytes + kWBytes + 2 * kSBytes;  // a multiple of 1024
-  static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kOutStride = kBN + 4;  // floats: conflict-free fragment stores
-  static constexpr int kOutBytes = BM * kOutStride * 4;
-  static constexpr int kSmem = (kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes) + 1024;
-  static constexpr int kMinBlocks = BM <= 128 ? 2 : 1;
-  static_assert(kStageBytes % 1024 == 0, "the swizzled X tile needs 1024-byte alignment");
-  static_assert(kStages >= 3, "the ring keeps one stage for the in-flight wgmma");
-  static_assert(kSmem <= 227 * 1024, "over the per-block shared memory limit");
-};
+// Cfg<BM> (stage geometry, ring depth, shared memory): stage.h.
 
 // --- PTX ---------------------------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -182,7 +166,7 @@ template <typename T, int BM, bool ZP>
 __global__ void __launch_bounds__(kThreads, Cfg<BM>::kMinBlocks)
     hopper_gemm_kernel(const T* __restrict__ x, const int4* __restrict__ w, const T* __restrict__ scales,
                        const T* __restrict__ zeros, T* __restrict__ y, float* __restrict__ ws, int M,
-                       int N, int K, int group_size, int kt_per_split) {
+                       int N, int K, int group_size, int stages_per_split) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BM>;
   extern __shared__ uint8_t smem_raw[];
@@ -194,28 +178,40 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::kMinBlocks)
   const int n0 = blockIdx.x * kBN;
   const int m0 = blockIdx.y * BM;
   const int split = blockIdx.z;
-  const int KT = K / kBK;
-  const int kt_begin = split * kt_per_split;
-  const int kt_end = min(KT, kt_begin + kt_per_split);
-  const int nkt = max(0, kt_end - kt_begin);
+  const int KT = K / kBK;                     // 64-k weight tiles
+  const int KS = k_stages(KT, C::kSub);        // stages (the last one may hold a single tile)
+  const int s_begin = split * stages_per_split;
+  const int s_end = min(KS, s_begin + stages_per_split);
+  const int nst = max(0, s_end - s_begin);
   const int4* wblk = w + static_cast<size_t>(blockIdx.x) * KT * kThreads;
 
-  auto load_stage = [&](int slot, int kt) {
+  // Stage s = weight tiles kSub s .. kSub s + kSub - 1. A tile beyond K (the second half of the
+  // last stage when K % 128 == 64 at kSub 2) is zero-filled: X, weights, scales and zeros of 0,
+  // so its wgmmas add exact zeros (the dequantized weights are finite: (1024 - z) * 0).
+  auto load_stage = [&](int slot, int s) {
     const uint32_t st = base + slot * C::kStageBytes;
-    const int k0 = kt * kBK;
+    const int kt0 = C::tile_of(s, 0);
+    const int k0 = kt0 * kBK;
 #pragma unroll
-    for (int c = tid; c < BM * 8; c += kThreads) {
-      const int r = c >> 3, ch = c & 7;
-      const bool ok = m0 + r < M;
-      const T* src = x + static_cast<size_t>(ok ? m0 + r : 0) * K + k0 + ch * 8;
-      cp_async16(st + r * 128 + ((ch ^ (r & 7)) << 4), src, ok);  // rows >= M are zero
+    for (int i = 0; i < C::kXChunks / kThreads; ++i) {  // a fixed count: no runtime trip count
+      const int c = tid + i * kThreads;
+      const int r = C::x_row(c);
+      const int kk = k0 + C::x_k(c);
+      const bool ok = m0 + r < M && (C::kSub == 1 || kk < K);
+      const T* src = x + static_cast<size_t>(ok ? m0 + r : 0) * K + (C::kSub == 1 || ok ? kk : 0);
+      cp_async16(st + C::x_dst(c), src, ok);  // rows >= M (and a tile beyond K) are zero
     }
-    cp_async16(st + C::kXBytes + tid * 16, wblk + static_cast<size_t>(kt) * kThreads + tid, true);
-    if (tid < (ZP ? 64 : 32)) {
-      const int which = tid >> 5, row = (tid >> 4) & 1, ch = tid & 15;
-      const int grp = (k0 + row * 32) / group_size;
-      const T* src = (which ? zeros : scales) + static_cast<size_t>(grp) * N + n0 + ch * 8;
-      cp_async16(st + C::kXBytes + C::kWBytes + which * C::kSBytes + row * (kBN * 2) + ch * 16, src, true);
+#pragma unroll
+    for (int h = 0; h < C::kSub; ++h) {
+      const bool ok = C::kSub == 1 || kt0 + h < KT;
+      cp_async16(st + C::w_dst(h, tid), ok ? wblk + C::w_src(kt0 + h, tid) : w, ok);
+    }
+    if (tid < (ZP ? 2 : 1) * 16 * C::kRows) {
+      const int which = C::s_which(tid), r = C::s_row(tid), ch = C::s_chunk(tid);
+      const int kk = k0 + C::s_k(r);
+      const bool ok = C::kSub == 1 || kk < K;
+      const T* src = ok ? (which ? zeros : scales) + static_cast<size_t>(kk / group_size) * N + n0 + ch * 8 : scales;
+      cp_async16(st + C::s_dst(which, r, ch), src, ok);
     }
   };
 
@@ -225,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::kMinBlocks)
 
 #pragma unroll
   for (int s = 0; s < C::kLoadAhead; ++s) {
-    if (s < nkt) load_stage(s, kt_begin + s);
+    if (s < nst) load_stage(s, s_begin + s);
     cp_async_commit();
   }
 
@@ -235,45 +231,51 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::kMinBlocks)
 
   // Stage t's slot is refilled with stage t + kStages only after the barrier of iteration t + 2:
   // by then every warpgroup has waited out all but the newest wgmma group, which belongs to
-  // stage t + 1, so stage t's X tile is no longer read (the stage-end bubble of v1 is gone: the
+  // stage t + 1, so stage t's X tiles are no longer read (the stage-end bubble of v1 is gone: the
   // last wgmma of a stage runs across the barrier and the next stage's first dequantization).
-  for (int t = 0; t < nkt; ++t) {
+  // The wgmma groups in flight: at a stage's start only the previous stage's last; steps 0 and
+  // 1 are issued without waiting (three groups), every later step first retires all but the
+  // newest (wait_group 1), and so does the stage end.
+  for (int t = 0; t < nst; ++t) {
     cp_async_wait<C::kLoadAhead - 1>();
     fence_proxy_async();
     __syncthreads();  // stage t is in; every warpgroup's wgmmas of stage t - 2 are finished
     {
       const int nt = t + C::kLoadAhead;
-      if (nt < nkt) load_stage(nt % C::kStages, kt_begin + nt);
+      if (nt < nst) load_stage(nt % C::kStages, s_begin + nt);
       cp_async_commit();
     }
     const int slot = t % C::kStages;
     const uint8_t* st = smem + slot * C::kStageBytes;
     const uint32_t xaddr = base + slot * C::kStageBytes;
-    const uint4 q = *reinterpret_cast<const uint4*>(st + C::kXBytes + tid * 16);
-    const T* sc = reinterpret_cast<const T*>(st + C::kXBytes + C::kWBytes);
-    const T* zp = reinterpret_cast<const T*>(st + C::kXBytes + C::kWBytes + C::kSBytes);
-    const Group<T> g0 = load_group<T, ZP>(sc, zp, row);
-    const Group<T> g1 = load_group<T, ZP>(sc + kBN, zp + kBN, row);
-    uint32_t a0[4], a1[4], a2[4], a3[4];
-    dequant4<T>(q.x, g0, a0);
-    wgmma_fence();
-    MMA::mma(acc, a0, desc_k_major_sw128(xaddr));
-    wgmma_commit();
-    dequant4<T>(q.y, g0, a1);
-    wgmma_fence();
-    MMA::mma(acc, a1, desc_k_major_sw128(xaddr + 32));
-    wgmma_commit();
-    dequant4<T>(q.z, g1, a2);
-    wgmma_wait<1>();
-    wgmma_fence();
-    MMA::mma(acc, a2, desc_k_major_sw128(xaddr + 64));
-    wgmma_commit();
-    dequant4<T>(q.w, g1, a3);
-    wgmma_wait<1>();
-    wgmma_fence();
-    MMA::mma(acc, a3, desc_k_major_sw128(xaddr + 96));
-    wgmma_commit();
-    wgmma_wait<1>();  // this stage's last wgmma stays in flight; stage t - 1's are done
+    const T* sc = reinterpret_cast<const T*>(st + C::s_dst(0, 0, 0));
+    const T* zp = reinterpret_cast<const T*>(st + C::s_dst(1, 0, 0));
+    // The first tile's words and scale rows now, a second tile's just before step 3's
+    // dequantization (needed from step 4 on, after the wait for step 2's wgmma, which hides
+    // the shared-memory latency): the 128-k stage keeps the live registers near round 2's.
+    uint4 q[C::kSub];
+    Group<T> g[C::kRows];
+    q[0] = *reinterpret_cast<const uint4*>(st + C::w_dst(0, tid));
+    g[0] = load_group<T, ZP>(sc, zp, row);
+    g[1] = load_group<T, ZP>(sc + kBN, zp + kBN, row);
+    uint32_t a[C::kSteps][4];
+#pragma unroll
+    for (int j = 0; j < C::kSteps; ++j) {
+      if (j % 4 == 3 && j + 4 < C::kSteps) {
+        const int h = j / 4 + 1;
+        q[h] = *reinterpret_cast<const uint4*>(st + C::w_dst(h, tid));
+        g[2 * h] = load_group<T, ZP>(sc + 2 * h * kBN, zp + 2 * h * kBN, row);
+        g[2 * h + 1] = load_group<T, ZP>(sc + (2 * h + 1) * kBN, zp + (2 * h + 1) * kBN, row);
+      }
+      const uint4& qh = q[j >> 2];
+      const uint32_t word = (j & 3) == 0 ? qh.x : ((j & 3) == 1 ? qh.y : ((j & 3) == 2 ? qh.z : qh.w));
+      dequant4<T>(word, g[C::s_row_of_step(j)], a[j]);
+      if (j >= 2) wgmma_wait<1>();  // retires step j - 2 (and at j = 2 the previous stage's last)
+      wgmma_fence();
+      MMA::mma(acc, a[j], desc_k_major_sw128(xaddr + C::x_step(j)));
+      wgmma_commit();
+    }
+    wgmma_wait<1>();  // this stage's last wgmma stays in flight; all earlier ones are done
   }
 
   // Epilogue: fragments -> shared fp32 tile [BM][kOutStride] -> 16-byte row stores.
@@ -329,9 +331,10 @@ cudaError_t launch_one(const void* x, const void* w, const void* scales, const v
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg<BM>::kSmem);
   if (err != cudaSuccess) return err;
   const int KT = K / kBK;
-  const int per_split = (KT + splits - 1) / splits;
-  if ((KT + per_split - 1) / per_split != splits) return cudaErrorInvalidValue;  // ops.py normalises
-  dim3 grid(N / kBN, (M + BM - 1) / BM, (KT + per_split - 1) / per_split);
+  const int KS = k_stages(KT, Cfg<BM>::kSub);
+  const int per_split = stages_per_split(KT, Cfg<BM>::kSub, splits);  // whole stages per split
+  if (per_split < 1 || (KS + per_split - 1) / per_split != splits) return cudaErrorInvalidValue;  // ops.py normalises
+  dim3 grid(N / kBN, (M + BM - 1) / BM, splits);
   kernel<<<grid, kThreads, Cfg<BM>::kSmem, stream>>>(
       static_cast<const T*>(x), static_cast<const int4*>(w), static_cast<const T*>(scales),
       static_cast<const T*>(zeros), static_cast<T*>(y), splits > 1 ? ws : nullptr, M, N, K, group_size,
