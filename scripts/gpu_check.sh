@@ -23,7 +23,7 @@
 #   decode-shapes  gptq bench 4-bit g128 of exllama and marlin (the M <= 8 leaders) on the linears of
 #               Llama-2-7B (q/k/v and gate/up fused) and Llama-3-8B at M = 1, 8, 16, 32
 #   hopper      benchmarks/hopper_check.py: the sm_90a wgmma kernel against float64, then timed
-#               against marlin and fp16 cuBLAS at M = 16..4096
+#               against marlin and fp16 cuBLAS at M = 16..4096 (HOPPER_ARGS=--quick: 13 cases, M 16-128)
 #   gen-backends  gptq bench generate --synthetic GEN_SHAPE (default llama-2-7b) --modes fast --compare-backends
 #               (GEN_BACKENDS, default marlin,exllama), batch GEN_BATCH (default 1)
 #   act-order   gptq bench 4-bit g128 --act-order (desc_act) of exllama, cuda, marlin, triton at M = 1, 8
@@ -85,7 +85,7 @@ for name in "$@"; do
             step decode-shapes 200 $PY -m gptq_core bench --m 1,8,16,32 --bits 4 --group-size 128 \
                 --shapes 4096x12288,4096x4096,4096x22016,11008x4096,4096x6144,4096x28672,14336x4096 \
                 --backends exllama,marlin --json "$OUT/bench-decode-shapes.json" --quiet ;;
-        hopper) step hopper 300 $PY benchmarks/hopper_check.py --out "$OUT/hopper.txt" ;;
+        hopper) step hopper 300 $PY benchmarks/hopper_check.py ${HOPPER_ARGS:-} --out "$OUT/hopper.txt" ;;
         gen-backends) step gen-backends 330 $PY -m gptq_core bench generate --synthetic "${GEN_SHAPE:-llama-2-7b}" --batch "${GEN_BATCH:-1}" \
                           --modes fast --compare-backends "${GEN_BACKENDS:-marlin,exllama}" --new-tokens 64 --prompt-len 32 \
                           --work-dir "$WORK" --json "$OUT/gen-backends.json" ;;
