@@ -46,6 +46,7 @@ def input_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
     return weight.device
 
+
 #: A device map as transformers and accelerate take it.
 DeviceMap = Union[str, int, torch.device, Mapping[str, Union[str, int, torch.device]]]
 

@@ -5,10 +5,12 @@ fragment table and the float64 weight on a CPU (as marlin_kernel_model.py does f
 
 from __future__ import annotations
 
+import math
+
 import torch
 from marlin_kernel_model import _halves
 
-from gptq_backend_marlin.hopper import layout
+from gptq_backend_marlin.hopper import layout, ops
 
 
 def decode_word(word: int, zeros: tuple[float, float], scales: tuple[float, float],
@@ -242,3 +244,13 @@ def emulate_gemm(geom: dict, x: torch.Tensor, tiles: torch.Tensor, scales: torch
                 rows = min(bm, M - m0)
                 y[m0: m0 + rows, n0: n0 + layout.BN] += acc[:, :rows].T
     return y
+
+
+def split_ranges(k: int, bm: int, splits: int) -> list[tuple[int, int]]:
+    """The k range [begin, end) of each split as the kernel partitions it (``splits`` as
+    normalised by ops.split_count): whole stages, so the boundaries of the small tiles fall
+    on multiples of 128; the last range ends at K."""
+    sub, st = ops.stage_tiles(bm), ops.k_stages(k, bm)
+    per = math.ceil(st / splits)
+    step = sub * layout.TILE_K
+    return [(s * per * step, min(k, (s + 1) * per * step)) for s in range(splits)]

@@ -161,7 +161,7 @@ def test_split_ranges_are_whole_stages_covering_k(k):
         for want in range(1, 25):
             s = ops.split_count(k, bm, want)
             assert 1 <= s <= max(1, min(want, ops.k_stages(k, bm)))
-            ranges = ops.split_ranges(k, bm, s)
+            ranges = hm.split_ranges(k, bm, s)
             assert len(ranges) == s and ranges[0][0] == 0 and ranges[-1][1] == k
             for (b0, e0), (b1, _) in zip(ranges, ranges[1:]):
                 assert e0 == b1
@@ -337,7 +337,7 @@ def test_split_partition_is_what_the_launcher_accepts(stage):
                 assert ks == ops.k_stages(k, bm)
                 assert -(-ks // per) == s, (k, bm, want, s)  # the launcher's check passes
                 got = [(z * per * sub * 64, min(k, (z + 1) * per * sub * 64)) for z in range(s)]
-                assert got == ops.split_ranges(k, bm, s)
+                assert got == hm.split_ranges(k, bm, s)
 
 
 # --- the sm_90a build ---------------------------------------------------------------------------

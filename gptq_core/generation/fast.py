@@ -216,7 +216,8 @@ class FastGenerator:
                 self._prefill(s, ids, real, kind)
                 self._decode_step(s, kind, s.generator)  # lazy initialisation outside the profile
                 parts = breakdown(lambda: self._decode_step(s, kind, s.generator),
-                                  device=self.device.type == "cuda", names=names)
+                                  device=self.device.type == "cuda",
+                                  names=names if self._use_graphs() else None)
             finally:
                 self._compiled = compiled
             if not self._use_graphs():

@@ -92,16 +92,6 @@ def split_count(k: int, bm: int, splits: int) -> int:
     return math.ceil(st / per)
 
 
-def split_ranges(k: int, bm: int, splits: int) -> list[tuple[int, int]]:
-    """The k range [begin, end) of each split as the kernel partitions it (``splits`` as
-    normalised by :func:`split_count`): whole stages, so the boundaries of the small tiles fall
-    on multiples of 128; the last range ends at K."""
-    sub, st = stage_tiles(bm), k_stages(k, bm)
-    per = math.ceil(st / splits)
-    step = sub * layout.TILE_K
-    return [(s * per * step, min(k, (s + 1) * per * step)) for s in range(splits)]
-
-
 def plan_splits(m: int, n: int, k: int, bm: int, sms: int, blocks_per_sm: int = 1) -> int:
     """Split K when the (column, token) tiles leave block slots idle: minimise waves x k tiles
     per block, charging the fp32 partials' extra traffic (s x M x N x 8 bytes against the
