@@ -120,6 +120,55 @@ def test_parsing_shapes_and_m():
         parse_m("1,-2")
 
 
+@pytest.fixture()
+def cpu_kernels():
+    """The cpu backend's C++ kernels (built or found in their cache), whose policy has two paths."""
+    from gptq_backends.cpu_kernels import build
+
+    try:
+        build.load()
+    except build.BuildError as exc:  # pragma: no cover - a machine without g++
+        pytest.skip(f"C++ kernels not built here: {exc}")
+
+
+def test_backend_option_moves_the_cpu_backend_onto_its_gemm_path(tmp_path, cpu_kernels):
+    from gptq_backends.cpu_kernels.policy import GEMM, GEMV
+
+    def bench(*extra: str) -> tuple[dict, dict]:
+        out = tmp_path / f"r{len(extra)}.json"
+        assert main(["bench", "--device", "cpu", "--backends", "cpu,torch", "--shapes", "128x64",
+                     "--m", "1,32", "--dtype", "fp32", "--seconds", "0", "--no-baselines",
+                     "--quiet", "--json", str(out), *extra]) == 0
+        data = json.loads(out.read_text())
+        assert all(r["status"] == "ok" for r in data["results"]), data["results"]
+        return data, {(r["impl"], r["m"]): r["path"] for r in data["results"]}
+
+    data, default = bench()
+    assert (default[("cpu", 1)], default[("cpu", 32)]) == (GEMV, GEMM)
+    assert "backend_options" not in data["meta"]
+    data, forced = bench("--backend-option", "cpu.gemm_threshold=0")
+    assert (forced[("cpu", 1)], forced[("cpu", 32)]) == (GEMM, GEMM)
+    assert forced[("torch", 1)] == default[("torch", 1)]  # not named: its defaults
+    assert data["meta"]["backend_options"] == {"cpu": {"gemm_threshold": "0"}}
+
+
+@pytest.mark.parametrize("option, message", [
+    ("cpu.nope=1", "backend 'cpu' has no option 'nope' (its options: build_dir, gemm_threshold)"),
+    ("cpu.gemm_threshold=few", "backend 'cpu' option gemm_threshold='few' cannot be read as int"),
+    ("cpu.gemm_threshold=-1", "cpu option gemm_threshold=-1 must be >= 0"),
+    ("triton.autotune=0", "names backend 'triton', which this run does not bench (backends: cpu, torch)"),
+    ("nosuch.x=1", "names backend 'nosuch', which is not installed"),
+    ("gemm_threshold=0", "is not of the form BACKEND.NAME=VALUE"),
+])
+def test_bad_backend_options_are_one_line_before_any_file(option, message, tmp_path, capsys):
+    csv_path = tmp_path / "r.csv"
+    assert main(["bench", "--device", "cpu", "--backends", "cpu,torch", "--shapes", "128x64",
+                 "--m", "1", "--csv", str(csv_path), "--backend-option", option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gptq bench: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and not csv_path.exists()
+
+
 def test_cli_rejects_bad_bits(capsys):
     assert main(["bench", "--bits", "5", "--shapes", "128x32", "--m", "1"]) == 2
     assert "--bits 5" in capsys.readouterr().err

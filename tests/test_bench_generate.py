@@ -77,10 +77,45 @@ def test_compare_backends_times_the_quantized_model_once_per_backend(tmp_path):
     ([str(STORIES), "--new-tokens", "1"], "--new-tokens"),
     ([str(STORIES), "--batch", "1,x"], "--batch"),
     ([str(STORIES), "--layers", "2"], "--layers"),
+    ([str(STORIES), "--backend-option", "cpu.nope=1"], "backend 'cpu' has no option 'nope'"),
+    ([str(STORIES), "--backend-option", "nosuch.x=1"], "names backend 'nosuch', which is not installed"),
 ])
 def test_bad_arguments_are_named(args, message, capsys):
     assert main(["bench", "generate", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_backend_options_apply_to_the_quantized_load_only(tmp_path):
+    """cpu.gemm_threshold=0 puts every row of the quantized model on the cpu backend's gemm
+    path; the float model loads as it would without options."""
+    from gptq_backends.cpu_kernels import build
+    from gptq_backends.cpu_kernels.policy import GEMM
+    from gptq_core.auto import load_for_inference
+    from gptq_core.generation.benchmark import GenerateBenchConfig, ModelEntry, load_model
+    from gptq_core.synthetic import write_rtn_checkpoint
+
+    try:
+        build.load()
+    except build.BuildError as exc:  # pragma: no cover - a machine without g++
+        pytest.skip(f"C++ kernels not built here: {exc}")
+    model, tokenizer = load_for_inference(STORIES, "cpu", "auto", "float32")
+    folder = write_rtn_checkpoint(model, tokenizer, tmp_path / "q", STORIES)
+    out = tmp_path / "gen.json"
+    assert main(["bench", "generate", str(folder), "--device", "cpu", "--batch", "1", "--modes", "eager",
+                 "--new-tokens", "2", "--prompt-len", "4", "--seconds", "0", "--quiet", "--json", str(out),
+                 "--backend", "cpu", "--backend-option", "cpu.gemm_threshold=0"]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["model"], r["status"]) for r in data["rows"]] == [("float", "ok"), ("quantized", "ok")]
+    assert data["meta"]["backend_options"] == {"cpu": {"gemm_threshold": "0"}}
+
+    cfg = GenerateBenchConfig(batches=[1], prompt_len=4, new_tokens=2, modes=["eager"],
+                              device=torch.device("cpu"), backend="cpu", dtype="float32",
+                              backend_options=data["meta"]["backend_options"])
+    quantized, _ = load_model(ModelEntry("quantized", folder), cfg)
+    layers = [m for m in quantized.modules() if isinstance(m, QuantLinear)]
+    assert layers and {layer.binding.policy.describe() for layer in layers} == {f"any M: {GEMM}"}
+    floats, _ = load_model(ModelEntry("float", STORIES), cfg)
+    assert not any(isinstance(m, QuantLinear) for m in floats.modules())
 
 
 def test_kernel_bench_still_parses_without_a_mode():

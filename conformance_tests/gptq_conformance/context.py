@@ -22,8 +22,10 @@ import torch
 from gptq_core.backend import Backend
 from gptq_core.device import DeviceInfo
 from gptq_core.errors import GPTQError, NotSupportedError
+from gptq_core.options import BackendOptions, OptionsError
+from gptq_core.quant_linear import QuantLinear
 from gptq_core.registry import get_registry
-from gptq_core.spec import LayerSpec
+from gptq_core.spec import LayerSpec, Mode
 
 from .cases import SuitePlan, build_plan
 
@@ -67,6 +69,9 @@ class SuiteContext:
     quick: bool
     compile_backend: str
     plan: SuitePlan
+    #: The backend's typed options (``--gptq-backend-option``), parsed once: every prepare and
+    #: bind of the suite uses them, so a run can check a path the defaults do not reach.
+    options: BackendOptions = field(default_factory=BackendOptions)
     xfail: dict[str, str] = field(default_factory=dict)
     skip: dict[str, str] = field(default_factory=dict)
     expected: set[str] = field(default_factory=set)
@@ -76,11 +81,16 @@ class SuiteContext:
     def torch_device(self) -> torch.device:
         return self.device.torch_device
 
+    @property
+    def options_by_name(self) -> dict[str, BackendOptions]:
+        """The options keyed by backend name, as ``selector.bind`` and ``QuantLinear.bind`` take them."""
+        return {self.name: self.options}
+
     # ------------------------------------------------------------------ running
     def prepare(self, weight, spec: LayerSpec):
         """Backend.prepare for a case the backend declared it supports (a refusal fails)."""
         try:
-            return self.backend.prepare(weight, self.device, spec)
+            return self.backend.prepare(weight, self.device, spec, self.options)
         except NotSupportedError as exc:
             pytest.fail(
                 f"backend '{self.name}' declares (Capabilities) that it serves "
@@ -89,6 +99,13 @@ class SuiteContext:
                 "CONFORMANCE_XFAIL with a reason.",
                 pytrace=False,
             )
+
+    def quant_linear(self, weight, act_dtype: torch.dtype, mode: Mode = "inference") -> QuantLinear:
+        """``QuantLinear.from_packed(weight, backend=NAME)`` bound with the suite's options (kept
+        on the layer, so a rebind uses them too)."""
+        layer = QuantLinear.from_packed(weight, backend=self.name, act_dtype=None, mode=mode)
+        layer.bind(act_dtype, options=self.options_by_name)
+        return layer
 
     # ------------------------------------------------------------------ collection
     def item_names(self, fn_name: str, family: str | None) -> list[str]:
@@ -174,6 +191,24 @@ def _resolve_backend(name: str | None) -> Backend:
         pytest.fail(f"cannot test backend '{name}': {exc}", pytrace=False)
 
 
+def _parse_options(backend: Backend, items: list[str]) -> BackendOptions:
+    """``--gptq-backend-option NAME=VALUE`` items as the backend's options class, as a model's
+    load parses them; a malformed item, unknown name or bad value fails collection in one line."""
+    values: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            pytest.fail(f"--gptq-backend-option {item!r} is not of the form NAME=VALUE (an option "
+                        f"of backend '{backend.name}', no prefix, e.g. dequant_threshold=0)",
+                        pytrace=False)
+        values[name.strip()] = value.strip()
+    try:
+        return backend.info.options.parse(values, backend.name)
+    except OptionsError as exc:
+        problem = str(exc)
+    pytest.fail(f"--gptq-backend-option: {problem}", pytrace=False)  # outside the except: one line
+
+
 def _share_cpu_between_workers() -> None:
     """Under pytest-xdist, split the cores between workers: the cases are tiny, and
     oversubscribed intra-op threads only spin."""
@@ -202,6 +237,7 @@ def suite_for(config: pytest.Config, cls: type) -> SuiteContext:
         cls=cls, name=backend.name, backend=backend, device=device,
         seed=config.getoption("gptq_seed"), quick=quick,
         compile_backend=config.getoption("gptq_compile_backend"), plan=plan,
+        options=_parse_options(backend, config.getoption("gptq_backend_option")),
         xfail=_declarations(cls, backend, "xfail", "CONFORMANCE_XFAIL"),
         skip=_declarations(cls, backend, "skip", "CONFORMANCE_SKIP"),
     )

@@ -19,6 +19,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gptq-conformance", "gptq backend conformance suite")
     group.addoption("--gptq-backend", default=None, metavar="NAME",
                     help="backend to test with `pytest --pyargs gptq_conformance`")
+    group.addoption("--gptq-backend-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="a typed option of the backend under test, no backend prefix, e.g. "
+                         "dequant_threshold=0 (repeatable; `gptq backends list --options` "
+                         "lists them): every prepare and bind of the suite uses it")
     group.addoption("--gptq-quick", action="store_true", default=False,
                     help="the small case set, for slow backends (e.g. TRITON_INTERPRET=1)")
     group.addoption("--gptq-device", default=None, metavar="DEVICE",

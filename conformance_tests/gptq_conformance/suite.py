@@ -7,8 +7,9 @@
         xfail = {"test_qmatmul[b3-*]": "3-bit lands in 0.3, tracked in #12"}
 
 Every check targets the backend by name (``Backend.prepare`` and
-``QuantLinear.from_packed(..., backend=NAME)``), never the automatic choice, and compares with
-the float64 reference of :mod:`gptq_core.testing` on fresh random data.
+``QuantLinear.from_packed(..., backend=NAME)``, both with the run's ``--gptq-backend-option``
+values), never the automatic choice, and compares with the float64 reference of
+:mod:`gptq_core.testing` on fresh random data.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from gptq_core.backend import ALL_DTYPES, policy_of
 from gptq_core.device import DEVICE_KINDS
 from gptq_core.errors import NoBackendError, NotSupportedError
 from gptq_core.packing import SUPPORTED_BITS
-from gptq_core.quant_linear import QuantLinear
 from gptq_core.training import WeightSource, differentiable_qmatmul
 from gptq_core.testing import (
     TOLERANCES,
@@ -189,8 +189,7 @@ class BackendConformance:
 
         ctx = gptq_suite
         packed = make_weight(ctx, case)
-        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype,
-                                        mode="compile")
+        layer = ctx.quant_linear(packed, case.dtype, mode="compile")
         on_cuda = ctx.torch_device.type == "cuda"
         ms = (capture_ms(case.m_values, policy_of(ctx.backend, layer.binding.prepared))
               if on_cuda else case.m_values)
@@ -232,7 +231,7 @@ class BackendConformance:
         """QuantLinear bound to this backend: batch dims, M=0, non-contiguous and odd strides."""
         ctx = gptq_suite
         packed = make_weight(ctx, case)
-        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype)
+        layer = ctx.quant_linear(packed, case.dtype)
         assert layer.binding.backend is ctx.backend, layer.binding.explain()
         for label, x in strided_inputs(ctx, case).items():
             before = snapshot({"x": x})
@@ -287,7 +286,7 @@ class BackendConformance:
         prepared = ctx.prepare(packed, case.spec())
         ctx.backend.qmatmul(x, prepared, packed.bias)
         assert not changed(before, watched), f"modified: {changed(before, watched)}"
-        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype)
+        layer = ctx.quant_linear(packed, case.dtype)
         layer(x)
         assert not changed(before, watched), f"QuantLinear modified: {changed(before, watched)}"
 
@@ -299,12 +298,12 @@ class BackendConformance:
         weight = make_weight(ctx, case.weight)
         device = case.device or ctx.device
         with pytest.raises(NotSupportedError) as info:
-            ctx.backend.prepare(weight, device, case.spec)
+            ctx.backend.prepare(weight, device, case.spec, ctx.options)
         reasons = info.value.reasons
         assert reasons and all(isinstance(r, str) and r for r in reasons), \
             f"{case.what}: refused without reasons"
         with pytest.raises(NoBackendError) as info:
-            selector.bind(weight, device, case.spec, backend=ctx.name)
+            selector.bind(weight, device, case.spec, backend=ctx.name, options=ctx.options_by_name)
         assert reasons[0] in str(info.value), \
             f"the selector's error does not carry the backend's reason: {info.value}"
 
@@ -339,8 +338,7 @@ class BackendConformance:
         """torch.compile(fullgraph=True) of a QuantLinear on this backend matches the reference."""
         ctx = gptq_suite
         packed = make_weight(ctx, case)
-        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype,
-                                        mode="compile")
+        layer = ctx.quant_linear(packed, case.dtype, mode="compile")
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True, backend=ctx.compile_backend)
         for shape in ((1, case.in_features), (2, 5, case.in_features)):
@@ -353,8 +351,7 @@ class BackendConformance:
         """The input gradient through QuantLinear equals grad @ W in float64."""
         ctx = gptq_suite
         packed = make_weight(ctx, case)
-        layer = QuantLinear.from_packed(packed, backend=ctx.name, act_dtype=case.dtype,
-                                        mode="training")
+        layer = ctx.quant_linear(packed, case.dtype, mode="training")
         x = make_x(ctx, case, 2, 3, case.in_features).requires_grad_(True)
         y = layer(x)
         assert_matches_reference(y.detach(), x.detach(), packed, context="training forward")

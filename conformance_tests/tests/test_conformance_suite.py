@@ -8,12 +8,13 @@ process with pytester (quick grid, tiny capabilities), and checks the outcome co
 from __future__ import annotations
 
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-from gptq_core import Capabilities, DeviceInfo, get_registry, selector
+from gptq_core import (BackendOptions, Capabilities, DeviceInfo, DispatchPolicy, get_registry,
+                       hookimpl, option, selector)
 from gptq_core.testing import StubBackend
 
 pytest_plugins = ("pytester",)
@@ -257,6 +258,69 @@ def test_backend_that_cannot_run_here_fails_with_its_reasons(suite):
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*FAILED*test_device_supported*"])
     assert result.parseoutcomes()["failed"] == 1
+
+
+@dataclass(frozen=True)
+class PathOptions(BackendOptions):
+    wrong_above: int | None = option(None, "rows above which the second (1% off) path serves")
+
+
+class TwoPathBackend(StubBackend):
+    """The torch kernel, plus a second path that is 1% off and serves only the rows an option
+    sends to it (as marlin's dequant_threshold sends calls to dequantize + cuBLAS)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, TINY, {"cpu": -100}, distribution="meta-tests")
+        self.info = replace(self.info, options=PathOptions)
+
+    @hookimpl
+    def gptq_pack(self, weight, device, spec, options):
+        from gptq_backends.torch_ref import plugin as tp
+
+        prepared = tp.gptq_pack(weight=weight, device=device, spec=spec)
+        if options.wrong_above is None:
+            return prepared
+        return replace(prepared, policy=DispatchPolicy.from_thresholds(
+            (options.wrong_above, "torch"), (None, "wrong")))
+
+    @hookimpl
+    def gptq_qmatmul(self, x, prepared, bias):
+        from gptq_backends.torch_ref import plugin as tp
+
+        y = tp.gptq_qmatmul(x, prepared, bias)
+        rows = x.numel() // x.shape[-1]
+        return y * 1.01 if prepared.policy.path_for(rows) == "wrong" else y
+
+
+def test_backend_option_reaches_prepare_and_every_bind(suite):
+    """Defaults pass; wrong_above=0 sends every call down the wrong path, and both the hook
+    checks (prepare) and the QuantLinear checks (bind) catch it."""
+    result = suite(TwoPathBackend("meta_paths"), "-q")
+    assert result.ret == 0, result.stdout.str()
+    result = suite(TwoPathBackend("meta_paths_forced"), "-rf", "-v",
+                   "--gptq-backend-option", "wrong_above=0")
+    failed = " ".join(line for line in result.outlines if line.startswith("FAILED"))
+    for check in ("test_qmatmul", "test_quant_linear_inputs", "test_nan_inf_propagate"):
+        assert check in failed, result.stdout.str()
+    assert "test_identity" not in failed and "test_declared_limit" not in failed
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("wrong_abov=0", "*--gptq-backend-option: backend 'meta_opt_*' has no option 'wrong_abov' "
+                         "(its options: wrong_above)*"),
+        ("wrong_above=many", "*wrong_above='many' cannot be read as int*"),
+        ("wrong_above", "*--gptq-backend-option 'wrong_above' is not of the form NAME=VALUE*"),
+    ],
+)
+def test_bad_backend_option_fails_collection_in_one_line(suite, item, message):
+    result = suite(TwoPathBackend(f"meta_opt_{zlib.crc32(item.encode())}"),
+                   "--gptq-backend-option", item)
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([message])
+    result.stdout.no_fnmatch_line("*During handling of the above exception*")
+    assert result.parseoutcomes().get("passed", 0) == 0
 
 
 def test_wide_backend_gets_hundreds_of_cases():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import PackedWeight
+from ..policy import DispatchPolicy
 from ..spec import dtype_name
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -40,6 +41,8 @@ class Implementation:
     #: What a model's forward calls, timed eagerly (QuantLinear.forward for backends); None:
     #: ``calls`` themselves.
     eager_calls: list[Callable[[torch.Tensor], torch.Tensor]] | None = None
+    #: A backend's dispatch policy, so each row says which of its paths was timed.
+    policy: DispatchPolicy | None = None
 
 
 def fp16_baseline(copies: list[PackedWeight], dtype: torch.dtype) -> Implementation:

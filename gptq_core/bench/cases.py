@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -98,6 +99,10 @@ class BenchConfig:
     copies: int = 0  # weight copies rotated per call; 0: enough to overflow the L2 cache
     baselines: bool = True
     target_seconds: float = 0.05  # time spent timing each (shape, M, implementation)
+    #: Typed options per backend, as ``from_quantized(backend_options=...)`` takes them
+    #: (``{"cpu": {"gemm_threshold": "0"}}``): so a path can be forced and timed; backends not
+    #: named keep their defaults.
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def describe(self) -> str:
         g = "g-1" if self.group_size == -1 else f"g{self.group_size}"

@@ -52,6 +52,10 @@ def table(rows: list[Result]) -> str:
                 notes.setdefault((r.impl, r.status, r.note), []).append(str(r.m) if r.m else "all")
         for (impl, status, note), ms in notes.items():
             out.append(f"  {impl}: {status} (M={','.join(ms)}): {note}")
+        for impl in impls:  # which of a backend's paths each M timed (options can move them)
+            paths = [f"M={r.m} {r.path}" for r in sub if r.impl == impl and r.m and r.path]
+            if paths:
+                out.append(f"  {impl} paths: {', '.join(paths)}")
         out.append("")
     return "\n".join(out)
 

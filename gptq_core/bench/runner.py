@@ -8,11 +8,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..backend import policy_of
 from ..device import DeviceInfo, default_device
 from .. import selector
 from ..errors import GPTQError
+from ..options import BackendOptions, OptionsError
 from ..quant_linear import QuantLinear
-from ..registry import get_registry
+from ..registry import canonical_backend_name, get_registry
 from ..spec import LayerSpec
 from .baselines import Implementation, fp16_baseline, tinygemm_baseline, tinygemm_reason
 from .cases import BenchConfig
@@ -46,6 +48,7 @@ class Result:
     eager_us: float = math.nan  # per call issued eagerly (QuantLinear.forward for backends)
     copies: int = 0
     note: str = ""
+    path: str = ""  # the backend's path for this M (its dispatch policy), e.g. "gemv"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,13 +77,29 @@ def _backends(cfg: BenchConfig):
     return [reg.get(name) for name in cfg.backends], []
 
 
+def backend_options(cfg: BenchConfig) -> dict[str, BackendOptions]:
+    """``cfg.backend_options`` parsed into each backend's options class, as a model's load
+    parses them: a backend that is not installed, or (with ``cfg.backends``) not benched, an
+    unknown option or an unreadable value is one :class:`OptionsError`, before any work."""
+    parsed = selector.parse_backend_options(cfg.backend_options)
+    if cfg.backends is not None:
+        running = [canonical_backend_name(b) for b in cfg.backends]
+        for name in map(canonical_backend_name, cfg.backend_options):
+            if name not in running:
+                raise OptionsError(
+                    f"backend_options names backend '{name}', which this run does not bench "
+                    f"(backends: {', '.join(running)})")
+    return parsed
+
+
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     if not bool(torch.isfinite(y).all()):
         return math.inf
     return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _implementations(cfg, device, info, spec, weights, rows, base) -> list[Implementation]:
+def _implementations(cfg, device, info, spec, weights, rows, base,
+                     options: dict[str, BackendOptions]) -> list[Implementation]:
     impls: list[Implementation] = []
     if cfg.baselines:
         impls.append(fp16_baseline(weights, cfg.dtype))
@@ -102,24 +121,28 @@ def _implementations(cfg, device, info, spec, weights, rows, base) -> list[Imple
                                note="; ".join(reasons)))
             continue
         try:
-            prepared = [backend.prepare(w, info, spec) for w in weights]
+            prepared = [backend.prepare(w, info, spec, options.get(backend.name)) for w in weights]
         except Exception as exc:  # noqa: BLE001
             rows.append(Result(**base, impl=backend.name, status="error",
                                note=f"pack failed: {type(exc).__name__}: {exc}"[:300]))
             continue
         qm = backend.qmatmul
         calls = [lambda x, p=p, qm=qm: qm(x, p, None) for p in prepared]
-        layers = [_bound_layer(w, p, backend, info, spec) for w, p in zip(weights, prepared)]
+        layers = [_bound_layer(w, p, backend, info, spec, options) for w, p in zip(weights, prepared)]
         impls.append(Implementation(backend.name, calls, cfg.dtype, format_bytes(weights[0]),
                                     f"{backend.info.distribution} {backend.info.version}",
-                                    eager_calls=[layer.forward for layer in layers]))
+                                    eager_calls=[layer.forward for layer in layers],
+                                    policy=policy_of(backend, prepared[0])))
     return impls
 
 
-def _bound_layer(weight, prepared, backend, info: DeviceInfo, spec: LayerSpec) -> QuantLinear:
+def _bound_layer(weight, prepared, backend, info: DeviceInfo, spec: LayerSpec,
+                 options: dict[str, BackendOptions]) -> QuantLinear:
     """A :class:`QuantLinear` over ``weight`` bound to ``prepared`` (no second prepare), so the
-    eager column times what a model's forward pays, QuantLinear's own checks included."""
+    eager column times what a model's forward pays, QuantLinear's own checks included; it keeps
+    the run's options, so a rebind prepares as the bench did."""
     layer = QuantLinear.from_packed(weight, backend=backend.name, act_dtype=None)
+    layer.backend_options = options
     chain = selector.plan(spec, info, backend.name)
     layer._bindings[spec.act_dtype] = selector.Binding(backend, prepared, chain)
     layer._use(layer._bindings[spec.act_dtype], spec.act_dtype)
@@ -131,6 +154,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print,
     """Benchmark every implementation on every (shape, M) of ``cfg``; return all rows."""
     device = torch.device(cfg.device) if cfg.device else default_device()
     info = DeviceInfo.of(device)
+    options = backend_options(cfg)
     rows: list[Result] = []
 
     def emit(r: Result) -> None:
@@ -138,7 +162,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print,
         if on_result is not None:
             on_result(r)
 
-    log(f"gptq bench on {info.describe()}: {cfg.describe()}")
+    log(f"gptq bench on {info.describe()}: {cfg.describe()}{describe_options(cfg.backend_options)}")
     for s_idx, (name, k, n) in enumerate(cfg.shapes):
         spec = LayerSpec(bits=cfg.bits, group_size=cfg.group_size, in_features=k,
                          out_features=n, sym=cfg.sym, desc_act=cfg.act_order, act_dtype=cfg.dtype)
@@ -150,7 +174,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print,
                          device=device, seed=1000 * s_idx + i) for i in range(1, n_copies)]
         base = dict(shape=name, k=k, n=n, m=0, quant=cfg.describe(), copies=n_copies)
         pending: list[Result] = []
-        impls = _implementations(cfg, device, info, spec, weights, pending, base)
+        impls = _implementations(cfg, device, info, spec, weights, pending, base, options)
         for r in pending:
             emit(r)
         log(f"{name} (K={k}, N={n}): {n_copies} weight copies rotated; "
@@ -166,7 +190,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print,
                 xi = x.to(impl.dtype)
                 if impl.dtype not in refs:
                     refs[impl.dtype] = xi.double() @ w64
-                r = Result(**{**base, "m": m}, impl=impl.name, status="ok", note=impl.note)
+                r = Result(**{**base, "m": m}, impl=impl.name, status="ok", note=impl.note,
+                           path=impl.policy.path_for(m) if impl.policy is not None else "")
                 try:
                     err = _relative_error(impl.calls[0](xi), refs[impl.dtype])
                     r.rel_err = err
@@ -198,8 +223,15 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print,
     return rows
 
 
+def describe_options(values: dict[str, dict[str, object]]) -> str:
+    """``"; options: cpu.gemm_threshold=0"`` (empty without options): the progress log says what was forced."""
+    items = [f"{b}.{k}={v}" for b, fields in values.items() for k, v in fields.items()]
+    return f"; options: {', '.join(items)}" if items else ""
+
+
 def _progress_line(r: Result) -> str:
     if r.status != "ok":
         return f"  {r.shape} M={r.m} {r.impl}: {r.status}: {r.note}"
+    path = f", path {r.path}" if r.path else ""
     return (f"  {r.shape} M={r.m} {r.impl}: {r.us:.1f} us, {r.tbps:.2f} TB/s, "
-            f"x{r.x_fp16:.2f} fp16, err {r.rel_err:.1e} ({r.method})")
+            f"x{r.x_fp16:.2f} fp16, err {r.rel_err:.1e} ({r.method}{path})")

@@ -17,7 +17,9 @@ import torch
 
 from ..bench.cases import DTYPES
 from ..errors import GPTQError
+from ..options import parse_cli_options
 from .generate import Rule, check_arguments, check_device_argument, parse_device_map, parse_max_memory
+from .main import add_backend_option_argument
 
 #: Range rules of ``gptq bench``'s flags (--m is checked by parse_m).
 BENCH_RULES: tuple[Rule, ...] = (
@@ -36,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..bench import BenchConfig, cpu_shapes, parse_m, parse_shapes, run  # noqa: PLC0415
     from ..bench import report  # noqa: PLC0415
     from ..bench.cases import CPU_M  # noqa: PLC0415
+    from ..bench.runner import backend_options  # noqa: PLC0415
 
     check_arguments(args, BENCH_RULES)
     check_device_argument(args.device)
@@ -48,7 +51,9 @@ def _run(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype], device=device, copies=args.copies,
         backends=[b.strip() for b in args.backends.split(",")] if args.backends else None,
         baselines=not args.no_baselines, target_seconds=args.seconds,
+        backend_options=parse_cli_options(args.backend_option),
     )
+    backend_options(cfg)  # a bad option is one line before any file is written (run parses them too)
     if shapes is not None:
         cfg.shapes = shapes
     if m_values is not None:
@@ -81,6 +86,8 @@ def _run(args: argparse.Namespace) -> int:
             csv_file.close()
     print(report.table(rows))
     meta = {"device": str(device), "config": cfg.describe(), "command": " ".join(sys.argv)}
+    if cfg.backend_options:
+        meta["backend_options"] = cfg.backend_options
     if device != "cpu" and torch.cuda.is_available():
         meta["gpu"] = torch.cuda.get_device_name(torch.device(device))
     meta["torch"] = torch.__version__
@@ -238,6 +245,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], device=device,
         backend=args.backend, dtype=args.dtype, seconds=args.seconds, fast_compile=not args.no_fast_compile,
         device_map=device_map, max_memory=max_memory, layer_sum=not args.no_layer_sum,
+        backend_options=parse_cli_options(args.backend_option),
     )
     cfg.check()
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -255,6 +263,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             "command": " ".join(sys.argv), "batches": cfg.batches, "prompt_len": cfg.prompt_len,
             "new_tokens": cfg.new_tokens, "modes": cfg.modes, "backend": args.compare_backends or cfg.backend,
             "fast_compile": cfg.fast_compile, **built}
+    if cfg.backend_options:
+        meta["backend_options"] = cfg.backend_options
     if device_map is not None:
         meta.update(device_map=device_map, max_memory=max_memory)
     if device.type == "cuda":
@@ -306,6 +316,7 @@ def _register_generate(modes: argparse._SubParsersAction) -> None:
     g.add_argument("--compare-backends", metavar="A,B",
                    help="time the quantized model once per backend, side by side (rows quantized[A], quantized[B])")
     g.add_argument("--dtype", default="auto", help="activation dtype (default: fp16 on GPUs, fp32 on the CPU)")
+    add_backend_option_argument(g)  # the quantized model's load; the float model has no backends
     g.add_argument("--no-fast-compile", action="store_true",
                    help="capture the fast path's decode step without compiling it first (to measure what compiling gains)")
     g.add_argument("--seconds", type=float, default=1.0, help="time budget of each timed measurement (default 1; three repeats at least, five at most)")
@@ -327,6 +338,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Every implementation is checked against the float64 reference before it is timed; "
             "the exit status is 1 if any check failed."
         ),
+        # This parser reads every word of `bench generate ...` too: an abbreviation here would
+        # make generate's --backend ambiguous (--backends, --backend-option) before it gets it.
+        allow_abbrev=False,
     )
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="group size, -1 for one group")
@@ -337,6 +351,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "(default: all of DESIGN.md on a GPU, 'cpu' on a CPU)")
     p.add_argument("--m", help="comma-separated batch sizes, or 'all' (default: all on a GPU)")
     p.add_argument("--backends", help="comma-separated backend names (default: every one)")
+    add_backend_option_argument(p)
     p.add_argument("--no-baselines", action="store_true", help="skip fp16 and tinygemm")
     p.add_argument("--device", help="device to run on (default: cuda if present, else cpu)")
     p.add_argument("--copies", type=int, default=0,

@@ -31,12 +31,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import GPTQError
 from ..placement import DeviceMap, input_device
+from ..selector import parse_backend_options
 from .fast import FastGenerator
 from .spread import DevicePlacement, LayerSum, placement_of, sync, time_layer_sum
 
@@ -69,6 +71,9 @@ class GenerateBenchConfig:
     device_map: DeviceMap | None = None
     max_memory: dict[int | str, str] | None = None  # caps per device for a computed map
     layer_sum: bool = True  # with a device map: time the single-device per-layer sum
+    #: Typed options of the quantized model's backends (``load_for_inference(backend_options=)``),
+    #: e.g. ``{"marlin": {"dense_cache_mb": "512"}}``; parsed by :meth:`check` before any build.
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def check(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]
@@ -83,6 +88,7 @@ class GenerateBenchConfig:
             raise GPTQError("--prompt-len must be >= 1")
         if self.max_memory is not None and self.device_map is None:
             raise GPTQError("--max-memory caps the devices of a device map; give --device-map auto with it")
+        parse_backend_options(self.backend_options)  # a bad option fails before minutes of building
 
     def accounted_devices(self) -> list[torch.device]:
         """The devices whose memory and work the timings cover: ``device``, or with a device
@@ -234,11 +240,12 @@ def load_model(entry: ModelEntry, cfg: GenerateBenchConfig) -> tuple[nn.Module, 
     from ..placement import dispatch, planned_main_device, resolve_device_map
 
     backend = entry.backend or cfg.backend
-    if cfg.device_map is None:
-        return load_for_inference(entry.folder, cfg.device, backend, cfg.dtype)
+    if cfg.device_map is None:  # load_for_inference reads backend_options for a GPTQ checkpoint only
+        return load_for_inference(entry.folder, cfg.device, backend, cfg.dtype,
+                                  backend_options=cfg.backend_options)
     if is_quantized_checkpoint(entry.folder):
         return load_for_inference(entry.folder, None, backend, cfg.dtype, device_map=cfg.device_map,
-                                  max_memory=cfg.max_memory)
+                                  max_memory=cfg.max_memory, backend_options=cfg.backend_options)
     dtype = resolve_dtype(cfg.dtype, planned_main_device(cfg.device_map))
     model = load_float_model(entry.folder, dtype).eval()
     placed = resolve_device_map(model, cfg.device_map, cfg.max_memory)
