@@ -9,9 +9,10 @@ from gptq_core.tracing import plain_eager
 
 from . import __version__, build
 from .layout import TILE_K, WARP_N
+from .hopper import ops as hopper_ops
 from .ops import gemm
 from .options import MarlinOptions
-from .policy import DENSE_KIND
+from .policy import DENSE_KIND, HOPPER_KIND
 from .prepare import ACT_DTYPES, MarlinPrepared, prepare
 
 CAPABILITIES = Capabilities(
@@ -71,6 +72,10 @@ def gptq_qmatmul(x, prepared, bias):
     if kind == DENSE_KIND:
         y = torch.nn.functional.linear(x, p.dense)
         return y if bias is None else y.add_(bias)
+    if kind == HOPPER_KIND:
+        h = p.hopper
+        run = hopper_ops.gemm_direct if plain_eager() else hopper_ops.gemm
+        return run(x, h.tiles, h.scales, h.zeros, h.perm, bias, p.slots, h.group_size, p.size_n, h.waves)
     # The extension's direct entry eagerly (no dispatcher: docs/DESIGN.md §11), the custom op
     # when traced or recorded.
     run = build.module().gemm if plain_eager() else gemm

@@ -16,6 +16,8 @@ import torch
 
 from gptq_core.policy import DispatchPolicy
 
+from .hopper import layout as hopper_layout
+
 #: The gemm op's ``kind`` argument by path name, in csrc/kernels.h's order (``KernelKind``; a test
 #: compares the two). "dense-cublas" never reaches the op: the layer's dense copy goes to cuBLAS.
 KINDS: dict[str, int] = {
@@ -27,8 +29,10 @@ KINDS: dict[str, int] = {
     "marlin:tma": 5,         # bulk copies (8-bit, compute capability >= 9.0, M <= 32)
     "dequant+cublas": 6,     # dequantize into a scratch weight per call, then cuBLAS
     "dense-cublas": -1,      # the dense copy kept at load (dense_cache_mb), cuBLAS
+    "marlin:hopper": -2,     # the layer's sm_90a wgmma copy (hopper_cache_mb, hopper/ops.py)
 }
 DENSE_KIND = KINDS["dense-cublas"]
+HOPPER_KIND = KINDS["marlin:hopper"]  # like DENSE_KIND, served in Python before the C++ op
 
 #: Kernel routes by weight family: (rows up to, path), the last one open-ended.
 #: "Wide stages", "256-row stages on large layers", "The swapped mma at M <= 8", "Opt-in
@@ -61,6 +65,11 @@ DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 16), (1 << 26,
 #: 8192x28672 (3584 per 264 slots) 1.05-1.10x, 4096x14336 (896) 1.00-1.10x over 128-row
 #: stages; 4096x11008 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x.
 WIDE4_STAGES_PER_SLOT = 3
+#: Rows above which a layer's Hopper copy (when it has one) serves, up to the kernels' cut. H200,
+#: 4-bit g128, one run of ``benchmarks/hopper_check.py --quick`` (NOTES/hopper-wgmma.md, round
+#: 3), us hopper / marlin: 8192x28672 M=32 70.5 / 61.0, 64 86.5 / 97.8, 128 117.5 / 184.6;
+#: 4096x14336 M=16 19.9 / 20.0, 32 22.6 / 24.3, 64 27.1 / 32.8, 128 43.6 / 56.2.
+HOPPER_THRESHOLD = 32
 BLOCKS_PER_SM = 2  # every kernel at up to 2 row blocks runs two blocks per SM (launch bounds)
 TILE_N = 256       # output columns per block tile (csrc/marlin.h kTileN)
 
@@ -109,16 +118,33 @@ def kernel_family(bits: int, K: int, N: int, gpu: GpuFacts) -> str:
     return "4bit-wide4" if K % 256 == 0 and large else "4bit-wide"
 
 
+def hopper_serves(bits: int, K: int, N: int, gpu: GpuFacts) -> bool:
+    """Whether the sm_90a wgmma kernel can serve the layer: 4-bit, compute capability 9.0
+    exactly (wgmma is an sm_90a instruction), and its tiles (hopper/layout.py) fit K x N."""
+    return bits == 4 and gpu.compute_capability == (9, 0) and K % hopper_layout.TILE_K == 0 \
+        and N % hopper_layout.BN == 0
+
+
+def kernel_cut(dequant_rows: int, dense_rows: int | None) -> int:
+    """The largest M the kernels serve: above it dequantize + cuBLAS or the dense copy do."""
+    return dequant_rows if dense_rows is None else min(dequant_rows, dense_rows)
+
+
 def layer_policy(bits: int, K: int, N: int, gpu: GpuFacts, dequant_rows: int,
-                 dense_rows: int | None = None) -> DispatchPolicy:
+                 dense_rows: int | None = None, hopper_rows: int | None = None) -> DispatchPolicy:
     """The kernel routes up to ``dequant_rows``, dequantize + cuBLAS above; with a dense copy
-    (``dense_rows`` given) the copy serves every M above ``dense_rows``."""
-    cut = dequant_rows if dense_rows is None else min(dequant_rows, dense_rows)
+    (``dense_rows`` given) the copy serves every M above ``dense_rows``; with a Hopper copy
+    (``hopper_rows`` given) that copy serves the kernels' rows above ``hopper_rows``."""
+    cut = kernel_cut(dequant_rows, dense_rows)
     steps: list[tuple[int | None, str]] = []
     for upto, path in KERNEL_ROUTES[kernel_family(bits, K, N, gpu)]:
         steps.append((cut if upto is None else min(upto, cut), path))
         if upto is None or upto >= cut:
             break
+    if hopper_rows is not None and hopper_rows < cut:
+        # from_thresholds drops the ranges this empties (a bound not above the previous one)
+        steps = [(min(upto, hopper_rows), path) for upto, path in steps]
+        steps.append((cut, "marlin:hopper"))
     if dense_rows is None:
         steps.append((None, "dequant+cublas"))
     else:
@@ -134,6 +160,7 @@ def kind_table(policy: DispatchPolicy) -> tuple[tuple[int, int], ...]:
 
 
 def kernel_rows(policy: DispatchPolicy) -> int:
-    """The largest M a kernel serves under ``policy`` (what the workspace is sized for)."""
+    """The largest M an mma.sync kernel serves under ``policy`` (what the stream-K counters and
+    slots are sized for; the Hopper route sizes its own need: hopper/ops.py)."""
     kernels = range(KINDS["dequant+cublas"])
     return max((r.upto_m for r in policy.routes if KINDS[r.path] in kernels and r.upto_m), default=0)

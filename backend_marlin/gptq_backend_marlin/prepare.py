@@ -12,6 +12,7 @@ looks them up.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -22,28 +23,43 @@ from gptq_core.format import PackedWeight, act_order_permutation, default_g_idx
 from gptq_core.policy import DispatchPolicy
 
 from . import layout, policy, workspace
+from .hopper import ops as hopper_ops
+from .hopper.build import BuildError as HopperBuildError
 from .options import MarlinOptions
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
-_budget_lock = threading.Lock()
-_dense_bytes_used = 0
+class MemoryBudget:
+    """A per-process byte budget for optional copies of layers (the dense and Hopper caches):
+    first come, first served, returned when a prepared weight is collected."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.used = 0
+
+    def take(self, nbytes: int, budget_mb: float) -> bool:
+        """Reserve ``nbytes``; False when it does not fit in ``budget_mb``."""
+        with self._lock:
+            if self.used + nbytes > int(budget_mb * (1 << 20)):
+                return False
+            self.used += nbytes
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
 
 
-def take_dense_budget(nbytes: int, budget_mb: float) -> bool:
-    """Reserve ``nbytes`` of the per-process dense-cache budget; False when it does not fit."""
-    global _dense_bytes_used
-    with _budget_lock:
-        if _dense_bytes_used + nbytes > int(budget_mb * (1 << 20)):
-            return False
-        _dense_bytes_used += nbytes
-        return True
+DENSE_BUDGET = MemoryBudget()
+HOPPER_BUDGET = MemoryBudget()
+_warned: set[str] = set()
 
 
-def _return_dense_budget(nbytes: int) -> None:
-    global _dense_bytes_used
-    with _budget_lock:
-        _dense_bytes_used -= nbytes
+def warn_once(message: str) -> None:
+    """One line per process for an option that cannot be honoured (the load goes on)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +79,7 @@ class MarlinPrepared:
     slots: torch.Tensor             # the device's stream-K workspace (workspace.py)
     counters: torch.Tensor
     dense: torch.Tensor | None = None  # [N, K] activation dtype, original k order (cache)
+    hopper: hopper_ops.HopperPrepared | None = None  # the sm_90a kernel's copy (hopper_cache_mb)
 
 
 def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
@@ -94,7 +111,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
     zeros_t = layout.permute_columns(zeros.to(act_dtype)) if has_zeros else None
 
     dense = None
-    if device.type == "cuda" and options.dense_cache_mb > 0 and take_dense_budget(K * N * 2, options.dense_cache_mb):
+    if device.type == "cuda" and options.dense_cache_mb > 0 and DENSE_BUDGET.take(K * N * 2, options.dense_cache_mb):
         dense = dense_weight(tiles, scales, zeros_t, perm, bits, w.group_size, K, N)
     dequant_rows = options.dequant_threshold
     if dequant_rows is None:
@@ -104,16 +121,58 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
         dense_rows = options.dense_threshold
         if dense_rows is None:
             dense_rows = policy.dense_threshold(K * N)
-    plan = policy.layer_policy(bits, K, N, gpu, dequant_rows, dense_rows)
-    ws = workspace.shared_workspace(device, *workspace.needs(gpu, bits, N, policy.kernel_rows(plan)))
+    hopper_rows = options.hopper_threshold
+    if hopper_rows is None:
+        hopper_rows = policy.HOPPER_THRESHOLD
+    cut = policy.kernel_cut(dequant_rows, dense_rows)
+    hopper = hopper_copy(w, device, act_dtype, gpu, options) if hopper_rows < cut else None
+    plan = policy.layer_policy(bits, K, N, gpu, dequant_rows, dense_rows,
+                               hopper_rows if hopper is not None else None)
+    slot_floats, counters = workspace.needs(gpu, bits, N, policy.kernel_rows(plan))
+    if hopper is not None:
+        slot_floats = max(slot_floats, hopper_ops.workspace_floats(K, N, hopper.waves, hopper_rows, cut))
+    ws = workspace.shared_workspace(device, slot_floats, counters)
     prepared = MarlinPrepared(
         tiles=tiles, scales=scales, zeros=zeros_t, perm=perm, bits=bits, group_size=w.group_size,
         size_k=K, size_n=N, policy=plan, kinds=policy.kind_table(plan), slots=ws.slots,
-        counters=ws.counters, dense=dense,
+        counters=ws.counters, dense=dense, hopper=hopper,
     )
     if dense is not None:
-        weakref.finalize(prepared, _return_dense_budget, K * N * 2)
+        weakref.finalize(prepared, DENSE_BUDGET.give_back, K * N * 2)
+    if hopper is not None:
+        weakref.finalize(prepared, HOPPER_BUDGET.give_back, hopper_bytes(w))
     return prepared
+
+
+def hopper_bytes(w: PackedWeight) -> int:
+    """What a layer's Hopper copy may take: 4-bit ints, scales and zero points in 16 bits, the
+    act-order permutation."""
+    return w.in_features * w.out_features // 2 + 2 * w.scales.numel() * 2 + w.in_features * 8
+
+
+def hopper_copy(w: PackedWeight, device: torch.device, act_dtype: torch.dtype, gpu: policy.GpuFacts,
+                options: MarlinOptions) -> hopper_ops.HopperPrepared | None:
+    """The layer in the sm_90a kernel's layout when ``hopper_cache_mb`` asks for one and the
+    layer, the GPU and the budget allow it; None otherwise (a GPU that cannot run it, or an
+    extension that does not build, is said once per process: the load goes on without it)."""
+    if options.hopper_cache_mb <= 0 or device.type != "cuda":
+        return None
+    if gpu.compute_capability != (9, 0):
+        warn_once(f"marlin option hopper_cache_mb is set, but the Hopper kernel needs a GPU of compute "
+                  f"capability 9.0 and this one is {gpu.compute_capability[0]}.{gpu.compute_capability[1]}: "
+                  "the mma.sync kernels serve every M")
+        return None
+    if not policy.hopper_serves(w.bits, w.in_features, w.out_features, gpu):
+        return None  # 8-bit, or a shape off its tiles: `gptq backends explain` shows no hopper route
+    if not HOPPER_BUDGET.take(hopper_bytes(w), options.hopper_cache_mb):
+        return None
+    try:
+        return hopper_ops.prepare(w, device, act_dtype)
+    except HopperBuildError as exc:
+        HOPPER_BUDGET.give_back(hopper_bytes(w))
+        warn_once(f"marlin option hopper_cache_mb is set, but the Hopper extension is unavailable ({exc}): "
+                  "the mma.sync kernels serve every M")
+        return None
 
 
 def dense_weight(tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -39,6 +39,8 @@ def test_values_from_text_are_typed():
     ({"dense_cache_mb": -1}, "dense_cache_mb"),
     ({"archs": "hopper"}, "archs.*like 8.0"),
     ({"dequant_threshold": "many"}, "cannot be read as int"),
+    ({"hopper_cache_mb": -1}, "hopper_cache_mb=-1.* must be >= 0"),
+    ({"hopper_threshold": MAX_KERNEL_M + 1}, "hopper_threshold=.*must be in"),
 ])
 def test_bad_values_are_errors_that_say_what_to_do(values, message):
     with pytest.raises(OptionsError, match=message):
@@ -59,4 +61,5 @@ def test_only_the_build_settings_read_the_environment(monkeypatch):
     assert MarlinOptions.parse(None, "marlin") == MarlinOptions()
     envs = {row["name"]: row["env"] for row in MarlinOptions.fields_table()}
     assert envs == {"build_dir": "GPTQ_MARLIN_BUILD_DIR", "archs": "GPTQ_MARLIN_ARCHS",
-                    "dense_cache_mb": None, "dequant_threshold": None, "dense_threshold": None}
+                    "dense_cache_mb": None, "dequant_threshold": None, "dense_threshold": None,
+                    "hopper_cache_mb": None, "hopper_threshold": None}

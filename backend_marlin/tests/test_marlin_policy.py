@@ -152,3 +152,79 @@ def test_dense_route_is_the_dense_copy_plus_the_float16_bias(dtype):
     y = plugin.gptq_qmatmul(x, p, bias)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), (x.float() @ dense.float().t() + bias.float()), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- the Hopper route (issue 17)
+@pytest.mark.parametrize("dequant,dense,hopper,expected", [
+    (256, None, 32, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:hopper -:dequant+cublas"),
+    (256, None, 8, "8:marlin:wide4-swap 256:marlin:hopper -:dequant+cublas"),
+    (256, None, 0, "256:marlin:hopper -:dequant+cublas"),
+    (256, 64, 32, "8:marlin:wide4-swap 32:marlin:wide4 64:marlin:hopper -:dense-cublas"),
+    (256, 16, 32, "8:marlin:wide4-swap 16:marlin:wide4 -:dense-cublas"),  # nothing left above 32
+    (4096, None, 0, "4096:marlin:hopper -:dequant+cublas"),
+])
+def test_a_hopper_copy_takes_the_kernel_rows_above_its_threshold(dequant, dense, hopper, expected):
+    assert routes(policy.layer_policy(4, 8192, 28672, H200, dequant, dense, hopper)) == expected
+
+
+@pytest.mark.parametrize("bits,K,N,gpu,serves", [
+    (4, 4096, 4096, H200, True), (8, 4096, 4096, H200, False), (4, 4096, 4096, A100, False),
+    (4, 4096, 4096, GpuFacts(sm_count=170, compute_capability=(10, 0)), False),  # no wgmma off sm_90a
+    (4, 4096, 4160, H200, False), (4, 4160, 4096, H200, True), (4, 4128, 4096, H200, False),
+])
+def test_hopper_serves_4bit_layers_on_its_tiles_on_compute_capability_9_0(bits, K, N, gpu, serves):
+    assert policy.hopper_serves(bits, K, N, gpu) is serves
+
+
+H200_WAVES = (396, 396, 264, 264, 132)  # the kernels' blocks per SM measured on the H200 x 132 SMs
+
+
+@pytest.mark.parametrize("K,N", [(4096, 12288), (4096, 4096), (11008, 4096), (4096, 14336), (8192, 28672)])
+def test_hopper_workspace_holds_the_partials_of_every_row_count_it_serves(K, N):
+    from gptq_backend_marlin.hopper import ops as hopper_ops
+
+    need = hopper_ops.workspace_floats(K, N, H200_WAVES, 0, 512)
+    for m in range(1, 513):
+        s = hopper_ops.splits_for(m, K, N, H200_WAVES)
+        assert s == 1 or s * m * N <= need
+    assert need <= workspace.needs(H200, 4, N, 256)[0], "Llama's layers fit the marlin slots already"
+
+
+def test_qmatmul_sends_the_hopper_rows_to_the_hopper_op():
+    """With a Hopper copy, M above the threshold traces to gptq_marlin_hopper::gemm with the
+    layer's copy and the shared slots; M at or below it to the marlin op (fake tensors)."""
+    from gptq_backend_marlin.hopper import ops as hopper_ops
+
+    packed = random_packed(4, 128, True, False, 512, 256, seed=5)
+    p = prepare.prepare(packed, torch.device("cpu"), torch.float16, MarlinOptions(), H200)
+    h = dataclasses.replace(hopper_ops.prepare(packed, "cpu"), waves=H200_WAVES)
+    plan = policy.layer_policy(4, 512, 256, H200, 192, None, 32)
+    p = dataclasses.replace(p, hopper=h, policy=plan, kinds=policy.kind_table(plan))
+    names = ("tiles", "scales", "slots", "counters")
+
+    def call(x, tiles, scales, slots, counters, htiles, hscales):
+        q = dataclasses.replace(p, tiles=tiles, scales=scales, slots=slots, counters=counters,
+                                hopper=dataclasses.replace(h, tiles=htiles, scales=hscales))
+        return plugin.gptq_qmatmul(x, q, None)
+
+    for m, op in [(32, "gptq_marlin.gemm"), (33, "gptq_marlin_hopper.gemm"), (192, "gptq_marlin_hopper.gemm"),
+                  (193, "gptq_marlin.gemm")]:
+        x = torch.empty(m, 512, dtype=torch.float16)
+        gm = torch.fx.experimental.proxy_tensor.make_fx(call, tracing_mode="fake")(
+            x, *(getattr(p, n) for n in names), h.tiles, h.scales)
+        gemms = [n for n in gm.graph.nodes if n.op == "call_function" and "gemm" in str(n.target)]
+        assert [str(n.target).rsplit(".", 1)[0] for n in gemms] == [op], m
+        if op.startswith("gptq_marlin_hopper"):
+            assert list(gemms[0].args[-1]) == list(H200_WAVES) and gemms[0].args[-2] == 256
+
+
+def test_hopper_copy_is_made_only_on_a_hopper_gpu_within_its_budget():
+    packed = random_packed(4, 128, True, False, 512, 256, seed=6)
+    assert prepare.hopper_copy(packed, torch.device("cpu"), torch.float16, H200,
+                               MarlinOptions(hopper_cache_mb=64)) is None, "CUDA only"
+    before = prepare.HOPPER_BUDGET.used
+    with pytest.warns(UserWarning, match="compute capability 9.0 and this one is 8.0"):
+        assert prepare.hopper_copy(packed, torch.device("cuda", 0), torch.float16, A100,
+                                   MarlinOptions(hopper_cache_mb=64)) is None
+    assert prepare.HOPPER_BUDGET.used == before
+    assert prepare.hopper_bytes(packed) >= 512 * 256 // 2

@@ -1,15 +1,17 @@
-"""Python entry of the Hopper GEMM: the prepared weight and ``hopper_gemm(x, prepared) -> y``.
+"""Python entry of the Hopper GEMM: the prepared weight, the ``gptq_marlin_hopper::gemm`` op
+the marlin backend calls, and ``hopper_gemm(x, prepared) -> y`` for the GPU check.
 
-First version (NOTES/hopper-wgmma.md): 4-bit weights, fp16 and bf16 activations, group sizes
--1 and multiples of 32, symmetric or asymmetric zero points, act-order (the activation columns
-permuted per call with ``index_select``, the weight rows sorted once here, as marlin does:
-docs/DESIGN.md §2). The split-K workspace is allocated per call, so a call is not yet
-CUDA-graph-clean in the product's sense (a graph still captures it: the caching allocator
-serves the allocation); the product needs it in the prepared weight.
+4-bit weights, fp16 and bf16 activations, group sizes -1 and multiples of 32, symmetric or
+asymmetric zero points, act-order (the activation columns permuted per call with
+``index_select``, the weight rows sorted once here, as marlin does: docs/DESIGN.md §2)
+(NOTES/hopper-wgmma.md). The op's split-K partials go to a workspace the caller owns (the
+marlin backend passes its per-device slots, sized at bind by :func:`workspace_floats`), so a
+call allocates nothing that outlives it and CUDA graphs capture it (docs/DESIGN.md §11).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,6 +41,9 @@ class HopperPrepared:
     out_features: int
     group_size: int  #: in k; a per-column layer (-1) has group_size == in_features
     dtype: torch.dtype
+    #: block slots of one wave per token tile (SMs x blocks per SM, TOKEN_TILES' order): the
+    #: split plan's input, read from the GPU once at prepare; empty on the CPU
+    waves: tuple[int, ...] = ()
 
 
 def prepare(packed: PackedWeight, device: torch.device | str, dtype: torch.dtype = torch.float16) -> HopperPrepared:
@@ -62,10 +67,18 @@ def prepare(packed: PackedWeight, device: torch.device | str, dtype: torch.dtype
         q = q[perm]
     z = w.zeros()
     zeros = None if bool((z == 8).all()) else z.to(dtype).contiguous()
+    dev = torch.device(device)
+    waves = wave_slots(dev, dtype, zeros is not None) if dev.type == "cuda" else ()
     return HopperPrepared(
         tiles=layout.repack(q), scales=w.scales.to(dtype).contiguous(), zeros=zeros, perm=perm,
-        in_features=K, out_features=N, group_size=group, dtype=dtype,
+        in_features=K, out_features=N, group_size=group, dtype=dtype, waves=waves,
     )
+
+
+def wave_slots(device: torch.device, dtype: torch.dtype, zp: bool) -> tuple[int, ...]:
+    """SMs x blocks per SM of each token tile's kernel on ``device`` (builds the extension)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return tuple(sms * blocks_per_sm(device, bm, dtype, zp) for bm in TOKEN_TILES)
 
 
 def token_tile(m: int) -> int:
@@ -92,6 +105,7 @@ def split_count(k: int, bm: int, splits: int) -> int:
     return math.ceil(st / per)
 
 
+@functools.lru_cache(maxsize=8192)
 def plan_splits(m: int, n: int, k: int, bm: int, sms: int, blocks_per_sm: int = 1) -> int:
     """Split K when the (column, token) tiles leave block slots idle: minimise waves x k tiles
     per block, charging the fp32 partials' extra traffic (s x M x N x 8 bytes against the
@@ -140,21 +154,72 @@ def blocks_per_sm(device: torch.device, bm: int, dtype: torch.dtype, zp: bool) -
 def planned_splits(m: int, prepared: HopperPrepared, device: torch.device) -> int:
     """The split count hopper_gemm uses for M rows on ``device`` (also printed by the GPU check)."""
     p = prepared
+    waves = p.waves or wave_slots(device, p.dtype, p.zeros is not None)
+    return splits_for(m, p.in_features, p.out_features, waves)
+
+
+def splits_for(m: int, k: int, n: int, waves: tuple[int, ...] | list[int]) -> int:
+    """The split count the kernel launches for M rows of a K x N layer (plan_splits over one
+    wave of the token tile's blocks, normalised to whole stages)."""
     bm = token_tile(m)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    occ = blocks_per_sm(device, bm, p.dtype, p.zeros is not None)
-    return plan_splits(m, p.out_features, p.in_features, bm, sms, occ)
+    return split_count(k, bm, plan_splits(m, n, k, bm, waves[TOKEN_TILES.index(bm)]))
 
 
-def hopper_gemm(x: torch.Tensor, prepared: HopperPrepared, out: torch.Tensor | None = None,
-                splits: int | None = None) -> torch.Tensor:
-    """y = x @ W for x [..., K]; ``out`` (optional, [M, N]) receives y; ``splits`` overrides
-    the split-K plan (A/Bs)."""
-    p = prepared
+def workspace_floats(k: int, n: int, waves: tuple[int, ...], rows_above: int, rows_upto: int) -> int:
+    """fp32 elements of split-K partials the op needs for any M in (rows_above, rows_upto]."""
+    return max((s * m * n for m in range(rows_above + 1, rows_upto + 1)
+                if (s := splits_for(m, k, n, waves)) > 1), default=0)
+
+
+def _module():
     mod = build.module()
     if mod is None:
         build.load()
         mod = build.module()
+    return mod
+
+
+def gemm_direct(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                perm: torch.Tensor | None, bias: torch.Tensor | None, ws: torch.Tensor, group_size: int,
+                size_n: int, waves: list[int]) -> torch.Tensor:
+    """The op's implementation, called directly when eager (no dispatcher: docs/DESIGN.md §11):
+    y [M, N] = x [M, K] . W (+ bias); ``ws`` holds the split-K partials (scratch)."""
+    if perm is not None:
+        x = x.index_select(1, perm)
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, size_n, dtype=x.dtype, device=x.device)
+    if m:
+        bm = token_tile(m)
+        splits = splits_for(m, k, size_n, waves)
+        _module().gemm(x, tiles, scales, zeros, y, ws if splits > 1 else None, group_size, bm, splits,
+                       torch.cuda.current_stream(x.device).cuda_stream)
+    return y if bias is None else y.add_(bias)
+
+
+LIBRARY = "gptq_marlin_hopper"
+_lib = torch.library.Library(LIBRARY, "DEF")
+# ws: split-K scratch whose contents mean nothing between calls, declared unmutated on purpose
+# like the marlin op's slots (ops.py there), so functionalization never copies it.
+_lib.define("gemm(Tensor x, Tensor tiles, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
+            "Tensor ws, int group_size, int size_n, int[] waves) -> Tensor")
+_lib.impl("gemm", gemm_direct, "CUDA")
+
+
+@torch.library.register_fake(f"{LIBRARY}::gemm")
+def _gemm_fake(x, tiles, scales, zeros, perm, bias, ws, group_size, size_n, waves):
+    return x.new_empty(x.shape[0], size_n)
+
+
+gemm = torch.ops.gptq_marlin_hopper.gemm.default
+
+
+def hopper_gemm(x: torch.Tensor, prepared: HopperPrepared, out: torch.Tensor | None = None,
+                splits: int | None = None) -> torch.Tensor:
+    """y = x @ W for x [..., K] with its own workspace (the GPU check); ``out`` (optional,
+    [M, N]) receives y; ``splits`` overrides the split-K plan (A/Bs)."""
+    p = prepared
+    mod = _module()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, p.in_features)
     if x2.dtype != p.dtype:
