@@ -24,11 +24,12 @@
 #               Llama-2-7B (q/k/v and gate/up fused) and Llama-3-8B at M = 1, 8, 16, 32
 #   hopper      benchmarks/hopper_check.py: the sm_90a wgmma kernel against float64, then timed
 #               against marlin and fp16 cuBLAS at M = 16..4096 (HOPPER_ARGS=--quick: 13 cases, M 16-128)
-#   hopper-conformance  the conformance suite's quick set for marlin with every kernel call forced onto the
-#               Hopper copy (hopper_cache_mb, hopper_threshold=0, dequant_threshold=4096)
+#   hopper-conformance  the conformance suite's quick set for marlin on layers the Hopper copy can hold
+#               (--gptq-shapes 512x256,1024x384), every kernel call up to 128 rows forced onto it
+#               (hopper_cache_mb, hopper_threshold=0)
 #   hopper-bench  gptq bench of marlin without and with Hopper copies (HOPPER_MB, default 1e9 MiB) on the
 #               Llama-2-7B linears (fused) and 8192x28672, 4096x14336 at M = 16..256
-#   hopper-gen  gptq bench generate --synthetic llama-2-7b --modes fast, batch GEN_BATCH (default 16,32,64),
+#   hopper-gen  gptq bench generate --synthetic llama-2-7b --modes fast, batch GEN_BATCH (default 32,64),
 #               marlin without and with Hopper copies
 #   gen-backends  gptq bench generate --synthetic GEN_SHAPE (default llama-2-7b) --modes fast --compare-backends
 #               (GEN_BACKENDS, default marlin,exllama), batch GEN_BATCH (default 1)
@@ -93,8 +94,8 @@ for name in "$@"; do
                 --backends exllama,marlin --json "$OUT/bench-decode-shapes.json" --quiet ;;
         hopper) step hopper 300 $PY benchmarks/hopper_check.py ${HOPPER_ARGS:-} --out "$OUT/hopper.txt" ;;
         hopper-conformance) step hopper-conformance 240 $PY -m pytest -q --maxfail=10 -n 4 --pyargs gptq_conformance \
-                                --gptq-backend=marlin --gptq-quick --gptq-backend-option hopper_cache_mb=1e9 \
-                                --gptq-backend-option hopper_threshold=0 --gptq-backend-option dequant_threshold=4096 ;;
+                                --gptq-backend=marlin --gptq-quick --gptq-shapes 512x256,1024x384 \
+                                --gptq-backend-option hopper_cache_mb=1e9 --gptq-backend-option hopper_threshold=0 ;;
         hopper-bench)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
                 step hopper-bench-$mb 150 $PY -m gptq_core bench --m 16,32,48,64,96,128,192,256 --bits 4 --group-size 128 \
@@ -103,7 +104,7 @@ for name in "$@"; do
             done ;;
         hopper-gen)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
-                step hopper-gen-$mb 240 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-16,32,64}" \
+                step hopper-gen-$mb 240 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-32,64}" \
                     --modes fast --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --backend marlin \
                     --backend-option marlin.hopper_cache_mb=$mb --json "$OUT/gen-hopper-$mb.json"
             done ;;

@@ -65,11 +65,15 @@ DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 16), (1 << 26,
 #: 8192x28672 (3584 per 264 slots) 1.05-1.10x, 4096x14336 (896) 1.00-1.10x over 128-row
 #: stages; 4096x11008 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x.
 WIDE4_STAGES_PER_SLOT = 3
-#: Rows above which a layer's Hopper copy (when it has one) serves, up to the kernels' cut. H200,
-#: 4-bit g128, one run of ``benchmarks/hopper_check.py --quick`` (NOTES/hopper-wgmma.md, round
-#: 3), us hopper / marlin: 8192x28672 M=32 70.5 / 61.0, 64 86.5 / 97.8, 128 117.5 / 184.6;
-#: 4096x14336 M=16 19.9 / 20.0, 32 22.6 / 24.3, 64 27.1 / 32.8, 128 43.6 / 56.2.
+#: The rows a layer's Hopper copy (when it has one) serves: above HOPPER_THRESHOLD, up to
+#: HOPPER_MAX_ROWS (and the kernels' cut). H200, 4-bit g128, one run of `gptq bench` without and
+#: with the copies (NOTES/hopper-wgmma.md, "The Hopper route"), us marlin kernel / Hopper: at
+#: M = 32 (marlin's last wide4 row) 4096x12288 23.0 / -, M = 48 28.2 / 26.8, 64 29.9 / 27.4,
+#: 128 50.4 / 44.2; 11008x4096 M = 64 31.1 / 21.4, 128 45.5 / 30.0; 8192x28672 M = 32 61.0 /
+#: 70.5 (hopper_check), 64 99.6 / 88.1, 128 186.1 / 120.1. Above 128 rows its 256-row token tile
+#: loses at M = 192 (4096x4096 29.3 / 65.6, 4096x22016 114.3 / 132.3).
 HOPPER_THRESHOLD = 32
+HOPPER_MAX_ROWS = 128
 BLOCKS_PER_SM = 2  # every kernel at up to 2 row blocks runs two blocks per SM (launch bounds)
 TILE_N = 256       # output columns per block tile (csrc/marlin.h kTileN)
 
@@ -134,17 +138,20 @@ def layer_policy(bits: int, K: int, N: int, gpu: GpuFacts, dequant_rows: int,
                  dense_rows: int | None = None, hopper_rows: int | None = None) -> DispatchPolicy:
     """The kernel routes up to ``dequant_rows``, dequantize + cuBLAS above; with a dense copy
     (``dense_rows`` given) the copy serves every M above ``dense_rows``; with a Hopper copy
-    (``hopper_rows`` given) that copy serves the kernels' rows above ``hopper_rows``."""
+    (``hopper_rows`` given) that copy serves the kernels' rows above ``hopper_rows`` up to
+    HOPPER_MAX_ROWS."""
     cut = kernel_cut(dequant_rows, dense_rows)
     steps: list[tuple[int | None, str]] = []
     for upto, path in KERNEL_ROUTES[kernel_family(bits, K, N, gpu)]:
         steps.append((cut if upto is None else min(upto, cut), path))
         if upto is None or upto >= cut:
             break
-    if hopper_rows is not None and hopper_rows < cut:
-        # from_thresholds drops the ranges this empties (a bound not above the previous one)
-        steps = [(min(upto, hopper_rows), path) for upto, path in steps]
-        steps.append((cut, "marlin:hopper"))
+    top = min(cut, HOPPER_MAX_ROWS)
+    if hopper_rows is not None and hopper_rows < top:
+        # the ranges below, the Hopper range, the ranges reaching above it; from_thresholds
+        # drops those this empties (a bound not above the previous one)
+        steps = ([(min(upto, hopper_rows), path) for upto, path in steps] + [(top, "marlin:hopper")]
+                 + [(upto, path) for upto, path in steps if upto > top])
     if dense_rows is None:
         steps.append((None, "dequant+cublas"))
     else:

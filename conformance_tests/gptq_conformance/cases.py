@@ -155,10 +155,14 @@ def _options(caps: Capabilities) -> tuple[list[int], list[bool], list[bool], lis
     return bits, syms, acts, dtypes
 
 
-def qmatmul_cases(caps: Capabilities, quick: bool) -> list[Case]:
+def qmatmul_cases(caps: Capabilities, quick: bool,
+                  shapes: tuple[tuple[int, int], ...] | None = None) -> list[Case]:
     """Every declared bits x group size x sym x act-order, each with every dtype and shape
-    (quick: one dtype per case, rotating); bias on every other case."""
+    (quick: one dtype per case, rotating); bias on every other case. ``shapes`` replaces the
+    grid's (``--gptq-shapes``)."""
     grid = QUICK if quick else FULL
+    if shapes:
+        grid = {**grid, "shapes": shapes}
     bits, syms, acts, dtypes = _options(caps)
     cases: list[Case] = []
     configs = [(b, g, s, a) for b in bits for g in supported_group_sizes(caps, grid["group_sizes"])
@@ -276,14 +280,26 @@ def cpu_compiled_cases(qm: list[Case]) -> list[Case]:
     return out
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """"4096x256,512x128" -> ((4096, 256), (512, 128)); ValueError naming a bad item."""
+    shapes = []
+    for item in text.split(","):
+        k, sep, n = item.strip().lower().partition("x")
+        if not (sep and k.isdigit() and n.isdigit() and int(k) > 0 and int(n) > 0):
+            raise ValueError(f"--gptq-shapes item {item.strip()!r} is not KxN with positive K and N, "
+                             "e.g. 4096x256")
+        shapes.append((int(k), int(n)))
+    return tuple(shapes)
+
+
 def build_plan(caps: Capabilities, device_reasons: list[str], quick: bool,
-               device_type: str = "cpu") -> SuitePlan:
+               device_type: str = "cpu", shapes: tuple[tuple[int, int], ...] | None = None) -> SuitePlan:
     """All families of cases for a backend on a device of torch type ``device_type``; only
     ``device`` when the device is refused."""
     plan = SuitePlan(device_reasons=list(device_reasons))
     if device_reasons:
         return plan
-    qm = qmatmul_cases(caps, quick)
+    qm = qmatmul_cases(caps, quick, shapes)
     by_bits = sample(qm, key=lambda c: c.bits)
     # GPTQModel's v2 zeros (including a zero of 0, which v1 cannot store), one per bit width.
     qm += [replace(c, zero_format="v2") for c in by_bits]

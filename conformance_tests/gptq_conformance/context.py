@@ -27,7 +27,7 @@ from gptq_core.quant_linear import QuantLinear
 from gptq_core.registry import get_registry
 from gptq_core.spec import LayerSpec, Mode
 
-from .cases import SuitePlan, build_plan
+from .cases import SuitePlan, build_plan, parse_shapes
 
 #: Why a family can have no cases, shown as the reason of its single skipped placeholder.
 _NOT_COMPILABLE = ("the backend declares compile=False; test_declared_limit[limit-compile] "
@@ -209,6 +209,17 @@ def _parse_options(backend: Backend, items: list[str]) -> BackendOptions:
     pytest.fail(f"--gptq-backend-option: {problem}", pytrace=False)  # outside the except: one line
 
 
+def _shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
+    """``--gptq-shapes``, or None for the grid's own; a bad item fails collection in one line."""
+    if not text:
+        return None
+    try:
+        return parse_shapes(text)
+    except ValueError as exc:
+        problem = str(exc)
+    pytest.fail(problem, pytrace=False)  # outside the except: one line
+
+
 def _share_cpu_between_workers() -> None:
     """Under pytest-xdist, split the cores between workers: the cases are tiny, and
     oversubscribed intra-op threads only spin."""
@@ -232,7 +243,8 @@ def suite_for(config: pytest.Config, cls: type) -> SuiteContext:
     if dev is None:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     device = DeviceInfo.of(dev)
-    plan = build_plan(backend.info.capabilities, backend.reasons(device), quick, device.type)
+    plan = build_plan(backend.info.capabilities, backend.reasons(device), quick, device.type,
+                      _shapes(config.getoption("gptq_shapes")))
     ctx = SuiteContext(
         cls=cls, name=backend.name, backend=backend, device=device,
         seed=config.getoption("gptq_seed"), quick=quick,

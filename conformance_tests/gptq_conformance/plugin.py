@@ -23,6 +23,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="a typed option of the backend under test, no backend prefix, e.g. "
                          "dequant_threshold=0 (repeatable; `gptq backends list --options` "
                          "lists them): every prepare and bind of the suite uses it")
+    group.addoption("--gptq-shapes", default=None, metavar="KxN[,KxN]",
+                    help="the layer shapes of the qmatmul grid instead of the suite's small ones "
+                         "(rounded up to the backend's tiles), e.g. 4096x256 to reach a path "
+                         "that only serves wider layers")
     group.addoption("--gptq-quick", action="store_true", default=False,
                     help="the small case set, for slow backends (e.g. TRITON_INTERPRET=1)")
     group.addoption("--gptq-device", default=None, metavar="DEVICE",

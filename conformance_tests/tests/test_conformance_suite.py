@@ -323,6 +323,24 @@ def test_bad_backend_option_fails_collection_in_one_line(suite, item, message):
     assert result.parseoutcomes().get("passed", 0) == 0
 
 
+def test_shapes_option_replaces_the_grids_shapes_rounded_to_the_tiles():
+    from gptq_conformance.cases import build_plan, parse_shapes
+
+    caps = replace(TINY, k_multiple=64, n_multiple=128)
+    plan = build_plan(caps, [], quick=True, shapes=parse_shapes("300x200, 64x128"))
+    assert {(c.in_features, c.out_features) for c in plan.families["qmatmul"]} == {(320, 256), (64, 128)}
+    assert all(c.out_features % 128 == 0 for c in plan.families["cuda_graph"] + plan.families["compile"])
+    with pytest.raises(ValueError, match="'4096by256' is not KxN"):
+        parse_shapes("4096by256")
+
+
+def test_bad_shapes_option_fails_collection_in_one_line(suite):
+    result = suite(TwoPathBackend("meta_shapes"), "--gptq-shapes", "0x64")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*--gptq-shapes item '0x64' is not KxN*"])
+    result.stdout.no_fnmatch_line("*During handling of the above exception*")
+
+
 def test_wide_backend_gets_hundreds_of_cases():
     """The full grid of a backend declaring everything (torch) is hundreds of cases."""
     from gptq_conformance.cases import build_plan
