@@ -25,8 +25,8 @@
 #   hopper      benchmarks/hopper_check.py: the sm_90a wgmma kernel against float64, then timed
 #               against marlin and fp16 cuBLAS at M = 16..4096 (HOPPER_ARGS=--quick: 13 cases, M 16-128)
 #   hopper-conformance  the conformance suite's quick set for marlin on layers the Hopper copy can hold
-#               (--gptq-shapes 512x256,1024x384), every kernel call up to 128 rows forced onto it
-#               (hopper_cache_mb, hopper_threshold=0)
+#               (--gptq-shapes 512x256,1024x384): with the defaults, then every kernel call up to 128
+#               rows forced onto the copy (hopper_cache_mb, hopper_threshold=0)
 #   hopper-bench  gptq bench of marlin without and with Hopper copies (HOPPER_MB, default 1e9 MiB) on the
 #               Llama-2-7B linears (fused) and 8192x28672, 4096x14336 at M = 16..256
 #   hopper-gen  gptq bench generate --synthetic llama-2-7b --modes fast, batch GEN_BATCH (default 32,64),
@@ -93,9 +93,12 @@ for name in "$@"; do
                 --shapes 4096x12288,4096x4096,4096x22016,11008x4096,4096x6144,4096x28672,14336x4096 \
                 --backends exllama,marlin --json "$OUT/bench-decode-shapes.json" --quiet ;;
         hopper) step hopper 300 $PY benchmarks/hopper_check.py ${HOPPER_ARGS:-} --out "$OUT/hopper.txt" ;;
-        hopper-conformance) step hopper-conformance 240 $PY -m pytest -q --maxfail=10 -n 4 --pyargs gptq_conformance \
-                                --gptq-backend=marlin --gptq-quick --gptq-shapes 512x256,1024x384 \
-                                --gptq-backend-option hopper_cache_mb=1e9 --gptq-backend-option hopper_threshold=0 ;;
+        hopper-conformance)
+            step conformance-marlin-wide 200 $PY -m pytest -q --maxfail=10 -n 4 --pyargs gptq_conformance \
+                --gptq-backend=marlin --gptq-quick --gptq-shapes 512x256,1024x384
+            step hopper-conformance 200 $PY -m pytest -q --maxfail=10 -n 4 --pyargs gptq_conformance \
+                --gptq-backend=marlin --gptq-quick --gptq-shapes 512x256,1024x384 \
+                --gptq-backend-option hopper_cache_mb=1e9 --gptq-backend-option hopper_threshold=0 ;;
         hopper-bench)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
                 step hopper-bench-$mb 150 $PY -m gptq_core bench --m 16,32,48,64,96,128,192,256 --bits 4 --group-size 128 \

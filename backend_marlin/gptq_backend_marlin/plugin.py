@@ -30,6 +30,12 @@ CAPABILITIES = Capabilities(
     compile=True,  # no allocation outlives a call, no host sync: CUDA graphs capture it
 )
 
+#: The ops' scratch arguments (the conformance suite's opcheck checks every other one is left
+#: unchanged): the stream-K slots and the Hopper split-K partials, written by a call and
+#: meaningless after it, declared unmutated so functionalization never copies the shared
+#: workspace per call (ops.py, hopper/ops.py; docs/DESIGN.md §11).
+CONFORMANCE_SCRATCH = {"gptq_marlin::gemm": ("slots",), "gptq_marlin_hopper::gemm": ("ws",)}
+
 
 @hookimpl
 def gptq_backend_info() -> BackendInfo:

@@ -74,6 +74,9 @@ class SuiteContext:
     options: BackendOptions = field(default_factory=BackendOptions)
     xfail: dict[str, str] = field(default_factory=dict)
     skip: dict[str, str] = field(default_factory=dict)
+    #: op name -> its scratch arguments (the plugin's CONFORMANCE_SCRATCH): written by a call,
+    #: meaningless after it; test_opcheck checks every other argument is left unchanged
+    scratch: dict[str, tuple[str, ...]] = field(default_factory=dict)
     expected: set[str] = field(default_factory=set)
     allowed_skips: set[str] = field(default_factory=set)
 
@@ -252,6 +255,7 @@ def suite_for(config: pytest.Config, cls: type) -> SuiteContext:
         options=_parse_options(backend, config.getoption("gptq_backend_option")),
         xfail=_declarations(cls, backend, "xfail", "CONFORMANCE_XFAIL"),
         skip=_declarations(cls, backend, "skip", "CONFORMANCE_SKIP"),
+        scratch={op: tuple(names) for op, names in getattr(backend.plugin, "CONFORMANCE_SCRATCH", {}).items()},
     )
     for fn_name, fn in base_test_functions().items():
         ctx.expected.update(ctx.item_names(fn_name, getattr(fn, "_gptq_family", None)))

@@ -63,3 +63,28 @@ class CustomOpRecorder(TorchDispatchMode):
         if func.namespace not in BUILTIN_NAMESPACES and str(func) not in self.calls:
             self.calls[str(func)] = OpCall(func, _clone(args), _clone(kwargs))
         return func(*args, **kwargs)
+
+
+#: opcheck's checks other than the schema's mutation check (torch.library.opcheck's defaults)
+NON_SCHEMA_CHECKS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def opcheck_with_scratch(op: torch._ops.OpOverload, args: tuple, kwargs: dict, scratch: tuple[str, ...]) -> None:
+    """opcheck for an op with declared scratch arguments (a workspace whose contents mean
+    nothing between calls, declared unmutated so functionalization never copies it): one call
+    must leave every other tensor argument unchanged, then opcheck runs its other checks.
+    Raises AssertionError naming a mutated argument or a declared name the schema lacks."""
+    names = [a.name for a in op._schema.arguments]
+    unknown = sorted(set(scratch) - set(names))
+    if unknown:
+        raise AssertionError(f"{op._schema.name} declares scratch argument(s) {unknown} its schema "
+                             f"does not have (arguments: {', '.join(names)})")
+    bound = dict(zip(names, args)) | kwargs
+    watched = {n: v.detach().clone() for n, v in bound.items() if isinstance(v, torch.Tensor) and n not in scratch}
+    op(*args, **kwargs)
+    for name, before in watched.items():
+        after = bound[name].detach()
+        if not torch.equal(torch.nan_to_num(before), torch.nan_to_num(after)):
+            raise AssertionError(f"{op._schema.name} mutated argument '{name}', which its schema "
+                                 "declares unmutated and the backend does not declare scratch")
+    torch.library.opcheck(op, args, kwargs, test_utils=NON_SCHEMA_CHECKS)

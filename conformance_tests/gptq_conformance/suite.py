@@ -41,7 +41,7 @@ from gptq_core.testing import (
 from .cases import Case, LimitCase
 from .context import SuiteContext
 from .graphs import capture, capture_ms, warm_up
-from .ops import CustomOpRecorder, without_grad
+from .ops import CustomOpRecorder, opcheck_with_scratch, without_grad
 
 #: Calls per batch size in the capture checks: cudagraph trees warm up on the first, record
 #: on the second and replay from the third on; a captured graph replays as many fresh inputs.
@@ -331,7 +331,12 @@ class BackendConformance:
         for call in recorder.calls.values():
             # The core's autograd function owns the gradient (gptq_core/training.py): a backend
             # op runs below it, so it is checked without autograd on its inputs.
-            torch.library.opcheck(call.op, without_grad(call.args), without_grad(call.kwargs))
+            args, kwargs = without_grad(call.args), without_grad(call.kwargs)
+            scratch = ctx.scratch.get(call.op._schema.name)
+            if scratch:
+                opcheck_with_scratch(call.op, args, kwargs, scratch)
+            else:
+                torch.library.opcheck(call.op, args, kwargs)
 
     @family("compile")
     def test_compile(self, gptq_suite: SuiteContext, case: Case) -> None:

@@ -416,3 +416,36 @@ def test_capture_reaches_every_path_of_the_policy():
     assert ms == (1, 7, 8, 9, 256, 257, MAX_CAPTURE_M)
     assert {policy.path_for(m) for m in ms} == {"gemv", "mma", "wide"}
     assert capture_ms((1, 7), DispatchPolicy.single("torch")) == (1, 7)
+
+
+_scratch_lib = torch.library.Library("gptq_conformance_scratch_test", "DEF")
+_scratch_lib.define("scaled(Tensor x, Tensor ws, Tensor other, bool touch_other) -> Tensor")
+
+
+def _scaled(x, ws, other, touch_other):
+    ws.copy_(x[: ws.numel()])  # the scratch write opcheck's schema test objects to
+    if touch_other:
+        other.add_(1)
+    return x * 2
+
+
+_scratch_lib.impl("scaled", _scaled, "CPU")
+
+
+@torch.library.register_fake("gptq_conformance_scratch_test::scaled")
+def _scaled_fake(x, ws, other, touch_other):
+    return torch.empty_like(x)
+
+
+def test_declared_scratch_is_exempt_and_every_other_argument_still_checked():
+    from gptq_conformance.ops import opcheck_with_scratch
+
+    op = torch.ops.gptq_conformance_scratch_test.scaled.default
+    args = lambda touch: (torch.randn(8), torch.zeros(4), torch.zeros(3), touch)  # noqa: E731
+    with pytest.raises(Exception, match="not defined as mutable but was mutated"):
+        torch.library.opcheck(op, args(False))  # undeclared: the schema test fails
+    opcheck_with_scratch(op, args(False), {}, ("ws",))
+    with pytest.raises(AssertionError, match="mutated argument 'other'"):
+        opcheck_with_scratch(op, args(True), {}, ("ws",))
+    with pytest.raises(AssertionError, match=r"scratch argument\(s\) \['slots'\]"):
+        opcheck_with_scratch(op, args(False), {}, ("slots",))
