@@ -25,8 +25,8 @@
 #   hopper      benchmarks/hopper_check.py: the sm_90a wgmma kernel against float64, then timed
 #               against marlin and fp16 cuBLAS at M = 16..4096 (HOPPER_ARGS=--quick: 13 cases, M 16-128)
 #   hopper-conformance  the conformance suite's quick set for marlin on layers the Hopper copy can hold
-#               (--gptq-shapes 512x256,1024x384): with the defaults, then every kernel call up to 128
-#               rows forced onto the copy (hopper_cache_mb, hopper_threshold=0)
+#               (--gptq-shapes 512x256,1024x384): with the defaults, then every kernel call up to the
+#               copy's bound (160 rows on these sizes) forced onto it (hopper_cache_mb, hopper_threshold=0)
 #   hopper-bench  gptq bench of marlin without and with Hopper copies (HOPPER_MB, default 1e9 MiB) on the
 #               Llama-2-7B linears (fused) and 8192x28672, 4096x14336 at M = 16..256
 #   hopper-gen  gptq bench generate --synthetic llama-2-7b --modes fast, batch GEN_BATCH (default 32,64),

@@ -39,11 +39,12 @@ class MarlinOptions(BackendOptions):
         None, "rows above which a layer with a dense copy uses it (default: the measured table)")
     hopper_cache_mb: float = option(
         0.0, "memory (MiB, per process) for a second copy of 4-bit layers in the layout of the "
-        "sm_90a wgmma kernel, which serves hopper_threshold+1 .. 128 rows (below dequant_threshold) "
+        "sm_90a wgmma kernel, which serves hopper_threshold+1 .. 256 rows (160 on layers up to 4096x4096; "
+        "below dequant_threshold) "
         "on H100/H200 (a copy is the layer's 4-bit size: 3.2 GiB for Llama-2-7B); 0 keeps none")
     hopper_threshold: int | None = option(
         None, "rows above which a layer's Hopper copy serves (default: 32, measured; 0 sends "
-        "every kernel call up to 128 rows to it)")
+        "every kernel call up to its upper bound to it)")
 
     def __post_init__(self) -> None:
         if self.dense_cache_mb < 0:

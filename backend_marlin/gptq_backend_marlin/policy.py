@@ -66,14 +66,14 @@ DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 16), (1 << 26,
 #: stages; 4096x11008 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x.
 WIDE4_STAGES_PER_SLOT = 3
 #: The rows a layer's Hopper copy (when it has one) serves: above HOPPER_THRESHOLD, up to
-#: HOPPER_MAX_ROWS (and the kernels' cut). H200, 4-bit g128, one run of `gptq bench` without and
-#: with the copies (NOTES/hopper-wgmma.md, "The Hopper route"), us marlin kernel / Hopper: at
-#: M = 32 (marlin's last wide4 row) 4096x12288 23.0 / -, M = 48 28.2 / 26.8, 64 29.9 / 27.4,
-#: 128 50.4 / 44.2; 11008x4096 M = 64 31.1 / 21.4, 128 45.5 / 30.0; 8192x28672 M = 32 61.0 /
-#: 70.5 (hopper_check), 64 99.6 / 88.1, 128 186.1 / 120.1. Above 128 rows its 256-row token tile
-#: loses at M = 192 (4096x4096 29.3 / 65.6, 4096x22016 114.3 / 132.3).
+#: HOPPER_MAX_ROWS by layer size K * N (limit inclusive, None: larger), and the kernels' cut.
+#: H200, 4-bit g128 (NOTES/hopper-wgmma.md, "The Hopper route" and "Token tiles above 128
+#: rows"), us marlin kernel / Hopper: at M = 32 (marlin's last wide4 row) 8192x28672 61.0 / 70.5;
+#: M = 48 4096x12288 28.2 / 26.8, 64 29.9 / 27.4, 128 50.4 / 44.2; 11008x4096 M = 64 31.1 / 21.4,
+#: 128 45.5 / 30.0, 256 76.9 / 47.2; 8192x28672 M = 64 99.6 / 88.1, 256 363.7 / 236.1; 4096x4096
+#: M = 160 28.5 / 22.1 but 192 29.4 / 43.2.
 HOPPER_THRESHOLD = 32
-HOPPER_MAX_ROWS = 128
+HOPPER_MAX_ROWS: tuple[tuple[int | None, int], ...] = ((1 << 24, 160), (None, 256))
 BLOCKS_PER_SM = 2  # every kernel at up to 2 row blocks runs two blocks per SM (launch bounds)
 TILE_N = 256       # output columns per block tile (csrc/marlin.h kTileN)
 
@@ -111,6 +111,10 @@ def dense_threshold(size: int) -> int:
     return by_size(DENSE_THRESHOLDS, size)
 
 
+def hopper_max_rows(size: int) -> int:
+    return by_size(HOPPER_MAX_ROWS, size)
+
+
 def kernel_family(bits: int, K: int, N: int, gpu: GpuFacts) -> str:
     """The row of :data:`KERNEL_ROUTES` for a K x N layer of ``bits``-bit weights."""
     if bits == 8:
@@ -139,14 +143,14 @@ def layer_policy(bits: int, K: int, N: int, gpu: GpuFacts, dequant_rows: int,
     """The kernel routes up to ``dequant_rows``, dequantize + cuBLAS above; with a dense copy
     (``dense_rows`` given) the copy serves every M above ``dense_rows``; with a Hopper copy
     (``hopper_rows`` given) that copy serves the kernels' rows above ``hopper_rows`` up to
-    HOPPER_MAX_ROWS."""
+    :func:`hopper_max_rows`."""
     cut = kernel_cut(dequant_rows, dense_rows)
     steps: list[tuple[int | None, str]] = []
     for upto, path in KERNEL_ROUTES[kernel_family(bits, K, N, gpu)]:
         steps.append((cut if upto is None else min(upto, cut), path))
         if upto is None or upto >= cut:
             break
-    top = min(cut, HOPPER_MAX_ROWS)
+    top = min(cut, hopper_max_rows(K * N))
     if hopper_rows is not None and hopper_rows < top:
         # the ranges below, the Hopper range, the ranges reaching above it; from_thresholds
         # drops those this empties (a bound not above the previous one)

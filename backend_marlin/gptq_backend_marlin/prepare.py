@@ -124,7 +124,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
     hopper_rows = options.hopper_threshold
     if hopper_rows is None:
         hopper_rows = policy.HOPPER_THRESHOLD
-    top = min(policy.kernel_cut(dequant_rows, dense_rows), policy.HOPPER_MAX_ROWS)
+    top = min(policy.kernel_cut(dequant_rows, dense_rows), policy.hopper_max_rows(K * N))
     hopper = hopper_copy(w, device, act_dtype, gpu, options) if hopper_rows < top else None
     plan = policy.layer_policy(bits, K, N, gpu, dequant_rows, dense_rows,
                                hopper_rows if hopper is not None else None)

@@ -155,17 +155,19 @@ def test_dense_route_is_the_dense_copy_plus_the_float16_bias(dtype):
 
 
 # ---------------------------------------------------------------- the Hopper route (issue 17)
-@pytest.mark.parametrize("dequant,dense,hopper,expected", [
-    (256, None, 32, "8:marlin:wide4-swap 32:marlin:wide4 128:marlin:hopper 256:marlin:wide -:dequant+cublas"),
-    (256, None, 8, "8:marlin:wide4-swap 128:marlin:hopper 256:marlin:wide -:dequant+cublas"),
-    (256, None, 0, "128:marlin:hopper 256:marlin:wide -:dequant+cublas"),
-    (256, 64, 32, "8:marlin:wide4-swap 32:marlin:wide4 64:marlin:hopper -:dense-cublas"),
-    (256, 16, 32, "8:marlin:wide4-swap 16:marlin:wide4 -:dense-cublas"),  # nothing left above 32
-    (100, None, 0, "100:marlin:hopper -:dequant+cublas"),
-    (128, None, 128, "8:marlin:wide4-swap 32:marlin:wide4 128:marlin:wide -:dequant+cublas"),
+@pytest.mark.parametrize("K,N,dequant,dense,hopper,expected", [
+    (8192, 28672, 256, None, 32, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:hopper -:dequant+cublas"),
+    (8192, 28672, 256, None, 8, "8:marlin:wide4-swap 256:marlin:hopper -:dequant+cublas"),
+    (8192, 28672, 4096, None, 0, "256:marlin:hopper 4096:marlin:wide -:dequant+cublas"),
+    (8192, 28672, 256, 64, 32, "8:marlin:wide4-swap 32:marlin:wide4 64:marlin:hopper -:dense-cublas"),
+    (8192, 28672, 256, 16, 32, "8:marlin:wide4-swap 16:marlin:wide4 -:dense-cublas"),  # nothing left above 32
+    (8192, 28672, 100, None, 0, "100:marlin:hopper -:dequant+cublas"),
+    (8192, 28672, 128, None, 128, "8:marlin:wide4-swap 32:marlin:wide4 128:marlin:wide -:dequant+cublas"),
+    # 4096x4096: the copy stops at 160 rows (its M = 192 lost), marlin's kernel to the cut at 192
+    (4096, 4096, 192, None, 32, "8:marlin:wide-swap 32:marlin:wide 160:marlin:hopper 192:marlin:wide -:dequant+cublas"),
 ])
-def test_a_hopper_copy_takes_the_kernel_rows_above_its_threshold(dequant, dense, hopper, expected):
-    assert routes(policy.layer_policy(4, 8192, 28672, H200, dequant, dense, hopper)) == expected
+def test_a_hopper_copy_takes_the_kernel_rows_above_its_threshold(K, N, dequant, dense, hopper, expected):
+    assert routes(policy.layer_policy(4, K, N, H200, dequant, dense, hopper)) == expected
 
 
 @pytest.mark.parametrize("bits,K,N,gpu,serves", [
@@ -208,8 +210,8 @@ def test_qmatmul_sends_the_hopper_rows_to_the_hopper_op():
                                 hopper=dataclasses.replace(h, tiles=htiles, scales=hscales))
         return plugin.gptq_qmatmul(x, q, None)
 
-    for m, op in [(32, "gptq_marlin.gemm"), (33, "gptq_marlin_hopper.gemm"), (128, "gptq_marlin_hopper.gemm"),
-                  (129, "gptq_marlin.gemm"), (193, "gptq_marlin.gemm")]:
+    for m, op in [(32, "gptq_marlin.gemm"), (33, "gptq_marlin_hopper.gemm"), (160, "gptq_marlin_hopper.gemm"),
+                  (161, "gptq_marlin.gemm"), (193, "gptq_marlin.gemm")]:
         x = torch.empty(m, 512, dtype=torch.float16)
         gm = torch.fx.experimental.proxy_tensor.make_fx(call, tracing_mode="fake")(
             x, *(getattr(p, n) for n in names), h.tiles, h.scales)

@@ -81,9 +81,16 @@ def wave_slots(device: torch.device, dtype: torch.dtype, zp: bool) -> tuple[int,
     return tuple(sms * blocks_per_sm(device, bm, dtype, zp) for bm in TOKEN_TILES)
 
 
+#: the largest token tile :func:`token_tile` picks: more rows are tiled over 128-row tiles,
+#: which beat the 256-row tile at M = 160-256 on every layer measured (H200, 8-52 %:
+#: NOTES/hopper-wgmma.md, "Token tiles above 128 rows"); BM 256 stays reachable through
+#: ``hopper_gemm(bm=256)`` for the GPU check
+MAX_AUTO_TILE = 128
+
+
 def token_tile(m: int) -> int:
-    """The wgmma N for M rows: the smallest tile that holds them, 256 beyond (tiled over M)."""
-    return next((t for t in TOKEN_TILES if m <= t), TOKEN_TILES[-1])
+    """The wgmma N for M rows: the smallest tile that holds them, 128 beyond (tiled over M)."""
+    return next((t for t in TOKEN_TILES if m <= t and t <= MAX_AUTO_TILE), MAX_AUTO_TILE)
 
 
 def stage_tiles(bm: int) -> int:
@@ -215,9 +222,10 @@ gemm = torch.ops.gptq_marlin_hopper.gemm.default
 
 
 def hopper_gemm(x: torch.Tensor, prepared: HopperPrepared, out: torch.Tensor | None = None,
-                splits: int | None = None) -> torch.Tensor:
+                splits: int | None = None, bm: int | None = None) -> torch.Tensor:
     """y = x @ W for x [..., K] with its own workspace (the GPU check); ``out`` (optional,
-    [M, N]) receives y; ``splits`` overrides the split-K plan (A/Bs)."""
+    [M, N]) receives y; ``splits`` and ``bm`` (a token tile, M tiled over it) override the
+    split-K plan and the tile choice (A/Bs)."""
     p = prepared
     mod = _module()
     lead = x.shape[:-1]
@@ -231,9 +239,13 @@ def hopper_gemm(x: torch.Tensor, prepared: HopperPrepared, out: torch.Tensor | N
     y = out if out is not None else torch.empty(m, p.out_features, dtype=p.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, p.out_features)
-    bm = token_tile(m)
+    if bm is None:
+        bm = token_tile(m)
+    if bm not in TOKEN_TILES:
+        raise NotSupportedError(f"bm={bm} is not one of the kernel's token tiles {TOKEN_TILES}")
     if splits is None:
-        splits = planned_splits(m, p, x.device)
+        waves = p.waves or wave_slots(x.device, p.dtype, p.zeros is not None)
+        splits = plan_splits(m, p.out_features, p.in_features, bm, waves[TOKEN_TILES.index(bm)])
     splits = split_count(p.in_features, bm, splits)  # whole stages, every split non-empty
     ws = torch.empty(splits, m, p.out_features, dtype=torch.float32, device=x.device) if splits > 1 else None
     stream = torch.cuda.current_stream(x.device).cuda_stream
