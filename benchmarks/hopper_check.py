@@ -12,10 +12,6 @@
 3. speed, for cases that passed: CUDA-graph replay over rotated weight copies (beyond the
    L2), median of 5: this kernel, marlin (its dispatch policy), fp16 cuBLAS; a table last.
 
-``--tiles``: M = 160, 192 and 256 on the Llama-2-7B layers and 8192x28672 with 128-row token
-tiles (M tiled over them) against the 256-row tile the kernel picks, each checked against
-float64 first, then timed beside marlin's policy (the Hopper route's upper bound).
-
 ``--quick``: the correctness cases cut to one per (4096x14336, 8192x28672) x M in 16, 32, 64,
 128, plus one asymmetric, one bf16, one act-order, one g32 and one split-K case (K = 4160 =
 65 x 64, so its last split ends with a 64-k half stage of the 128-k pipeline), then the timing
@@ -59,9 +55,6 @@ QUICK_VARIANTS = [("asym", 128, False, False, torch.float16, 16), ("bf16", 128, 
                   ("act-order", 128, True, True, torch.float16, 32), ("g32", 32, True, False, torch.float16, 64)]
 #: --quick split-K case: (K, N, M, splits); K % 128 == 64
 QUICK_SPLIT = (4160, 4096, 16, 3)
-#: --tiles: the shapes and M of the 128- against 256-row tile A/B
-TILE_SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (8192, 28672)]
-TILE_M = [160, 192, 256]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -178,49 +171,6 @@ def speed(log, ops, K, N, ms, passed, want_marlin) -> dict:
     return results
 
 
-def tile_ab(log, ops, want_marlin) -> None:
-    """--tiles: for each shape and M, bm 128 and 256 against float64, then timed (CUDA-graph
-    replay of rotated copies) with marlin's policy beside them; a table last."""
-    rows = []
-    for K, N in TILE_SHAPES:
-        packed, prep, w64 = make_layer(ops, K, N, seed=K + N)
-        copies = copies_for(prep.tiles.numel() * 4 + prep.scales.numel() * 2, total=240 << 20)
-        hop = [prep] + [dataclasses.replace(prep, tiles=prep.tiles.clone(), scales=prep.scales.clone())
-                        for _ in range(copies - 1)]
-        marlin = None
-        if want_marlin:
-            from common import rotated  # noqa: PLC0415
-            from gptq_backend_marlin import build as mbuild, plugin  # noqa: PLC0415
-            from gptq_backend_marlin.prepare import prepare as mprepare  # noqa: PLC0415
-
-            mbuild.load()
-            marlin = rotated(mprepare(packed, torch.device("cuda"), torch.float16), copies)
-        for m in TILE_M:
-            x = torch.randn(m, K, device="cuda", dtype=torch.float16)
-            ref = x.double() @ w64
-            res = {}
-            for bm in (128, 256):
-                err = rel_error(ops.hopper_gemm(x, prep, bm=bm), ref)
-                if not (err == err and err < TOL[torch.float16]):
-                    log(f"FAIL {K}x{N} M={m} bm {bm}: rel err {err:.2e}")
-                    continue
-                res[f"bm{bm}"] = time_calls([lambda p=p, bm=bm: ops.hopper_gemm(x, p, bm=bm) for p in hop])
-            if marlin is not None:
-                res["marlin"] = time_calls([lambda p=p: plugin.gptq_qmatmul(x, p, None) for p in marlin])
-                res["path"] = marlin[0].policy.path_for(m)
-            log(f"tiles {K}x{N} M={m}: " + ", ".join(f"{k} {v:.1f} us" if isinstance(v, float) else f"{k} {v}"
-                                                     for k, v in res.items()))
-            rows.append((K, N, m, res))
-        del hop, marlin
-        torch.cuda.empty_cache()
-    log("")
-    log("| shape | M | bm 128 us | bm 256 us | marlin us (path) |")
-    log("| --- | --- | --- | --- | --- |")
-    for K, N, m, res in rows:
-        cell = lambda k: f"{res[k]:.1f}" if k in res else "-"  # noqa: E731
-        log(f"| {K}x{N} | {m} | {cell('bm128')} | {cell('bm256')} | {cell('marlin')} ({res.get('path', '-')}) |")
-
-
 def floors(K, N, m) -> tuple[float, float]:
     """(bytes floor us, flops floor us) at 4.3 TB/s and 790 TFLOP/s (measured on an H200 here: KINDS.md)."""
     nbytes = K * N / 2 + K * N / 128 * 2 + m * K * 2 + m * N * 2
@@ -259,8 +209,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="also write the log here")
     parser.add_argument("--no-marlin", action="store_true", help="skip the marlin comparison rows")
-    parser.add_argument("--tiles", action="store_true",
-                        help="only the 128- against 256-row token tile A/B at M = 160-256")
     parser.add_argument("--quick", action="store_true",
                         help="13 correctness cases and the timing table of 4096x14336 / 8192x28672 at M 16-128")
     args = parser.parse_args()
@@ -285,14 +233,6 @@ def main() -> int:
             marlin_build.kill()
         return 0
 
-    if args.tiles:
-        want_marlin = False
-        if marlin_build is not None:
-            marlin_build.communicate(timeout=300)
-            want_marlin = marlin_build.returncode == 0
-        tile_ab(log, ops, want_marlin)
-        log(f"done at {time.perf_counter() - started:.1f} s")
-        return 0
     if args.quick:
         passed, others = quick_correctness(log, ops)
         log(f"correctness done at {time.perf_counter() - started:.1f} s: "

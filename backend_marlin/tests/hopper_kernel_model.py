@@ -109,8 +109,7 @@ int main(int argc, char** argv) {
   dump<16>(",");
   dump<32>(",");
   dump<64>(",");
-  dump<128>(",");
-  dump<256>("");
+  dump<128>("");
   std::printf("},\n\"splits\": [");
   bool first = true;
   for (int a = 1; a < argc; ++a) {

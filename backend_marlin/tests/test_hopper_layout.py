@@ -6,7 +6,7 @@
   wgmma warpgroup layout gives each warp, with the scale rows the kernel stages (k offsets 0
   and 32 of each 64-k tile) for every supported group size;
 * the stage geometry kernel.cuh uses (csrc/stage.h, compiled on the host with g++): 128-k stages
-  (two 64-k tiles, eight k16 steps) at BM <= 64 and round 2's 64-k stages at BM 128 / 256, every
+  (two 64-k tiles, eight k16 steps) at BM <= 64 and round 2's 64-k stages at BM 128, every
   copy landing once, wgmma's B reads through the 128-byte swizzle naming the X elements of each
   k16 step, the ring depths keeping round 2's blocks per SM, and a CPU emulation of the kernel's
   data flow with those tables (copies, zero fill, swizzle, words, scale rows, split-K) equal to
@@ -32,9 +32,9 @@ import hopper_kernel_model as hm
 
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++")
-TOKEN_TILES = (16, 32, 64, 128, 256)
+TOKEN_TILES = (16, 32, 64, 128)
 #: blocks per SM that round 2 had (and round 3 must keep): NOTES/hopper-wgmma.md
-ROUND2_BLOCKS = {16: 3, 32: 3, 64: 2, 128: 2, 256: 1}
+ROUND2_BLOCKS = {16: 3, 32: 3, 64: 2, 128: 2}
 SMEM_PER_SM = 228 * 1024  #: H100 / H200; 1 KiB of it is reserved per resident block
 #: K values of the models in view; 11008 = 86 x 128, 4160 = 65 x 64 (a trailing 64-k half stage)
 KS = (4096, 8192, 14336, 11008, 28672, 4160, 320, 192, 64)
@@ -128,9 +128,9 @@ def test_prepare_on_cpu_keeps_the_ints_sorts_act_order_and_drops_sym_zeros():
 
 def test_token_tiles_and_split_plan():
     assert [ops.token_tile(m) for m in (1, 16, 17, 48, 128, 129, 256, 257, 4096)] == [16, 16, 32, 64, 128, 128, 128, 128, 128]
-    assert [ops.stage_tiles(bm) for bm in TOKEN_TILES] == [2, 2, 2, 1, 1]
+    assert [ops.stage_tiles(bm) for bm in TOKEN_TILES] == [2, 2, 2, 1]
     # the large prefill fills 132 SMs many times over: no split
-    assert ops.plan_splits(4096, 28672, 8192, 256, 132) == 1
+    assert ops.plan_splits(4096, 28672, 8192, 128, 132) == 1
     # a small layer at M = 16 has 32 column blocks: split K to reach the SMs
     s = ops.plan_splits(16, 4096, 4096, 16, 132)
     assert 2 <= s <= 8
@@ -203,7 +203,7 @@ def test_stage_shape_per_token_tile(stage):
         assert g["min_blocks"] == min(ROUND2_BLOCKS[bm], 3)
     # the depths and sizes this round settled on (NOTES/hopper-wgmma.md, round 3)
     assert {bm: (g["stages"], g["smem"]) for bm, g in tabs.items()} == {
-        16: (5, 72704), 32: (4, 74752), 64: (4, 107520), 128: (5, 108544), 256: (6, 228352)}
+        16: (5, 72704), 32: (4, 74752), 64: (4, 107520), 128: (5, 108544)}
 
 
 def test_stage_copies_land_once(stage):
@@ -265,8 +265,8 @@ def _reference(prepared, x):
 
 # (token tile, K, M, group size, sym, dtype, act-order, requested splits): the 128-k stages
 # (K = 384: whole stages; 320: a trailing 64-k half stage), rows beyond M, split-K on stage
-# boundaries, asymmetric zeros, g32 / g64 / g-1, bf16, act-order; and BM 128 / 256 (64-k stages),
-# M beyond 128 tiled over 128-row tiles (what token_tile picks) or one 256-row tile (bm=256).
+# boundaries, asymmetric zeros, g32 / g64 / g-1, bf16, act-order; and BM 128 (64-k stages),
+# M beyond 128 tiled over 128-row tiles (what token_tile picks).
 EMULATED = [
     (16, 384, 16, 128, True, torch.float16, False, 1),
     (16, 384, 16, 128, True, torch.float16, False, 3),
@@ -278,13 +278,13 @@ EMULATED = [
     (64, 448, 64, 128, False, torch.bfloat16, False, 1),
     (128, 320, 100, 64, False, torch.float16, False, 2),
     (128, 192, 200, 64, False, torch.float16, False, 1),
-    (256, 192, 130, 32, True, torch.bfloat16, False, 1),
+    (128, 192, 130, 32, True, torch.bfloat16, False, 1),
 ]
 
 
 @pytest.mark.parametrize("bm,K,M,group_size,sym,dtype,act,want", EMULATED)
 def test_kernel_emulation_equals_float64(stage, bm, K, M, group_size, sym, dtype, act, want):
-    assert ops.token_tile(M) == bm or bm > ops.MAX_AUTO_TILE  # 256 only by hopper_gemm(bm=256)
+    assert ops.token_tile(M) == bm
     packed = random_packed(bits=4, group_size=group_size, sym=sym, desc_act=act, in_features=K, out_features=256,
                            seed=K + M)
     p = ops.prepare(packed, "cpu", dtype)
@@ -375,7 +375,7 @@ def test_sources_compile_for_sm90a_without_local_memory(compiled, stage):
             assert (frame, st, ld) == ("0", "0", "0"), f"{stem}: {name} uses local memory"
         if stem != "hopper_reduce":
             gemms = [n for n, *_ in entries if GEMM.search(n)]
-            assert len(gemms) == 10, f"{stem}: {len(gemms)} GEMM kernels (5 token tiles x sym/asym)"
+            assert len(gemms) == 8, f"{stem}: {len(gemms)} GEMM kernels (4 token tiles x sym/asym)"
             regs_of = {n: int(r) for n, r in re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", log, re.S)}
             assert set(gemms) <= set(regs_of)
             for name in gemms:
@@ -396,7 +396,7 @@ def test_every_gemm_kernel_issues_hgmma_of_its_token_tile(compiled):
         assert code == 0
         sass = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
         found = {n: ins for n, ins in kernels(sass).items() if GEMM.search(n)}
-        assert len(found) == 10
+        assert len(found) == 8
         for name, ins in found.items():
             bm = int(GEMM.search(name).group(2))
             steps = 8 if bm <= 64 else 4  # 128-k stages (round 3) at BM <= 64

@@ -179,7 +179,7 @@ def test_hopper_serves_4bit_layers_on_its_tiles_on_compute_capability_9_0(bits, 
     assert policy.hopper_serves(bits, K, N, gpu) is serves
 
 
-H200_WAVES = (396, 396, 264, 264, 132)  # the kernels' blocks per SM measured on the H200 x 132 SMs
+H200_WAVES = (396, 396, 264, 264)  # the kernels' blocks per SM measured on the H200 x 132 SMs
 
 
 @pytest.mark.parametrize("K,N", [(4096, 12288), (4096, 4096), (11008, 4096), (4096, 14336), (8192, 28672)])

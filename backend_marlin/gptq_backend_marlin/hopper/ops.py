@@ -23,7 +23,7 @@ from gptq_core.format import PackedWeight, act_order_permutation
 from . import build, layout
 
 #: token tiles (wgmma N) the extension instantiates
-TOKEN_TILES = (16, 32, 64, 128, 256)
+TOKEN_TILES = (16, 32, 64, 128)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 16
 MIN_SPLIT_TILES = 8  #: at least 512 k (8 tiles of 64) per split: the pipeline's prologue is paid per split
@@ -81,21 +81,16 @@ def wave_slots(device: torch.device, dtype: torch.dtype, zp: bool) -> tuple[int,
     return tuple(sms * blocks_per_sm(device, bm, dtype, zp) for bm in TOKEN_TILES)
 
 
-#: the largest token tile :func:`token_tile` picks: more rows are tiled over 128-row tiles,
-#: which beat the 256-row tile at M = 160-256 on every layer measured (H200, 8-52 %:
-#: NOTES/hopper-wgmma.md, "Token tiles above 128 rows"); BM 256 stays reachable through
-#: ``hopper_gemm(bm=256)`` for the GPU check
-MAX_AUTO_TILE = 128
-
-
 def token_tile(m: int) -> int:
-    """The wgmma N for M rows: the smallest tile that holds them, 128 beyond (tiled over M)."""
-    return next((t for t in TOKEN_TILES if m <= t and t <= MAX_AUTO_TILE), MAX_AUTO_TILE)
+    """The wgmma N for M rows: the smallest tile that holds them, 128 beyond (M tiled over
+    128-row tiles, which beat the deleted 256-row tile: NOTES/hopper-wgmma.md, "Token tiles
+    above 128 rows")."""
+    return next((t for t in TOKEN_TILES if m <= t), TOKEN_TILES[-1])
 
 
 def stage_tiles(bm: int) -> int:
     """64-k weight tiles per pipeline stage of token tile ``bm`` (csrc/stage.h's stage_tiles):
-    2 (128-k stages, round 3) for BM <= 64, 1 for BM 128 / 256."""
+    2 (128-k stages, round 3) for BM <= 64, 1 for BM 128."""
     return 2 if bm <= 64 else 1
 
 

@@ -10,7 +10,7 @@ namespace gptq_hopper {
 
 // Y[M, N] (or fp32 partial sums ws[splits, M, N] when splits > 1) = X[M, K] . W[K, N].
 // `w` is layout.py's repacked tiles, `scales` / `zeros` [G, N] in the activation type
-// (zeros null: symmetric, zero 8). `bm` is the token tile (16, 32, 64, 128, 256). `splits`
+// (zeros null: symmetric, zero 8). `bm` is the token tile (16, 32, 64, 128). `splits`
 // split K into runs of whole pipeline stages (stage.h: 128 k at bm <= 64, 64 k above), every
 // split non-empty (ops.split_count); any other count is cudaErrorInvalidValue.
 cudaError_t launch_f16(const void* x, const void* w, const void* scales, const void* zeros, void* y,

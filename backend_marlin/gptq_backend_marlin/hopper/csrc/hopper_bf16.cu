@@ -1,4 +1,4 @@
-// bf16 instantiations of the Hopper GEMM (token tiles 16..256 x symmetric / zero points).
+// bf16 instantiations of the Hopper GEMM (token tiles 16..128 x symmetric / zero points).
 #include "kernel.cuh"
 
 namespace gptq_hopper {

@@ -4,12 +4,12 @@
 // into registers (each warp of a warpgroup holds 16 of the 64 rows, in mma.m16n8k16's A
 // fragment layout); the activations are the B operand, read by the tensor cores from shared
 // memory where X's [M, K] row-major tile is already K-major (wgmma's plain B layout), stored
-// with the 128-byte swizzle. wgmma's N is the token tile BM (16 .. 256).
+// with the 128-byte swizzle. wgmma's N is the token tile BM (16 .. 128).
 //
 // A block is two warpgroups (128 output columns) x BM tokens; its k range (all of K, or one
 // split of it: whole stages) streams through a multi-stage cp.async ring. A stage is kSub 64-k
 // tiles (stage.h: 2 for BM <= 64, i.e. 128 k and eight wgmma k16 steps per stage, round 3; 1 for
-// BM 128 / 256): per 64-k tile the X sub-tile (BM x 128 bytes, swizzled), the weight tile (4 KiB:
+// BM 128): per 64-k tile the X sub-tile (BM x 128 bytes, swizzled), the weight tile (4 KiB:
 // thread t's 16 bytes are its four k16 steps' A fragments) and two rows of scales (and zero
 // points) for k offsets 0 and 32 (group sizes that are multiples of 32). Dequantization of the
 // next k16 step overlaps the running wgmma (commit / wait_group 1). The epilogue stages the fp32
@@ -356,7 +356,6 @@ cudaError_t launch_typed(const void* x, const void* w, const void* scales, const
   GPTQ_HOPPER_CASE(32)
   GPTQ_HOPPER_CASE(64)
   GPTQ_HOPPER_CASE(128)
-  GPTQ_HOPPER_CASE(256)
 #undef GPTQ_HOPPER_CASE
   return cudaErrorInvalidValue;
 }
@@ -379,7 +378,6 @@ cudaError_t occupancy_typed(int bm, bool zp, int* blocks) {
   GPTQ_HOPPER_CASE(32)
   GPTQ_HOPPER_CASE(64)
   GPTQ_HOPPER_CASE(128)
-  GPTQ_HOPPER_CASE(256)
 #undef GPTQ_HOPPER_CASE
   return cudaErrorInvalidValue;
 }

@@ -6,7 +6,7 @@
 //
 // Round 3 (NOTES/hopper-wgmma.md): a stage carries kSub 64-k tiles, 2 for the token tiles
 // BM <= 64 (128 k per stage: the cp.async wait, proxy fence and barrier come once per 128 k and
-// the stage issues eight wgmma k16 steps), 1 for BM 128 / 256 (round 2's 64-k stages).
+// the stage issues eight wgmma k16 steps), 1 for BM 128 (round 2's 64-k stages).
 #pragma once
 
 #ifdef __CUDACC__
@@ -27,14 +27,13 @@ GPTQ_HOPPER_HD constexpr int stage_tiles(int bm) { return bm <= 64 ? 2 : 1; }
 GPTQ_HOPPER_HD constexpr int log2_exact(int v) { return v <= 1 ? 0 : 1 + log2_exact(v / 2); }
 
 // Ring depth per token tile: the most stages that keep round 2's blocks per SM (BM 16 / 32: 3,
-// 64 / 128: 2, 256: 1) at 228 KiB of shared memory per SM, 1 KiB of it reserved per block.
+// 64 / 128: 2) at 228 KiB of shared memory per SM, 1 KiB of it reserved per block.
 //   BM  16: 14 KiB stages x 5 + 1 KiB alignment = 72704 B -> 3 blocks (73728 x 3 <= 233472)
 //   BM  32: 18 KiB stages x 4 + 1 KiB            = 74752 B -> 3 blocks
 //   BM  64: 26 KiB stages x 4 + 1 KiB            = 107520 B -> 2 blocks
 //   BM 128: 21 KiB stages x 5 + 1 KiB (round 2)  = 108544 B -> 2 blocks
-//   BM 256: 37 KiB stages x 6 + 1 KiB (round 2)  = 228352 B -> 1 block
 GPTQ_HOPPER_HD constexpr int ring_stages(int bm) {
-  return bm <= 16 ? 5 : (bm <= 32 ? 4 : (bm <= 64 ? 4 : (bm <= 128 ? 5 : 6)));
+  return bm <= 16 ? 5 : (bm <= 32 ? 4 : (bm <= 64 ? 4 : 5));
 }
 
 template <int BM>
@@ -58,7 +57,7 @@ struct Cfg {
   static constexpr int kSmem = (kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes) + 1024;
   // __launch_bounds__ minimum blocks per SM: the register cap (65536 / (256 x kMinBlocks),
   // in steps of 8 per thread) that keeps the shared-memory occupancy above: 80 at BM <= 32.
-  static constexpr int kMinBlocks = BM <= 32 ? 3 : (BM <= 128 ? 2 : 1);
+  static constexpr int kMinBlocks = BM <= 32 ? 3 : 2;
   static constexpr int kXChunks = kSub * BM * 8;  // 16-byte X copies per stage
   static constexpr int kLogBM = log2_exact(BM);
   static constexpr int kLogSThreads = log2_exact(16 * kRows);  // threads per scale operand
