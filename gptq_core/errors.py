@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 
 class GPTQError(Exception):
     """Base class of every error gptq-core raises on purpose."""
@@ -36,3 +38,14 @@ class CheckpointError(FormatError):
 
 class CalibrationError(GPTQError, ValueError):
     """The calibration set is empty, too short or not of a supported kind."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str, category: type[Warning] = RuntimeWarning, stacklevel: int = 3) -> None:
+    """Warn with ``message`` once per process: a load that goes on without what an option or a
+    build promised says so one time, not once per layer."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, category, stacklevel=stacklevel)

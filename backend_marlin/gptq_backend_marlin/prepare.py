@@ -12,13 +12,12 @@ looks them up.
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from gptq_core.errors import NotSupportedError
+from gptq_core.errors import NotSupportedError, warn_once
 from gptq_core.format import PackedWeight, act_order_permutation, default_g_idx
 from gptq_core.policy import DispatchPolicy
 
@@ -28,6 +27,7 @@ from .hopper.build import BuildError as HopperBuildError
 from .options import MarlinOptions
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
+
 
 class MemoryBudget:
     """A per-process byte budget for optional copies of layers (the dense and Hopper caches):
@@ -52,14 +52,6 @@ class MemoryBudget:
 
 DENSE_BUDGET = MemoryBudget()
 HOPPER_BUDGET = MemoryBudget()
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """One line per process for an option that cannot be honoured (the load goes on)."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,7 +152,7 @@ def hopper_copy(w: PackedWeight, device: torch.device, act_dtype: torch.dtype, g
     if gpu.compute_capability != (9, 0):
         warn_once(f"marlin option hopper_cache_mb is set, but the Hopper kernel needs a GPU of compute "
                   f"capability 9.0 and this one is {gpu.compute_capability[0]}.{gpu.compute_capability[1]}: "
-                  "the mma.sync kernels serve every M")
+                  "the mma.sync kernels serve every M", UserWarning)
         return None
     if not policy.hopper_serves(w.bits, w.in_features, w.out_features, gpu):
         return None  # 8-bit, or a shape off its tiles: `gptq backends explain` shows no hopper route
@@ -171,7 +163,7 @@ def hopper_copy(w: PackedWeight, device: torch.device, act_dtype: torch.dtype, g
     except HopperBuildError as exc:
         HOPPER_BUDGET.give_back(hopper_bytes(w))
         warn_once(f"marlin option hopper_cache_mb is set, but the Hopper extension is unavailable ({exc}): "
-                  "the mma.sync kernels serve every M")
+                  "the mma.sync kernels serve every M", UserWarning)
         return None
 
 

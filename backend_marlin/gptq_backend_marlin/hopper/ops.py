@@ -181,21 +181,28 @@ def _module():
     return mod
 
 
+def _launch(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            perm: torch.Tensor | None, y: torch.Tensor, ws: torch.Tensor | None, group_size: int, bm: int,
+            splits: int) -> torch.Tensor:
+    """y [M, N] = x [M, K] . W on the current stream, activation columns permuted first
+    (act-order); ``ws`` (fp32, >= splits x M x N) holds the split-K partials when splits > 1.
+    M >= 1: the callers return an empty y themselves."""
+    if perm is not None:
+        x = x.index_select(1, perm)
+    _module().gemm(x.contiguous(), tiles, scales, zeros, y, ws if splits > 1 else None, group_size, bm, splits,
+                   torch.cuda.current_stream(x.device).cuda_stream)
+    return y
+
+
 def gemm_direct(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 perm: torch.Tensor | None, bias: torch.Tensor | None, ws: torch.Tensor, group_size: int,
                 size_n: int, waves: list[int]) -> torch.Tensor:
     """The op's implementation, called directly when eager (no dispatcher: docs/DESIGN.md §11):
     y [M, N] = x [M, K] . W (+ bias); ``ws`` holds the split-K partials (scratch)."""
-    if perm is not None:
-        x = x.index_select(1, perm)
-    x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, size_n, dtype=x.dtype, device=x.device)
     if m:
-        bm = token_tile(m)
-        splits = splits_for(m, k, size_n, waves)
-        _module().gemm(x, tiles, scales, zeros, y, ws if splits > 1 else None, group_size, bm, splits,
-                       torch.cuda.current_stream(x.device).cuda_stream)
+        _launch(x, tiles, scales, zeros, perm, y, ws, group_size, token_tile(m), splits_for(m, k, size_n, waves))
     return y if bias is None else y.add_(bias)
 
 
@@ -217,32 +224,19 @@ gemm = torch.ops.gptq_marlin_hopper.gemm.default
 
 
 def hopper_gemm(x: torch.Tensor, prepared: HopperPrepared, out: torch.Tensor | None = None,
-                splits: int | None = None, bm: int | None = None) -> torch.Tensor:
+                splits: int | None = None) -> torch.Tensor:
     """y = x @ W for x [..., K] with its own workspace (the GPU check); ``out`` (optional,
-    [M, N]) receives y; ``splits`` and ``bm`` (a token tile, M tiled over it) override the
-    split-K plan and the tile choice (A/Bs)."""
+    [M, N]) receives y; ``splits`` overrides the split-K plan (A/Bs)."""
     p = prepared
-    mod = _module()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, p.in_features)
     if x2.dtype != p.dtype:
         raise NotSupportedError(f"x is {x2.dtype}, the layer was prepared for {p.dtype}")
-    if p.perm is not None:
-        x2 = x2.index_select(1, p.perm)
-    x2 = x2.contiguous()
     m = x2.shape[0]
     y = out if out is not None else torch.empty(m, p.out_features, dtype=p.dtype, device=x.device)
-    if m == 0:
-        return y.view(*lead, p.out_features)
-    if bm is None:
+    if m:
         bm = token_tile(m)
-    if bm not in TOKEN_TILES:
-        raise NotSupportedError(f"bm={bm} is not one of the kernel's token tiles {TOKEN_TILES}")
-    if splits is None:
-        waves = p.waves or wave_slots(x.device, p.dtype, p.zeros is not None)
-        splits = plan_splits(m, p.out_features, p.in_features, bm, waves[TOKEN_TILES.index(bm)])
-    splits = split_count(p.in_features, bm, splits)  # whole stages, every split non-empty
-    ws = torch.empty(splits, m, p.out_features, dtype=torch.float32, device=x.device) if splits > 1 else None
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    mod.gemm(x2, p.tiles, p.scales, p.zeros, y, ws, p.group_size, bm, splits, stream)
+        splits = split_count(p.in_features, bm, splits or planned_splits(m, p, x.device))
+        ws = torch.empty(splits, m, p.out_features, dtype=torch.float32, device=x.device) if splits > 1 else None
+        _launch(x2, p.tiles, p.scales, p.zeros, p.perm, y, ws, p.group_size, bm, splits)
     return y.view(*lead, p.out_features)

@@ -7,12 +7,10 @@ own int4 CPU kernel for the 4-bit bfloat16 layers it takes, and the next backend
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from gptq_core import BackendInfo, Capabilities, hookimpl
-from gptq_core.errors import NotSupportedError
+from gptq_core.errors import NotSupportedError, warn_once
 from gptq_core.tracing import plain_eager
 
 from . import build, ops
@@ -23,9 +21,6 @@ from .policy import GEMM_ABOVE_M, fallback_policy, kernel_policy
 
 #: Above the torch reference (0) and the example (-10) on the CPU (docs/DESIGN.md §4).
 PRIORITY = 20
-
-_warned: set[str] = set()
-
 
 @hookimpl
 def gptq_backend_info() -> BackendInfo:
@@ -67,11 +62,8 @@ def gptq_probe(device, spec) -> list[str]:
 
 
 def _fallback(weight, problem: str, act_dtype: torch.dtype) -> CpuPrepared:
-    if problem not in _warned:
-        _warned.add(problem)
-        warnings.warn(f"gptq cpu backend: C++ kernels not built ({problem}); 4-bit bfloat16 "
-                      "layers use torch's int4 CPU kernel, the rest the next backend",
-                      RuntimeWarning, stacklevel=3)
+    warn_once(f"gptq cpu backend: C++ kernels not built ({problem}); 4-bit bfloat16 "
+              "layers use torch's int4 CPU kernel, the rest the next backend", stacklevel=4)
     try:
         pack = pack_int4(weight, act_dtype)
     except NotSupportedError as exc:
