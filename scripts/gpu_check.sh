@@ -27,8 +27,11 @@
 #   hopper-conformance  the conformance suite's quick set for marlin on layers the Hopper copy can hold
 #               (--gptq-shapes 512x256,1024x384): with the defaults, then every kernel call up to the
 #               copy's bound (160 rows on these sizes) forced onto it (hopper_cache_mb, hopper_threshold=0)
-#   hopper-bench  gptq bench of marlin without and with Hopper copies (HOPPER_MB, default 1e9 MiB) on the
-#               Llama-2-7B linears (fused) and 8192x28672, 4096x14336 at M = 16..256
+#   hopper-bench  gptq bench of marlin without and with Hopper copies (HOPPER_MB, default 1e9 MiB; HOPPER_THRESHOLD
+#               and HOPPER_MAX_ROWS set those options) on the Llama-2-7B linears (fused) and 8192x28672, 4096x14336 at M = 16..256
+#               (BENCH_SHAPES, BENCH_M)
+#   prefill     gptq bench of marlin's policy against its kernels forced up to 4096 rows (dequant_threshold=4096)
+#               at M = 128..4096 on the same shapes (BENCH_SHAPES, PREFILL_M)
 #   hopper-gen  gptq bench generate --synthetic llama-2-7b --modes fast, batch GEN_BATCH (default 32,64),
 #               marlin without and with Hopper copies
 #   gen-backends  gptq bench generate --synthetic GEN_SHAPE (default llama-2-7b) --modes fast --compare-backends
@@ -100,10 +103,20 @@ for name in "$@"; do
                 --gptq-backend=marlin --gptq-quick --gptq-shapes 512x256,1024x384 \
                 --gptq-backend-option hopper_cache_mb=1e9 --gptq-backend-option hopper_threshold=0 ;;
         hopper-bench)
+            # without copies, then with them (HOPPER_THRESHOLD=0: every kernel row up to the bound on the copy)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
-                step hopper-bench-$mb 150 $PY -m gptq_core bench --m 16,32,48,64,96,128,192,256 --bits 4 --group-size 128 \
-                    --shapes 4096x12288,4096x4096,4096x22016,11008x4096,8192x28672,4096x14336 --backends marlin \
-                    --backend-option marlin.hopper_cache_mb=$mb --json "$OUT/bench-hopper-$mb.json" --quiet
+                step hopper-bench-$mb 150 $PY -m gptq_core bench --m "${BENCH_M:-16,32,48,64,96,128,192,256}" --bits 4 --group-size 128 \
+                    --shapes "${BENCH_SHAPES:-4096x12288,4096x4096,4096x22016,11008x4096,8192x28672,4096x14336}" --backends marlin \
+                    --backend-option marlin.hopper_cache_mb=$mb ${HOPPER_THRESHOLD:+--backend-option marlin.hopper_threshold=$HOPPER_THRESHOLD} \
+                    ${HOPPER_MAX_ROWS:+--backend-option marlin.hopper_max_rows=$HOPPER_MAX_ROWS} \
+                    --json "$OUT/bench-hopper-$mb.json" --quiet
+            done ;;
+        prefill)
+            # marlin's policy (dequantize + cuBLAS above its threshold) against its kernels forced up to 4096 rows
+            for t in default 4096; do
+                step prefill-$t 150 $PY -m gptq_core bench --m "${PREFILL_M:-128,192,256,384,512,1024,4096}" --bits 4 --group-size 128 \
+                    --shapes "${BENCH_SHAPES:-4096x12288,4096x4096,4096x22016,11008x4096,8192x28672,4096x14336}" --backends marlin \
+                    $([ $t = default ] || echo --backend-option marlin.dequant_threshold=$t) --json "$OUT/bench-prefill-$t.json" --quiet
             done ;;
         hopper-gen)
             for mb in 0 "${HOPPER_MB:-1e9}"; do

@@ -39,12 +39,14 @@ class MarlinOptions(BackendOptions):
         None, "rows above which a layer with a dense copy uses it (default: the measured table)")
     hopper_cache_mb: float = option(
         0.0, "memory (MiB, per process) for a second copy of 4-bit layers in the layout of the "
-        "sm_90a wgmma kernel, which serves hopper_threshold+1 .. 256 rows (160 on layers up to 4096x4096; "
-        "below dequant_threshold) "
+        "sm_90a wgmma kernel, which serves the rows above hopper_threshold up to hopper_max_rows "
         "on H100/H200 (a copy is the layer's 4-bit size: 3.2 GiB for Llama-2-7B); 0 keeps none")
     hopper_threshold: int | None = option(
-        None, "rows above which a layer's Hopper copy serves (default: 32, measured; 0 sends "
-        "every kernel call up to its upper bound to it)")
+        None, "rows above which a layer's Hopper copy serves (default: the measured table by layer "
+        "size, 8 to 32; 0 sends every kernel call up to hopper_max_rows to it)")
+    hopper_max_rows: int | None = option(
+        None, "the most rows a layer's Hopper copy serves (default: the measured table by layer "
+        "size, 160 or 256; never above a chosen dequant_threshold or a dense copy's threshold)")
 
     def __post_init__(self) -> None:
         if self.dense_cache_mb < 0:
@@ -57,9 +59,11 @@ class MarlinOptions(BackendOptions):
             raise OptionsError(f"marlin option dense_threshold={self.dense_threshold} must be >= 0")
         if self.hopper_cache_mb < 0:
             raise OptionsError(f"marlin option hopper_cache_mb={self.hopper_cache_mb} must be >= 0 (MiB)")
-        if self.hopper_threshold is not None and not 0 <= self.hopper_threshold <= MAX_KERNEL_M:
-            raise OptionsError(f"marlin option hopper_threshold={self.hopper_threshold} must be in "
-                               f"0..{MAX_KERNEL_M}; leave it unset for the measured 32")
+        for name in ("hopper_threshold", "hopper_max_rows"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_KERNEL_M:
+                raise OptionsError(f"marlin option {name}={value} must be in 0..{MAX_KERNEL_M}; "
+                                   "leave it unset for the measured table")
         if self.archs is not None:
             from .build import BuildError, parse_archs  # noqa: PLC0415 (build imports torch's builder lazily)
 

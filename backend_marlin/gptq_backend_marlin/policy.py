@@ -3,8 +3,9 @@
 docs/DESIGN.md §12: the decision is data on the prepared weight (a
 :class:`~gptq_core.policy.DispatchPolicy` that ``gptq backends explain`` shows, and a tuple of
 ``(upto_m, kind)`` ints that ``gptq_qmatmul`` walks); the C++ op receives the kernel kind and
-only checks that it can serve the call. Every number here was measured on an H100; the
-sections of NOTES/perf-marlin.md named in the comments hold the measurements.
+only checks that it can serve the call. Numbers whose comment names no GPU were measured on an
+H100 (NOTES/perf-marlin.md, the sections named); those naming the H200 come from the NOTES file
+they name.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ KERNEL_ROUTES: dict[str, tuple[tuple[int | None, str], ...]] = {
 
 #: Rows above which each call dequantizes the layer and calls cuBLAS, by layer size K * N
 #: (limit inclusive, None: larger). The mma.sync kernel cannot match Hopper's cuBLAS once the
-#: work is compute-bound; break-even of the 4-bit wide kernels ("Wide stages"): 4096x4096
-#: kernel/dequant 28.6/31.0 us at M=192, 34.7/33.2 at 256; 4096x14336 100.9/109.7 and
-#: 8192x28672 375.9/415.6 at 256.
-DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (1 << 26, 256), (None, 256))
+#: work is compute-bound. H200 (NOTES/perf-h200.md, "Prefill on the H200"): dequantizing costs
+#: 15-153 us (4096x4096 .. 8192x28672, ~3.8 TB/s), so at M = 256 dequantize + cuBLAS beats the
+#: 4-bit wide kernel on every Llama layer (8192x28672 ~339 against 358.5 us, 4096x22016 ~127
+#: against 148.5, 11008x4096 ~78 against 79.2) and at M = 192 the kernel wins or ties (8192x28672
+#: 272.4 against ~297, 4096x14336 78.2 against ~79). The H100, with less bandwidth, broke even at
+#: 256 on layers above 4096x4096 ("Wide stages"); the H200 is the reference GPU (DESIGN.md §9).
+DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((None, 192),)
 #: The same for 8-bit weights (64-row kernels of at most 2 row blocks: slower per row):
 #: 8192x28672 kernel 147.7 us at M=64, 541.0 at 256, dequantize + cuBLAS ~415 at 256;
 #: 4096x4096 kernel 22.8 at 64 (dequantize + cuBLAS ~26).
@@ -65,14 +69,16 @@ DENSE_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 24, 16), (1 << 26,
 #: 8192x28672 (3584 per 264 slots) 1.05-1.10x, 4096x14336 (896) 1.00-1.10x over 128-row
 #: stages; 4096x11008 (688) 0.86-0.96x, 4096x4096 (256) 0.77-0.91x.
 WIDE4_STAGES_PER_SLOT = 3
-#: The rows a layer's Hopper copy (when it has one) serves: above HOPPER_THRESHOLD, up to
-#: HOPPER_MAX_ROWS by layer size K * N (limit inclusive, None: larger), and the kernels' cut.
-#: H200, 4-bit g128 (NOTES/hopper-wgmma.md, "The Hopper route" and "Token tiles above 128
-#: rows"), us marlin kernel / Hopper: at M = 32 (marlin's last wide4 row) 8192x28672 61.0 / 70.5;
-#: M = 48 4096x12288 28.2 / 26.8, 64 29.9 / 27.4, 128 50.4 / 44.2; 11008x4096 M = 64 31.1 / 21.4,
-#: 128 45.5 / 30.0, 256 76.9 / 47.2; 8192x28672 M = 64 99.6 / 88.1, 256 363.7 / 236.1; 4096x4096
-#: M = 160 28.5 / 22.1 but 192 29.4 / 43.2.
-HOPPER_THRESHOLD = 32
+#: The rows a layer's Hopper copy (when it has one) serves: above HOPPER_THRESHOLDS, up to
+#: HOPPER_MAX_ROWS, both by layer size K * N (limit inclusive, None: larger). H200, 4-bit g128
+#: (NOTES/hopper-wgmma.md, "The Hopper route", "Token tiles above 128 rows" and "Decode rows
+#: 8-64"), us marlin kernel / Hopper: the copy wins from M = 16 where marlin runs its 128-row
+#: stages (11008x4096 19.9 / 16.7, 4096x4096 11.1 / 9.2, 14336x4096 22.8 / 19.9) and loses at
+#: M = 8 to the swapped kernels (4096x12288 14.7 / 16.6); where marlin's 256-row stages serve
+#: M <= 32 on the largest layers it wins later (4096x22016 M = 16 28.2 / 28.2, 24 33.9 / 32.1;
+#: 4096x28672 M = 32 41.8 / 41.9, 48 53.8 / 45.9; 8192x28672 M = 32 64.0 / 72.9, 48 94.5 / 88.0).
+#: Upper bound: 8192x28672 M = 256 363.7 / 236.1; 4096x4096 M = 160 28.5 / 22.1 but 192 29.4 / 43.2.
+HOPPER_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 26, 8), (100 << 20, 16), (None, 32))
 HOPPER_MAX_ROWS: tuple[tuple[int | None, int], ...] = ((1 << 24, 160), (None, 256))
 BLOCKS_PER_SM = 2  # every kernel at up to 2 row blocks runs two blocks per SM (launch bounds)
 TILE_N = 256       # output columns per block tile (csrc/marlin.h kTileN)
@@ -111,8 +117,14 @@ def dense_threshold(size: int) -> int:
     return by_size(DENSE_THRESHOLDS, size)
 
 
-def hopper_max_rows(size: int) -> int:
-    return by_size(HOPPER_MAX_ROWS, size)
+def hopper_rows(size: int, low: int | None = None, high: int | None = None,
+                caps: tuple[int | None, ...] = ()) -> tuple[int, int]:
+    """The rows (low, high] a Hopper copy of a layer of ``size`` = K * N serves: the measured
+    tables unless ``low`` / ``high`` are given, ``high`` capped by every given entry of ``caps``
+    (a chosen dequant_threshold, the dense copy's threshold: what the user asked for first)."""
+    low = by_size(HOPPER_THRESHOLDS, size) if low is None else low
+    high = by_size(HOPPER_MAX_ROWS, size) if high is None else high
+    return low, min([high, *(c for c in caps if c is not None)])
 
 
 def kernel_family(bits: int, K: int, N: int, gpu: GpuFacts) -> str:
@@ -139,23 +151,23 @@ def kernel_cut(dequant_rows: int, dense_rows: int | None) -> int:
 
 
 def layer_policy(bits: int, K: int, N: int, gpu: GpuFacts, dequant_rows: int,
-                 dense_rows: int | None = None, hopper_rows: int | None = None) -> DispatchPolicy:
+                 dense_rows: int | None = None, hopper: tuple[int, int] | None = None) -> DispatchPolicy:
     """The kernel routes up to ``dequant_rows``, dequantize + cuBLAS above; with a dense copy
     (``dense_rows`` given) the copy serves every M above ``dense_rows``; with a Hopper copy
-    (``hopper_rows`` given) that copy serves the kernels' rows above ``hopper_rows`` up to
-    :func:`hopper_max_rows`."""
+    (``hopper`` = (low, high), from :func:`hopper_rows`) that copy serves M in (low, high], the
+    kernels the rows below it and those between it and ``dequant_rows``."""
     cut = kernel_cut(dequant_rows, dense_rows)
     steps: list[tuple[int | None, str]] = []
     for upto, path in KERNEL_ROUTES[kernel_family(bits, K, N, gpu)]:
         steps.append((cut if upto is None else min(upto, cut), path))
         if upto is None or upto >= cut:
             break
-    top = min(cut, hopper_max_rows(K * N))
-    if hopper_rows is not None and hopper_rows < top:
+    if hopper is not None and hopper[0] < hopper[1]:
+        low, high = hopper
         # the ranges below, the Hopper range, the ranges reaching above it; from_thresholds
         # drops those this empties (a bound not above the previous one)
-        steps = ([(min(upto, hopper_rows), path) for upto, path in steps] + [(top, "marlin:hopper")]
-                 + [(upto, path) for upto, path in steps if upto > top])
+        steps = ([(min(upto, low), path) for upto, path in steps] + [(high, "marlin:hopper")]
+                 + [(upto, path) for upto, path in steps if upto > high])
     if dense_rows is None:
         steps.append((None, "dequant+cublas"))
     else:

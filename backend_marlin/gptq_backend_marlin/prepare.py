@@ -113,16 +113,14 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
         dense_rows = options.dense_threshold
         if dense_rows is None:
             dense_rows = policy.dense_threshold(K * N)
-    hopper_rows = options.hopper_threshold
-    if hopper_rows is None:
-        hopper_rows = policy.HOPPER_THRESHOLD
-    top = min(policy.kernel_cut(dequant_rows, dense_rows), policy.hopper_max_rows(K * N))
-    hopper = hopper_copy(w, device, act_dtype, gpu, options) if hopper_rows < top else None
+    low, high = policy.hopper_rows(K * N, options.hopper_threshold, options.hopper_max_rows,
+                                   (options.dequant_threshold, dense_rows))
+    hopper = hopper_copy(w, device, act_dtype, gpu, options) if low < high else None
     plan = policy.layer_policy(bits, K, N, gpu, dequant_rows, dense_rows,
-                               hopper_rows if hopper is not None else None)
+                               (low, high) if hopper is not None else None)
     slot_floats, counters = workspace.needs(gpu, bits, N, policy.kernel_rows(plan))
     if hopper is not None:
-        slot_floats = max(slot_floats, hopper_ops.workspace_floats(K, N, hopper.waves, hopper_rows, top))
+        slot_floats = max(slot_floats, hopper_ops.workspace_floats(K, N, hopper.waves, low, high))
     ws = workspace.shared_workspace(device, slot_floats, counters)
     prepared = MarlinPrepared(
         tiles=tiles, scales=scales, zeros=zeros_t, perm=perm, bits=bits, group_size=w.group_size,

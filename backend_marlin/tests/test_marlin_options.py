@@ -41,6 +41,7 @@ def test_values_from_text_are_typed():
     ({"dequant_threshold": "many"}, "cannot be read as int"),
     ({"hopper_cache_mb": -1}, "hopper_cache_mb=-1.* must be >= 0"),
     ({"hopper_threshold": MAX_KERNEL_M + 1}, "hopper_threshold=.*must be in"),
+    ({"hopper_max_rows": -1}, "hopper_max_rows=-1 must be in"),
 ])
 def test_bad_values_are_errors_that_say_what_to_do(values, message):
     with pytest.raises(OptionsError, match=message):
@@ -62,4 +63,4 @@ def test_only_the_build_settings_read_the_environment(monkeypatch):
     envs = {row["name"]: row["env"] for row in MarlinOptions.fields_table()}
     assert envs == {"build_dir": "GPTQ_MARLIN_BUILD_DIR", "archs": "GPTQ_MARLIN_ARCHS",
                     "dense_cache_mb": None, "dequant_threshold": None, "dense_threshold": None,
-                    "hopper_cache_mb": None, "hopper_threshold": None}
+                    "hopper_cache_mb": None, "hopper_threshold": None, "hopper_max_rows": None}

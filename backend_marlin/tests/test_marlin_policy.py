@@ -21,15 +21,15 @@ WIDE_GPU = GpuFacts(sm_count=160, compute_capability=(9, 0))  # more SMs than 40
 
 # (bits, K, N, gpu): expected routes as "upto:path" (the table default thresholds).
 ROUTES = [
-    (4, 8192, 28672, H200, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
-    (4, 4096, 14336, H200, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
-    (4, 4096, 14336, WIDE_GPU, "8:marlin:wide-swap 256:marlin:wide -:dequant+cublas"),
-    (4, 14336, 4096, H200, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
-    (4, 4096, 11008, H200, "8:marlin:wide-swap 256:marlin:wide -:dequant+cublas"),
-    (4, 11008, 4096, H200, "8:marlin:wide-swap 256:marlin:wide -:dequant+cublas"),
+    (4, 8192, 28672, H200, "8:marlin:wide4-swap 32:marlin:wide4 192:marlin:wide -:dequant+cublas"),
+    (4, 4096, 14336, H200, "8:marlin:wide4-swap 32:marlin:wide4 192:marlin:wide -:dequant+cublas"),
+    (4, 4096, 14336, WIDE_GPU, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
+    (4, 14336, 4096, H200, "8:marlin:wide4-swap 32:marlin:wide4 192:marlin:wide -:dequant+cublas"),
+    (4, 4096, 11008, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
+    (4, 11008, 4096, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
     (4, 4096, 4096, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
     (4, 4096, 4096, A100, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),
-    (4, 8192, 28672, A100, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:wide -:dequant+cublas"),
+    (4, 8192, 28672, A100, "8:marlin:wide4-swap 32:marlin:wide4 192:marlin:wide -:dequant+cublas"),
     (4, 192, 96, H200, "192:marlin:narrow -:dequant+cublas"),  # K % 128 != 0: 64-row stages
     (4, 384, 96, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),  # K % 256 != 0
     (8, 8192, 28672, H200, "32:marlin:tma 160:marlin:narrow -:dequant+cublas"),
@@ -60,7 +60,8 @@ def test_thresholds_cut_the_kernel_routes(dequant, dense, expected):
 
 
 def test_threshold_tables_are_ascending_and_inclusive():
-    for table in (policy.DEQUANT_THRESHOLDS, policy.DEQUANT_THRESHOLDS_8BIT, policy.DENSE_THRESHOLDS):
+    for table in (policy.DEQUANT_THRESHOLDS, policy.DEQUANT_THRESHOLDS_8BIT, policy.DENSE_THRESHOLDS,
+                  policy.HOPPER_THRESHOLDS, policy.HOPPER_MAX_ROWS):
         limits = [limit for limit, _ in table[:-1]]
         assert limits == sorted(limits) and table[-1][0] is None, "ascending sizes, then a catch-all"
         for (limit, rows), (_, rows_next) in zip(table, table[1:]):
@@ -156,18 +157,33 @@ def test_dense_route_is_the_dense_copy_plus_the_float16_bias(dtype):
 
 # ---------------------------------------------------------------- the Hopper route (issue 17)
 @pytest.mark.parametrize("K,N,dequant,dense,hopper,expected", [
-    (8192, 28672, 256, None, 32, "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:hopper -:dequant+cublas"),
-    (8192, 28672, 256, None, 8, "8:marlin:wide4-swap 256:marlin:hopper -:dequant+cublas"),
-    (8192, 28672, 4096, None, 0, "256:marlin:hopper 4096:marlin:wide -:dequant+cublas"),
-    (8192, 28672, 256, 64, 32, "8:marlin:wide4-swap 32:marlin:wide4 64:marlin:hopper -:dense-cublas"),
-    (8192, 28672, 256, 16, 32, "8:marlin:wide4-swap 16:marlin:wide4 -:dense-cublas"),  # nothing left above 32
-    (8192, 28672, 100, None, 0, "100:marlin:hopper -:dequant+cublas"),
-    (8192, 28672, 128, None, 128, "8:marlin:wide4-swap 32:marlin:wide4 128:marlin:wide -:dequant+cublas"),
+    (8192, 28672, 192, None, (32, 256), "8:marlin:wide4-swap 32:marlin:wide4 256:marlin:hopper -:dequant+cublas"),
+    (8192, 28672, 192, None, (8, 256), "8:marlin:wide4-swap 256:marlin:hopper -:dequant+cublas"),
+    (8192, 28672, 4096, None, (0, 256), "256:marlin:hopper 4096:marlin:wide -:dequant+cublas"),
+    (8192, 28672, 192, 64, (32, 64), "8:marlin:wide4-swap 32:marlin:wide4 64:marlin:hopper -:dense-cublas"),
+    (8192, 28672, 192, 16, (32, 16), "8:marlin:wide4-swap 16:marlin:wide4 -:dense-cublas"),  # nothing left above 32
+    (8192, 28672, 100, None, (0, 100), "100:marlin:hopper -:dequant+cublas"),
+    (8192, 28672, 128, None, (128, 128), "8:marlin:wide4-swap 32:marlin:wide4 128:marlin:wide -:dequant+cublas"),
     # 4096x4096: the copy stops at 160 rows (its M = 192 lost), marlin's kernel to the cut at 192
-    (4096, 4096, 192, None, 32, "8:marlin:wide-swap 32:marlin:wide 160:marlin:hopper 192:marlin:wide -:dequant+cublas"),
+    (4096, 4096, 192, None, (8, 160), "8:marlin:wide-swap 160:marlin:hopper 192:marlin:wide -:dequant+cublas"),
+    # a copy may serve above the mma.sync kernels' cut: 4096x22016 up to 512 rows
+    (4096, 22016, 192, None, (16, 512), "8:marlin:wide4-swap 16:marlin:wide4 512:marlin:hopper -:dequant+cublas"),
 ])
-def test_a_hopper_copy_takes_the_kernel_rows_above_its_threshold(K, N, dequant, dense, hopper, expected):
+def test_a_hopper_copy_takes_the_rows_of_its_range(K, N, dequant, dense, hopper, expected):
     assert routes(policy.layer_policy(4, K, N, H200, dequant, dense, hopper)) == expected
+
+
+@pytest.mark.parametrize("K,N,low,high,caps,expected", [
+    (4096, 4096, None, None, (), (8, 160)),
+    (11008, 4096, None, None, (), (8, 256)),
+    (4096, 22016, None, None, (), (16, 256)),
+    (8192, 28672, None, None, (), (32, 256)),
+    (8192, 28672, 0, 512, (), (0, 512)),
+    (8192, 28672, None, 512, (None, 64), (32, 64)),   # a dense copy's threshold caps the range
+    (8192, 28672, None, None, (128, None), (32, 128)),  # so does a chosen dequant_threshold
+])
+def test_hopper_rows_are_the_tables_unless_chosen_and_capped(K, N, low, high, caps, expected):
+    assert policy.hopper_rows(K * N, low, high, caps) == expected
 
 
 @pytest.mark.parametrize("bits,K,N,gpu,serves", [
@@ -201,7 +217,7 @@ def test_qmatmul_sends_the_hopper_rows_to_the_hopper_op():
     packed = random_packed(4, 128, True, False, 512, 256, seed=5)
     p = prepare.prepare(packed, torch.device("cpu"), torch.float16, MarlinOptions(), H200)
     h = dataclasses.replace(hopper_ops.prepare(packed, "cpu"), waves=H200_WAVES)
-    plan = policy.layer_policy(4, 512, 256, H200, 192, None, 32)
+    plan = policy.layer_policy(4, 512, 256, H200, 192, None, (32, 160))
     p = dataclasses.replace(p, hopper=h, policy=plan, kinds=policy.kind_table(plan))
     names = ("tiles", "scales", "slots", "counters")
 
