@@ -120,7 +120,7 @@ for name in "$@"; do
             done ;;
         hopper-gen)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
-                step hopper-gen-$mb 240 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-32,64}" \
+                step hopper-gen-$mb 330 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_BATCH:-32,64}" \
                     --modes fast --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --backend marlin \
                     --backend-option marlin.hopper_cache_mb=$mb --json "$OUT/gen-hopper-$mb.json"
             done ;;
