@@ -61,6 +61,8 @@ install_distributions
 # marlin step times a fresh build into it, later steps load it.
 export GPTQ_MARLIN_BUILD_DIR=${GPTQ_MARLIN_BUILD_DIR:-/tmp/gptq-marlin-build}
 WORK=${WORK:-/dev/shm/gptq-gen}
+# the Llama-2-7B linears (q/k/v and gate/up fused), 8192x28672 and 4096x14336: hopper-bench and prefill
+BENCH_SHAPES=${BENCH_SHAPES:-4096x12288,4096x4096,4096x22016,11008x4096,8192x28672,4096x14336}
 case " $* " in *" marlin "*) ;; *) step build 240 $PY -m gptq_backend_marlin.build ;; esac
 
 for name in "$@"; do
@@ -106,7 +108,7 @@ for name in "$@"; do
             # without copies, then with them (HOPPER_THRESHOLD=0: every kernel row up to the bound on the copy)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
                 step hopper-bench-$mb 150 $PY -m gptq_core bench --m "${BENCH_M:-16,32,48,64,96,128,192,256}" --bits 4 --group-size 128 \
-                    --shapes "${BENCH_SHAPES:-4096x12288,4096x4096,4096x22016,11008x4096,8192x28672,4096x14336}" --backends marlin \
+                    --shapes "$BENCH_SHAPES" --backends marlin \
                     --backend-option marlin.hopper_cache_mb=$mb ${HOPPER_THRESHOLD:+--backend-option marlin.hopper_threshold=$HOPPER_THRESHOLD} \
                     ${HOPPER_MAX_ROWS:+--backend-option marlin.hopper_max_rows=$HOPPER_MAX_ROWS} \
                     --json "$OUT/bench-hopper-$mb.json" --quiet
@@ -115,7 +117,7 @@ for name in "$@"; do
             # marlin's policy (dequantize + cuBLAS above its threshold) against its kernels forced up to 4096 rows
             for t in default 4096; do
                 step prefill-$t 150 $PY -m gptq_core bench --m "${PREFILL_M:-128,192,256,384,512,1024,4096}" --bits 4 --group-size 128 \
-                    --shapes "${BENCH_SHAPES:-4096x12288,4096x4096,4096x22016,11008x4096,8192x28672,4096x14336}" --backends marlin \
+                    --shapes "$BENCH_SHAPES" --backends marlin \
                     $([ $t = default ] || echo --backend-option marlin.dequant_threshold=$t) --json "$OUT/bench-prefill-$t.json" --quiet
             done ;;
         hopper-gen)
