@@ -187,3 +187,10 @@ def policy_of(backend: Backend, prepared: Any) -> DispatchPolicy:
     """The prepared weight's dispatch policy, or one path named after the backend."""
     policy = getattr(prepared, "policy", None)
     return policy if isinstance(policy, DispatchPolicy) else DispatchPolicy.single(backend.name)
+
+
+def hint_of(prepared: Any) -> str:
+    """The prepared weight's ``hint`` (what one of its backend's options would change for the
+    layer, shown by `gptq backends explain`), or ""."""
+    hint = getattr(prepared, "hint", "")
+    return hint if isinstance(hint, str) else ""

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import Backend, policy_of
+from .backend import Backend, hint_of, policy_of
 from .device import DeviceInfo
 from .errors import GPTQError, NoBackendError, NotSupportedError
 from .options import BackendOptions, check_backend_names, parse_value
@@ -108,6 +108,8 @@ class Binding:
         policy = self.policy
         if policy != DispatchPolicy.single(self.backend.name):
             text += f"\n  paths: {policy.describe()}"
+        if hint := hint_of(self.prepared):
+            text += f"\n  hint: {hint}"
         return text
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -181,3 +181,17 @@ def test_no_backend_error_lists_every_installed_backend_and_the_fix():
         assert f"  - {name}: " in text, name
     assert "activation dtype float64 is not supported" in text
     assert "pip install gptq-core[all]" in text and "gptq backends list" in text
+
+
+def test_explain_carries_the_prepared_weights_hint():
+    @dataclass
+    class Prepared:
+        weight: object
+        hint: str
+
+    hinted = StubBackend("hinted", ANY, {"cpu": 5},
+                         pack=lambda weight, device, spec: Prepared(weight, "option x would serve M 9-32"))
+    binding = selector.bind(WEIGHT, CPU, SPEC, registry=registry(hinted))
+    assert binding.explain().endswith("=> hinted\n  hint: option x would serve M 9-32")
+    quiet = selector.bind(WEIGHT, CPU, SPEC, registry=registry(StubBackend("quiet", ANY, {"cpu": 5})))
+    assert "hint" not in quiet.explain()  # a prepared form without a hint says nothing more

@@ -72,6 +72,7 @@ class MarlinPrepared:
     counters: torch.Tensor
     dense: torch.Tensor | None = None  # [N, K] activation dtype, original k order (cache)
     hopper: hopper_ops.HopperPrepared | None = None  # the sm_90a kernel's copy (hopper_cache_mb)
+    hint: str = ""  # what an option would change, shown by `gptq backends explain` (DESIGN.md §12)
 
 
 def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
@@ -126,6 +127,7 @@ def prepare(weight: PackedWeight, device: torch.device, act_dtype: torch.dtype,
         tiles=tiles, scales=scales, zeros=zeros_t, perm=perm, bits=bits, group_size=w.group_size,
         size_k=K, size_n=N, policy=plan, kinds=policy.kind_table(plan), slots=ws.slots,
         counters=ws.counters, dense=dense, hopper=hopper,
+        hint="" if hopper is not None else hopper_hint(w, device, gpu, options, (low, high)),
     )
     if dense is not None:
         weakref.finalize(prepared, DENSE_BUDGET.give_back, K * N * 2)
@@ -138,6 +140,21 @@ def hopper_bytes(w: PackedWeight) -> int:
     """What a layer's Hopper copy may take: 4-bit ints, scales and zero points in 16 bits, the
     act-order permutation."""
     return w.in_features * w.out_features // 2 + 2 * w.scales.numel() * 2 + w.in_features * 8
+
+
+def hopper_hint(w: PackedWeight, device: torch.device, gpu: policy.GpuFacts, options: MarlinOptions,
+                rows: tuple[int, int]) -> str:
+    """One line for `gptq backends explain` when the sm_90a kernel would serve rows of this
+    layer but it has no copy: the copy is opt-in (it costs memory), so users learn of it here."""
+    low, high = rows
+    if device.type != "cuda" or low >= high or not policy.hopper_serves(w.bits, w.in_features, w.out_features, gpu):
+        return ""
+    mib = hopper_bytes(w) / (1 << 20)
+    if options.hopper_cache_mb <= 0:
+        return (f"marlin option hopper_cache_mb would give this layer an sm_90a wgmma copy ({mib:.1f} MiB) "
+                f"serving M {low + 1}-{high}, where it measured faster than these kernels")
+    return (f"no sm_90a copy: hopper_cache_mb={options.hopper_cache_mb:g} MiB was used up by other layers "
+            f"(this one needs {mib:.1f} MiB more)")
 
 
 def hopper_copy(w: PackedWeight, device: torch.device, act_dtype: torch.dtype, gpu: policy.GpuFacts,

@@ -247,3 +247,19 @@ def test_hopper_copy_is_made_only_on_a_hopper_gpu_within_its_budget():
                                    MarlinOptions(hopper_cache_mb=64)) is None
     assert prepare.HOPPER_BUDGET.used == before
     assert prepare.hopper_bytes(packed) >= 512 * 256 // 2
+
+
+def test_explain_hints_at_the_hopper_copy_where_it_would_serve():
+    packed = random_packed(4, 128, True, False, 512, 256, seed=6)
+    cuda, rows = torch.device("cuda", 0), (8, 160)
+    hint = prepare.hopper_hint(packed, cuda, H200, MarlinOptions(), rows)
+    assert hint.startswith("marlin option hopper_cache_mb would give this layer an sm_90a wgmma copy (")
+    assert "serving M 9-160" in hint
+    used_up = prepare.hopper_hint(packed, cuda, H200, MarlinOptions(hopper_cache_mb=0.01), rows)
+    assert used_up.startswith("no sm_90a copy: hopper_cache_mb=0.01 MiB was used up by other layers")
+    # nothing to say off Hopper, on the CPU, for 8-bit, or where the range is empty
+    assert prepare.hopper_hint(packed, cuda, A100, MarlinOptions(), rows) == ""
+    assert prepare.hopper_hint(packed, torch.device("cpu"), H200, MarlinOptions(), rows) == ""
+    assert prepare.hopper_hint(random_packed(8, 128, True, False, 512, 256, seed=6), cuda, H200,
+                               MarlinOptions(), rows) == ""
+    assert prepare.hopper_hint(packed, cuda, H200, MarlinOptions(), (32, 32)) == ""

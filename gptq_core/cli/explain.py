@@ -28,6 +28,7 @@ _INDEXED = re.compile(r"^(?P<prefix>.*?)\.(?P<index>\d+)\.(?P<suffix>.+)$")
 def layer_choices(model: nn.Module) -> list[dict]:
     """One record per QuantLinear: its spec, the backend serving it and its path per M,
     fallbacks and rejections."""
+    from ..backend import hint_of
     from ..quant_linear import QuantLinear
 
     rows = []
@@ -45,6 +46,7 @@ def layer_choices(model: nn.Module) -> list[dict]:
                 "paths": {str(m): path for m, path in policy.paths(EXPLAIN_M).items()},
                 "policy": policy.describe(),
                 "fusion": layer.fusion,
+                "hint": hint_of(b.prepared),
                 "fallbacks": [x.name for x in b.plan.ranked if x.name != b.backend.name and x.name not in b.failures],
                 "failed": dict(b.failures),
                 "rejected": {k: list(v) for k, v in b.plan.rejected.items()},
