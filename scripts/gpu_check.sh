@@ -31,7 +31,7 @@
 #               and HOPPER_MAX_ROWS set those options) on the Llama-2-7B linears (fused) and 8192x28672, 4096x14336 at M = 16..256
 #               (BENCH_SHAPES, BENCH_M)
 #   prefill     gptq bench of marlin's policy against its kernels forced up to 4096 rows (dequant_threshold=4096)
-#               at M = 128..4096 on the same shapes (BENCH_SHAPES, PREFILL_M)
+#               at M = 128..4096 on the same shapes (BENCH_SHAPES, PREFILL_M), PREFILL_BITS (default 4) bits
 #   hopper-gen  gptq bench generate --synthetic llama-2-7b --modes fast, batch GEN_BATCH (default 32,64),
 #               marlin without and with Hopper copies
 #   gen-backends  gptq bench generate --synthetic GEN_SHAPE (default llama-2-7b) --modes fast --compare-backends
@@ -116,9 +116,9 @@ for name in "$@"; do
         prefill)
             # marlin's policy (dequantize + cuBLAS above its threshold) against its kernels forced up to 4096 rows
             for t in default 4096; do
-                step prefill-$t 150 $PY -m gptq_core bench --m "${PREFILL_M:-128,192,256,384,512,1024,4096}" --bits 4 --group-size 128 \
+                step prefill-$t 150 $PY -m gptq_core bench --m "${PREFILL_M:-128,192,256,384,512,1024,4096}" --bits "${PREFILL_BITS:-4}" --group-size 128 \
                     --shapes "$BENCH_SHAPES" --backends marlin \
-                    $([ $t = default ] || echo --backend-option marlin.dequant_threshold=$t) --json "$OUT/bench-prefill-$t.json" --quiet
+                    $([ $t = default ] || echo --backend-option marlin.dequant_threshold=$t) --json "$OUT/bench-prefill-${PREFILL_BITS:-4}bit-$t.json" --quiet
             done ;;
         hopper-gen)
             for mb in 0 "${HOPPER_MB:-1e9}"; do
