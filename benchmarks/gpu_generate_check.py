@@ -8,6 +8,8 @@ checkpoint, on one CUDA device:
   prompt (on a mismatch, the top-1/top-2 logit gap of eager at that token says whether it is an
   fp16 near-tie or a bug);
 - ``uncompiled``: the same greedy check with ``compile=False`` (tells compile apart from capture);
+- ``rounding``: the greedy check of every prompt with ``eager_rounding=True`` (inductor rounds
+  like eager), and the step time of both compiles (what the rounding costs);
 - ``replay``: graph replays == the same step run eagerly (``cuda_graphs=False``), bitwise, for a
   padded batch of 3 (capture must not change the arithmetic);
 - ``batch``: each row of that padded batch == the prompt alone;
@@ -60,7 +62,38 @@ def eager_gap(model, ids: torch.Tensor, at: int) -> float:
     return float(top[0] - top[1])
 
 
-def check_model(label: str, folder: Path, device: str, results: list[dict]) -> None:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_ms(fast: FastGenerator, ids: torch.Tensor, pad: int) -> float:
+    """Milliseconds per generated token of a warm fast path (NEW tokens, a second call)."""
+    fast.generate(ids, max_new_tokens=NEW, pad_token_id=pad)
+    sync()
+    start = time.perf_counter()
+    fast.generate(ids, max_new_tokens=NEW, pad_token_id=pad)
+    sync()
+    return (time.perf_counter() - start) * 1e3 / NEW
+
+
+def check_rounding(model, tok, fast: FastGenerator, device: str, record) -> None:
+    """Greedy tokens of the compile that rounds like eager, on every prompt, and its cost."""
+    rounding = FastGenerator(model, max_batch=3, eager_rounding=True)
+    pad = tok.pad_token_id
+    firsts = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        got = rounding.generate(ids, max_new_tokens=NEW, pad_token_id=pad)
+        firsts.append(first_difference(got[:, ids.shape[1]:], eager(model, ids, pad_token_id=pad)[:, ids.shape[1]:]))
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids.to(device)
+    cost = f"step {step_ms(rounding, ids, pad):.3f} ms against {step_ms(fast, ids, pad):.3f} ms without"
+    record("rounding", all(f is None for f in firsts) and rounding.last_path == "cuda-graph compiled",
+           "first differences " + ", ".join("none" if f is None else str(f) for f in firsts) + f"; {cost}")
+    del rounding
+
+
+def check_model(label: str, folder: Path, device: str, results: list[dict], rounding_only: bool = False) -> None:
     def record(check: str, ok: bool, detail: str) -> None:
         results.append({"model": label, "check": check, "ok": ok, "detail": detail})
         print(f"{'ok  ' if ok else 'FAIL'} {label:<22} {check:<9} {detail}", flush=True)
@@ -74,6 +107,12 @@ def check_model(label: str, folder: Path, device: str, results: list[dict]) -> N
         tok.pad_token = tok.eos_token
     pad = tok.pad_token_id
     fast = FastGenerator(model, max_batch=3, log=lambda m: print(f"     {label}: {m}"))
+    if rounding_only:
+        check_rounding(model, tok, fast, device, record)
+        del fast, model
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        return
 
     for i, prompt in enumerate(PROMPTS):
         ids = tok(prompt, return_tensors="pt").input_ids.to(device)
@@ -94,6 +133,7 @@ def check_model(label: str, folder: Path, device: str, results: list[dict]) -> N
     record("uncompiled", at is None and plain.last_path == "cuda-graph",
            f"path {plain.last_path}: " + ("64 tokens equal" if at is None else f"first difference at token {at}"))
     del plain
+    check_rounding(model, tok, fast, device, record)
 
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True).to(device)
@@ -136,22 +176,23 @@ def main() -> int:
     parser.add_argument("--work-dir", help="where the synthetic 7B pair is built or reused (default: a temporary folder)")
     parser.add_argument("--json", help="write every check to this file")
     parser.add_argument("--skip-7b", action="store_true", help="only stories260K")
+    parser.add_argument("--rounding-only", action="store_true", help="only the eager_rounding check (greedy and cost)")
     args = parser.parse_args()
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="gptq-gen-check-") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        check_model("stories260K float", STORIES, args.device, results)
+        check_model("stories260K float", STORIES, args.device, results, args.rounding_only)
         float_model, tok = load_for_inference(STORIES, args.device)
         quantized = work / "stories260K-gptq-4bit-g128-rtn"
         write_rtn_checkpoint(float_model, tok, quantized, STORIES, overwrite=True)
         del float_model
-        check_model("stories260K 4-bit", quantized, args.device, results)
+        check_model("stories260K 4-bit", quantized, args.device, results, args.rounding_only)
         if not args.skip_7b:
             start = time.perf_counter()
             pair = build_synthetic("llama-2-7b", work, device=args.device, overwrite=True, reuse=True)
             print(f"     llama-2-7b pair ready in {time.perf_counter() - start:.1f} s under {work}", flush=True)
-            check_model("llama-2-7b 4-bit", pair.quantized_dir, args.device, results)
+            check_model("llama-2-7b 4-bit", pair.quantized_dir, args.device, results, args.rounding_only)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else args.device,

@@ -46,6 +46,8 @@
 #   gen-fast    gptq bench generate --synthetic llama-2-7b, batch GEN_BATCH (default 1,8), modes
 #               GEN_MODES (default eager,fast); the fast rows carry the replayed step's breakdown
 #   gen-static  the same model, batch GEN_STATIC_BATCH (default 1), transformers' static cache + compile
+#   rounding    benchmarks/gpu_generate_check.py --rounding-only: greedy tokens of the fast path compiled with
+#               eager_rounding (inductor's emulate_precision_casts) against eager, and its step time
 #   generate    benchmarks/gpu_generate.sh check llama2 (fast path correctness, bench generate)
 #   llama3      benchmarks/gpu_generate.sh llama3
 # Results land in $OUT (the device machine's output folder), else ./gpu_check_out: summary.txt,
@@ -140,6 +142,7 @@ for name in "$@"; do
                       --modes "${GEN_MODES:-eager,fast}" --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-fast.json" ;;
         gen-static) step gen-static 200 $PY -m gptq_core bench generate --synthetic llama-2-7b --batch "${GEN_STATIC_BATCH:-1}" \
                         --modes static --new-tokens 64 --prompt-len 32 --work-dir "$WORK" --json "$OUT/gen-static.json" ;;
+        rounding) step rounding 300 $PY benchmarks/gpu_generate_check.py --rounding-only --work-dir "$WORK" --json "$OUT/rounding.json" ;;
         generate) step generate 480 bash benchmarks/gpu_generate.sh check llama2 ;;
         llama3) step llama3 300 bash benchmarks/gpu_generate.sh llama3 ;;
         *) say "unknown step '$name'"; status=1 ;;

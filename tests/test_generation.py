@@ -278,6 +278,12 @@ def test_decode_forward_traces_as_one_graph_without_recompiles(quantized_model, 
     torch._dynamo.reset()
 
 
+def test_eager_rounding_is_an_inductor_setting(quantized_model):
+    with pytest.raises(GPTQError, match="eager_rounding is an inductor setting; compile='eager' names another backend"):
+        FastGenerator(quantized_model, compile="eager", eager_rounding=True)
+    assert FastGenerator(quantized_model, compile=True, eager_rounding=True)._compiled is not None
+
+
 def test_cli_generate_fast_prints_the_same_story(capsys):
     from gptq_core.cli import main
 

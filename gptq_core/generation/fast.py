@@ -109,7 +109,10 @@ class FastGenerator:
     cache length, or None to size it from the first call and grow it when a longer call comes.
     ``cuda_graphs=False`` runs the step eagerly on CUDA too (for comparisons); ``compile``
     (default: on CUDA only) compiles the decode forward with ``torch.compile`` (a string names
-    its backend; True is inductor). One static cache and set of graphs is kept per batch size.
+    its backend; True is inductor). ``eager_rounding`` has inductor round every fused op's result
+    to the activation dtype as eager does (its ``emulate_precision_casts``): compiled fp16 then
+    keeps eager's greedy tokens through near-ties that one rounding step flips (NOTES/perf-h200.md,
+    "Greedy tokens"). One static cache and set of graphs is kept per batch size.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class FastGenerator:
         *,
         cuda_graphs: bool = True,
         compile: bool | str | None = None,
+        eager_rounding: bool = False,
         eos_check_every: int = 16,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -139,7 +143,11 @@ class FastGenerator:
         if compile is None:
             compile = self.device.type == "cuda"
         backend = compile if isinstance(compile, str) else "inductor"
-        self._compiled = torch.compile(self._forward, backend=backend, dynamic=None) if compile else None
+        if eager_rounding and backend != "inductor":
+            raise GPTQError(f"eager_rounding is an inductor setting; compile={compile!r} names another backend")
+        options = {"emulate_precision_casts": True} if eager_rounding else None
+        self._compiled = torch.compile(self._forward, backend=backend, dynamic=None,
+                                       options=options) if compile else None
         self.fallback_reason: str | None = unsupported_reason(model)
         self.last_path: str | None = None  # "cuda-graph", "eager" or "transformers"
         self._sessions: dict[int, _Session] = {}
