@@ -56,6 +56,14 @@ CAPTURE = {
     "graph_limit": {False: 8, True: 4},  # by quick
     "compiled_limit": {False: 4, True: 2},
 }
+#: Model-sized layers run on CUDA at every bound of the backend's dispatch policy (added at run
+#: time, as for captures): the grid's small shapes never reach routes a backend picks by layer
+#: size (docs/DESIGN.md §12), such as marlin's 256-row-stage kernel on 4096x14336 on an H200.
+ROUTES = {
+    "shapes": {False: ((4096, 4096), (4096, 14336)), True: ((4096, 14336),)},  # by quick
+    "bits": (4, 8),
+    "m_values": (1,),
+}
 CPU_COMPILED = {
     "picks": ((4, 128), (3, -1), (8, -1), (2, -1)),  # (bits, group size), first two declared
     "count": 2,
@@ -270,6 +278,19 @@ def capture_cases(qm: list[Case], quick: bool) -> list[Case]:
             for i, c in enumerate(picked[:CAPTURE["graph_limit"][quick]])]
 
 
+def route_cases(caps: Capabilities, quick: bool) -> list[Case]:
+    """CUDA route cases: 4- and 8-bit where declared, group size 128 (else the first declared),
+    symmetric where declared, fp16 (else the first declared dtype), on the model shapes of
+    :data:`ROUTES` fitted to the backend's tiles."""
+    bits, syms, _, dtypes = _options(caps)
+    if not (syms and dtypes):
+        return []
+    group = supported_group_sizes(caps, (128,))[0] if caps.group_sizes else 128
+    dtype = torch.float16 if torch.float16 in dtypes else dtypes[0]
+    return [Case(b, group, syms[0], False, *fit_shape(caps, K, N, group), dtype, m_values=ROUTES["m_values"])
+            for b in ROUTES["bits"] if b in bits for K, N in ROUTES["shapes"][quick]]
+
+
 def cpu_compiled_cases(qm: list[Case]) -> list[Case]:
     """The first declared of the preferred (bits, group size) pairs, one case each."""
     out: list[Case] = []
@@ -313,6 +334,12 @@ def build_plan(caps: Capabilities, device_reasons: list[str], quick: bool,
     on_cuda = device_type == "cuda"  # torch's type, ROCm included
     captured = capture_cases(qm, quick) if caps.compile and on_cuda else []
     plan.families["cuda_graph"] = captured
+    plan.families["routes"] = route_cases(caps, quick) if on_cuda else []
+    if not on_cuda:
+        plan.reasons["routes"] = (
+            f"model-sized layers at every bound of the dispatch policy run on CUDA only (their "
+            f"float64 reference is too slow elsewhere) and this run is on '{device_type}'"
+        )
     plan.families["compile_replay"] = (
         [] if not caps.compile
         else captured[:CAPTURE["compiled_limit"][quick]] if on_cuda

@@ -226,6 +226,19 @@ class BackendConformance:
             assert y.device == x.device, f"output on {y.device}, input on {x.device}"
             assert_matches_reference(y, x, packed, context=f"{case.id} M={m} (seed {ctx.seed})")
 
+    @family("routes")
+    def test_every_route_on_a_model_shape(self, gptq_suite: SuiteContext, case: Case) -> None:
+        """qmatmul of a model-sized layer at each bound of the backend's dispatch policy and the
+        row after it, against the float64 reference: the paths a backend picks by layer size."""
+        ctx = gptq_suite
+        packed = make_weight(ctx, case)
+        prepared = ctx.prepare(packed, case.spec())
+        policy = policy_of(ctx.backend, prepared)
+        for m in capture_ms(case.m_values, policy):
+            x = make_x(ctx, case, m, case.in_features, salt=f"route-m{m}")
+            y = ctx.backend.qmatmul(x, prepared, packed.bias)
+            assert_matches_reference(y, x, packed, context=f"{case.id} M={m} ({policy.path_for(m)})")
+
     @family("module")
     def test_quant_linear_inputs(self, gptq_suite: SuiteContext, case: Case) -> None:
         """QuantLinear bound to this backend: batch dims, M=0, non-contiguous and odd strides."""

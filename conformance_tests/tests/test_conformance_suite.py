@@ -449,3 +449,22 @@ def test_declared_scratch_is_exempt_and_every_other_argument_still_checked():
         opcheck_with_scratch(op, args(True), {}, ("ws",))
     with pytest.raises(AssertionError, match=r"scratch argument\(s\) \['slots'\]"):
         opcheck_with_scratch(op, args(False), {}, ("slots",))
+
+
+def test_route_cases_are_model_shapes_on_cuda_only():
+    """On CUDA: 4- and 8-bit g128 fp16 cases on the model shapes, fitted to the tiles, their
+    batch sizes completed by the policy at run time; elsewhere none, with the reason."""
+    from gptq_conformance.cases import ROUTES, build_plan
+
+    caps = get_registry().get("torch").info.capabilities
+    for quick in (False, True):
+        cases = build_plan(caps, [], quick=quick, device_type="cuda").families["routes"]
+        assert [(c.bits, c.in_features, c.out_features) for c in cases] == [
+            (b, K, N) for b in ROUTES["bits"] for K, N in ROUTES["shapes"][quick]]
+        assert all(c.group_size == 128 and c.sym and not c.desc_act and c.dtype == torch.float16
+                   and c.m_values == ROUTES["m_values"] for c in cases)
+        cpu = build_plan(caps, [], quick=quick, device_type="cpu")
+        assert cpu.families["routes"] == [] and "CUDA only" in cpu.reasons["routes"]
+    tiled = replace(TINY, k_multiple=96, n_multiple=80, k_divisible_by_group=True)
+    fitted = build_plan(tiled, [], quick=True, device_type="cuda").families["routes"]
+    assert [(c.in_features, c.out_features, c.dtype) for c in fitted] == [(4224, 14400, torch.float32)]
