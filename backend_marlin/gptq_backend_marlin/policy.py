@@ -55,10 +55,12 @@ KERNEL_ROUTES: dict[str, tuple[tuple[int | None, str], ...]] = {
 #: 272.4 against ~297, 4096x14336 78.2 against ~79). The H100, with less bandwidth, broke even at
 #: 256 on layers above 4096x4096 ("Wide stages"); the H200 is the reference GPU (DESIGN.md §9).
 DEQUANT_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((None, 192),)
-#: The same for 8-bit weights (64-row kernels of at most 2 row blocks: slower per row):
-#: 8192x28672 kernel 147.7 us at M=64, 541.0 at 256, dequantize + cuBLAS ~415 at 256;
-#: 4096x4096 kernel 22.8 at 64 (dequantize + cuBLAS ~26).
-DEQUANT_THRESHOLDS_8BIT: tuple[tuple[int | None, int], ...] = ((1 << 24, 192), (None, 160))
+#: The same for 8-bit weights (64-row kernels of at most 2 row blocks: slower per row). H200,
+#: us kernel / dequantize + cuBLAS (NOTES/perf-h200.md, "8-bit prefill cut"): at M = 192 the
+#: kernel loses on every Llama layer (4096x4096 38.8 / ~31, 11008x4096 84.2 / 78.6, 4096x22016
+#: 165.0 / 131.0, 8192x28672 451.5 / 342.7); at M = 128 it ties 4096x4096 (28.8 against ~28,
+#: its dequantize ~13 plus cuBLAS 14.9) and beats the larger layers by the same estimate.
+DEQUANT_THRESHOLDS_8BIT: tuple[tuple[int | None, int], ...] = ((None, 128),)
 #: With a dense copy, rows above which it goes straight to cuBLAS (about fp16's time): the
 #: kernel against fp16 in one run was 13.7/16.7 us at M=16 and 17.9/14.1 at 32 (4096x4096),
 #: 32.4/42.6 at 64 and 52.8/43.2 at 96 (4096x14336), 99.4/161.0 at 64 and 181.3/161.0 at 96
@@ -78,8 +80,12 @@ WIDE4_STAGES_PER_SLOT = 3
 #: M <= 32 on the largest layers it wins later (4096x22016 M = 16 28.2 / 28.2, 24 33.9 / 32.1;
 #: 4096x28672 M = 32 41.8 / 41.9, 48 53.8 / 45.9; 8192x28672 M = 32 64.0 / 72.9, 48 94.5 / 88.0).
 #: Upper bound: 8192x28672 M = 256 363.7 / 236.1; 4096x4096 M = 160 28.5 / 22.1 but 192 29.4 / 43.2.
+#: Above 256 rows (three 128-row token tiles), us dequantize + cuBLAS / Hopper: the copy still
+#: wins up to 384 on layers above 64M weights (4096x22016 M = 320 150.6 / 126.4, 384 155.5 / 126.4;
+#: 8192x28672 377.2 / 359.9, 402.9 / 357.4) and ties at 512 (189.0 / 184.8, 472.0 / 473.0); on
+#: smaller ones it loses from 320 (4096x12288 86.5 / 103.9, 11008x4096 76.6 / 84.1).
 HOPPER_THRESHOLDS: tuple[tuple[int | None, int], ...] = ((1 << 26, 8), (100 << 20, 16), (None, 32))
-HOPPER_MAX_ROWS: tuple[tuple[int | None, int], ...] = ((1 << 24, 160), (None, 256))
+HOPPER_MAX_ROWS: tuple[tuple[int | None, int], ...] = ((1 << 24, 160), (1 << 26, 256), (None, 384))
 BLOCKS_PER_SM = 2  # every kernel at up to 2 row blocks runs two blocks per SM (launch bounds)
 TILE_N = 256       # output columns per block tile (csrc/marlin.h kTileN)
 

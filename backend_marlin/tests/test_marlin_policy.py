@@ -32,9 +32,9 @@ ROUTES = [
     (4, 8192, 28672, A100, "8:marlin:wide4-swap 32:marlin:wide4 192:marlin:wide -:dequant+cublas"),
     (4, 192, 96, H200, "192:marlin:narrow -:dequant+cublas"),  # K % 128 != 0: 64-row stages
     (4, 384, 96, H200, "8:marlin:wide-swap 192:marlin:wide -:dequant+cublas"),  # K % 256 != 0
-    (8, 8192, 28672, H200, "32:marlin:tma 160:marlin:narrow -:dequant+cublas"),
-    (8, 8192, 28672, A100, "160:marlin:narrow -:dequant+cublas"),
-    (8, 4096, 4096, H200, "32:marlin:tma 192:marlin:narrow -:dequant+cublas"),
+    (8, 8192, 28672, H200, "32:marlin:tma 128:marlin:narrow -:dequant+cublas"),
+    (8, 8192, 28672, A100, "128:marlin:narrow -:dequant+cublas"),
+    (8, 4096, 4096, H200, "32:marlin:tma 128:marlin:narrow -:dequant+cublas"),
 ]
 
 
@@ -176,8 +176,9 @@ def test_a_hopper_copy_takes_the_rows_of_its_range(K, N, dequant, dense, hopper,
 @pytest.mark.parametrize("K,N,low,high,caps,expected", [
     (4096, 4096, None, None, (), (8, 160)),
     (11008, 4096, None, None, (), (8, 256)),
-    (4096, 22016, None, None, (), (16, 256)),
-    (8192, 28672, None, None, (), (32, 256)),
+    (4096, 14336, None, None, (), (8, 256)),
+    (4096, 22016, None, None, (), (16, 384)),
+    (8192, 28672, None, None, (), (32, 384)),
     (8192, 28672, 0, 512, (), (0, 512)),
     (8192, 28672, None, 512, (None, 64), (32, 64)),   # a dense copy's threshold caps the range
     (8192, 28672, None, None, (128, None), (32, 128)),  # so does a chosen dequant_threshold
