@@ -47,7 +47,8 @@
 #               GEN_MODES (default eager,fast); the fast rows carry the replayed step's breakdown
 #   gen-static  the same model, batch GEN_STATIC_BATCH (default 1), transformers' static cache + compile
 #   rounding    benchmarks/gpu_generate_check.py --rounding-only: greedy tokens of the fast path compiled with
-#               eager_rounding (inductor's emulate_precision_casts) against eager, and its step time
+#               inductor's own rounding (eager_rounding=False) against eager, and the step time of it and of
+#               the default (emulate_precision_casts)
 #   generate    benchmarks/gpu_generate.sh check llama2 (fast path correctness, bench generate)
 #   llama3      benchmarks/gpu_generate.sh llama3
 # Results land in $OUT (the device machine's output folder), else ./gpu_check_out: summary.txt,

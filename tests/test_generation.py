@@ -282,6 +282,7 @@ def test_eager_rounding_is_an_inductor_setting(quantized_model):
     with pytest.raises(GPTQError, match="eager_rounding is an inductor setting; compile='eager' names another backend"):
         FastGenerator(quantized_model, compile="eager", eager_rounding=True)
     assert FastGenerator(quantized_model, compile=True, eager_rounding=True)._compiled is not None
+    assert FastGenerator(quantized_model, compile="eager")._compiled is not None  # the default follows the backend
 
 
 def test_cli_generate_fast_prints_the_same_story(capsys):

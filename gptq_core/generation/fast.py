@@ -109,10 +109,11 @@ class FastGenerator:
     cache length, or None to size it from the first call and grow it when a longer call comes.
     ``cuda_graphs=False`` runs the step eagerly on CUDA too (for comparisons); ``compile``
     (default: on CUDA only) compiles the decode forward with ``torch.compile`` (a string names
-    its backend; True is inductor). ``eager_rounding`` has inductor round every fused op's result
-    to the activation dtype as eager does (its ``emulate_precision_casts``): compiled fp16 then
-    keeps eager's greedy tokens through near-ties that one rounding step flips (NOTES/perf-h200.md,
-    "Greedy tokens"). One static cache and set of graphs is kept per batch size.
+    its backend; True is inductor). ``eager_rounding`` (default: on with inductor) has inductor
+    round every fused op's result to the activation dtype as eager does (its
+    ``emulate_precision_casts``): compiled fp16 then keeps eager's greedy tokens through
+    near-ties that one rounding step flips, at no measured cost (NOTES/perf-h200.md, "Greedy
+    tokens"). One static cache and set of graphs is kept per batch size.
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class FastGenerator:
         *,
         cuda_graphs: bool = True,
         compile: bool | str | None = None,
-        eager_rounding: bool = False,
+        eager_rounding: bool | None = None,
         eos_check_every: int = 16,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -145,6 +146,8 @@ class FastGenerator:
         backend = compile if isinstance(compile, str) else "inductor"
         if eager_rounding and backend != "inductor":
             raise GPTQError(f"eager_rounding is an inductor setting; compile={compile!r} names another backend")
+        if eager_rounding is None:
+            eager_rounding = backend == "inductor"
         options = {"emulate_precision_casts": True} if eager_rounding else None
         self._compiled = torch.compile(self._forward, backend=backend, dynamic=None,
                                        options=options) if compile else None
