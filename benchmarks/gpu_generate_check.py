@@ -33,6 +33,7 @@ import torch
 
 from gptq_core.auto import load_for_inference
 from gptq_core.generation import FastGenerator
+from gptq_core.generation.spread import sync
 from gptq_core.synthetic import TOKENIZER_DIR, build_synthetic, write_rtn_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,18 +63,13 @@ def eager_gap(model, ids: torch.Tensor, at: int) -> float:
     return float(top[0] - top[1])
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def step_ms(fast: FastGenerator, ids: torch.Tensor, pad: int) -> float:
     """Milliseconds per generated token of a warm fast path (NEW tokens, a second call)."""
     fast.generate(ids, max_new_tokens=NEW, pad_token_id=pad)
-    sync()
+    sync(ids.device)
     start = time.perf_counter()
     fast.generate(ids, max_new_tokens=NEW, pad_token_id=pad)
-    sync()
+    sync(ids.device)
     return (time.perf_counter() - start) * 1e3 / NEW
 
 
@@ -109,15 +105,19 @@ def check_model(label: str, folder: Path, device: str, results: list[dict], roun
         tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    pad = tok.pad_token_id
     fast = FastGenerator(model, max_batch=3, log=lambda m: print(f"     {label}: {m}"))
     if rounding_only:
         check_rounding(model, tok, fast, device, record)
-        del fast, model
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        return
+    else:
+        check_fast_path(model, tok, fast, device, record)
+    del fast, model
+    torch._dynamo.reset()  # the next model compiles afresh, within dynamo's recompile limit
+    torch.cuda.empty_cache()
 
+
+def check_fast_path(model, tok, fast: FastGenerator, device: str, record) -> None:
+    """Every check of the module docstring on one loaded model."""
+    pad = tok.pad_token_id
     for i, prompt in enumerate(PROMPTS):
         ids = tok(prompt, return_tensors="pt").input_ids.to(device)
         start = time.perf_counter()
@@ -169,9 +169,6 @@ def check_model(label: str, folder: Path, device: str, results: list[dict], roun
     ref = eager(model, batch.input_ids, batch.attention_mask, eos_token_id=eos, pad_token_id=pad)
     got = fast.generate(batch.input_ids, batch.attention_mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=pad)
     record("eos", torch.equal(got, ref), f"stop on token {eos}: fast {tuple(got.shape)}, eager {tuple(ref.shape)}")
-    del fast, model
-    torch._dynamo.reset()  # the next model compiles afresh, within dynamo's recompile limit
-    torch.cuda.empty_cache()
 
 
 def main() -> int:
