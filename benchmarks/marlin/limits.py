@@ -8,9 +8,10 @@
    and the M=16 kernel on 8192x28672, with the speed-of-light, warp-state, scheduler,
    instruction and compute-pipe sections and the stall reasons per issued instruction (the
    kernel the dispatch policy picks, or --kind PATH, e.g. marlin:narrow; --tag names the
-   reports).
+   reports). With --hopper the layer gets its sm_90a wgmma copy and every row goes to it
+   (M = 16 and 32: the BM16 and BM32 main loops, NOTES/hopper-wgmma.md).
 
-    python benchmarks/marlin/limits.py [--out DIR]
+    python benchmarks/marlin/limits.py [--out DIR] [--hopper --ncu-only]
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ import torch
 
 from common import copies_for, gpu_packed, marlin_call, rotated, time_calls
 from gptq_backend_marlin import build, policy
+from gptq_backend_marlin.options import MarlinOptions
 from gptq_backend_marlin.prepare import prepare
 
 
 KIND: int | None = None  # --kind: the kernel to time instead of the policy's
+#: --hopper: a Hopper copy serving every row up to its bound
+HOPPER = MarlinOptions(hopper_cache_mb=1e9, hopper_threshold=0)
+OPTIONS = MarlinOptions()
 
 
 def gemm_calls(ps, x):
@@ -58,7 +63,7 @@ def hot_cold() -> None:
 
 def one(K: int, N: int, m: int) -> None:
     """A few eager calls (ncu profiles one of them)."""
-    p = prepare(gpu_packed(4, 128, True, False, K, N, seed=1), torch.device("cuda"), torch.float16)
+    p = prepare(gpu_packed(4, 128, True, False, K, N, seed=1), torch.device("cuda"), torch.float16, OPTIONS)
     x = torch.randn(m, K, device="cuda", dtype=torch.float16)
     for _ in range(5):
         gemm_calls([p], x)[0]()
@@ -72,17 +77,21 @@ def profile(out: str, tag: str = "") -> None:
         return
     sections = ["SpeedOfLight", "WarpStateStats", "SchedulerStats", "InstructionStats",
                 "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy"]
-    for m in (1, 16):
-        cmd = [ncu, "-k", "regex:gemm_kernel", "--launch-skip", "3", "--launch-count", "1",
+    hopper = OPTIONS is HOPPER
+    for m in (16, 32) if hopper else (1, 16):
+        cmd = [ncu, "-k", "regex:hopper_gemm_kernel" if hopper else "regex:gemm_kernel", "--launch-skip", "3",
+               "--launch-count", "1",
                "--metrics", "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"]
         for s in sections:
             cmd += ["--section", s]
         cmd += [sys.executable, __file__, "--one", "8192", "28672", str(m)]
         if KIND is not None:
             cmd += ["--kind", next(path for path, k in policy.KINDS.items() if k == KIND)]
+        if hopper:
+            cmd += ["--hopper"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         text = proc.stdout + proc.stderr
-        path = os.path.join(out, f"ncu-8192x28672-m{m}{tag}.txt")
+        path = os.path.join(out, f"ncu-8192x28672-m{m}{'-hopper' if hopper else ''}{tag}.txt")
         with open(path, "w") as f:
             f.write(text)
         print(f"ncu M={m}: exit {proc.returncode}, {len(text)} characters -> {path}", flush=True)
@@ -101,9 +110,11 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the ncu report files")
     parser.add_argument("--kind", choices=[p for p in policy.KINDS if p.startswith("marlin:")],
                         help="time this kernel instead of the one the dispatch policy picks")
+    parser.add_argument("--hopper", action="store_true", help="profile the sm_90a copy's kernel (M = 16, 32)")
     args = parser.parse_args()
-    global KIND
+    global KIND, OPTIONS
     KIND = policy.KINDS[args.kind] if args.kind else None
+    OPTIONS = HOPPER if args.hopper else MarlinOptions()
     build.load()
     if args.one:
         one(*args.one)
