@@ -31,9 +31,9 @@ from gptq_backend_marlin.prepare import prepare
 
 
 KIND: int | None = None  # --kind: the kernel to time instead of the policy's
-#: --hopper: a Hopper copy serving every row up to its bound
-HOPPER = MarlinOptions(hopper_cache_mb=1e9, hopper_threshold=0)
-OPTIONS = MarlinOptions()
+HOPPER = False  # --hopper: profile the layer's sm_90a copy instead
+#: the options --hopper prepares with: a Hopper copy serving every row up to its bound
+HOPPER_OPTIONS = MarlinOptions(hopper_cache_mb=1e9, hopper_threshold=0)
 
 
 def gemm_calls(ps, x):
@@ -63,7 +63,8 @@ def hot_cold() -> None:
 
 def one(K: int, N: int, m: int) -> None:
     """A few eager calls (ncu profiles one of them)."""
-    p = prepare(gpu_packed(4, 128, True, False, K, N, seed=1), torch.device("cuda"), torch.float16, OPTIONS)
+    p = prepare(gpu_packed(4, 128, True, False, K, N, seed=1), torch.device("cuda"), torch.float16,
+                HOPPER_OPTIONS if HOPPER else None)
     x = torch.randn(m, K, device="cuda", dtype=torch.float16)
     for _ in range(5):
         gemm_calls([p], x)[0]()
@@ -77,9 +78,8 @@ def profile(out: str, tag: str = "") -> None:
         return
     sections = ["SpeedOfLight", "WarpStateStats", "SchedulerStats", "InstructionStats",
                 "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy"]
-    hopper = OPTIONS is HOPPER
-    for m in (16, 32) if hopper else (1, 16):
-        cmd = [ncu, "-k", "regex:hopper_gemm_kernel" if hopper else "regex:gemm_kernel", "--launch-skip", "3",
+    for m in (16, 32) if HOPPER else (1, 16):
+        cmd = [ncu, "-k", "regex:hopper_gemm_kernel" if HOPPER else "regex:gemm_kernel", "--launch-skip", "3",
                "--launch-count", "1",
                "--metrics", "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"]
         for s in sections:
@@ -87,11 +87,11 @@ def profile(out: str, tag: str = "") -> None:
         cmd += [sys.executable, __file__, "--one", "8192", "28672", str(m)]
         if KIND is not None:
             cmd += ["--kind", next(path for path, k in policy.KINDS.items() if k == KIND)]
-        if hopper:
+        if HOPPER:
             cmd += ["--hopper"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
         text = proc.stdout + proc.stderr
-        path = os.path.join(out, f"ncu-8192x28672-m{m}{'-hopper' if hopper else ''}{tag}.txt")
+        path = os.path.join(out, f"ncu-8192x28672-m{m}{'-hopper' if HOPPER else ''}{tag}.txt")
         with open(path, "w") as f:
             f.write(text)
         print(f"ncu M={m}: exit {proc.returncode}, {len(text)} characters -> {path}", flush=True)
@@ -112,9 +112,9 @@ def main() -> int:
                         help="time this kernel instead of the one the dispatch policy picks")
     parser.add_argument("--hopper", action="store_true", help="profile the sm_90a copy's kernel (M = 16, 32)")
     args = parser.parse_args()
-    global KIND, OPTIONS
+    global KIND, HOPPER
     KIND = policy.KINDS[args.kind] if args.kind else None
-    OPTIONS = HOPPER if args.hopper else MarlinOptions()
+    HOPPER = args.hopper
     build.load()
     if args.one:
         one(*args.one)
